@@ -1,0 +1,31 @@
+# medpipe: `make run` sets up .venv and runs the default pipeline; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.medpipe-installed
+
+.PHONY: install run test test-fast bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU wheel (an unpinned torch pulls several GB of CUDA packages).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/medpipe run recipe=qilin
+
+test: install
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow and not distributed"
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,128 @@
+"""The artifact a stage hands to the next one (DESIGN.md), its atomic writes, and the stable
+hashes that give a stage its identity in the content-addressed store."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+ARTIFACT_FILE = "artifact.json"
+FORMATS = ("full", "adapter", "merged")
+
+
+@dataclasses.dataclass
+class Artifact:
+    stage: str
+    kind: str
+    format: str  # full | adapter | merged
+    model_path: str
+    tokenizer_path: str
+    base_model_path: str | None = None  # for adapters: the model the adapter applies to
+    config_hash: str = ""
+    inputs_hash: str = ""
+    metrics: dict = dataclasses.field(default_factory=dict)
+    extras: dict = dataclasses.field(default_factory=dict)  # kind-specific handoff (e.g. MedCare KA weights)
+    created: str = ""
+    medpipe_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"artifact format must be one of {FORMATS}, got {self.format!r}")
+
+    @property
+    def key(self) -> str:
+        """Identity of the stage result: its config and its inputs."""
+        return stable_hash({"config": self.config_hash, "inputs": self.inputs_hash})
+
+    def save(self, directory: str | Path) -> Path:
+        if not self.created:
+            self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return write_json_atomic(Path(directory) / ARTIFACT_FILE, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Artifact":
+        data = json.loads((Path(directory) / ARTIFACT_FILE).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def exists(cls, directory: str | Path) -> bool:
+        return (Path(directory) / ARTIFACT_FILE).is_file()
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Cheap identity of a model directory: config + file names, sizes and mtimes."""
+    p = Path(path)
+    if not p.is_dir():
+        return stable_hash({"ref": str(path)})
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
+    config = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
+    return stable_hash({"files": files, "config": config})
+
+
+def merged_view(art: Artifact) -> Artifact:
+    """Return a full-model view of an adapter artifact, merging it once into `<stage dir>/merged`.
+
+    The merge is cached beside the adapter (written to a temp dir, then renamed) so every later
+    stage and every run that reuses this stage shares it.
+    """
+    if art.format != "adapter":
+        return art
+    adapter_dir = Path(art.model_path)
+    out = adapter_dir.parent / "merged"
+    if not (out / "config.json").is_file():
+        merge_adapter(art, out)
+    return dataclasses.replace(art, format="merged", model_path=str(out), tokenizer_path=str(out))
+
+
+def merge_adapter(art: Artifact, out: Path) -> None:
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = bool(art.extras.get("trust_remote_code", False))
+    base = AutoModelForCausalLM.from_pretrained(art.base_model_path, dtype="auto", trust_remote_code=trust)
+    merged = PeftModel.from_pretrained(base, art.model_path).merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".merged-"))
+    try:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(art.tokenizer_path, trust_remote_code=trust).save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,177 @@
+"""`medpipe` command line. Only typer is imported at start-up; each command imports what it needs
+(Hydra/OmegaConf for composition, torch & co. only in the commands that train)."""
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Declarative multi-stage training pipelines for medical LLMs.\n\n"
+    "Example: medpipe run recipe=qilin stages.sft.lr=1e-4 model=tiny",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="recipe=NAME|PATH and Hydra overrides (a.b=1, +new=1, ~key, model=NAME)")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _split(args: list[str] | None) -> tuple[str, list[str]]:
+    from .errors import ConfigError
+
+    args = list(args or [])
+    recipes = [a for a in args if a.startswith("recipe=")]
+    if not recipes:
+        from .compose import bundled_recipes
+
+        raise ConfigError(f"missing recipe=NAME (available: {', '.join(bundled_recipes())}, or recipe=path/to.yaml)")
+    return recipes[-1].split("=", 1)[1], [a for a in args if not a.startswith("recipe=")]
+
+
+def _fail(e: Exception) -> None:
+    print(f"medpipe: error: {e}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _load(args: list[str] | None):
+    from .compose import bind_stages, compose
+
+    recipe, overrides = _split(args)
+    cfg, choices = compose(recipe, overrides)
+    return recipe, overrides, cfg, choices, bind_stages(cfg)
+
+
+@app.command()
+def run(
+    args: Overrides = None,
+    force: Annotated[bool, typer.Option("--force", help="retrain every stage (previous results are kept aside)")] = False,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="retrain this stage and every later one")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="run just this stage (its input must be done)")] = None,
+    multirun: Annotated[bool, typer.Option("--multirun", "-m", help="sweep: a=1,2 runs one pipeline per value")] = False,
+) -> None:
+    """Run every stage of a recipe in order, skipping stages already done."""
+    from .errors import MedpipeError
+
+    try:
+        recipe, overrides = _split(args)
+        from .sweep import expand
+
+        sweeps = expand(overrides) if multirun else [overrides]
+        console = _console()
+        for i, one in enumerate(sweeps):
+            if multirun:
+                console.rule(f"[bold]sweep {i + 1}/{len(sweeps)}: {' '.join(one)}")
+            _run_one(recipe, one, console, force, from_stage, only)
+    except MedpipeError as e:
+        _fail(e)
+
+
+def _run_one(recipe, overrides, console, force, from_stage, only) -> None:
+    from .compose import bind_stages, compose
+    from .run import Pipeline
+
+    cfg, _ = compose(recipe, overrides)
+    Pipeline(cfg, bind_stages(cfg), recipe, console).run(force=force, from_stage=from_stage, only=only)
+
+
+@app.command("list")
+def list_() -> None:
+    """Recipes, stage kinds with their parameters, models, datasets, launchers."""
+    import dataclasses
+
+    from . import registry
+    from .compose import bundled_recipes, group_options
+
+    out = [f"recipes:   {', '.join(bundled_recipes())}"]
+    for group in ("model", "data", "launcher", "deepspeed"):
+        out.append(f"{group + ':':<10} {', '.join(group_options(group))}")
+    out.append("stage kinds:")
+    for kind in registry.kinds():
+        cls = registry.load(kind)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        out.append(f"  {kind}: {doc}")
+        fields = [f"{f.name}={_default(f)}" for f in dataclasses.fields(cls.Params)]
+        out.append("    " + ", ".join(fields))
+    print("\n".join(out))
+
+
+def _default(f) -> str:
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(f.default_factory())  # type: ignore[misc]
+    return "???"
+
+
+@app.command()
+def show(args: Overrides = None) -> None:
+    """The fully resolved config, and each stage's input, output and whether it will be reused."""
+    from omegaconf import OmegaConf
+
+    from .errors import MedpipeError
+
+    try:
+        recipe, _, cfg, choices, plans = _load(args)
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        print("# groups: " + ", ".join(f"{k}={v}" for k, v in sorted(choices.items()) if v is not None))
+        from .show import describe
+
+        for line in describe(cfg, plans):
+            print(line)
+    except MedpipeError as e:
+        _fail(e)
+
+
+@app.command()
+def validate(args: Overrides = None) -> None:
+    """Check config, model path and every record of every stage's data; no training."""
+    from .errors import MedpipeError
+    from .run import Pipeline, base_artifact
+
+    try:
+        recipe, _, cfg, _, plans = _load(args)
+        console = _console()
+        pipe = Pipeline(cfg, plans, recipe, console)
+        base = base_artifact(cfg)
+        console.print(f"model: {base.model_path}")
+        pipe.check_data(base)
+        console.print(f"[green]✓ {recipe}: config, model and data are valid ({len(plans)} stages)")
+    except MedpipeError as e:
+        _fail(e)
+
+
+@app.command()
+def status(run_dir: Annotated[str, typer.Argument(help="a run directory (runs/<recipe>-<time>)")]) -> None:
+    """Each stage of a run: done / running / interrupted / failed / pending, time, artifact."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from .run import RUN_FILE, stage_table
+
+    if not (Path(run_dir) / RUN_FILE).is_file():
+        _fail(FileNotFoundError(f"{run_dir} is not a medpipe run dir (no {RUN_FILE})"))
+    table = Table("stage", "kind", "state", "time", "artifact")
+    for row in stage_table(Path(run_dir)):
+        elapsed = f"{row['elapsed']:.0f}s" if row.get("elapsed") else ""
+        state = row["state"] + (f" ({row['error']})" if row.get("error") and row["state"] == "failed" else "")
+        table.add_row(row["stage"], row["kind"], state, elapsed, row["artifact"])
+    _console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Compose a recipe with Hydra's compose API, then bind every stage to its kind's Params dataclass.
+
+Search path: the recipe's own directory (primary config), conf/ (groups: model, data, stage,
+launcher, deepspeed) and recipes/ (per-recipe profiles). Each stage kind's Params defaults are
+registered in Hydra's ConfigStore as `stage/<kind>_params`, so `conf/stage/<kind>.yaml` only has to
+pull them in and every parameter can be overridden from the command line; Hydra rejects unknown
+keys, and binding to the dataclass rejects wrong types, both naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .errors import ConfigError
+
+ENGINE_KEYS = ("kind", "from")  # stage keys the engine consumes; everything else is the kind's Params
+
+
+def package_dir(name: str) -> Path:
+    return Path(str(resources.files(f"medpipe.{name}")))
+
+
+def bundled_recipes() -> list[str]:
+    return sorted(p.stem for p in package_dir("recipes").glob("*.yaml"))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (package_dir("conf") / group).glob("*.yaml"))
+
+
+def locate_recipe(recipe: str) -> tuple[Path, str]:
+    path = Path(recipe).expanduser()
+    if recipe.endswith((".yaml", ".yml")) or path.is_file() or "/" in recipe:
+        if not path.is_file():
+            raise ConfigError(f"recipe file '{recipe}' does not exist")
+        return path.resolve().parent, path.stem
+    if (package_dir("recipes") / f"{recipe}.yaml").is_file():
+        return package_dir("recipes"), recipe
+    raise ConfigError(
+        f"unknown recipe '{recipe}'. Available recipes: {', '.join(bundled_recipes())} (or a path to a .yaml file)"
+    )
+
+
+def _register_stage_defaults() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for kind in registry.kinds():
+        cls = registry.load(kind)
+        defaults = {"kind": kind, "from": None, **_dataclass_defaults(cls.Params)}
+        store.store(group="stage", name=f"{kind}_params", node=defaults)
+
+
+def _dataclass_defaults(dc: type) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(dc), resolve=False)
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("medpipe"):
+        # ${medpipe:samples} -> absolute path of a bundled package folder (sample data, conf files).
+        OmegaConf.register_new_resolver("medpipe", lambda name: str(package_dir(name)))
+
+
+def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Return (composed DictConfig without the hydra node, the group choices Hydra made)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir, name = locate_recipe(recipe)
+    register_resolvers()
+    _register_stage_defaults()
+    search = f"hydra.searchpath=[file://{package_dir('conf')},file://{package_dir('recipes')}]"
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None, job_name="medpipe"):
+            cfg = hydra_compose(config_name=name, overrides=[search, *overrides], return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain(e, recipe)) from None
+    choices = dict(cfg.hydra.runtime.choices)
+    OmegaConf.set_struct(cfg, False)
+    del cfg["hydra"]
+    OmegaConf.set_struct(cfg, True)
+    if OmegaConf.is_missing(cfg, "name") or "stages" not in cfg or not cfg.stages:
+        raise ConfigError(f"recipe '{recipe}' must set `name` and at least one entry under `stages`")
+    return cfg, {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+
+
+def _explain(e: Exception, recipe: str) -> str:
+    msg = str(e).strip()
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m:
+        return f"unknown key '{m.group(1)}' in overrides (it does not exist in recipe '{recipe}'; " \
+               f"see `medpipe show recipe={recipe}` for the keys, or add a new one with +{m.group(1)}=...)"
+    m = re.search(r"Could not find '([^']+)'", msg)
+    if m:
+        group = m.group(1).split("/")[0]
+        opts = group_options(group) if (package_dir("conf") / group).is_dir() else []
+        return f"no config '{m.group(1)}'" + (f"; available {group} options: {', '.join(opts)}" if opts else "")
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+@dataclass
+class StagePlan:
+    index: int
+    name: str
+    kind: str
+    source: str | None  # stage whose artifact is the input; None = the recipe's model
+    params: Any  # the kind's Params dataclass instance
+    raw: dict  # resolved params as plain data (for hashing, show and the stage file)
+    cls: type
+
+
+def bind_stages(cfg: Any) -> list[StagePlan]:
+    """Resolve and type-check every stage; errors name the stage and key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    plans: list[StagePlan] = []
+    names: list[str] = []
+    try:
+        stages = OmegaConf.to_container(cfg.stages, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve stages: {e}".splitlines()[0]) from None
+    for index, (name, body) in enumerate(stages.items()):
+        if not isinstance(body, dict) or "kind" not in body:
+            raise ConfigError(f"stages.{name}: every stage needs a `kind` (one of: {', '.join(registry.kinds())})")
+        body = dict(body)
+        kind = body.pop("kind")
+        source = body.pop("from", None)
+        if source is not None and source not in names:
+            before = ", ".join(names) or "none: it is the first stage"
+            raise ConfigError(f"stages.{name}.from: '{source}' is not an earlier stage (earlier stages: {before})")
+        if source is None and names:
+            source = names[-1]
+        cls = registry.load(kind)
+        params = bind_params(cls.Params, body, f"stages.{name}")
+        plans.append(StagePlan(index, name, kind, source, params, dataclasses.asdict(params), cls))
+        names.append(name)
+    return plans
+
+
+def bind_params(dc: type, values: dict, where: str) -> Any:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+    allowed = [f.name for f in dataclasses.fields(dc)]
+    for key in values:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown parameter '{key}'. Allowed: {', '.join(allowed)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(dc), values)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(f"{where}: {_first_line(e)}") from None
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{where}.{_key_of(e)}: a value is required") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}.{_key_of(e)}: {_first_line(e)}") from None
+
+
+def _key_of(e: Exception) -> str:
+    return str(getattr(e, "full_key", "") or getattr(e, "key", "") or "?")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]

@@ -1,0 +1,120 @@
+"""The one stage entry point: a resolved stage file in, an artifact out.
+
+The local launcher calls `run_stage_file` in-process; DeepSpeed, torchrun and accelerate start
+`python -m medpipe.entry STAGE_FILE` on every rank. Either way the same code runs, and only
+rank 0 writes `artifact.json` (atomically, last).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifact import Artifact
+from .compose import bind_params
+from . import registry
+
+STAGE_FILE = "stage.json"
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may use. Stages never learn which stage came before them."""
+
+    name: str
+    kind: str
+    index: int  # 0-based position in the recipe
+    total: int
+    params: Any  # the kind's Params dataclass instance
+    input: Artifact  # model to start from (merged, unless the kind wants the adapter)
+    output_dir: Path
+    model: dict  # the recipe's model options (trust_remote_code, dtype, ...)
+    data: dict  # the recipe's global data options (on_error, cache_dir, ...)
+    seed: int
+    launcher: dict  # launcher options + `deepspeed_config` (path) when DeepSpeed is on
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("medpipe.stage"))
+
+    @property
+    def is_main(self) -> bool:
+        return rank() == 0
+
+    @property
+    def deepspeed_config(self) -> str | None:
+        return self.launcher.get("deepspeed_config")
+
+    def say(self, message: str) -> None:
+        """A progress line on the terminal (rank 0 only) and in the stage log."""
+        self.log.info(message)
+        if self.is_main:
+            print(f"  [{self.index + 1}/{self.total} {self.name}] {message}", flush=True)
+
+
+def _setup_log(output_dir: Path) -> logging.Logger:
+    log = logging.getLogger(f"medpipe.stage.{output_dir.name}.{rank()}")
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(output_dir / "logs" / f"rank{rank()}.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def run_stage_file(path: str | Path) -> Artifact:
+    spec = json.loads(Path(path).read_text())
+    output_dir = Path(spec["output_dir"])
+    log = _setup_log(output_dir)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "tensorboard"))
+    cls = registry.load(spec["kind"])
+    ctx = StageContext(
+        name=spec["name"],
+        kind=spec["kind"],
+        index=spec["index"],
+        total=spec["total"],
+        params=bind_params(cls.Params, spec["params"], f"stages.{spec['name']}"),
+        input=Artifact(**spec["input"]),
+        output_dir=output_dir,
+        model=spec["model"],
+        data=spec["data"],
+        seed=spec["seed"],
+        launcher=spec["launcher"],
+        log=log,
+    )
+    log.info("stage %s (%s) rank %d/%d starting", ctx.name, ctx.kind, rank(), world_size())
+    try:
+        artifact = cls().run(ctx)
+    except BaseException:
+        log.exception("stage %s failed on rank %d", ctx.name, rank())
+        raise
+    if ctx.is_main:
+        artifact.config_hash = spec["config_hash"]
+        artifact.inputs_hash = spec["inputs_hash"]
+        artifact.metrics.setdefault("world_size", world_size())
+        artifact.save(output_dir)
+        log.info("artifact written to %s", output_dir)
+    return artifact
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m medpipe.entry STAGE_FILE", file=sys.stderr)
+        return 2
+    run_stage_file(argv[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

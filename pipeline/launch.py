@@ -1,0 +1,121 @@
+"""Launchers: how one stage's entry point is started.
+
+`local` calls the entry point in this process. `deepspeed`, `torchrun` and `accelerate` start it
+through the real launcher CLI as a subprocess (never a home-made one); the pipeline loop stays in
+the driver. DeepSpeed's JSON config is written next to the stage file from conf/deepspeed/.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import MedpipeError
+
+MODULE = "medpipe.entry"
+
+
+class StageFailed(MedpipeError):
+    pass
+
+
+def _bin(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+def command(launcher: dict, stage_file: Path) -> list[str] | None:
+    """The exact command that starts the stage, or None for in-process."""
+    name = launcher["name"]
+    gpus, nodes = int(launcher.get("num_gpus", 1)), int(launcher.get("num_nodes", 1))
+    port = str(launcher.get("master_port", 29500))
+    addr = launcher.get("master_addr")
+    hostfile = launcher.get("hostfile")
+    extra = [str(a) for a in launcher.get("extra_args") or []]
+    if name == "local":
+        return None
+    if name == "deepspeed":
+        cmd = [_bin("deepspeed"), "--num_gpus", str(gpus), "--num_nodes", str(nodes), "--master_port", port]
+        if hostfile:
+            cmd += ["--hostfile", str(hostfile)]
+        if addr:
+            cmd += ["--master_addr", str(addr)]
+        return cmd + extra + ["--module", MODULE, str(stage_file)]
+    if name == "torchrun":
+        cmd = [_bin("torchrun"), "--nproc_per_node", str(gpus), "--nnodes", str(nodes)]
+        if nodes > 1:
+            if not addr:
+                raise MedpipeError("launcher=torchrun with num_nodes > 1 needs launcher.master_addr (rendezvous host)")
+            cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{addr}:{port}"]
+        else:
+            cmd += ["--master_port", port]
+        return cmd + extra + ["-m", MODULE, str(stage_file)]
+    if name == "accelerate":
+        cmd = [_bin("accelerate"), "launch", "--num_processes", str(gpus * nodes), "--num_machines", str(nodes),
+               "--main_process_port", port]
+        if launcher.get("deepspeed", True):
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(stage_file.parent / "deepspeed.json")]
+        elif gpus * nodes > 1:
+            # without --multi_gpu, accelerate silently starts ONE process
+            cmd += ["--multi_gpu"]
+        if nodes > 1:
+            if not addr:
+                raise MedpipeError("launcher=accelerate with num_nodes > 1 needs launcher.master_addr")
+            cmd += ["--main_process_ip", str(addr), "--machine_rank", str(launcher.get("node_rank", 0))]
+        return cmd + extra + ["-m", MODULE, str(stage_file)]
+    raise MedpipeError(f"unknown launcher '{name}' (available: local, deepspeed, torchrun, accelerate)")
+
+
+def deepspeed_config(ds: dict, params: Any, cpu: bool) -> dict:
+    """The stage's DeepSpeed JSON: "auto" wherever HF's integration fills values from the stage's
+    TrainingArguments (batch size, accumulation, clipping, optimizer and scheduler values), so the
+    recipe stays the one source of truth."""
+    import copy
+
+    cfg = copy.deepcopy(ds)
+    precision = getattr(params, "precision", "auto")
+    cfg["bf16"] = {"enabled": "auto"}
+    cfg["fp16"] = {"enabled": "auto"}
+    if cpu or precision == "fp32":
+        cfg["bf16"] = {"enabled": False}
+        cfg["fp16"] = {"enabled": False}
+    return cfg
+
+
+def run(launcher: dict, stage_file: Path, log_file: Path) -> None:
+    cmd = command(launcher, stage_file)
+    if cmd is None:
+        from .entry import run_stage_file
+
+        run_stage_file(stage_file)
+        return
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    print(f"  $ {shlex.join(cmd)}", flush=True)
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+        code = proc.wait()
+    if code != 0:
+        raise StageFailed(f"launcher exited with code {code}\n{failing_rank_tail(stage_file.parent)}")
+
+
+def failing_rank_tail(stage_dir: Path, lines: int = 25) -> str:
+    """Tail of the first rank log that holds a traceback (else the launcher log)."""
+    logs = sorted((stage_dir / "logs").glob("rank*.log")) if (stage_dir / "logs").is_dir() else []
+    for log in logs:
+        text = log.read_text(errors="replace")
+        if "Traceback" in text or " ERROR " in text:
+            return f"--- {log} (last {lines} lines) ---\n" + "\n".join(text.splitlines()[-lines:])
+    launcher_log = stage_dir / "launcher.log"
+    if launcher_log.exists():
+        return f"--- {launcher_log} ---\n" + "\n".join(launcher_log.read_text(errors="replace").splitlines()[-lines:])
+    return ""

@@ -1,0 +1,371 @@
+"""The pipeline driver: run dir, stage identities, skip/resume, the stage loop.
+
+A stage's identity is (config hash, inputs hash); its result lives in a content-addressed store
+(`<run.root>/.store/<kind>-<key>/` by default) and a run dir links `NN-<stage>` to the entries it
+used. So rerunning a command skips finished stages, an interrupted stage resumes from the
+Trainer checkpoints in its store entry, a changed hyperparameter changes that stage's key and so
+every later key, and a sweep trains shared earlier stages once. Deleting a run dir deletes links only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import launch
+from .artifact import Artifact, merged_view, model_fingerprint, stable_hash, write_json_atomic, write_text_atomic
+from .compose import StagePlan
+from .entry import STAGE_FILE
+from .errors import ConfigError, MedpipeError
+
+RUN_FILE = "run.json"
+STATUS_FILE = "status.json"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Keyed:
+    plan: StagePlan
+    config_hash: str
+    inputs_hash: str
+    store_dir: Path
+
+    @property
+    def key(self) -> str:
+        return stable_hash({"config": self.config_hash, "inputs": self.inputs_hash})
+
+
+def runs_root(cfg: Any) -> Path:
+    return Path(cfg.run.root).expanduser()
+
+
+def store_root(cfg: Any) -> Path:
+    return Path(cfg.run.store).expanduser() if cfg.run.get("store") else runs_root(cfg) / ".store"
+
+
+def data_specs(params: Any) -> dict[str, Any]:
+    """Params fields that name data (`data`, `*_data`): fingerprinted into the inputs hash."""
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
+            if (f.name == "data" or f.name.endswith("_data")) and getattr(params, f.name) is not None}
+
+
+def fingerprint_data(spec: Any) -> str:
+    from medpipe.stages.data import fingerprint
+
+    return fingerprint(spec)
+
+
+def plan_keys(cfg: Any, plans: list[StagePlan], base_id: str) -> list[Keyed]:
+    """Stage identities, computable before anything runs: each input is the key of the stage
+    it reads from (or the base model's fingerprint), so keys chain like a Merkle list."""
+    from omegaconf import OmegaConf
+
+    model_opts = OmegaConf.to_container(cfg.model, resolve=True)
+    model_opts = {k: model_opts.get(k) for k in ("trust_remote_code", "dtype", "attn_implementation")}
+    keyed: dict[str, Keyed] = {}
+    out = []
+    for plan in plans:
+        config_hash = stable_hash({"kind": plan.kind, "params": plan.raw, "seed": cfg.seed, "model": model_opts})
+        source = keyed[plan.source].key if plan.source else base_id
+        data = {name: fingerprint_data(spec) for name, spec in data_specs(plan.params).items()}
+        inputs_hash = stable_hash({"input": source, "data": data})
+        k = Keyed(plan, config_hash, inputs_hash, Path())
+        k.store_dir = store_root(cfg) / f"{plan.kind}-{k.key}"
+        keyed[plan.name] = k
+        out.append(k)
+    return out
+
+
+def is_done(k: Keyed) -> bool:
+    if not Artifact.exists(k.store_dir):
+        return False
+    art = Artifact.load(k.store_dir)
+    return art.config_hash == k.config_hash and art.inputs_hash == k.inputs_hash
+
+
+def read_status(stage_dir: Path) -> dict:
+    try:
+        status = json.loads((stage_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {"state": "pending"}
+    if Artifact.exists(stage_dir):
+        status["state"] = "done"
+    elif status.get("state") == "running" and not _alive(status.get("pid"), status.get("host")):
+        status["state"] = "interrupted"
+    return status
+
+
+def _alive(pid: int | None, host: str | None) -> bool:
+    if not pid or host != socket.gethostname():
+        return host != socket.gethostname() and pid is not None  # another host: trust the file
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def write_status(stage_dir: Path, **fields: Any) -> None:
+    current = {}
+    try:
+        current = json.loads((stage_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    current.update(fields)
+    write_json_atomic(stage_dir / STATUS_FILE, current)
+
+
+class StageLock:
+    """One trainer per store entry: a second run training the same stage fails fast instead of
+    corrupting the checkpoints."""
+
+    def __init__(self, stage_dir: Path):
+        self.path = stage_dir / ".lock"
+
+    def __enter__(self) -> "StageLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise MedpipeError(f"{self.path.parent} is being trained by another medpipe process") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def link(run_dir: Path, name: str, target: Path) -> None:
+    """Point run_dir/name at a store entry (relative link, replaced atomically)."""
+    dest = run_dir / name
+    tmp = run_dir / f".{name}.link"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, run_dir), tmp)
+    os.replace(tmp, dest)
+
+
+def stage_dir_name(plan: StagePlan) -> str:
+    return f"{plan.index + 1:02d}-{plan.name}"
+
+
+def prepare_run_dir(cfg: Any, recipe: str) -> Path:
+    run_dir = Path(cfg.run.dir).expanduser() if cfg.run.get("dir") else \
+        runs_root(cfg) / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    existing = run_dir / RUN_FILE
+    if existing.exists():
+        other = json.loads(existing.read_text())
+        if other.get("name") != cfg.name:
+            raise ConfigError(f"run dir {run_dir} holds a run of recipe '{other.get('name')}', not '{cfg.name}'; "
+                              f"choose another run.dir")
+    elif run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
+        raise ConfigError(f"run dir {run_dir} exists and is not a medpipe run dir; choose another run.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def base_identity(cfg: Any) -> str:
+    """Identity of the recipe's model, cheap (no model is built or loaded): the tiny model's spec
+    hash, or a real model directory's fingerprint."""
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("path") is None:
+        from medpipe.stages.tiny import tiny_spec_hash
+
+        return "tiny-" + tiny_spec_hash(model.get("tiny") or {})
+    return model_fingerprint(Path(model["path"]).expanduser())
+
+
+def base_artifact(cfg: Any) -> Artifact:
+    """The recipe's model as the first stage's input (the tiny model is built and cached here)."""
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("path") is None:
+        from medpipe.stages.tiny import ensure_tiny
+
+        path = str(ensure_tiny(model.get("tiny") or {}))
+    else:
+        path = str(Path(model["path"]).expanduser())
+        if not Path(path).is_dir() and not model.get("allow_hub", False):
+            raise ConfigError(f"model.path '{model['path']}' does not exist (set model.allow_hub=true to let "
+                              f"transformers resolve it as a Hub id)")
+    return Artifact(stage="base", kind="model", format="full", model_path=path, tokenizer_path=path,
+                    extras={"trust_remote_code": bool(model.get("trust_remote_code", False))})
+
+
+class Pipeline:
+    """Runs the stages of one composed recipe, in order, in this (driver) process."""
+
+    def __init__(self, cfg: Any, plans: list[StagePlan], recipe: str, console: Any):
+        self.cfg, self.plans, self.recipe, self.console = cfg, plans, recipe, console
+
+    def selected(self, force: bool, from_stage: str | None, only: str | None) -> set[str]:
+        """Names of stages that must (re)train even if a matching artifact exists."""
+        names = [p.name for p in self.plans]
+        for flag, value in (("--from", from_stage), ("--only", only)):
+            if value is not None and value not in names:
+                raise ConfigError(f"{flag} {value}: no such stage (stages: {', '.join(names)})")
+        if force:
+            return set(names) if only is None else {only}
+        if only is not None:
+            return {only}
+        if from_stage is not None:
+            return set(names[names.index(from_stage):])
+        return set()
+
+    def run(self, force: bool = False, from_stage: str | None = None, only: str | None = None) -> Path:
+        from omegaconf import OmegaConf
+
+        rerun = self.selected(force, from_stage, only)
+        base = base_artifact(self.cfg)
+        keyed = plan_keys(self.cfg, self.plans, base_identity(self.cfg))
+        self.check_data(base)
+        run_dir = prepare_run_dir(self.cfg, self.recipe)
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.write_run_file(run_dir, keyed)
+        self.console.print(f"[bold]medpipe[/] run [cyan]{self.cfg.name}[/] → {run_dir}")
+        done: dict[str, Artifact] = {}
+        total = len(keyed)
+        for k in keyed:
+            plan = k.plan
+            if only is not None and plan.name != only:
+                if is_done(k):
+                    done[plan.name] = Artifact.load(k.store_dir)
+                    link(run_dir, stage_dir_name(plan), k.store_dir)
+                continue
+            started = time.monotonic()
+            self.console.rule(f"Stage {plan.index + 1}/{total} · {plan.name} ({plan.kind})")
+            if is_done(k) and plan.name not in rerun:
+                self.console.print(f"  [green]✓ done already[/] (config and inputs unchanged) → {k.store_dir}")
+            else:
+                source = done.get(plan.source) if plan.source else base
+                if source is None:
+                    raise MedpipeError(f"stage {plan.name} needs the output of '{plan.source}', which is not done; "
+                                       f"run without --only first")
+                self.train(k, source, run_dir)
+            done[plan.name] = Artifact.load(k.store_dir)
+            link(run_dir, stage_dir_name(plan), k.store_dir)
+            self.console.print(f"  [green]✓[/] {plan.name} finished in {_fmt(time.monotonic() - started)}"
+                               f"  {_metrics_line(done[plan.name].metrics)}")
+        self.console.print(f"[bold green]Pipeline {self.cfg.name} complete[/] → {run_dir}")
+        return run_dir
+
+    def check_data(self, base: Artifact) -> None:
+        """Validate every stage's data before the first stage trains."""
+        for plan in self.plans:
+            check = getattr(plan.cls, "check", None)
+            if check is not None:
+                for line in check(plan.cls(), plan.params, base, self.global_data()) or []:
+                    self.console.print(f"  {plan.name}: {line}")
+
+    def global_data(self) -> dict:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(self.cfg.data, resolve=True) if "data" in self.cfg else {}
+
+    def train(self, k: Keyed, source: Artifact, run_dir: Path) -> None:
+        from omegaconf import OmegaConf
+
+        plan = k.plan
+        sdir = k.store_dir
+        if Artifact.exists(sdir):  # forced rerun: keep the previous result beside, never delete it
+            kept = sdir.with_name(f"{sdir.name}.replaced-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+            os.replace(sdir, kept)
+            self.console.print(f"  previous result kept at {kept}")
+        sdir.mkdir(parents=True, exist_ok=True)
+        wants_adapter = getattr(plan.cls, "wants_adapter", False)
+        model_in = source if wants_adapter else merged_view(source)
+        if plan.source is None and plan.index == 0:
+            self.console.print(f"  input model: {model_in.model_path}")
+        launcher = OmegaConf.to_container(self.cfg.launcher, resolve=True)
+        if launcher["name"] != "local" and launcher.get("deepspeed", True) and getattr(plan.cls, "trains", True):
+            ds = OmegaConf.to_container(self.cfg.deepspeed, resolve=True)
+            write_json_atomic(sdir / "deepspeed.json", launch.deepspeed_config(ds, plan.params, cpu=_no_cuda()))
+            launcher["deepspeed_config"] = str(sdir / "deepspeed.json")
+        if not getattr(plan.cls, "trains", True):
+            launcher = {"name": "local"}
+        stage_file = sdir / STAGE_FILE
+        write_json_atomic(stage_file, {
+            "name": plan.name, "kind": plan.kind, "index": plan.index, "total": len(self.plans),
+            "params": plan.raw, "input": dataclasses.asdict(model_in), "output_dir": str(sdir),
+            "model": OmegaConf.to_container(self.cfg.model, resolve=True), "data": self.global_data(),
+            "seed": int(self.cfg.seed), "launcher": launcher,
+            "config_hash": k.config_hash, "inputs_hash": k.inputs_hash,
+        })
+        link(run_dir, stage_dir_name(plan), sdir)
+        with StageLock(sdir):
+            resumed = read_status(sdir).get("state") in ("interrupted", "failed")
+            if resumed:
+                self.console.print("  resuming an interrupted stage from its last checkpoint")
+            write_status(sdir, state="running", pid=os.getpid(), host=socket.gethostname(), started=now(),
+                         ended=None, error=None, run_dir=str(run_dir))
+            t0 = time.monotonic()
+            try:
+                launch.run(launcher, stage_file, sdir / "launcher.log")
+                if not Artifact.exists(sdir):
+                    raise MedpipeError(f"stage {plan.name} ended without writing {sdir}/artifact.json")
+            except KeyboardInterrupt:
+                write_status(sdir, state="interrupted", ended=now(), elapsed=time.monotonic() - t0)
+                raise
+            except BaseException as e:
+                write_status(sdir, state="failed", ended=now(), elapsed=time.monotonic() - t0,
+                             error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+                raise
+            write_status(sdir, state="done", ended=now(), elapsed=time.monotonic() - t0)
+
+    def write_run_file(self, run_dir: Path, keyed: list[Keyed]) -> None:
+        write_json_atomic(run_dir / RUN_FILE, {
+            "name": self.cfg.name, "recipe": self.recipe, "created": now(),
+            "stages": [{"name": k.plan.name, "kind": k.plan.kind, "link": stage_dir_name(k.plan),
+                        "store_dir": str(k.store_dir.resolve()), "key": k.key} for k in keyed],
+        })
+
+
+def _no_cuda() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _metrics_line(metrics: dict) -> str:
+    keys = ("first_loss", "last_loss", "reward_accuracy", "accuracy")
+    shown = [f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))]
+    return " ".join(shown)
+
+
+def stage_table(run_dir: Path) -> list[dict]:
+    """Per stage: state, elapsed, artifact path (for `medpipe status`)."""
+    info = json.loads((run_dir / RUN_FILE).read_text())
+    rows = []
+    for s in info["stages"]:
+        sdir = Path(s["store_dir"])
+        st = read_status(sdir) if sdir.exists() else {"state": "pending"}
+        rows.append({"stage": s["name"], "kind": s["kind"], "state": st.get("state", "pending"),
+                     "elapsed": st.get("elapsed"), "started": st.get("started"),
+                     "artifact": str(sdir / "artifact.json") if Artifact.exists(sdir) else "",
+                     "error": st.get("error")})
+    return rows

@@ -1,0 +1,35 @@
+"""What `medpipe show` prints after the config: each stage's input and output, whether a finished
+result will be reused (and from where), and the exact launch command under a distributed launcher."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from . import launch
+from .compose import StagePlan
+from .run import base_identity, is_done, plan_keys, read_status, stage_dir_name
+
+
+def describe(cfg: Any, plans: list[StagePlan]) -> list[str]:
+    from omegaconf import OmegaConf
+
+    lines = ["# stages (in order):"]
+    keyed = plan_keys(cfg, plans, base_identity(cfg))
+    launcher = OmegaConf.to_container(cfg.launcher, resolve=True)
+    model = cfg.model.path or f"tiny model (built locally, cached)"
+    for k in keyed:
+        p = k.plan
+        source = f"stage '{p.source}'" if p.source else f"model {model}"
+        adapter = " (its adapter)" if getattr(p.cls, "wants_adapter", False) else ""
+        if is_done(k):
+            state = f"reuse finished result {k.store_dir}"
+        else:
+            st = read_status(k.store_dir).get("state")
+            state = "resume from last checkpoint in " + str(k.store_dir) if st in ("interrupted", "failed") \
+                else f"train → {k.store_dir}"
+        lines.append(f"#  {stage_dir_name(p)} [{p.kind}] input: {source}{adapter}; {state}")
+        if launcher["name"] != "local" and getattr(p.cls, "trains", True):
+            cmd = launch.command(launcher, Path(k.store_dir) / "stage.json")
+            lines.append(f"#     launch: {shlex.join(cmd)}")
+    return lines

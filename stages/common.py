@@ -1,0 +1,238 @@
+"""What the training stages share: model/tokenizer loading, LoRA, TrainingArguments from params,
+progress and metric callbacks, the loss-spike guard, checkpoint resume and saving the result.
+Imported only inside `run()` (it imports torch and transformers)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from medpipe.artifact import Artifact
+from medpipe.errors import MedpipeError
+
+
+def load_tokenizer(ctx: Any, path: str | None = None):
+    tok = AutoTokenizer.from_pretrained(path or ctx.input.tokenizer_path,
+                                        trust_remote_code=bool(ctx.model.get("trust_remote_code", False)))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_dtype(ctx: Any, params: Any) -> torch.dtype:
+    name = ctx.model.get("dtype") or "auto"
+    if name != "auto":
+        return getattr(torch, name)
+    # LoRA keeps the frozen base in bf16 on GPUs that have it; full training keeps fp32 master weights.
+    if torch.cuda.is_available() and getattr(params, "peft", None) is not None and use_bf16(params):
+        return torch.bfloat16
+    return torch.float32
+
+
+def use_bf16(params: Any) -> bool:
+    p = getattr(params, "precision", "auto")
+    if p == "bf16":
+        return True
+    return p == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def load_model(ctx: Any, params: Any, path: str | None = None):
+    kwargs = {"dtype": model_dtype(ctx, params), "trust_remote_code": bool(ctx.model.get("trust_remote_code", False))}
+    if ctx.model.get("attn_implementation"):
+        kwargs["attn_implementation"] = ctx.model["attn_implementation"]
+    model = AutoModelForCausalLM.from_pretrained(path or ctx.input.model_path, **kwargs)
+    if getattr(params, "gradient_checkpointing", False):
+        model.config.use_cache = False
+    return model
+
+
+def lora_config(lora: Any):
+    from peft import LoraConfig
+
+    targets = lora.target_modules
+    targets = "all-linear" if list(targets) == ["all-linear"] else list(targets)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      task_type="CAUSAL_LM", bias="none")
+
+
+def apply_lora(model, lora: Any):
+    if lora is None:
+        return model
+    if lora.type != "lora":
+        raise MedpipeError(f"peft.type '{lora.type}' is not supported here (lora)")
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lora))
+
+
+def training_kwargs(ctx: Any, p: Any) -> dict:
+    """TrainingArguments (and TRL config) fields from the stage params; one place for all stages."""
+    cuda = torch.cuda.is_available()
+    kw = dict(
+        output_dir=str(ctx.output_dir / "checkpoints"),
+        learning_rate=p.lr, num_train_epochs=p.epochs, max_steps=p.max_steps,
+        per_device_train_batch_size=p.batch_size, per_device_eval_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum, warmup_steps=p.warmup, weight_decay=p.weight_decay,
+        lr_scheduler_type=p.scheduler, lr_scheduler_kwargs=dict(p.scheduler_kwargs),
+        adam_beta1=p.adam_beta1, adam_beta2=p.adam_beta2, max_grad_norm=p.max_grad_norm,
+        logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
+        save_total_limit=p.save_total_limit, report_to=["tensorboard"], seed=ctx.seed, data_seed=ctx.seed,
+        use_cpu=not cuda, bf16=use_bf16(p), fp16=p.precision == "fp16",
+        gradient_checkpointing=p.gradient_checkpointing, deepspeed=ctx.deepspeed_config,
+        disable_tqdm=True, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+    )
+    if not cuda and int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
+        kw["ddp_backend"] = "gloo"
+    if p.heldout > 0:
+        steps = p.eval_steps or p.save_steps
+        kw.update(eval_strategy="steps", eval_steps=steps, save_steps=steps)
+        if p.keep_best:
+            kw.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    return kw
+
+
+class ProgressCallback(TrainerCallback):
+    """Step progress on the terminal and every log line in `log_history.jsonl` (for the report)."""
+
+    def __init__(self, ctx: Any):
+        self.ctx, self.t0 = ctx, time.monotonic()
+        self.path = ctx.output_dir / "log_history.jsonl"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+        shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, float) and k in
+                         ("loss", "eval_loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins",
+                          "orth_loss", "ce_loss"))
+        elapsed = time.monotonic() - self.t0
+        self.ctx.say(f"step {state.global_step}/{state.max_steps} {shown} ({elapsed:.0f}s)")
+
+
+class SpikeGuard(TrainerCallback):
+    """Skips updates whose gradient norm is non-finite or spikes, lowering the learning rate.
+
+    The pre-clipping norm is read by wrapping the trainer's `_get_grad_norm`, and the update is
+    skipped by wrapping `optimizer.step` (see `install`). Under DeepSpeed the engine steps inside
+    backward, so there the guard counts and lowers the lr but the skip is DeepSpeed's own
+    (fp16 overflow handling)."""
+
+    def __init__(self, cfg: Any, ctx: Any):
+        self.cfg, self.ctx = cfg, ctx
+        self.norms: list[float] = []
+        self.last_norm: float | None = None
+        self.skip = False
+        self.consecutive = 0
+        self.skipped = 0
+
+    def install(self, trainer) -> None:
+        original = trainer._get_grad_norm
+
+        def record(model, grad_norm=None):
+            value = original(model, grad_norm=grad_norm)
+            self.last_norm = float(value) if value is not None else None
+            return value
+
+        trainer._get_grad_norm = record
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        step = optimizer.step
+
+        def guarded_step(*a, **k):
+            if self.skip:
+                self.skip = False
+                return None
+            return step(*a, **k)
+
+        optimizer.step = guarded_step
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, model=None, **kwargs):
+        norm = self.last_norm
+        if norm is None:
+            return
+        recent = self.norms[-self.cfg.window:]
+        spike = not math.isfinite(norm) or (len(recent) >= 5 and norm > self.cfg.factor * statistics.median(recent))
+        if not spike:
+            self.norms.append(norm)
+            self.consecutive = 0
+            return
+        self.skip = True
+        self.skipped += 1
+        self.consecutive += 1
+        model.zero_grad(set_to_none=True)
+        if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
+            lr_scheduler.base_lrs = [lr * self.cfg.lr_factor for lr in lr_scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["lr"] *= self.cfg.lr_factor
+        self.ctx.say(f"spike guard: step {state.global_step + 1} grad norm {norm:.3g} skipped; "
+                     f"lr ×{self.cfg.lr_factor} ({self.skipped} skipped so far)")
+        if self.consecutive > self.cfg.max_consecutive:
+            raise MedpipeError(f"spike guard: {self.consecutive} consecutive updates skipped (last grad norm {norm:.3g}); "
+                               f"lower stages.{self.ctx.name}.lr or check the data")
+
+
+def callbacks(ctx: Any, p: Any) -> list:
+    cbs: list = [ProgressCallback(ctx)]
+    if p.spike_guard.enabled:
+        cbs.append(SpikeGuard(p.spike_guard, ctx))
+    return cbs
+
+
+def train(trainer, ctx: Any) -> dict:
+    """Train, resuming from the stage's last checkpoint if an earlier attempt was interrupted."""
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, SpikeGuard):
+            cb.install(trainer)
+    ckpt_dir = ctx.output_dir / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last:
+        ctx.say(f"resuming from {Path(last).name}")
+    result = trainer.train(resume_from_checkpoint=last)
+    metrics = loss_metrics(trainer.state.log_history)
+    metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    metrics["steps"] = trainer.state.global_step
+    metrics["tokens_seen"] = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    if last:
+        metrics["resumed_from"] = Path(last).name
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, SpikeGuard):
+            metrics["spike_guard_skipped"] = cb.skipped
+    return metrics
+
+
+def loss_metrics(history: list[dict]) -> dict:
+    losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
+    out: dict = {}
+    if losses:
+        out["first_loss"], out["last_loss"] = losses[0], losses[-1]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if evals:
+        out["best_eval_loss"], out["last_eval_loss"] = min(evals), evals[-1]
+    return out
+
+
+def save_result(ctx: Any, trainer, tokenizer, params: Any, metrics: dict, extras: dict | None = None) -> Artifact:
+    """Save the trained model (LoRA: the adapter; else the full model) and describe it."""
+    adapter = getattr(params, "peft", None) is not None
+    out = ctx.output_dir / ("adapter" if adapter else "model")
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+    trainer.accelerator.wait_for_everyone()
+    extras = {"trust_remote_code": bool(ctx.model.get("trust_remote_code", False)), **(extras or {})}
+    return Artifact(stage=ctx.name, kind=ctx.kind, format="adapter" if adapter else "full", model_path=str(out),
+                    tokenizer_path=str(out), base_model_path=ctx.input.model_path if adapter else None,
+                    metrics=metrics, extras=extras)
+
+
+def params_dict(p: Any) -> dict:
+    return dataclasses.asdict(p)

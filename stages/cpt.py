@@ -1,0 +1,58 @@
+"""`cpt` — continued pretraining: next-token loss on plain text packed into `block_size` blocks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .params import TrainParams
+
+
+@dataclass
+class CPTParams(TrainParams):
+    # Qilin-Med's CPT settings (METHODS.md); recipes override per paper.
+    lr: float = 2e-4
+    epochs: float = 3.0
+    warmup: float = 0.05
+    weight_decay: float = 0.01
+    block_size: int = 1024
+
+
+def data_options(params: Any, data_opts: dict) -> dict:
+    return {"on_error": params.on_error or data_opts.get("on_error", "fail"), "seed": data_opts.get("seed", 0)}
+
+
+class CPTStage:
+    """Continued pretraining on plain text (txt, json/jsonl text field, parquet), full or LoRA."""
+
+    Params = CPTParams
+
+    def check(self, params: CPTParams, base: Any, data_opts: dict) -> list[str]:
+        from medpipe.stages.data import load_records
+
+        result = load_records(params.data, "text", **data_options(params, data_opts))
+        return [line for line in result.summary_table().splitlines()]
+
+    def run(self, ctx: Any):
+        from transformers import Trainer, TrainingArguments, default_data_collator
+
+        from medpipe.stages import common
+        from medpipe.stages.data import load_records, pack_texts
+
+        p: CPTParams = ctx.params
+        tok = common.load_tokenizer(ctx)
+        records = load_records(p.data, "text", **data_options(p, ctx.data)).records
+        blocks = pack_texts([r["text"] for r in records], tok, p.block_size, num_proc=p.num_proc,
+                            cache_dir=ctx.data.get("cache_dir"))
+        if len(blocks) == 0:
+            from medpipe.errors import MedpipeError
+
+            raise MedpipeError(f"stages.{ctx.name}: the data gives no full block of {p.block_size} tokens; "
+                               f"lower block_size or add text")
+        blocks = blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True)
+        ctx.say(f"{len(records)} documents → {len(blocks)} blocks of {p.block_size} tokens")
+        model = common.apply_lora(common.load_model(ctx, p), p.peft)
+        trainer = Trainer(model=model, args=TrainingArguments(**common.training_kwargs(ctx, p)), train_dataset=blocks,
+                          data_collator=default_data_collator, processing_class=tok, callbacks=common.callbacks(ctx, p))
+        metrics = common.train(trainer, ctx)
+        metrics.update(documents=len(records), blocks=len(blocks))
+        return common.save_result(ctx, trainer, tok, p, metrics)

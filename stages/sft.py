@@ -1,0 +1,104 @@
+"""`sft` — supervised fine-tuning on chat data with the loss on assistant tokens only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .params import TrainParams
+
+
+@dataclass
+class SFTParams(TrainParams):
+    lr: float = 2e-5
+    epochs: float = 3.0
+    warmup: float = 0.05
+    weight_decay: float = 0.05
+    max_length: int = 2048
+    chat_template: Optional[str] = None  # Jinja template for tokenizers that have none
+
+
+class SFTStage:
+    """Supervised fine-tuning: prompt/response or multi-turn chat, loss on assistant turns, LoRA or full."""
+
+    Params = SFTParams
+
+    def check(self, params: SFTParams, base: Any, data_opts: dict) -> list[str]:
+        from medpipe.stages.cpt import data_options
+        from medpipe.stages.data import load_records
+
+        require_chat_template(base.tokenizer_path, params, base.extras.get("trust_remote_code", False))
+        result = load_records(params.data, "chat", **data_options(params, data_opts))
+        return result.summary_table().splitlines()
+
+    def run(self, ctx: Any):
+        from trl import SFTConfig, SFTTrainer
+
+        from medpipe.stages import common
+        from medpipe.stages.cpt import data_options
+        from medpipe.stages.data import load_records
+
+        p: SFTParams = ctx.params
+        tok = common.load_tokenizer(ctx)
+        if p.chat_template:
+            tok.chat_template = p.chat_template
+        loaded = load_records(p.data, "chat", heldout=p.heldout, **data_options(p, ctx.data))
+        train_ds = encode_dataset(loaded.records, tok, p.max_length, p.num_proc)
+        eval_ds = encode_dataset(loaded.heldout, tok, p.max_length, p.num_proc) if loaded.heldout else None
+        ctx.say(f"{len(train_ds)} training conversations" + (f", {len(eval_ds)} held out" if eval_ds else ""))
+        model = common.apply_lora(common.load_model(ctx, p), p.peft)
+        args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length, packing=False,
+                         dataset_num_proc=p.num_proc)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tok, callbacks=common.callbacks(ctx, p))
+        metrics = common.train(trainer, ctx)
+        metrics.update(conversations=len(train_ds), heldout=len(eval_ds) if eval_ds else 0)
+        return common.save_result(ctx, trainer, tok, p, metrics)
+
+
+def require_chat_template(tokenizer_path: str, params: Any, trust_remote_code: bool) -> None:
+    from transformers import AutoTokenizer
+
+    from medpipe.errors import MedpipeError
+
+    if params.chat_template:
+        return
+    tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+    if not tok.chat_template:
+        raise MedpipeError(f"the tokenizer at {tokenizer_path} has no chat template, which SFT needs; "
+                           f"set chat_template on the stage (a Jinja string) or use a chat model's tokenizer")
+
+
+def encode_chat(messages: list[dict], tok: Any, max_length: int) -> dict:
+    """Token ids and a mask that is 1 exactly on assistant tokens (every assistant turn).
+
+    The template is rendered for growing prefixes of the conversation; the text an assistant turn
+    adds (its content and end-of-turn marker) is marked. Works for any template whose rendering of
+    a prefix is a prefix of the whole rendering (ChatML, Llama, Baichuan...); others are refused.
+    """
+    spans: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render conversations prefix by prefix; "
+                             "cannot locate assistant turns")
+        spans += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, is_assistant in spans:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [int(is_assistant)] * len(piece)
+    return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length]}
+
+
+def encode_dataset(records: list[dict], tok: Any, max_length: int, num_proc: int | None):
+    from datasets import Dataset
+
+    rows = [encode_chat(r["messages"], tok, max_length) for r in records]
+    rows = [r for r in rows if any(r["assistant_masks"])]  # truncated past every assistant token
+    return Dataset.from_list(rows)
