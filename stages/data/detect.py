@@ -1,0 +1,40 @@
+"""Format detection from the extension and the first record's keys (``format: auto``)."""
+from __future__ import annotations
+
+from .errors import DataError
+from .formats import FORMATS, SHAPES
+from .readers import container_of, first_record
+
+
+def detect_from_keys(keys: set, path: str, loc=None) -> tuple[str, str]:
+    cands = [s for s in SHAPES if s.keys <= keys]
+    # keep the most specific shapes: drop one whose key set is a strict subset of another's
+    best = [s for s in cands if not any(s.keys < o.keys for o in cands)]
+    names = sorted({s.name for s in best})
+    shown = sorted(keys)[:12]
+    if not names:
+        raise DataError(f"can't tell the format from the keys {shown}; set format: (one of "
+                        f"{', '.join(sorted(FORMATS))}) and, if the names differ, columns:",
+                        path, loc, "format", reason="unknown_format")
+    if len(names) > 1:
+        raise DataError(f"ambiguous format: keys {shown} fit {names}; set format: explicitly",
+                        path, loc, "format", reason="ambiguous_format")
+    s = next(x for x in best if x.name == names[0])
+    return names[0], f"keys {sorted(s.keys)} present"
+
+
+def detect_format(path: str, columns: dict | None = None) -> tuple[str, str]:
+    """Return ``(format, reason)``. Raises DataError when the file is empty, the keys match
+    nothing, or they match several formats (then ``format:`` must be given)."""
+    kind = container_of(path)
+    if kind == "txt":
+        return "text", "extension .txt: one document per non-empty line"
+    loc, rec, file_keys = first_record(path)
+    if rec is None:
+        raise DataError("no records (empty file)", path, None, None, reason="empty_dataset")
+    keys = set(file_keys) if file_keys is not None else set(rec)
+    keys.discard("_key")
+    if columns:
+        keys = {columns.get(k, k) for k in keys}
+    fmt, why = detect_from_keys(keys, path, loc)
+    return fmt, f"{kind} file, {why}"

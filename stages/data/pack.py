@@ -1,0 +1,90 @@
+"""Tokenization + packing for pretraining text.
+
+Docs are tokenized without special tokens, each followed by EOS, concatenated and cut into
+``block_size`` blocks; the last partial block is dropped, so every token is real (no padding).
+Tokenization is a batched ``datasets.map`` (``num_proc`` processes when given); both steps are
+cached as arrow files in ``cache_dir`` under datasets fingerprints computed from the texts'
+sha256, the tokenizer's serialized state and block_size — a rerun loads them instead of
+re-tokenizing.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+
+def _texts_digest(texts) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
+    if hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizer: vocab + name
+        h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+        h.update(str(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "eos_token_id", None)).encode())
+    return h.hexdigest()
+
+
+def _tokenize_batch(batch, tokenizer):
+    enc = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False,
+                    return_token_type_ids=False)
+    return {"input_ids": enc["input_ids"]}
+
+
+def _group(table, block_size: int, eos: int):
+    import numpy as np
+    import pyarrow as pa
+    col = table.column("input_ids").combine_chunks()
+    offsets = col.offsets.to_numpy()
+    flat = col.values.to_numpy(zero_copy_only=False)
+    # EOS after every document
+    flat = np.insert(flat, offsets[1:] - offsets[0], eos).astype(np.int32, copy=False)
+    n = len(flat) // block_size
+    blocks = pa.FixedSizeListArray.from_arrays(pa.array(flat[: n * block_size]), block_size)
+    return pa.table({"input_ids": blocks})
+
+
+def pack_texts(texts, tokenizer, block_size: int, *, num_proc: int | None = None,
+               cache_dir: str | os.PathLike | None = None, batch_size: int = 1000):
+    """Pack ``texts`` (strings or ``{"text"}`` records) → ``datasets.Dataset`` of ``input_ids``
+    blocks of exactly ``block_size`` tokens."""
+    from datasets import Dataset
+
+    texts = [t["text"] if isinstance(t, dict) else t for t in texts]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("pack_texts needs a tokenizer with an eos_token_id")
+    if block_size < 2:
+        raise ValueError("block_size must be >= 2")
+    fp_tok = hashlib.sha256(f"tok:{_texts_digest(texts)}:{tokenizer_digest(tokenizer)}"
+                            .encode()).hexdigest()[:32]
+    fp_pack = hashlib.sha256(f"pack:{fp_tok}:{block_size}:{eos}".encode()).hexdigest()[:32]
+    tok_file = pack_file = None
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        tok_file = os.path.join(str(cache_dir), f"medpipe-tok-{fp_tok}.arrow")
+        pack_file = os.path.join(str(cache_dir), f"medpipe-pack-{fp_pack}.arrow")
+        if os.path.exists(pack_file):
+            # cache hit on the final step: skip building the text table altogether
+            return Dataset.from_file(pack_file)
+    if num_proc is not None and num_proc <= 1:
+        num_proc = None
+    ds = Dataset.from_dict({"text": texts})
+    tok = ds.map(_tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
+                 remove_columns=["text"], fn_kwargs={"tokenizer": tokenizer},
+                 cache_file_name=tok_file, new_fingerprint=fp_tok,
+                 load_from_cache_file=True, desc="tokenize")
+    packed = tok.with_format("arrow").map(
+        _group, batched=True, batch_size=None, fn_kwargs={"block_size": block_size, "eos": eos},
+        cache_file_name=pack_file, new_fingerprint=fp_pack, load_from_cache_file=True,
+        desc="pack")
+    return packed.with_format(None)
