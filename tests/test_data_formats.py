@@ -1,0 +1,162 @@
+"""Each public format loads to the right normalised records (records shaped like the real files)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from medpipe.stages.data import DataError, FORMATS, detect_format, load_records
+
+F = Path(__file__).parent / "fixtures" / "formats"
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def recs_spec(spec, want, **kw):
+    """records keyed by their location inside the file (line, [index] or [key])."""
+    return {r["_loc"].rsplit(":", 1)[1]: r for r in load_records(spec, want, **kw).records}
+
+
+def recs(path, want, **kw):
+    return recs_spec(str(path), want, **kw)
+
+
+def test_cmexam_bom_multiline_options_and_lines():
+    assert detect_format(str(F / "cmexam.csv"))[0] == "cmexam"
+    r = recs(F / "cmexam.csv", "mcq")
+    assert set(r) == {"2", "7", "11"}          # starting lines of multi-line CSV records
+    a = r["2"]
+    assert a["question"].startswith("患者，男，65岁")
+    assert a["options"] == {"A": "急性心肌梗死", "B": "稳定型心绞痛", "C": "主动脉夹层",
+                            "D": "急性心包炎", "E": "肺栓塞"}
+    assert a["answer"] == ["A"] and a["task"] == "cmexam" and a["subject"] == "内科学"
+    assert a["explanation"] == "ST段抬高伴持续胸痛提示急性心肌梗死。"
+    assert r["7"]["answer"] == ["A", "C"] and r["7"]["explanation"] is None
+    assert r["11"]["explanation"] == "补液是首要措施，\n其次为小剂量胰岛素。"
+
+
+def test_medqa():
+    r = recs(F / "medqa.jsonl", "mcq")
+    assert r["1"]["options"]["E"] == "Observation" and r["1"]["answer"] == ["A"]
+    assert r["2"]["answer"] == ["B"] and r["2"]["subject"] == "step1"
+
+
+def test_medmcqa_json_lines_cop_1_to_4():
+    fmt, why = detect_format(str(F / "medmcqa_dev.json"))
+    assert fmt == "medmcqa"
+    r = recs(F / "medmcqa_dev.json", "mcq")   # .json that is JSON lines; default cop_base 1
+    assert r["1"]["answer"] == ["B"] and r["1"]["options"]["B"] == "Ethosuximide"
+    assert r["2"]["answer"] == ["D"] and r["2"]["explanation"] is None
+    assert r["1"]["id"] == "45258d3d-b974-44dd-a161-c3fccbdadd88"
+    assert r["1"]["subject"] == "Pharmacology"
+
+
+def _medmcqa_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [json.loads(x) for x in (F / "medmcqa_dev.json").read_text().splitlines()]
+    for x in rows:
+        x["cop"] -= 1                           # the Hub's parquet copy numbers cop 0-3
+    p = tmp_path / "validation-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), p)
+    return p
+
+
+def test_medmcqa_parquet_needs_cop_base(tmp_path):
+    p = _medmcqa_parquet(tmp_path)
+    assert detect_format(str(p))[0] == "medmcqa"
+    with pytest.raises(DataError) as e:
+        load_records(str(p), "mcq")
+    assert e.value.field == "cop_base" and str(p) in str(e.value)
+    r = recs_spec({"path": str(p), "cop_base": 0}, "mcq")
+    assert r["[0]"]["answer"] == ["B"] and r["[1]"]["answer"] == ["D"]
+
+
+def test_pubmedqa_keyed_by_id():
+    r = recs(F / "ori_pqal.json", "mcq")
+    a = r["[21645374]"]
+    assert a["id"] == "21645374" and a["options"] == {"A": "yes", "B": "no", "C": "maybe"}
+    assert a["answer"] == ["A"] and a["context"].startswith("Programmed cell death")
+    assert a["explanation"].startswith("Results depicted")
+    assert r["[16418930]"]["answer"] == ["B"] and r["[9488747]"]["answer"] == ["C"]
+
+
+def test_ceval_dev_val_test_and_split_selection():
+    dev = recs(F / "clinical_medicine_dev.csv", "mcq")
+    assert dev["2"]["subject"] == "clinical_medicine" and dev["2"]["answer"] == ["A"]
+    assert dev["2"]["explanation"].startswith("1. 上消化道出血")
+    assert dev["4"]["id"] == "clinical_medicine-1"        # row 2 starts on line 4 (multi-line)
+    val = recs(F / "clinical_medicine_val.csv", "mcq")
+    assert len(val) == 3 and all(v["explanation"] is None for v in val.values())
+    test = recs(F / "clinical_medicine_test.csv", "mcq")   # no answer column → unlabeled
+    assert test["2"]["answer"] == []
+    sel = load_records({"path": str(F / "clinical_medicine_*.csv"), "split": "val"}, "mcq")
+    assert len(sel.records) == 3
+    with pytest.raises(DataError, match="unlabeled"):
+        load_records(str(F / "clinical_medicine_test.csv"), "chat")
+
+
+def test_promptcblue_task_from_record():
+    r = recs(F / "promptcblue.jsonl", "chat")
+    assert r["1"]["task"] == "CMeEE-V2" and r["2"]["task"] == "KUAKE-QQR"
+    assert r["2"]["messages"][1] == {"role": "assistant", "content": "是的"}
+    r = recs_spec({"path": str(F / "promptcblue.jsonl"), "task": "cblue"}, "chat")
+    assert r["1"]["task"] == "cblue"
+
+
+def test_huatuo_lite_and_full_as_text_and_chat():
+    assert detect_format(str(F / "huatuo_lite.jsonl"))[0] == "huatuo"
+    assert detect_format(str(F / "huatuo_encyclopedia.jsonl"))[0] == "huatuo"
+    t = recs(F / "huatuo_lite.jsonl", "text")
+    assert t["1"]["text"].startswith("问：孩子发烧38度5需要吃退烧药吗？\n答：体温超过38.5℃")
+    c = recs(F / "huatuo_encyclopedia.jsonl", "chat")
+    assert c["1"]["messages"][0]["content"] == "曲匹地尔片的用法用量"
+    assert c["2"]["messages"][1]["content"] == "痛风是嘌呤代谢紊乱所致的疾病。"
+
+
+def test_mcq_renders_to_chat_with_answer_text_and_explanation():
+    r = recs(F / "cmexam.csv", "chat")
+    u, a = r["2"]["messages"]
+    assert "A. 急性心肌梗死" in u["content"] and "E. 肺栓塞" in u["content"]
+    assert a["content"] == "答案：A. 急性心肌梗死\n解析：ST段抬高伴持续胸痛提示急性心肌梗死。"
+    assert r["2"]["task"] == "cmexam"
+    assert r["7"]["messages"][1]["content"] == "答案：AC. 美托洛尔；比索洛尔"
+    e = recs(F / "medqa.jsonl", "chat")
+    assert e["2"]["messages"][1]["content"] == "Answer: B. Cyclooxygenase"
+    p = recs(F / "ori_pqal.json", "chat")["[21645374]"]
+    assert "Context: Programmed cell death" in p["messages"][0]["content"]
+    assert p["messages"][1]["content"].startswith("Answer: A. yes\nExplanation: Results")
+    # mcq → text (knowledge point)
+    k = recs(F / "medqa.jsonl", "text")["2"]["text"]
+    assert "Which enzyme" in k and k.endswith("Answer: B. Cyclooxygenase")
+
+
+def test_columns_rename_and_error_names_file_field(tmp_path):
+    p = tmp_path / "qa.jsonl"
+    p.write_text('{"q": "What is HbA1c?", "a": "Glycated haemoglobin."}\n{"q": "x", "a": ""}\n')
+    spec = {"path": str(p), "format": "alpaca", "columns": {"q": "instruction", "a": "output"}}
+    with pytest.raises(DataError) as e:
+        load_records(spec, "chat")
+    assert (e.value.line, e.value.field) == (2, "a")
+    spec["limit"] = 1
+    [r] = load_records(spec, "chat").records
+    assert r["messages"][1]["content"] == "Glycated haemoglobin."
+
+
+def test_every_registered_format_has_a_fixture():
+    covered = {"text", "huatuo", "alpaca", "sharegpt", "messages", "promptcblue", "preference",
+               "cmexam", "medqa", "medmcqa", "pubmedqa", "ceval"}
+    assert set(FORMATS) == covered
+
+
+@pytest.mark.skipif(not (SAMPLES / "pretrain.jsonl").exists(), reason="samples not written yet")
+@pytest.mark.parametrize("name,want,fmt", [
+    ("pretrain.jsonl", "text", "text"), ("sft_alpaca.json", "chat", "alpaca"),
+    ("sft_sharegpt.json", "chat", "sharegpt"), ("preference.jsonl", "preference", "preference"),
+    ("mcq_medqa.jsonl", "mcq", "medqa"), ("mcq_cmexam.csv", "mcq", "cmexam"),
+    ("pubmedqa.json", "mcq", "pubmedqa"), ("medmcqa.json", "mcq", "medmcqa"),
+    ("ceval_dev.csv", "mcq", "ceval"), ("ceval_val.csv", "mcq", "ceval")])
+def test_bundled_samples_load_with_auto(name, want, fmt):
+    res = load_records(str(SAMPLES / name), want)
+    assert res.reports[0].format == fmt
+    assert res.records and res.reports[0].dropped == 0
+    if want == "mcq":
+        assert load_records(str(SAMPLES / name), "chat").records
