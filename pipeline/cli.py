@@ -36,6 +36,14 @@ def _split(args: list[str] | None) -> tuple[str, list[str]]:
     return recipes[-1].split("=", 1)[1], [a for a in args if not a.startswith("recipe=")]
 
 
+def _user_errors() -> tuple[type, ...]:
+    """Errors a user can fix: printed as one line, exit code 2, no traceback."""
+    from .errors import MedpipeError
+    from medpipe.stages.data import DataError
+
+    return (MedpipeError, DataError)
+
+
 def _fail(e: Exception) -> None:
     print(f"medpipe: error: {e}", file=sys.stderr)
     raise typer.Exit(2)
@@ -58,8 +66,6 @@ def run(
     multirun: Annotated[bool, typer.Option("--multirun", "-m", help="sweep: a=1,2 runs one pipeline per value")] = False,
 ) -> None:
     """Run every stage of a recipe in order, skipping stages already done."""
-    from .errors import MedpipeError
-
     try:
         recipe, overrides = _split(args)
         from .sweep import expand
@@ -70,7 +76,7 @@ def run(
             if multirun:
                 console.rule(f"[bold]sweep {i + 1}/{len(sweeps)}: {' '.join(one)}")
             _run_one(recipe, one, console, force, from_stage, only)
-    except MedpipeError as e:
+    except _user_errors() as e:
         _fail(e)
 
 
@@ -118,8 +124,6 @@ def show(args: Overrides = None) -> None:
     """The fully resolved config, and each stage's input, output and whether it will be reused."""
     from omegaconf import OmegaConf
 
-    from .errors import MedpipeError
-
     try:
         recipe, _, cfg, choices, plans = _load(args)
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
@@ -128,14 +132,13 @@ def show(args: Overrides = None) -> None:
 
         for line in describe(cfg, plans):
             print(line)
-    except MedpipeError as e:
+    except _user_errors() as e:
         _fail(e)
 
 
 @app.command()
 def validate(args: Overrides = None) -> None:
     """Check config, model path and every record of every stage's data; no training."""
-    from .errors import MedpipeError
     from .run import Pipeline, base_artifact
 
     try:
@@ -146,7 +149,7 @@ def validate(args: Overrides = None) -> None:
         console.print(f"model: {base.model_path}")
         pipe.check_data(base)
         console.print(f"[green]✓ {recipe}: config, model and data are valid ({len(plans)} stages)")
-    except MedpipeError as e:
+    except _user_errors() as e:
         _fail(e)
 
 

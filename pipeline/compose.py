@@ -162,11 +162,25 @@ def bind_params(dc: type, values: dict, where: str) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(dc), values)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
-        raise ConfigError(f"{where}: {_first_line(e)}") from None
+        key = _key_of(e)
+        allowed_here = ", ".join(_nested_fields(dc, key.split(".")[:-1]))
+        raise ConfigError(f"{where}.{key}: unknown parameter. Allowed: {allowed_here}") from None
     except MissingMandatoryValue as e:
         raise ConfigError(f"{where}.{_key_of(e)}: a value is required") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}.{_key_of(e)}: {_first_line(e)}") from None
+
+
+def _nested_fields(dc: type, path: list[str]) -> list[str]:
+    """Field names of the (nested) dataclass at `path` inside `dc`."""
+    import typing
+
+    for name in path:
+        hints = typing.get_type_hints(dc)
+        hint = hints.get(name)
+        args = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)] if hint else []
+        dc = hint if dataclasses.is_dataclass(hint) else (args[0] if args else dc)
+    return [f.name for f in dataclasses.fields(dc)]
 
 
 def _key_of(e: Exception) -> str:

@@ -177,11 +177,20 @@ def prepare_run_dir(cfg: Any, recipe: str) -> Path:
     return run_dir
 
 
+def require_model_path(cfg: Any) -> None:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError(f"model.path is required for model={cfg.model.get('name', '?')}: "
+                          f"set model.path=/path/to/the/checkpoint")
+
+
 def base_identity(cfg: Any) -> str:
     """Identity of the recipe's model, cheap (no model is built or loaded): the tiny model's spec
     hash, or a real model directory's fingerprint."""
     from omegaconf import OmegaConf
 
+    require_model_path(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if model.get("path") is None:
         from medpipe.stages.tiny import tiny_spec_hash
@@ -194,6 +203,7 @@ def base_artifact(cfg: Any) -> Artifact:
     """The recipe's model as the first stage's input (the tiny model is built and cached here)."""
     from omegaconf import OmegaConf
 
+    require_model_path(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if model.get("path") is None:
         from medpipe.stages.tiny import ensure_tiny
@@ -251,7 +261,10 @@ class Pipeline:
             started = time.monotonic()
             self.console.rule(f"Stage {plan.index + 1}/{total} · {plan.name} ({plan.kind})")
             if is_done(k) and plan.name not in rerun:
-                self.console.print(f"  [green]✓ done already[/] (config and inputs unchanged) → {k.store_dir}")
+                self.console.print(f"  [green]✓ reused[/] (same config and inputs) {k.store_dir}", soft_wrap=True)
+                done[plan.name] = Artifact.load(k.store_dir)
+                link(run_dir, stage_dir_name(plan), k.store_dir)
+                continue
             else:
                 source = done.get(plan.source) if plan.source else base
                 if source is None:
@@ -261,7 +274,7 @@ class Pipeline:
             done[plan.name] = Artifact.load(k.store_dir)
             link(run_dir, stage_dir_name(plan), k.store_dir)
             self.console.print(f"  [green]✓[/] {plan.name} finished in {_fmt(time.monotonic() - started)}"
-                               f"  {_metrics_line(done[plan.name].metrics)}")
+                               f"  {_metrics_line(done[plan.name].metrics)}", soft_wrap=True)
         self.console.print(f"[bold green]Pipeline {self.cfg.name} complete[/] → {run_dir}")
         return run_dir
 

@@ -189,6 +189,9 @@ def callbacks(ctx: Any, p: Any) -> list:
 
 def train(trainer, ctx: Any) -> dict:
     """Train, resuming from the stage's last checkpoint if an earlier attempt was interrupted."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints a compact line instead
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, SpikeGuard):
             cb.install(trainer)

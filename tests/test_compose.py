@@ -1,0 +1,98 @@
+"""Composition and binding: Hydra grammar, strict params, clear errors, light imports."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from medpipe.compose import bind_stages, compose
+from medpipe.errors import ConfigError
+
+
+def plans(recipe="qilin", *overrides):
+    cfg, choices = compose(recipe, list(overrides))
+    return cfg, choices, bind_stages(cfg)
+
+
+def test_overrides_reach_the_typed_params():
+    cfg, _, ps = plans("qilin", "stages.sft.lr=1e-4", "stages.cpt.epochs=1", "stages.dpo.adam_beta2=0.95")
+    by = {p.name: p for p in ps}
+    assert [p.name for p in ps] == ["cpt", "sft", "dpo"]
+    assert by["sft"].params.lr == 1e-4 and isinstance(by["sft"].params.lr, float)
+    assert by["cpt"].params.epochs == 1.0
+    assert by["dpo"].params.adam_beta2 == 0.95  # a default not written in the recipe is overridable
+    assert by["sft"].params.peft.r == 8 and by["sft"].params.peft.alpha == 32  # paper values survive the profile
+
+
+def test_tiny_profile_is_applied_and_named():
+    cfg, choices, ps = plans("qilin")
+    assert choices["profile@_global_"] == "qilin_tiny"
+    assert {p.name: p for p in ps}["cpt"].params.block_size == 128
+    # a real model gets the paper's values (no profile file for it)
+    cfg, choices, ps = plans("qilin", "model=qwen1.5-7b", "model.path=/models/q")
+    assert {p.name: p for p in ps}["cpt"].params.block_size == 1024
+    assert cfg.model.path == "/models/q" and cfg.model.trust_remote_code is False
+
+
+def test_drop_a_stage_and_add_a_param_with_hydra_grammar():
+    _, _, ps = plans("qilin", "~stages.dpo")
+    assert [p.name for p in ps] == ["cpt", "sft"]
+    _, _, ps = plans("qilin", "+stages.sft.scheduler_kwargs.min_lr_rate=0.1")
+    assert ps[1].params.scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("stages.sft.lrr=1", "unknown key 'stages.sft.lrr'"),
+    ("stages.sft.lr=abc", "stages.sft.lr"),
+    ("+stages.sft.foo=1", "stages.sft: unknown parameter 'foo'. Allowed: data, lr"),
+    ("stages.sft.peft.rank=4", "unknown key 'stages.sft.peft.rank'"),
+    ("+stages.sft.peft.rank=4", "stages.sft.peft.rank: unknown parameter. Allowed: type, r, alpha, dropout, target_modules"),
+    ("model=nope", "available model options: baichuan-7b"),
+    ("stages.sft.from=dpo", "stages.sft.from: 'dpo' is not an earlier stage (earlier stages: cpt)"),
+    ("stages.cpt.kind=nokind", "unknown stage kind 'nokind'. Available kinds: "),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        plans("qilin", override)
+    assert needle in str(e.value)
+
+
+def test_unknown_recipe_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'nope'. Available recipes: .*qilin"):
+        compose("nope")
+
+
+def test_user_recipe_file_reuses_conf_groups(tmp_path):
+    recipe = tmp_path / "my_recipe.yaml"
+    recipe.write_text(textwrap.dedent("""
+        defaults: [base, model: tiny, data: sample, stage/sft@stages.sft, _self_]
+        name: mine
+        stages:
+          sft: {data: "${data.dialogue}", lr: 1e-3, peft: {r: 4, alpha: 8}}
+    """))
+    cfg, _, ps = plans(str(recipe), "stages.sft.epochs=2")
+    assert cfg.name == "mine" and ps[0].kind == "sft" and ps[0].params.peft.r == 4 and ps[0].params.epochs == 2
+    assert ps[0].params.data["format"] == "sharegpt"
+
+
+def test_real_model_without_path_is_one_clear_error():
+    from medpipe.run import base_identity
+
+    cfg, _ = compose("qilin", ["model=qwen1.5-7b"])
+    with pytest.raises(ConfigError, match="model.path is required for model=qwen1.5-7b"):
+        base_identity(cfg)
+
+
+def _imports_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_help_and_show_import_no_torch():
+    help_mods = _imports_after("from medpipe.cli import app\ntry:\n    app(['--help'])\nexcept SystemExit: pass")
+    show_mods = _imports_after("from medpipe.cli import app\ntry:\n    app(['show', 'recipe=qilin'])\nexcept SystemExit: pass")
+    for mods in (help_mods, show_mods):
+        assert not {"torch", "transformers", "trl", "peft", "datasets"} & mods
