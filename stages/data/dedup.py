@@ -3,7 +3,8 @@
 * exact: hash of the normalised key (NFKC, lower case, punctuation and whitespace removed).
 * near: MinHash LSH from ``datasketch`` (maintained library, not hand-written): character
   5-gram shingles of the normalised key, 128 permutations, Jaccard threshold 0.8 by default.
-  Clusters are the connected components of "LSH says similar" pairs (union-find), so
+  LSH candidates (banding tuned for recall, see ``lsh_for``) are confirmed with the MinHash
+  Jaccard estimate. Clusters are the connected components of "LSH says similar" pairs (union-find), so
   duplicates of duplicates land in one cluster.
 """
 from __future__ import annotations
@@ -15,6 +16,15 @@ import unicodedata
 _NONWORD = re.compile(r"[\W_]+", re.UNICODE)
 
 NEAR_THRESHOLD = 0.8
+
+
+def lsh_for(threshold: float, num_perm: int):
+    """A MinHashLSH whose *candidate* threshold sits 0.2 below the wanted Jaccard: with the
+    default banding at 0.8 (b=9, r=13) a pair at J=0.8 is missed 60% of the time; at 0.6
+    (b=18, r=7) it is found 98.6% of the time (J=0.85: 99.9%). Candidates are then confirmed
+    with the MinHash Jaccard estimate >= threshold, so the looser banding costs only time."""
+    from datasketch import MinHashLSH
+    return MinHashLSH(threshold=max(0.5, threshold - 0.2), num_perm=num_perm)
 NUM_PERM = 128
 SHINGLE = 5
 
@@ -52,15 +62,26 @@ def question_key(rec: dict) -> str:
 
 
 def shingles(norm: str, k: int = SHINGLE) -> list[bytes]:
-    if len(norm) <= k:
-        return [norm.encode("utf-8")]
-    return list({norm[i:i + k].encode("utf-8") for i in range(len(norm) - k + 1)})
+    """Character k-grams of a normalised string, as UTF-32 byte slices (one fixed-width encode
+    per document, then cheap slicing — works the same for Chinese and English)."""
+    b = norm.encode("utf-32-le")
+    w = 4 * k
+    if len(b) <= w:
+        return [b]
+    return list({b[i:i + w] for i in range(0, len(b) - w + 4, 4)})
 
 
-def minhashes(texts, num_perm: int = NUM_PERM, seed: int = 1):
-    from datasketch import LeanMinHash, MinHash
-    sets = [shingles(normalise(t)) for t in texts]
-    return [LeanMinHash(m) for m in MinHash.bulk(sets, num_perm=num_perm, seed=seed)]
+try:  # stable 32-bit hash at C speed (xxhash comes with datasets); same across runs
+    from xxhash import xxh32_intdigest as _hash32
+except ImportError:  # pragma: no cover
+    from zlib import crc32 as _hash32
+
+
+def minhash_bulk(keys: list[str], num_perm: int = NUM_PERM):
+    """datasketch MinHash signatures of the normalised keys' character shingles."""
+    from datasketch import MinHash
+    return MinHash.bulk([shingles(normalise(k)) for k in keys], num_perm=num_perm,
+                        hashfunc=_hash32)
 
 
 class _UF:
@@ -97,11 +118,11 @@ def clusters(texts: list[str], near: bool = True, threshold: float = NEAR_THRESH
         if j != i:
             uf.union(j, i)
     if near and n > 1:
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import MinHash
         reps = [i for i in range(n) if uf.find(i) == i]
         sets = [shingles(norms[i]) for i in reps]
-        mhs = MinHash.bulk(sets, num_perm=num_perm)
-        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        mhs = MinHash.bulk(sets, num_perm=num_perm, hashfunc=_hash32)
+        lsh = lsh_for(threshold, num_perm)
         by_idx = {}
         for i, m in zip(reps, mhs):
             for j in lsh.query(m):

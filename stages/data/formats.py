@@ -36,6 +36,9 @@ class Ctx:
     cop_base: int | None = None
     container: str = "json"
 
+    def __post_init__(self):
+        self.stem = Path(self.path).stem
+
     def name(self, f: str) -> str:
         if not self.rev:
             return f
@@ -395,7 +398,7 @@ def fmt_cmexam(r, ctx):
     else:
         raise ctx.err("missing", "Answer", "missing_field")
     subject = opt_str(r, "Medical Discipline", ctx) or opt_str(r, "Clinical Department", ctx)
-    id_ = opt_str(r, "id", ctx) or f"{Path(ctx.path).stem}-{ctx.line}"
+    id_ = opt_str(r, "id", ctx) or f"{ctx.stem}-{ctx.line}"
     return _mcq(ctx, "cmexam", id_, q, opts, ans, opt_str(r, "Explanation", ctx), subject)
 
 
@@ -436,7 +439,7 @@ def fmt_medqa(r, ctx):
             and txt.strip() != opts[ans[0]]:
         raise ctx.err(f"answer text {txt.strip()[:40]!r} is not option {ans[0]} "
                       f"({opts[ans[0]][:40]!r})", "answer", "unknown_answer")
-    id_ = opt_str(r, "id", ctx) or f"{Path(ctx.path).stem}-{str(ctx.line).strip('[]')}"
+    id_ = opt_str(r, "id", ctx) or f"{ctx.stem}-{str(ctx.line).strip('[]')}"
     return _mcq(ctx, "medqa", id_, q, opts, ans, None, opt_str(r, "meta_info", ctx))
 
 
@@ -472,7 +475,7 @@ def fmt_medmcqa(r, ctx):
                           f"(cop_base={base})", "cop", "unknown_answer")
         else:
             ans = ["ABCD"[c - base]]
-    return _mcq(ctx, "medmcqa", r.get("id") or f"{Path(ctx.path).stem}-{ctx.line}", q, opts,
+    return _mcq(ctx, "medmcqa", r.get("id") or f"{ctx.stem}-{ctx.line}", q, opts,
                 ans, opt_str(r, "exp", ctx), opt_str(r, "subject_name", ctx))
 
 
@@ -514,7 +517,7 @@ def fmt_pubmedqa(r, ctx):
         ans = []
     else:
         raise ctx.err("missing", "final_decision", "missing_field")
-    id_ = r.get("_key") or r.get("pubid") or f"{Path(ctx.path).stem}-{ctx.line}"
+    id_ = r.get("_key") or r.get("pubid") or f"{ctx.stem}-{ctx.line}"
     return _mcq(ctx, "pubmedqa", id_, q, dict(_PUBMEDQA_OPTS), ans, opt_str(r, long_k, ctx),
                 None, context)
 
@@ -540,7 +543,7 @@ def fmt_ceval(r, ctx):
         ans = []
     else:
         raise ctx.err("missing", "answer", "missing_field")
-    m = _CEVAL_NAME.match(Path(ctx.path).stem)
+    m = _CEVAL_NAME.match(ctx.stem)
     subject = m.group("subject") if m else None
     id_ = opt_str(r, "id", ctx) or str(ctx.line)
     return _mcq(ctx, "ceval", f"{subject}-{id_}" if subject else id_, q, opts, ans,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .dedup import NEAR_THRESHOLD, NUM_PERM, key_hash, normalise, question_key, shingles
+from .dedup import NEAR_THRESHOLD, NUM_PERM, key_hash, lsh_for, minhash_bulk, question_key
 
 
 @dataclass
@@ -62,13 +62,12 @@ def check_overlap(train_records, eval_records, *, near: bool = True,
             rep.exact.append((_loc(eval_records[j], j, "eval"), _loc(train_records[i], i, "train")))
             exact_eval.add(j)
     if near and tkeys and ekeys:
-        from datasketch import MinHash, MinHashLSH
-        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        tm = MinHash.bulk([shingles(normalise(k)) for k in tkeys], num_perm=num_perm)
+        lsh = lsh_for(threshold, num_perm)
+        tm = minhash_bulk(tkeys, num_perm=num_perm)
         for i, m in enumerate(tm):
             lsh.insert(i, m, check_duplication=False)
         rest = [j for j in range(len(ekeys)) if j not in exact_eval]
-        em = MinHash.bulk([shingles(normalise(ekeys[j])) for j in rest], num_perm=num_perm)
+        em = minhash_bulk([ekeys[j] for j in rest], num_perm=num_perm)
         for j, m in zip(rest, em):
             best = None
             for i in lsh.query(m):

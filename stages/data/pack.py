@@ -10,6 +10,7 @@ re-tokenizing.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 
@@ -23,10 +24,15 @@ def _texts_digest(texts) -> str:
 
 
 def tokenizer_digest(tokenizer) -> str:
+    """Hash of what decides the token ids: the serialized fast tokenizer (minus the transient
+    truncation/padding state that a previous call may have left), class and eos id."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
     if hasattr(backend, "to_str"):
-        h.update(backend.to_str().encode())
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
     else:  # slow tokenizer: vocab + name
         h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
         h.update(str(sorted(tokenizer.get_vocab().items())).encode())
@@ -34,10 +40,23 @@ def tokenizer_digest(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _tokenize_batch(batch, tokenizer):
-    enc = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False,
-                    return_token_type_ids=False)
-    return {"input_ids": enc["input_ids"]}
+def _tokenize_batch(table, tokenizer):
+    """arrow batch of texts → arrow batch of token id lists (no special tokens). Uses the Rust
+    backend's ``encode_batch_fast`` directly (no offsets, no python BatchEncoding) when the
+    tokenizer is a fast one."""
+    import pyarrow as pa
+    texts = table.column("text").to_pylist()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    else:
+        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
+    return pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
 
 
 def _group(table, block_size: int, eos: int):
@@ -78,12 +97,12 @@ def pack_texts(texts, tokenizer, block_size: int, *, num_proc: int | None = None
             return Dataset.from_file(pack_file)
     if num_proc is not None and num_proc <= 1:
         num_proc = None
-    ds = Dataset.from_dict({"text": texts})
+    ds = Dataset.from_dict({"text": texts}).with_format("arrow")
     tok = ds.map(_tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
                  remove_columns=["text"], fn_kwargs={"tokenizer": tokenizer},
                  cache_file_name=tok_file, new_fingerprint=fp_tok,
                  load_from_cache_file=True, desc="tokenize")
-    packed = tok.with_format("arrow").map(
+    packed = tok.map(
         _group, batched=True, batch_size=None, fn_kwargs={"block_size": block_size, "eos": eos},
         cache_file_name=pack_file, new_fingerprint=fp_pack, load_from_cache_file=True,
         desc="pack")

@@ -63,7 +63,13 @@ class RawReader:
 
     # ---- JSON / JSONL -------------------------------------------------------------------
     def _json_layout(self) -> str:
-        with open(self.path, encoding="utf-8-sig") as f:
+        try:
+            return self._sniff_json()
+        except UnicodeDecodeError:
+            return "jsonl"   # the line reader names the line with the bad byte
+
+    def _sniff_json(self) -> str:
+        with open(self.path, encoding="utf-8-sig", errors="strict") as f:
             head = f.read(4096).lstrip()
             if not head:
                 return "empty"
@@ -102,33 +108,35 @@ class RawReader:
                             reason="encoding") from None
         yield from _walk_document(obj, self.path)
 
+    def _lines(self):
+        """(physical line number, decoded line) — read as bytes and decoded line by line so a
+        non-UTF-8 byte is reported on its own line; a leading BOM is dropped."""
+        with open(self.path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"not UTF-8: {e.reason} at byte {e.start}", self.path, n,
+                                    None, reason="encoding") from None
+
     def _iter_jsonl(self):
         loads = json.loads
-        with open(self.path, encoding="utf-8-sig") as f:
-            n = 0
-            it = iter(f)
-            while True:
-                try:
-                    line = next(it)
-                except StopIteration:
-                    break
-                except UnicodeDecodeError as e:
-                    raise DataError(f"not UTF-8: {e.reason}", self.path, n + 1, None,
-                                    reason="encoding") from None
-                n += 1
-                if not line.strip():
-                    continue
-                try:
-                    rec = loads(line)
-                except json.JSONDecodeError as e:
-                    self._bad(DataError(f"invalid JSON: {e.msg} (column {e.colno})", self.path, n,
-                                        None, reason="invalid_json"))
-                    continue
-                if not isinstance(rec, dict):
-                    self._bad(DataError(f"expected a JSON object, got {type(rec).__name__}",
-                                        self.path, n, None, reason="wrong_type"))
-                    continue
-                yield n, rec
+        for n, line in self._lines():
+            if not line.strip():
+                continue
+            try:
+                rec = loads(line)
+            except json.JSONDecodeError as e:
+                self._bad(DataError(f"invalid JSON: {e.msg} (column {e.colno})", self.path, n,
+                                    None, reason="invalid_json"))
+                continue
+            if not isinstance(rec, dict):
+                self._bad(DataError(f"expected a JSON object, got {type(rec).__name__}",
+                                    self.path, n, None, reason="wrong_type"))
+                continue
+            yield n, rec
 
     # ---- CSV ----------------------------------------------------------------------------
     def _iter_csv(self):
@@ -185,21 +193,10 @@ class RawReader:
     # ---- txt ----------------------------------------------------------------------------
     def _iter_txt(self):
         self.file_keys = {"text"}
-        with open(self.path, encoding="utf-8-sig") as f:
-            n = 0
-            it = iter(f)
-            while True:
-                try:
-                    line = next(it)
-                except StopIteration:
-                    break
-                except UnicodeDecodeError as e:
-                    raise DataError(f"not UTF-8: {e.reason}", self.path, n + 1, None,
-                                    reason="encoding") from None
-                n += 1
-                s = line.rstrip("\r\n")
-                if s.strip():
-                    yield n, {"text": s}
+        for n, line in self._lines():
+            t = line.rstrip("\r\n")
+            if t.strip():
+                yield n, {"text": t}
 
 
 def _is_keyed_or_wrapped(obj: dict) -> bool:

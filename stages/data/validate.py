@@ -41,6 +41,7 @@ class SourceReport:
     token_p90: int | None = None
     token_p99: int | None = None
     token_max: int | None = None
+    token_sample: int = 0            # records tokenized for the statistics (see token_stats)
     heldout: int = 0
     mixed: int = 0                   # records this source contributes to the mixed train set
     weight: float = 1.0
@@ -261,17 +262,53 @@ def token_lengths(records: list, tokenizer, batch: int = 4096) -> list[int]:
     """Token count of each record as it will be trained (chat template when the tokenizer has
     one). Batched through the fast tokenizer."""
     texts = [_render_for_length(r, tokenizer) for r in records]
+    return _count_tokens(texts, tokenizer, batch)
+
+
+def _count_tokens(texts: list[str], tokenizer, batch: int = 4096) -> list[int]:
     out: list[int] = []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None and hasattr(tokenizer, "encode_batch"):
+        backend = tokenizer                       # a bare tokenizers.Tokenizer
     for i in range(0, len(texts), batch):
         chunk = texts[i:i + batch]
-        if hasattr(tokenizer, "encode_batch") and not hasattr(tokenizer, "apply_chat_template"):
-            enc = tokenizer.encode_batch(chunk, add_special_tokens=False)   # tokenizers.Tokenizer
+        if backend is not None:
+            enc = backend.encode_batch_fast(chunk, add_special_tokens=False) \
+                if hasattr(backend, "encode_batch_fast") else \
+                backend.encode_batch(chunk, add_special_tokens=False)
             out.extend(len(e.ids) for e in enc)
         else:
             ids = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
                             return_token_type_ids=False)["input_ids"]
             out.extend(len(x) for x in ids)
     return out
+
+
+# A token covers at least one UTF-8 byte for byte-level BPE / SentencePiece-with-byte-fallback
+# / char-level vocabularies; a few extra for a dummy prefix. So a record whose rendered text has
+# at most ``max_length - BYTE_SLACK`` bytes cannot be over-length and needs no tokenization.
+BYTE_SLACK = 8
+STATS_SAMPLE = 10_000
+
+
+def token_stats(records: list, tokenizer, max_length: int | None, seed: int = 0,
+                sample: int = STATS_SAMPLE):
+    """→ (token length by record index for the records tokenized, indices over max_length,
+    indices of the percentile sample). Exact over-length check for every record (records that can't be over
+    by their byte length are skipped); percentiles from all records up to ``sample`` records,
+    else from a seeded random sample of that size."""
+    texts = [_render_for_length(r, tokenizer) for r in records]
+    n = len(texts)
+    pick = range(n) if n <= sample else random.Random(seed).sample(range(n), sample)
+    idx = set(pick)
+    if max_length:
+        lim = max_length - BYTE_SLACK
+        idx.update(i for i, t in enumerate(texts) if len(t) > lim // 4 and
+                   len(t.encode("utf-8")) > lim)
+    order = sorted(idx)
+    lens = dict(zip(order, _count_tokens([texts[i] for i in order], tokenizer)))
+    over = [i for i, k in lens.items() if max_length and k > max_length]
+    return lens, sorted(over), sorted(pick)
 
 
 def _pct(sorted_vals: list[int], q: float) -> int:
@@ -309,20 +346,24 @@ def load_records(spec, want: str, *, seed: int = 0, on_error: str = "fail", base
     for src in srcs:
         recs, rep = read_source(src, want, on_error)
         if tokenizer is not None:
-            lens = token_lengths(recs, tokenizer)
+            lens, over, pick = token_stats(recs, tokenizer, max_length, seed=seed)
+            rep.token_sample = len(lens)
             if max_length:
-                over = [i for i, n in enumerate(lens) if n > max_length]
                 rep.overlength = len(over)
                 if overlength == "drop" and over:
                     drop = set(over)
                     recs = [r for i, r in enumerate(recs) if i not in drop]
-                    lens = [n for i, n in enumerate(lens) if i not in drop]
+                    lens = {i: k for i, k in lens.items() if i not in drop}
                     rep.drop("overlength", len(over))
+                    if not recs:
+                        raise DataError(f"no usable records: all {len(over)} are longer than "
+                                        f"max_length={max_length} (overlength=drop)", rep.path,
+                                        None, None, reason="empty_dataset")
                 else:
                     rep.truncated = len(over)
-            s = sorted(lens)
+            s = sorted(lens[i] for i in pick if i in lens)      # unbiased sample
             rep.token_p50, rep.token_p90, rep.token_p99 = (_pct(s, q) for q in (50, 90, 99))
-            rep.token_max = s[-1] if s else 0
+            rep.token_max = max(lens.values(), default=0)
         parts.append(recs)
         reports.append(rep)
 
