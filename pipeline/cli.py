@@ -164,7 +164,8 @@ def status(run_dir: Annotated[str, typer.Argument(help="a run directory (runs/<r
 
     if not (Path(run_dir) / RUN_FILE).is_file():
         _fail(FileNotFoundError(f"{run_dir} is not a medpipe run dir (no {RUN_FILE})"))
-    table = Table("stage", "kind", "state", "time", "artifact")
+    table = Table("stage", "kind", "state", "time")
+    table.add_column("artifact", overflow="fold")
     for row in stage_table(Path(run_dir)):
         elapsed = f"{row['elapsed']:.0f}s" if row.get("elapsed") else ""
         state = row["state"] + (f" ({row['error']})" if row.get("error") and row["state"] == "failed" else "")

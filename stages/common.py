@@ -216,7 +216,9 @@ def loss_metrics(history: list[dict]) -> dict:
     losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
     out: dict = {}
     if losses:
-        out["first_loss"], out["last_loss"] = losses[0], losses[-1]
+        # mean of the first and of the last few logged losses: one batch alone is too noisy to compare
+        k = max(1, min(3, len(losses) // 3))
+        out["first_loss"], out["last_loss"] = sum(losses[:k]) / k, sum(losses[-k:]) / k
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     if evals:
         out["best_eval_loss"], out["last_eval_loss"] = min(evals), evals[-1]

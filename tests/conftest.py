@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A few steps per stage, logged every 2 steps so first/last loss are both seen.
 QUICK = ["stages.cpt.max_steps=10", "stages.cpt.logging_steps=2",
-         "stages.sft.max_steps=10", "stages.sft.logging_steps=2",
+         "stages.sft.max_steps=16", "stages.sft.logging_steps=2",
          "stages.dpo.max_steps=10", "stages.dpo.logging_steps=2", "stages.dpo.reward_eval_pairs=16"]
 
 
