@@ -280,11 +280,22 @@ class Pipeline:
 
     def check_data(self, base: Artifact) -> None:
         """Validate every stage's data before the first stage trains."""
+        from medpipe.stages.data import DataError
+
         for plan in self.plans:
+            if hasattr(plan.params, "data") and plan.params.data is None:
+                raise ConfigError(f"stages.{plan.name}.data: required (a path, a conf/data entry such as "
+                                  f"${{data.sft}}, or a list of sources)")
             check = getattr(plan.cls, "check", None)
-            if check is not None:
-                for line in check(plan.cls(), plan.params, base, self.global_data()) or []:
-                    self.console.print(f"  {plan.name}: {line}")
+            if check is None:
+                continue
+            try:
+                lines = check(plan.cls(), plan.params, base, self.global_data()) or []
+            except (DataError, MedpipeError) as e:
+                raise type(e)(f"stages.{plan.name}: {e}") if isinstance(e, MedpipeError) else e
+            self.console.print(f"[bold]{plan.name}[/] data:")
+            for line in lines:
+                self.console.print(f"  {line}", soft_wrap=True)
 
     def global_data(self) -> dict:
         from omegaconf import OmegaConf

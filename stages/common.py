@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from medpipe.artifact import Artifact
 from medpipe.errors import MedpipeError
@@ -195,8 +194,7 @@ def train(trainer, ctx: Any) -> dict:
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, SpikeGuard):
             cb.install(trainer)
-    ckpt_dir = ctx.output_dir / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = last_complete_checkpoint(ctx.output_dir / "checkpoints")
     if last:
         ctx.say(f"resuming from {Path(last).name}")
     result = trainer.train(resume_from_checkpoint=last)
@@ -210,6 +208,18 @@ def train(trainer, ctx: Any) -> dict:
         if isinstance(cb, SpikeGuard):
             metrics["spike_guard_skipped"] = cb.skipped
     return metrics
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint that was written to the end (trainer_state.json is saved last), so a
+    run killed while saving resumes from the previous one instead of failing on a torn checkpoint."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for p in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if (p / "trainer_state.json").is_file():
+            return str(p)
+    return None
 
 
 def loss_metrics(history: list[dict]) -> dict:
