@@ -163,8 +163,13 @@ def stage_dir_name(plan: StagePlan) -> str:
 
 
 def prepare_run_dir(cfg: Any, recipe: str) -> Path:
-    run_dir = Path(cfg.run.dir).expanduser() if cfg.run.get("dir") else \
-        runs_root(cfg) / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if cfg.run.get("dir"):
+        run_dir = Path(cfg.run.dir).expanduser()
+    else:  # a fresh dir per run, also for several runs within one second (sweeps)
+        stem = runs_root(cfg) / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        run_dir, n = stem, 1
+        while run_dir.exists():
+            run_dir, n = stem.with_name(f"{stem.name}-{n}"), n + 1
     existing = run_dir / RUN_FILE
     if existing.exists():
         other = json.loads(existing.read_text())

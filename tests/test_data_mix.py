@@ -28,8 +28,9 @@ def docs(n, tag, seed=0, words=60):
 
 
 def test_mix_counts_rules():
-    assert mix_counts([100, 10], [1.0, 1.0]) == [100, 10]           # equal weights: concat
-    assert mix_counts([100, 10], [1, 1.0000001]) == [55, 55]         # proportions of N=110
+    assert mix_counts([100, 10], [None, None]) == [100, 10]         # no weights: concat
+    assert mix_counts([100, 10], [1.0, 1.0]) == [55, 55]            # explicit 1 : 1 of N=110
+    assert mix_counts([100, 10], [1.0, None]) == [55, 55]           # unset counts as 1 once any is set
     assert mix_counts([30, 30, 30], [0.5, 0.3, 0.2]) == [45, 27, 18]
     assert sum(mix_counts([7, 5, 3], [1, 2, 4])) == 15
 

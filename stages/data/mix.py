@@ -9,8 +9,9 @@ the counts add up to N):
 * more than it has  → upsampling with repetition: every record ``k // n_i`` times, plus a
   seeded random subset for the remainder (no record appears more than once more than another).
 
-When every weight is equal (the default 1.0 everywhere) the sources are simply concatenated
-(natural proportions). A weight of 0 drops the source from the mix (it is still validated).
+When no source sets a weight (None everywhere) the sources are simply concatenated (natural
+proportions); once any source sets one, unset weights count as 1.0 and proportions apply, so
+`weight: 1` on two sources means 1 : 1 whatever their sizes. A weight of 0 drops the source from the mix (it is still validated).
 The result is shuffled with the same seed.
 """
 from __future__ import annotations
@@ -22,8 +23,9 @@ import random
 def mix_counts(sizes: list[int], weights: list[float]) -> list[int]:
     if not sizes:
         return []
-    if len(set(weights)) <= 1:
-        return list(sizes) if (weights and weights[0] > 0) else [0] * len(sizes)
+    if all(w is None for w in weights):
+        return list(sizes)
+    weights = [1.0 if w is None else w for w in weights]
     total_w = sum(weights)
     N = sum(sizes)
     if total_w <= 0:

@@ -45,7 +45,7 @@ class SourceSpec:
     columns: dict | None = None
     split: str | None = None
     limit: int | None = None
-    weight: float = 1.0
+    weight: float | None = None  # None: natural proportions (unless another source sets a weight)
     task: str | None = None
     cop_base: int | None = None
     heldout: float = 0.0
@@ -146,14 +146,14 @@ def _from_dict(d: dict, base_dir, origin: str | None) -> SourceSpec:
         raise DataError("cop_base must be 1 (original MedMCQA JSON, cop 1-4) or 0 (Hub parquet, "
                         "cop 0-3)", where, None, "cop_base", reason="type")
     try:
-        w = float(d.get("weight", 1.0))
+        w = None if d.get("weight") is None else float(d["weight"])
         h = float(d.get("heldout", 0.0) or 0.0)
         lim = d.get("limit")
         lim = None if lim is None else int(lim)
     except (TypeError, ValueError) as e:
         raise DataError(f"bad number: {e}", where, None, "weight/heldout/limit",
                         reason="type") from None
-    if w < 0:
+    if w is not None and w < 0:
         raise DataError("weight must be >= 0", where, None, "weight", reason="type")
     if not 0.0 <= h < 1.0:
         raise DataError("heldout must be a fraction in [0, 1)", where, None, "heldout",

@@ -44,7 +44,7 @@ class SourceReport:
     token_sample: int = 0            # records tokenized for the statistics (see token_stats)
     heldout: int = 0
     mixed: int = 0                   # records this source contributes to the mixed train set
-    weight: float = 1.0
+    weight: float | None = None
     examples: list = field(default_factory=list)   # first few error messages (skip mode)
 
     @property
