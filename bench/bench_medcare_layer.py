@@ -1,0 +1,251 @@
+"""Benchmark the MedCare FFN layer (issue 7) on CPU: forward + backward, median of reps.
+
+    /work/main/.venv/bin/python bench/bench_medcare_layer.py [--reps 7] [--tokens 2048]
+
+Compares, in one process, d_in=2048, d_out=5632, T tokens, float32, 2 threads:
+  medcare        the library layer (frozen W + KA rank 32 + top-2 of 8 NA rank 16 + router);
+                 KA and all experts as one rank-(s+E)·r product, gates zero unselected blocks
+  alt:*          other routed implementations of the same layer (checked equal to `medcare`):
+                   cat_A_only  KA+NA fused on the A side, two B products
+                   separate    KA and NA as two separate low-rank products
+                   gather      per-expert gather of the selected tokens / index_add back
+                   bmm         tokens grouped by expert, padded to capacity, two bmm
+  peft_lora      peft.tuners.lora.Linear on the same nn.Linear, rank chosen so that the trainable
+                 parameter count equals the MedCare layer's
+  dense_stack    the published approach: every expert computed to an [E, T, d_out] stack, weighted
+                 by the (zero outside top-K) gates and summed; plus KA
+Reps are interleaved round-robin over the variants (robust to load changes on a shared machine).
+The input requires grad (as inside a network), the output gets a fixed random upstream gradient.
+
+Peak memory: each variant runs again in a fresh subprocess: one warm-up forward+backward, grads
+freed, the kernel's peak-RSS mark reset (write "5" to /proc/self/clear_refs), then one measured
+forward+backward; reported = VmHWM (peak RSS) minus VmRSS just before it, i.e. the extra memory
+the step needs on top of weights, input and upstream gradient (activations, gradients, temporaries).
+It is process RSS, so it includes allocator slack.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medpipe.stages.adapters.medcare import MedCareConfig, MedCareLinear
+
+D_IN, D_OUT = 2048, 5632
+CFG = MedCareConfig(r=16, alpha=32, s=2, n_experts=8, top_k=2)
+
+
+# -- alternative routed implementations (same parameters as MedCareLinear) -------------------
+def _ka(m, x):
+    return F.linear(F.linear(x, m.ka_A) * m.scale, m.ka_B)
+
+
+def delta_cat_A_only(m, x):
+    gates, (T, E, r) = m.route(x), (x.shape[0], m.cfg.n_experts, m.cfg.r)
+    h = F.linear(x, torch.cat([m.ka_A, m.na_A])) * m.scale
+    h_ka, h_na = h.split([m.cfg.ka_rank, E * r], dim=1)
+    h_na = (h_na.view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
+    return torch.addmm(F.linear(h_ka, m.ka_B), h_na, m.na_B.t())
+
+
+def delta_separate(m, x):
+    gates, (T, E, r) = m.route(x), (x.shape[0], m.cfg.n_experts, m.cfg.r)
+    h = (F.linear(x, m.na_A).view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
+    return _ka(m, x) + F.linear(h * m.scale, m.na_B)
+
+
+def delta_gather(m, x):
+    """Per expert: gather the tokens that selected it, LoRA on them, index_add back (loop over E)."""
+    gates, r = m.route(x), m.cfg.r
+    out = _ka(m, x)
+    for e in range(m.cfg.n_experts):
+        tok = gates[:, e].nonzero().squeeze(1)
+        if tok.numel() == 0:
+            continue
+        A, B = m.na_A[e * r:(e + 1) * r], m.na_B[:, e * r:(e + 1) * r]
+        y = F.linear(F.linear(x[tok], A) * (gates[tok, e:e + 1] * m.scale), B)
+        out = out.index_add(0, tok, y)
+    return out
+
+
+def delta_bmm(m, x):
+    """Group the T·K (token, expert) slots by expert, pad each group to the largest, two bmm."""
+    T, E, r, K = x.shape[0], m.cfg.n_experts, m.cfg.r, m.cfg.top_k
+    gates = m.route(x)
+    idx = gates.topk(K, dim=-1).indices.flatten()            # expert of each slot
+    tok = torch.arange(T, device=x.device).repeat_interleave(K)
+    order = idx.argsort(stable=True)
+    idx, tok = idx[order], tok[order]
+    counts = torch.bincount(idx, minlength=E)
+    cap = int(counts.max())
+    pos = torch.arange(idx.numel(), device=x.device) - (counts.cumsum(0) - counts)[idx]
+    xs = x.new_zeros(E, cap, x.shape[1]).index_put((idx, pos), x[tok])
+    ws = gates.new_zeros(E, cap, 1).index_put((idx, pos), gates[tok, idx].unsqueeze(1) * m.scale)
+    h = torch.bmm(xs, m.na_A.view(E, r, -1).transpose(1, 2)) * ws          # [E, cap, r]
+    y = torch.bmm(h, m.na_B.view(-1, E, r).permute(1, 2, 0))               # [E, cap, d_out]
+    return _ka(m, x).index_add(0, tok, y[idx, pos])
+
+
+def delta_dense_stack(m, x):
+    """Published approach: all E experts for all tokens -> [E, T, d_out], weighted, summed."""
+    gates, r = m.route(x), m.cfg.r
+    outs = [F.linear(F.linear(x, m.na_A[e * r:(e + 1) * r]), m.na_B[:, e * r:(e + 1) * r]) * m.scale
+            for e in range(m.cfg.n_experts)]
+    stack = torch.stack(outs)                                             # [E, T, d_out]
+    return _ka(m, x) + (stack * gates.t().unsqueeze(-1)).sum(0)
+
+
+ALTS = {"cat_A_only": delta_cat_A_only, "separate": delta_separate,
+        "gather": delta_gather, "bmm": delta_bmm, "dense_stack": delta_dense_stack}
+
+
+# -- layers ----------------------------------------------------------------------------------
+def make_medcare(seed=0):
+    torch.manual_seed(seed)
+    m = MedCareLinear(nn.Linear(D_IN, D_OUT, bias=False), CFG, "mka").train()
+    m.linear.weight.requires_grad_(False)
+    with torch.no_grad():  # nonzero B so the equivalence check means something (cost is the same)
+        m.ka_B.normal_(0, 0.02), m.na_B.normal_(0, 0.02)
+    return m
+
+
+def trainable(mod):
+    return sum(p.numel() for p in mod.parameters() if p.requires_grad)
+
+
+def make_peft(rank):
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(D_IN, D_OUT, bias=False)
+    base.weight.requires_grad_(False)
+    layer = LoraLinear(base, "default", LoraConfig(r=rank, lora_alpha=2 * rank), r=rank, lora_alpha=2 * rank)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.02)
+    return layer
+
+
+def build(name, peft_rank):
+    """(callable forward, module) for a variant."""
+    if name == "peft_lora":
+        layer = make_peft(peft_rank)
+        return layer, layer
+    m = make_medcare()
+    if name == "medcare":
+        return m, m
+    fn = ALTS[name]
+    return (lambda x: m.linear(x) + fn(m, x)), m
+
+
+def fwd_bwd(f, x, g):
+    x.grad = None
+    f(x).backward(g)
+
+
+def inputs(tokens):
+    torch.manual_seed(1)
+    return torch.randn(tokens, D_IN, requires_grad=True), torch.randn(tokens, D_OUT)
+
+
+def time_all(names, peft_rank, tokens, reps, warmup=2):
+    """Median fwd+bwd seconds per variant. Reps are interleaved round-robin over the variants so
+    that a change in machine load hits all of them alike."""
+    built = {n: build(n, peft_rank) for n in names}
+    x, g = inputs(tokens)
+    for f, _ in built.values():
+        for _ in range(warmup):
+            fwd_bwd(f, x, g)
+    ts = {n: [] for n in names}
+    for _ in range(reps):
+        for n, (f, mod) in built.items():
+            mod.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            fwd_bwd(f, x, g)
+            ts[n].append(time.perf_counter() - t0)
+    return {n: {"ms": 1e3 * statistics.median(ts[n]), "params": trainable(built[n][1])} for n in names}
+
+
+def check_equal(tokens):
+    """Every alternative gives the same output and gradients as the library layer."""
+    x, g = inputs(min(tokens, 256))
+    ref_m = make_medcare()
+    y = ref_m(x)
+    y.backward(g)
+    ref = [y.detach(), x.grad.clone()] + [p.grad.clone() for p in ref_m.parameters() if p.requires_grad]
+    for name, fn in ALTS.items():
+        m = make_medcare()
+        x.grad = None
+        y = m.linear(x) + fn(m, x)
+        y.backward(g)
+        got = [y.detach(), x.grad] + [p.grad for p in m.parameters() if p.requires_grad]
+        err = max((a - b).abs().max().item() for a, b in zip(ref, got))
+        assert err < 1e-4, f"{name}: max abs diff {err}"
+
+
+def _status_mib(key):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith(key + ":")) / 1024
+
+
+def mem_child(name, peft_rank, tokens):
+    torch.set_num_threads(2)
+    f, mod = build(name, peft_rank)
+    x, g = inputs(tokens)
+    fwd_bwd(f, x, g)                    # warm-up: one-time allocator / BLAS buffers
+    mod.zero_grad(set_to_none=True)
+    x.grad = None
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")                   # reset the peak-RSS mark (VmHWM), Linux >= 4.0
+    before = _status_mib("VmRSS")
+    fwd_bwd(f, x, g)
+    print(json.dumps({"extra_peak_mib": _status_mib("VmHWM") - before}))
+
+
+def mem_of(name, peft_rank, tokens):
+    out = subprocess.run([sys.executable, __file__, "--mem-child", name, "--peft-rank", str(peft_rank),
+                          "--tokens", str(tokens)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_mib"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--peft-rank", type=int, default=0)
+    ap.add_argument("--mem-child")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    if a.mem_child:
+        return mem_child(a.mem_child, a.peft_rank, a.tokens)
+
+    n_mc = trainable(make_medcare())
+    peft_rank = round(n_mc / (D_IN + D_OUT))  # LoRA rank r has r·(d_in + d_out) parameters
+    check_equal(a.tokens)
+    print(f"d_in={D_IN} d_out={D_OUT} tokens={a.tokens} fp32 threads={torch.get_num_threads()} "
+          f"reps={a.reps} (median, after 2 warm-up)  torch {torch.__version__}")
+    print(f"MedCare trainable params {n_mc:,}; equivalent PEFT LoRA rank {peft_rank}")
+    names = ["medcare", "peft_lora", *ALTS]
+    load0 = os.getloadavg()[0]
+    res = time_all(names, peft_rank, a.tokens, a.reps)
+    print(f"load average (1 min) before/after timing: {load0:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    base = res["medcare"]["ms"]
+    print(f"{'variant':<14}{'fwd+bwd ms':>12}{'vs medcare':>12}{'trainable':>12}")
+    for n in names:
+        print(f"{n:<14}{res[n]['ms']:>12.1f}{res[n]['ms'] / base:>12.2f}{res[n]['params']:>12,}")
+    print(f"ratio medcare / peft_lora   = {base / res['peft_lora']['ms']:.2f}  (target <= 1.2)")
+    print(f"ratio dense_stack / medcare = {res['dense_stack']['ms'] / base:.2f}  (target >= 2.5)")
+    for n in ("medcare", "peft_lora", "dense_stack"):
+        print(f"peak extra RSS fwd+bwd {n:<12} {mem_of(n, peft_rank, a.tokens):8.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

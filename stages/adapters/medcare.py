@@ -1,0 +1,480 @@
+"""MedCare adapter layer: MKA (KA + routed NA experts) and DA (KA + Align) on the FFN linears.
+
+Training-only module: it imports torch at top level, so only training code may import it
+(see docs/CONTRACTS.md, "Heavy imports").
+
+Per FFN linear (gate/up/down), see /work/shared/METHODS.md, MedCare:
+
+    MKA:  y = x Wᵀ + KA(x) + NA(x)
+          KA(x) = (α/r) · B_ka A_ka x                    one LoRA of rank s·r, never routed, weight 1
+          NA(x) = (α/r) · Σ_{e ∈ topK(x)} g_e(x) B_e A_e x  E LoRA experts of rank r
+          g(x)  = softmax(router(x)) restricted to the top-K (renormalised to sum 1 by default)
+    DA:   y = x Wᵀ + KA(x) + Align(x),  L_orth = Σ_layers Σ |A_ka A_alignᵀ|
+
+Every LoRA uses the scale α/r with the per-expert r (KA and Align included), every A is
+Kaiming-uniform(a=√5) and every B is zero, so a freshly injected model equals the base model.
+
+Weight layout: all A and B are stored in nn.Linear weight layout, A: [rank, d_in], B: [d_out, rank].
+The NA experts are stored concatenated: rows e·r … (e+1)·r−1 of `na_A` (and the same columns of
+`na_B`) are expert e.
+
+Efficient routed computation (measured in bench/bench_medcare_layer.py, see BENCHMARKS.md): KA and
+all E experts are one low-rank product of rank (s+E)·r. x A_catᵀ gives [T, (s+E)·r]; each rank
+block of an expert is multiplied by its gate weight (0 for the experts a token did not select, 1
+for KA); one matmul with B_cat gives the output. No loop over experts and no [E, T, d_out] stack.
+
+Attention projections get PEFT's LoRA: `inject_mka` wraps the FFN linears first, then calls
+`peft.get_peft_model` with target_modules = attention names only, then turns requires_grad back on
+for the FFN adapter parameters (PEFT freezes everything that is not its own). The wrapper keeps the
+original linear under the attribute `linear` (not `base_layer`), because PEFT's merge/unload treats
+any module with a `base_layer` attribute as one of its own tuner layers.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# FFN and attention linears per `model.config.model_type`.
+FFN_NAMES: dict[str, tuple[str, ...]] = {
+    "qwen2": ("gate_proj", "up_proj", "down_proj"),  # Qwen1.5 / Qwen2 / Qwen2.5
+    "qwen3": ("gate_proj", "up_proj", "down_proj"),
+    "llama": ("gate_proj", "up_proj", "down_proj"),
+    "mistral": ("gate_proj", "up_proj", "down_proj"),
+    "gemma": ("gate_proj", "up_proj", "down_proj"),
+    "gemma2": ("gate_proj", "up_proj", "down_proj"),
+}
+ATTN_NAMES: dict[str, tuple[str, ...]] = {
+    k: ("q_proj", "k_proj", "v_proj", "o_proj") for k in FFN_NAMES
+}
+
+FORMAT = "medpipe-medcare/1"
+ADAPTER_FILE, CONFIG_FILE = "medcare_adapter.safetensors", "medcare_config.json"
+KA_FILE, KA_CONFIG_FILE = "medcare_ka.safetensors", "medcare_ka.json"
+KA_PARAMS = ("ka_A", "ka_B")
+
+
+@dataclass
+class MedCareConfig:
+    """Defaults follow the published implementation (METHODS.md, MedCare)."""
+
+    r: int = 16                     # rank of each routed expert
+    alpha: float = 32.0             # every LoRA in the layer is scaled by alpha / r
+    s: int = 2                      # shared experts: KA rank = s·r
+    n_experts: int = 8              # E routed experts (NA)
+    top_k: int = 2                  # K experts per token
+    renormalize: bool = True        # divide the K selected probabilities by their sum
+    balance_coef: float = 0.0       # Switch-style load-balancing aux loss weight (0 = off)
+    expert_dropout: float = 0.0     # dropout on the input of KA and the NA experts
+    keep_na: bool = True            # use NA in eval mode (False: KA only at inference)
+    attn_lora: bool = True          # MKA: plain PEFT LoRA on q/k/v/o
+    attn_dropout: float = 0.05
+    align_rank: int | None = None   # DA: rank of Align (None = s·r, like KA)
+    align_dropout: float = 0.05
+    train_ka: bool = True           # KA trainable (DA default; False freezes the loaded KA)
+    ffn_modules: tuple[str, ...] | None = None   # override FFN_NAMES
+    attn_modules: tuple[str, ...] | None = None  # override ATTN_NAMES
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    @property
+    def ka_rank(self) -> int:
+        return self.s * self.r
+
+    @property
+    def align_r(self) -> int:
+        return self.align_rank or self.ka_rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MedCareConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for k in ("ffn_modules", "attn_modules"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _kaiming_A(rank: int, d_in: int, **kw) -> nn.Parameter:
+    a = torch.empty(rank, d_in, **kw)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # fan_in = d_in, same bound per expert block
+    return nn.Parameter(a)
+
+
+def _zero_B(d_out: int, rank: int, **kw) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(d_out, rank, **kw))
+
+
+def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Like PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class MedCareLinear(nn.Module):
+    """One FFN linear with its MedCare adapters. mode "mka": KA + NA + router; "da": KA + Align."""
+
+    def __init__(self, linear: nn.Linear, cfg: MedCareConfig, mode: str = "mka"):
+        super().__init__()
+        if mode not in ("mka", "da"):
+            raise ValueError(f"mode must be 'mka' or 'da', got {mode!r}")
+        self.linear, self.cfg, self.mode = linear, cfg, mode
+        self.scale = cfg.scale
+        d_in, d_out = linear.in_features, linear.out_features
+        kw = dict(device=linear.weight.device, dtype=_adapter_dtype(linear.weight.dtype))
+        self.ka_A, self.ka_B = _kaiming_A(cfg.ka_rank, d_in, **kw), _zero_B(d_out, cfg.ka_rank, **kw)
+        self.expert_dropout = nn.Dropout(cfg.expert_dropout)
+        if mode == "mka":
+            er = cfg.n_experts * cfg.r
+            self.na_A, self.na_B = _kaiming_A(er, d_in, **kw), _zero_B(d_out, er, **kw)
+            self.router = nn.Linear(d_in, cfg.n_experts, bias=True, **kw)  # default init
+        else:
+            ra = cfg.align_r
+            self.align_A, self.align_B = _kaiming_A(ra, d_in, **kw), _zero_B(d_out, ra, **kw)
+            self.align_dropout = nn.Dropout(cfg.align_dropout)
+        # Aux-loss terms of the latest grad-enabled forward, read (and cleared) by
+        # orthogonal_loss / balance_loss so the terms come from the live parameters.
+        self._orth: torch.Tensor | None = None
+        self._balance: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        na = f", E={c.n_experts}, K={c.top_k}, r={c.r}" if self.mode == "mka" else f", align_r={c.align_r}"
+        return f"mode={self.mode}, ka_rank={c.ka_rank}{na}, scale={self.scale:g}"
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(local name, parameter) of every adapter parameter (not the wrapped linear)."""
+        for name, p in self.named_parameters():
+            if not name.startswith("linear."):
+                yield name, p
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(self.ka_A.dtype)
+        delta = self._mka_delta(x2) if self.mode == "mka" else self._da_delta(x2)
+        return y + delta.view(y.shape).to(y.dtype)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate weights [T, E]: softmax over all E, top-K kept (optionally renormalised), rest 0."""
+        logits = self.router(x)
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # fp32+ softmax
+        w, idx = probs.topk(self.cfg.top_k, dim=-1)
+        if self.cfg.renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        self._balance = self._balance_term(probs, idx) if self._wants_aux() and self.cfg.balance_coef > 0 else None
+        return torch.zeros_like(probs).scatter(1, idx, w).to(x.dtype)
+
+    def _balance_term(self, probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # Switch Transformer: E · Σ_e f_e P_e; f_e = share of the T·K routing slots sent to e
+        # (no gradient), P_e = mean router probability of e. Equals 1 for uniform routing.
+        E = probs.shape[-1]
+        f = torch.bincount(idx.flatten(), minlength=E).to(probs.dtype) / idx.numel()
+        return E * (f * probs.mean(dim=0)).sum()
+
+    def _wants_aux(self) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    def _zero3(self) -> bool:
+        return hasattr(self.ka_A, "ds_id")  # set on parameters DeepSpeed ZeRO-3 partitions
+
+    def _mka_delta(self, x: torch.Tensor) -> torch.Tensor:
+        xe = self.expert_dropout(x)
+        if not (self.training or self.cfg.keep_na):  # inference without NA: KA only
+            return F.linear(F.linear(xe, self.ka_A) * self.scale, self.ka_B)
+        gates = self.route(x)
+        T, E, r = x.shape[0], self.cfg.n_experts, self.cfg.r
+        # KA and all experts as one rank-(s+E)·r product; the gates zero the unselected blocks.
+        h = F.linear(xe, torch.cat([self.ka_A, self.na_A]))
+        h_ka, h_na = h.split([self.cfg.ka_rank, E * r], dim=1)
+        h_na = (h_na.view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
+        h = torch.cat([h_ka, h_na], dim=1) * self.scale  # scale on the narrow side: cheaper
+        return F.linear(h, torch.cat([self.ka_B, self.na_B], dim=1))
+
+    def _da_delta(self, x: torch.Tensor) -> torch.Tensor:
+        self._orth = self.orth_term() if self._wants_aux() and not self._zero3() else None
+        h_ka = F.linear(self.expert_dropout(x), self.ka_A)
+        h_al = F.linear(self.align_dropout(x), self.align_A)
+        h = torch.cat([h_ka, h_al], dim=1) * self.scale
+        return F.linear(h, torch.cat([self.ka_B, self.align_B], dim=1))
+
+    def orth_term(self) -> torch.Tensor:
+        """Σ |A_ka A_alignᵀ| with A in nn.Linear layout ([rank, d_in]): an (s·r)×(align_r) matrix.
+
+        Equals the paper's Σ |A_kᵀ A_d| with A in x·A layout ([d_in, rank])."""
+        return (self.ka_A @ self.align_A.t()).abs().sum()
+
+    # -- merge -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def delta_weight(self, fold_ka: bool = True) -> torch.Tensor:
+        """(α/r)(B_ka A_ka + B_align A_align) in [d_out, d_in]; NA is never folded."""
+        W = self.linear.weight
+        dt = torch.promote_types(W.dtype, torch.float32)
+        d = torch.zeros(W.shape, dtype=dt, device=W.device)
+        if fold_ka:
+            d += self.ka_B.to(dt) @ self.ka_A.to(dt)
+        if self.mode == "da":
+            d += self.align_B.to(dt) @ self.align_A.to(dt)
+        return d * self.scale
+
+
+# -- model-level helpers -------------------------------------------------------------------
+def _core(model: nn.Module) -> nn.Module:
+    """The transformers model under a DeepSpeed engine and/or a PEFT wrapper."""
+    while True:
+        if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+            model = model.get_base_model()
+        elif type(model).__name__ == "DeepSpeedEngine":
+            model = model.module
+        else:
+            return model
+
+
+def _names(model: nn.Module, cfg: MedCareConfig, attr: str, table: dict) -> tuple[str, ...]:
+    if getattr(cfg, attr) is not None:
+        return tuple(getattr(cfg, attr))
+    mt = getattr(getattr(_core(model), "config", None), "model_type", None)
+    if mt not in table:
+        raise ValueError(f"medcare: no {attr} table entry for model_type {mt!r}; "
+                         f"known: {sorted(table)}; or set MedCareConfig.{attr}")
+    return table[mt]
+
+
+def ffn_names(model: nn.Module, cfg: MedCareConfig | None = None) -> tuple[str, ...]:
+    return _names(model, cfg or MedCareConfig(), "ffn_modules", FFN_NAMES)
+
+
+def attn_names(model: nn.Module, cfg: MedCareConfig | None = None) -> tuple[str, ...]:
+    return _names(model, cfg or MedCareConfig(), "attn_modules", ATTN_NAMES)
+
+
+def medcare_modules(model: nn.Module) -> Iterator[tuple[str, MedCareLinear]]:
+    """(name relative to the transformers model, wrapper) of every wrapped FFN linear."""
+    for name, m in _core(model).named_modules():
+        if isinstance(m, MedCareLinear):
+            yield name, m
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _wrap_ffn(model: nn.Module, cfg: MedCareConfig, mode: str) -> list[str]:
+    core, wanted = _core(model), set(ffn_names(model, cfg))
+    if any(True for _ in medcare_modules(core)):
+        raise ValueError("medcare: the model already has MedCare layers (merge_medcare first)")
+    targets = [(n, m) for n, m in core.named_modules()
+               if isinstance(m, nn.Linear) and n.rpartition(".")[2] in wanted]
+    if not targets:
+        raise ValueError(f"medcare: no nn.Linear named {sorted(wanted)} in the model")
+    for name, lin in targets:
+        _set_module(core, name, MedCareLinear(lin, cfg, mode))
+    return [n for n, _ in targets]
+
+
+def _set_trainable(model: nn.Module, cfg: MedCareConfig) -> None:
+    for _, m in medcare_modules(model):
+        for pname, p in m.adapter_parameters():
+            p.requires_grad_(cfg.train_ka or pname not in KA_PARAMS)
+
+
+def inject_mka(model: nn.Module, cfg: MedCareConfig | None = None) -> nn.Module:
+    """MKA: FFN linears get KA + NA + router, attention gets PEFT LoRA; base frozen.
+
+    Returns a PeftModel when cfg.attn_lora (the default), else the model itself."""
+    cfg = cfg or MedCareConfig()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _wrap_ffn(model, cfg, "mka")
+    if cfg.attn_lora:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.attn_dropout, bias="none",
+                          target_modules=list(attn_names(model, cfg)), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+    _set_trainable(model, cfg)  # PEFT froze every non-PEFT parameter, ours included
+    return model
+
+
+def inject_da(model: nn.Module, cfg: MedCareConfig | None = None,
+              ka: str | Path | dict | None = None) -> nn.Module:
+    """DA: on a plain model (attention LoRA already merged, frozen), FFN linears get KA + Align.
+
+    `ka`: a directory written by save_ka, or its state dict; None leaves KA freshly initialised
+    (e.g. before load_medcare loads it)."""
+    cfg = cfg or MedCareConfig()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _wrap_ffn(model, cfg, "da")
+    if ka is not None:
+        load_ka(model, ka)
+    _set_trainable(model, cfg)
+    return model
+
+
+def orthogonal_loss(model: nn.Module) -> torch.Tensor:
+    """L_orth = Σ over wrapped FFN linears of Σ |A_ka A_alignᵀ| (not normalised).
+
+    Uses the terms computed inside the latest grad-enabled training forward (from the live
+    parameters, in the forward graph); each term is consumed once. Without such a forward (e.g.
+    reentrant gradient checkpointing runs forward under no_grad) it computes from the parameters
+    directly, which is the same thing for unsharded parameters and ZeRO-1/2.
+    ZeRO-3 is refused: its parameters are empty outside their module's forward/backward, so this
+    separate graph branch would get no gradient (the published implementation's defect).
+    The caller adds λ·L_orth to the loss BEFORE any gradient-accumulation scaling."""
+    terms = []
+    for _, m in medcare_modules(model):
+        if m.mode != "da":
+            continue
+        if m._zero3():
+            raise NotImplementedError("orthogonal_loss: DeepSpeed ZeRO-3 is not supported; use ZeRO-2")
+        t, m._orth = m._orth, None
+        terms.append(m.orth_term() if t is None else t)
+    if not terms:
+        raise ValueError("orthogonal_loss: the model has no DA-mode MedCare layers")
+    return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+
+def balance_loss(model: nn.Module) -> torch.Tensor | None:
+    """balance_coef · mean over MKA layers of the Switch load-balancing term of the latest
+    training forward; None when balance_coef is 0 (the default) or no such forward ran."""
+    terms, coef = [], 0.0
+    for _, m in medcare_modules(model):
+        if m.mode == "mka" and m._balance is not None:
+            terms.append(m._balance)
+            coef = m.cfg.balance_coef
+            m._balance = None
+    if not terms:
+        return None
+    return coef * torch.stack([t.to(terms[0].device) for t in terms]).mean()
+
+
+# -- save / load ---------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor (FFN MedCare + PEFT attention LoRA), keyed by its name in the
+    transformers model (no PEFT / DeepSpeed prefixes)."""
+    state = {}
+    for name, m in medcare_modules(model):
+        for pname, p in m.adapter_parameters():
+            state[f"{name}.{pname}"] = p
+    for name, p in _core(model).named_parameters():
+        if ".lora_" in name:  # PEFT attention LoRA
+            state[name] = p
+    return state
+
+
+def _load_into(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], what: str) -> None:
+    missing, unexpected = targets.keys() - loaded.keys(), loaded.keys() - targets.keys()
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing {sorted(missing)[:5]} unexpected {sorted(unexpected)[:5]}")
+    with torch.no_grad():
+        for k, p in targets.items():
+            if p.shape != loaded[k].shape:
+                raise ValueError(f"{what}: {k} has shape {tuple(loaded[k].shape)}, expected {tuple(p.shape)}")
+            p.copy_(loaded[k])
+
+
+def _save_tensors(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(path))
+
+
+def _config_of(model: nn.Module) -> tuple[MedCareConfig, str]:
+    mods = list(medcare_modules(model))
+    if not mods:
+        raise ValueError("medcare: the model has no MedCare layers")
+    return mods[0][1].cfg, mods[0][1].mode
+
+
+def save_medcare(model: nn.Module, directory: str | Path) -> Path:
+    """Write medcare_adapter.safetensors (all adapter tensors, routers included) + medcare_config.json."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg, mode = _config_of(model)
+    _save_tensors(adapter_state_dict(model), d / ADAPTER_FILE)
+    meta = {"format": FORMAT, "mode": mode, "config": cfg.to_dict(),
+            "model_type": getattr(_core(model).config, "model_type", None),
+            "modules": [n for n, _ in medcare_modules(model)]}
+    (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return d
+
+
+def load_medcare(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Inject into a plain transformers model and load the saved adapter state (strict).
+
+    `model` must be the base the adapter was trained on: the original base for an MKA adapter,
+    the MKA hand-off model (attention LoRA merged) for a DA adapter."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    meta = json.loads((d / CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{d / CONFIG_FILE}: not a {FORMAT} config")
+    cfg = MedCareConfig.from_dict(meta["config"])
+    model = inject_mka(model, cfg) if meta["mode"] == "mka" else inject_da(model, cfg)
+    _load_into(adapter_state_dict(model), load_file(str(d / ADAPTER_FILE)), str(d / ADAPTER_FILE))
+    return model
+
+
+def save_ka(model: nn.Module, directory: str | Path) -> Path:
+    """Write the KA weights only (what MKA hands to DA): medcare_ka.safetensors + medcare_ka.json."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg, _ = _config_of(model)
+    state = {f"{n}.{k}": getattr(m, k) for n, m in medcare_modules(model) for k in KA_PARAMS}
+    _save_tensors(state, d / KA_FILE)
+    meta = {"format": FORMAT, "r": cfg.r, "alpha": cfg.alpha, "s": cfg.s, "ka_rank": cfg.ka_rank,
+            "model_type": getattr(_core(model).config, "model_type", None)}
+    (d / KA_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return d
+
+
+def load_ka(model: nn.Module, ka: str | Path | dict) -> nn.Module:
+    """Load KA weights (a save_ka directory or its state dict) into the model's MedCare layers."""
+    if not isinstance(ka, dict):
+        from safetensors.torch import load_file
+
+        d = Path(ka)
+        meta = json.loads((d / KA_CONFIG_FILE).read_text())
+        cfg, _ = _config_of(model)
+        if (meta["ka_rank"], meta["alpha"], meta["r"]) != (cfg.ka_rank, cfg.alpha, cfg.r):
+            raise ValueError(f"{d}: KA saved with rank {meta['ka_rank']}, alpha {meta['alpha']}, r {meta['r']}; "
+                             f"model expects {cfg.ka_rank}, {cfg.alpha}, {cfg.r}")
+        ka = load_file(str(d / KA_FILE))
+    targets = {f"{n}.{k}": getattr(m, k) for n, m in medcare_modules(model) for k in KA_PARAMS}
+    _load_into(targets, ka, "load_ka")
+    return model
+
+
+# -- merge ---------------------------------------------------------------------------------
+@torch.no_grad()
+def merge_medcare(model: nn.Module, fold_ka: bool = True) -> nn.Module:
+    """Fold adapters into the base weights and return a plain transformers model.
+
+    PEFT attention LoRA is merged (merge_and_unload); on every FFN wrapper
+    W ← W + (α/r)(B_ka A_ka + B_align A_align) and the original nn.Linear is put back.
+    NA experts and routers are dropped, never folded. fold_ka=False drops KA too (the MKA
+    hand-off: save_ka first, then merge attention only). Not for ZeRO-3-partitioned models:
+    merge after training on a consolidated model."""
+    if type(model).__name__ == "DeepSpeedEngine":
+        model = model.module
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    model = _core(model)
+    for name, m in list(medcare_modules(model)):
+        W = m.linear.weight
+        W.copy_((W.to(torch.promote_types(W.dtype, torch.float32)) + m.delta_weight(fold_ka)).to(W.dtype))
+        _set_module(model, name, m.linear)
+    return model
