@@ -1,0 +1,331 @@
+"""Talking to models: a stage's model loaded locally (`LocalModel`), an OpenAI-compatible endpoint
+over HTTP (`OpenAIClient`), and `medpipe chat` (interactive or one-shot).
+
+Light at import: torch/transformers/httpx are imported inside the functions that use them.
+
+* `stage_artifact(run_dir, stage)` finds a stage's artifact in a run (default: the last done stage
+  that is not an eval) and returns its full-model view (adapters merged once, cached).
+* `LocalModel.generate(prompts, ...)` is batched, left-padded, greedy by default (temperature 0),
+  sampling with temperature/top_p otherwise; generation stops at the tokenizer's eos or an
+  end-of-turn token (<|im_end|>, <|eot_id|>, <|end|>) and reports finish_reason "stop"/"length"
+  and token counts, as the OpenAI API does.
+* `OpenAIClient(url).chat(messages)` posts to `<url>/chat/completions`; `url` may be the server
+  root, its `/v1`, or the full `/v1/chat/completions`. Connection failures raise
+  `EndpointError` (a MedpipeError) naming the URL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import MedpipeError
+
+STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+class EndpointError(MedpipeError):
+    """An OpenAI-compatible endpoint could not be reached or answered an error."""
+
+
+# --- runs and stages ----------------------------------------------------------------------------
+def run_info(run_dir: str | Path) -> dict:
+    from .run import RUN_FILE
+
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise MedpipeError(f"{run_dir} is not a medpipe run dir (no {RUN_FILE})")
+    return json.loads(path.read_text())
+
+
+def stage_artifact(run_dir: str | Path, stage: str | None = None, merged: bool = True):
+    """(stage name, Artifact) of a done stage; `stage=None`: the last done stage that is not an eval."""
+    from .artifact import Artifact, merged_view
+
+    info = run_info(run_dir)
+    names = [s["name"] for s in info["stages"]]
+    done = [s for s in info["stages"] if Artifact.exists(s["store_dir"])]
+    if stage is None:
+        cands = [s for s in done if s["kind"] != "eval"]
+        if not cands:
+            raise MedpipeError(f"{run_dir}: no stage is done yet")
+        entry = cands[-1]
+    else:
+        entry = next((s for s in info["stages"] if s["name"] == stage), None)
+        if entry is None:
+            raise MedpipeError(f"{run_dir}: no stage '{stage}' (stages: {', '.join(names)})")
+        if not Artifact.exists(entry["store_dir"]):
+            raise MedpipeError(f"{run_dir}: stage '{stage}' is not done (no artifact.json)")
+    art = Artifact.load(entry["store_dir"])
+    return entry["name"], (merged_view(art) if merged else art)
+
+
+# --- a local model ------------------------------------------------------------------------------
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # stop | length
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LocalModel:
+    """A causal LM + tokenizer for chat, serving and evaluation (transformers backend)."""
+
+    def __init__(self, model_path: str, tokenizer_path: str | None = None, trust_remote_code: bool = False,
+                 dtype: str = "auto", name: str | None = None, model: Any = None, tokenizer: Any = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = str(model_path)
+        self.name = name or Path(self.path).name
+        tok = tokenizer or AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.tok = tok
+        if model is None:
+            kw: dict = {"trust_remote_code": trust_remote_code}
+            if dtype and dtype != "auto":
+                kw["dtype"] = getattr(torch, dtype)
+            elif torch.cuda.is_available():
+                kw["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            else:
+                kw["dtype"] = torch.float32
+            model = AutoModelForCausalLM.from_pretrained(self.path, **kw)
+            if torch.cuda.is_available():
+                model = model.to("cuda")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        vocab = tok.get_vocab()
+        eos = tok.eos_token_id
+        stops = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+        stops |= {vocab[t] for t in STOP_TOKENS if t in vocab}
+        self.stop_ids = sorted(stops)
+        self.lock = threading.Lock()  # one generate at a time (serving)
+
+    @classmethod
+    def from_artifact(cls, art: Any, name: str | None = None) -> "LocalModel":
+        return cls(art.model_path, art.tokenizer_path, trust_remote_code=bool(art.extras.get("trust_remote_code", False)),
+                   name=name or art.stage)
+
+    @property
+    def has_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    def render(self, messages: Sequence[dict]) -> str:
+        """The prompt for the next assistant turn: the chat template, or a plain
+        "System:/User:/Assistant:" transcript for tokenizers without one."""
+        msgs = [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages]
+        if self.has_template:
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        label = {"system": "System", "user": "User", "assistant": "Assistant"}
+        return "".join(f"{label.get(m['role'], m['role'])}: {m['content']}\n" for m in msgs) + "Assistant:"
+
+    def encode(self, prompt: str, add_special_tokens: bool | None = None) -> list[int]:
+        if add_special_tokens is None:  # a rendered chat template already has its special tokens
+            add_special_tokens = not self.has_template
+        return list(self.tok(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
+                 add_special_tokens: bool | None = None, seed: int | None = None) -> list[Completion]:
+        """Batched generation (sorted by length, left padding); greedy when temperature == 0."""
+        enc = [self.encode(p, add_special_tokens) for p in prompts]
+        return self.generate_ids(enc, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 batch_size=batch_size, max_length=max_length, seed=seed)
+
+    def generate_ids(self, enc: Sequence[list[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                     top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
+                     seed: int | None = None) -> list[Completion]:
+        import torch
+
+        if max_length is not None:
+            enc = [e[-max_length:] for e in enc]
+        pad = self.tok.pad_token_id
+        stops = set(self.stop_ids)
+        out: list[Completion | None] = [None] * len(enc)
+        order = sorted(range(len(enc)), key=lambda k: -len(enc[k]))
+        with self.lock, torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            for b0 in range(0, len(order), max(1, batch_size)):
+                chunk = order[b0:b0 + max(1, batch_size)]
+                L = max(len(enc[k]) for k in chunk)
+                ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+                attn = torch.zeros((len(chunk), L), dtype=torch.long)
+                for r, k in enumerate(chunk):
+                    ids[r, L - len(enc[k]):] = torch.tensor(enc[k], dtype=torch.long)
+                    attn[r, L - len(enc[k]):] = 1
+                kw: dict = dict(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids or None)
+                if temperature and temperature > 0:
+                    kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+                else:
+                    kw.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+                gen = self.model.generate(**kw)[:, L:].tolist()
+                for r, k in enumerate(chunk):
+                    toks, reason = gen[r], "length"
+                    for j, t in enumerate(toks):
+                        if t in stops:
+                            toks, reason = toks[:j], "stop"
+                            break
+                    text = self.tok.decode(toks, skip_special_tokens=True).strip()
+                    out[k] = Completion(text, reason, len(enc[k]), len(toks))
+        return out  # type: ignore[return-value]
+
+    def chat(self, messages: Sequence[dict], **kw: Any) -> Completion:
+        return self.generate([self.render(messages)], **kw)[0]
+
+
+# --- an OpenAI-compatible endpoint --------------------------------------------------------------
+def endpoint_base(url: str) -> str:
+    """`http://h:p`, `http://h:p/v1` or `.../v1/chat/completions` → `http://h:p/v1`."""
+    u = url.rstrip("/")
+    if u.endswith("/chat/completions"):
+        u = u[: -len("/chat/completions")]
+    if not u.endswith("/v1"):
+        u += "/v1"
+    return u
+
+
+class OpenAIClient:
+    """Minimal client for `/v1/models` and `/v1/chat/completions` (httpx)."""
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 60.0):
+        self.base = endpoint_base(url)
+        self.model = model
+        self.api_key = api_key
+        self.timeout = timeout
+
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _request(self, method: str, path: str, **kw: Any) -> dict:
+        import httpx
+
+        url = self.base + path
+        try:
+            r = httpx.request(method, url, headers=self._headers(), timeout=self.timeout, **kw)
+        except httpx.TransportError as e:
+            raise EndpointError(f"endpoint {url} is unreachable ({type(e).__name__}: {e})") from None
+        if r.status_code >= 400:
+            raise EndpointError(f"endpoint {url} answered HTTP {r.status_code}: {r.text[:200]}")
+        try:
+            return r.json()
+        except ValueError:
+            raise EndpointError(f"endpoint {url} did not answer JSON: {r.text[:200]}") from None
+
+    def models(self) -> list[str]:
+        return [m.get("id") for m in self._request("GET", "/models").get("data", [])]
+
+    def check(self) -> str:
+        """Reach the endpoint (GET /models); returns the model name to use."""
+        names = self.models()
+        if self.model is None:
+            if not names:
+                raise EndpointError(f"endpoint {self.base} lists no model; set the model name")
+            self.model = names[0]
+        return self.model
+
+    def chat(self, messages: Sequence[dict], max_tokens: int = 256, temperature: float = 0.0) -> str:
+        if self.model is None:
+            self.check()
+        body = {"model": self.model, "messages": list(messages), "max_tokens": max_tokens, "temperature": temperature}
+        data = self._request("POST", "/chat/completions", json=body)
+        try:
+            return data["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise EndpointError(f"endpoint {self.base} answered an unexpected shape: {str(data)[:200]}") from None
+
+
+def api_key_from_env(name: Optional[str]) -> Optional[str]:
+    return os.environ.get(name) if name else None
+
+
+# --- medpipe chat -------------------------------------------------------------------------------
+def chat_loop(run_dir: str, stage: str | None, message: str | None, rag: bool, rag_corpus: str | None,
+              url: str | None, system: str | None, max_new_tokens: int, temperature: float,
+              input_fn=input, print_fn=print) -> None:
+    """One-shot (`message`) or interactive chat with a stage's model (or an endpoint with `url`).
+    Interactive commands: /reset (forget the dialogue), /exit."""
+    retriever = None
+    if url:
+        client = OpenAIClient(url)
+        client.check()
+        name = f"{client.model} @ {client.base}"
+
+        def answer(msgs):
+            return client.chat(msgs, max_tokens=max_new_tokens, temperature=temperature)
+    else:
+        stage_name, art = stage_artifact(run_dir, stage)
+        model = LocalModel.from_artifact(art, name=stage_name)
+        name = f"{stage_name} ({art.model_path})"
+
+        def answer(msgs):
+            return model.chat(msgs, max_new_tokens=max_new_tokens, temperature=temperature).text
+    if rag:
+        retriever = rag_retriever(run_dir, rag_corpus, say=lambda m: print_fn(m))
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def turn(text: str) -> str:
+        msgs = history + [{"role": "user", "content": augment(text, retriever)}]
+        reply = answer(msgs)
+        history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
+        return reply
+
+    if message is not None:
+        print_fn(turn(message))
+        return
+    print_fn(f"medpipe chat with {name}{' + RAG' if retriever else ''}. /reset clears the dialogue, /exit quits.")
+    while True:
+        try:
+            text = input_fn("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print_fn("")
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip() == "/reset":
+            del history[1 if system else 0:]
+            continue
+        if text.strip():
+            print_fn(f"model> {turn(text)}")
+
+
+def rag_retriever(run_dir: str | None, corpus: str | None, say=print, k: int = 5):
+    """A KnowledgeIndex for chat/serve: `corpus` (a data spec) or the run's first cpt stage's data."""
+    from medpipe.stages.rag import RagParams, build_or_load
+
+    if corpus is None:
+        corpus = run_corpus(run_dir)
+    idx = build_or_load(RagParams(index=corpus, k=k), say=say)
+    idx.k = k  # type: ignore[attr-defined]
+    return idx
+
+
+def run_corpus(run_dir: str | None) -> Any:
+    """The pretraining corpus of a run: the `data` of its first `cpt` stage (config.yaml)."""
+    if run_dir is None:
+        raise MedpipeError("--rag needs a corpus: give --rag-corpus PATH")
+    import yaml
+
+    cfg_path = Path(run_dir) / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    for name, body in (cfg.get("stages") or {}).items():
+        if isinstance(body, dict) and body.get("kind") == "cpt" and body.get("data"):
+            return body["data"]
+    raise MedpipeError(f"{run_dir} has no cpt stage whose corpus could be indexed; give --rag-corpus PATH")
+
+
+def augment(text: str, retriever: Any) -> str:
+    """The user's message with the top-k passages before it (RAG), or unchanged."""
+    if retriever is None:
+        return text
+    from medpipe.stages.mcq import detect_lang
+    from medpipe.stages.rag import passages_block
+
+    passages = retriever.search([text], getattr(retriever, "k", 5))[0]
+    return passages_block(passages, detect_lang(text)) + "\n\n" + text

@@ -1,0 +1,659 @@
+"""`eval` — evaluate the input model (the previous stage's output, or `from: <stage>`) on exam,
+generation and PromptCBLUE sets; results land in the evaluated stage's row of the report.
+
+Sets. `data` is one data spec or a list; every source is one eval set, named by its `task:`
+(default: the mcq format name — cmexam, medqa, medmcqa, pubmedqa, ceval — or the file stem;
+a `+rag` suffix when RAG is on). What a set is, follows its format:
+* mcq formats → multiple-choice accuracy, three ways (`method`):
+  - `ppl`: option perplexity (`medpipe.stages.mcq.score_options_ppl`, mean NLL of the option
+    tokens, `reduction: sum` optional); lowest wins.
+  - `cue`: answer-cue letter logits (MedCare): the prompt lists the options and ends with
+    "The answer is" / "答案为"; the valid letter with the highest next-token logit wins.
+  - `generate`: greedy generation after the same cue (`mcq_max_new_tokens`), letters extracted
+    (`medpipe.stages.metrics.extract_letters`); a multi-answer item needs every gold letter and
+    no other; an unknown letter is an invalid prediction, counted, not guessed.
+  Metrics: `acc`, `f1_weighted` (Qilin-Med / CMExam), `invalid`, per-subject accuracy (details).
+  `shots: k` prepends k solved examples from `fewshot_data` (same subject first, then same set,
+  file order; an example equal to the item is skipped), greedy, as C-Eval is reported. For `ppl`
+  the examples go in the item's context.
+* chat formats (alpaca, sharegpt, messages, huatuo QA) → generation: the conversation up to the
+  last assistant turn is the prompt (chat template when the tokenizer has one), that turn is the
+  reference; BLEU-1/4, ROUGE-1/2/L (`tokenize: char | jieba`, see metrics.py). With
+  `judge.url`, an LLM judge also scores each answer 1–5 on fluency, relevance, completeness,
+  proficiency (MedCare); malformed judge replies are counted (`judge_malformed`), not scored.
+* promptcblue → generation, scored per task as the PromptCBLUE benchmark does (`score` = mean).
+
+`rag: {index: <corpus>, k: 5}` prepends the top-k passages of a knowledge index built from the
+corpus (stages/rag.py) to every prompt: in the item's context for mcq, before the user's message
+for generation.
+
+Records (the shapes the report reads):
+* the eval stage's artifact: `kind: eval`, the input model passed through unchanged (model_path,
+  format) so a later stage may train on it, `metrics` = flat `{"<set>/<metric>": number}`,
+  `extras.evaluated_stage` = the stage whose model was evaluated (the input artifact's stage;
+  "base" for the recipe's model), `extras.results` = per set {kind, n, metrics, subjects,
+  judge...}, per-item predictions in `<stage dir>/details/<set>.jsonl`.
+* `medpipe eval RUN_DIR --stage S key=value...` writes the same into `<run_dir>/eval/<S>.json`:
+  `{"stage", "evaluated_stage", "model_path", "params", "metrics", "results", "updated"}`;
+  a later `medpipe eval` of the same stage merges its sets in (same keys replaced).
+
+Backends: `transformers` (default, batched, padding-aware: prompts sorted by length, left
+padding, `batch_size` at a time) or `vllm` (GPU machines with vLLM installed; generation and
+cue scoring).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .rag import RagParams
+
+METHODS = ("ppl", "cue", "generate")
+BACKENDS = ("transformers", "vllm")
+MCQ_FORMATS = ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval")
+GEN_FORMATS = ("alpaca", "sharegpt", "messages", "huatuo")
+
+
+@dataclass
+class JudgeParams:
+    """LLM-as-judge through an OpenAI-compatible endpoint (null url = no judge)."""
+
+    url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
+    model: Optional[str] = None  # model name to ask for (default: the endpoint's first model)
+    api_key_env: Optional[str] = None  # name of the env var holding the API key
+    timeout: float = 120.0
+    max_tokens: int = 256
+    limit: Optional[int] = None  # items judged per set (null = all)
+
+
+@dataclass
+class EvalParams:
+    data: Any = None  # eval sets: path | conf/data name | source dict | list (one set per source)
+    method: str = "cue"  # multiple choice: ppl | cue | generate
+    shots: int = 0  # k-shot examples from fewshot_data
+    fewshot_data: Any = None  # dev split for k-shot prompting
+    lang: str = "auto"  # prompt language: auto (per item) | en | zh
+    chat: bool = False  # render mcq prompts through the chat template
+    reduction: str = "mean"  # ppl: mean | sum NLL of the option tokens
+    tokenize: str = "char"  # BLEU/ROUGE tokens: char | jieba
+    max_new_tokens: int = 128  # generation sets
+    mcq_max_new_tokens: int = 8  # method=generate
+    batch_size: int = 16
+    max_length: Optional[int] = None  # prompt tokens kept (from the left); null = all
+    limit: Optional[int] = None  # first N items of every set
+    backend: str = "transformers"  # transformers | vllm
+    on_error: Optional[str] = None  # fail | skip; default: the recipe's data.on_error
+    rag: RagParams = field(default_factory=RagParams)
+    judge: JudgeParams = field(default_factory=JudgeParams)
+
+
+class EvalStage:
+    """Evaluate the input model: exam accuracy (ppl | cue | generate), BLEU/ROUGE, PromptCBLUE, judge."""
+
+    Params = EvalParams
+    trains = False
+
+    def check(self, params: EvalParams, base: Any, data_opts: dict) -> list[str]:
+        sets = plan_sets(params, data_opts)
+        validate_params(params)
+        return [f"eval set {s.name}: {s.kind} ({s.fmt}, {len(s.records)} items)" for s in sets]
+
+    def run(self, ctx: Any):
+        from medpipe.artifact import Artifact
+
+        p: EvalParams = ctx.params
+        evaluated = ctx.input.stage
+        ctx.say(f"evaluating {evaluated} ({ctx.input.model_path})")
+        metrics, results = evaluate(p, ctx.input, ctx.output_dir, ctx.data, ctx.say, ctx.model)
+        extras = {"evaluated_stage": evaluated, "evaluated_model": ctx.input.model_path, "results": results,
+                  "trust_remote_code": bool(ctx.input.extras.get("trust_remote_code", False))}
+        # the input model passes through, so a stage after an eval trains on the evaluated model
+        return Artifact(stage=ctx.name, kind=ctx.kind, format=ctx.input.format, model_path=ctx.input.model_path,
+                        tokenizer_path=ctx.input.tokenizer_path, base_model_path=ctx.input.base_model_path,
+                        metrics=metrics, extras=extras)
+
+
+# --- sets ---------------------------------------------------------------------------------------
+@dataclass
+class EvalSet:
+    name: str
+    kind: str  # mcq | generation | promptcblue
+    fmt: str
+    records: list
+    source: Any = None
+
+
+def validate_params(p: EvalParams) -> None:
+    from medpipe.errors import ConfigError
+
+    if p.method not in METHODS:
+        raise ConfigError(f"eval.method must be one of {', '.join(METHODS)}, got '{p.method}'")
+    if p.backend not in BACKENDS:
+        raise ConfigError(f"eval.backend must be one of {', '.join(BACKENDS)}, got '{p.backend}'")
+    if p.tokenize not in ("char", "jieba"):
+        raise ConfigError(f"eval.tokenize must be 'char' or 'jieba', got '{p.tokenize}'")
+    if p.shots < 0:
+        raise ConfigError("eval.shots must be >= 0")
+    if p.shots and p.fewshot_data is None:
+        raise ConfigError(f"eval.shots={p.shots} needs fewshot_data (the dev split the examples come from)")
+    if p.reduction not in ("mean", "sum"):
+        raise ConfigError(f"eval.reduction must be 'mean' or 'sum', got '{p.reduction}'")
+
+
+def _source_format(src: Any) -> str:
+    from medpipe.stages.data import detect_format
+    from medpipe.stages.data.sources import expand_paths
+
+    if src.format and src.format != "auto":
+        from medpipe.stages.data.formats import FORMAT_ALIASES
+
+        return FORMAT_ALIASES.get(src.format, src.format)
+    return detect_format(expand_paths(src)[0], src.columns)[0]
+
+
+def plan_sets(p: EvalParams, data_opts: dict | None = None) -> list[EvalSet]:
+    """Read and validate every eval set (records in file order, `limit` applied)."""
+    from medpipe.errors import ConfigError
+    from medpipe.stages.data import DataError, parse_spec
+    from medpipe.stages.data.validate import read_source
+
+    if p.data is None:
+        raise ConfigError("eval: `data` is required (one eval set per source: mcq, chat or PromptCBLUE data)")
+    on_error = p.on_error or (data_opts or {}).get("on_error") or "fail"
+    sets: list[EvalSet] = []
+    seen: dict[str, int] = {}
+    suffix = "+rag" if p.rag.index is not None else ""
+    for src in parse_spec(p.data):
+        fmt = _source_format(src)
+        if fmt in MCQ_FORMATS:
+            kind, want = "mcq", "mcq"
+        elif fmt == "promptcblue":
+            kind, want = "promptcblue", "chat"
+        elif fmt in GEN_FORMATS:
+            kind, want = "generation", "chat"
+        else:
+            raise DataError(f"format '{fmt}' cannot be evaluated (mcq: {', '.join(MCQ_FORMATS)}; generation: "
+                            f"{', '.join(GEN_FORMATS)}; promptcblue)", src.path, None, "format", reason="format")
+        if kind == "promptcblue":
+            records = read_promptcblue(src, on_error)
+        else:
+            records, _ = read_source(src, want, on_error)
+        if p.limit:
+            records = records[: p.limit]
+        if not records:
+            raise DataError("no records to evaluate", src.path, None, None, reason="empty_dataset")
+        if kind == "generation":
+            for r in records:
+                msgs = r["messages"]
+                if msgs[-1]["role"] != "assistant" or not str(msgs[-1]["content"]).strip():
+                    raise DataError("no reference answer: a generation eval set needs each conversation to end "
+                                    "with a non-empty assistant turn", r.get("_loc", src.path), None, "messages",
+                                    reason="no_reference")
+        if kind == "mcq" and not any(r.get("answer") for r in records):
+            raise DataError("no reference answers: every item is unlabeled, accuracy cannot be computed",
+                            src.path, None, "answer", reason="no_reference")
+        name = src.task or (fmt if kind == "mcq" else Path(src.path).stem)
+        name = re.sub(r"[^\w.+-]+", "_", name) + suffix
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}-{seen[name]}"
+        sets.append(EvalSet(name, kind, fmt, records, src))
+    return sets
+
+
+def read_promptcblue(src: Any, on_error: str) -> list[dict]:
+    """Raw PromptCBLUE rows (input, target, answer_choices, task_type, task_dataset, sample_id),
+    validated through the data layer first (so errors name path:line)."""
+    from medpipe.stages.data.readers import RawReader
+    from medpipe.stages.data.sources import expand_paths
+    from medpipe.stages.data.validate import read_source
+
+    read_source(src, "chat", on_error)  # validation only
+    rows = []
+    for path in expand_paths(src):
+        reader = RawReader(path, on_error)
+        for line, raw in reader:
+            if not isinstance(raw, dict) or not str(raw.get("input") or "").strip() or raw.get("target") is None:
+                continue
+            rows.append({**raw, "_loc": f"{path}:{line}"})
+            if src.limit and len(rows) >= src.limit:
+                return rows
+    return rows
+
+
+# --- prompts ------------------------------------------------------------------------------------
+def _lang(item: dict, lang: str) -> str:
+    from medpipe.stages.mcq import detect_lang
+
+    return detect_lang(str(item.get("question") or "")) if lang == "auto" else lang
+
+
+def _fields(item: dict, lg: str) -> dict:
+    from medpipe.stages.mcq import TEMPLATES
+
+    t = TEMPLATES[lg]
+    ctx = item.get("context")
+    opts = item["options"]
+    return {"context": t["context"].format(context=ctx) if ctx else "", "question": str(item.get("question") or ""),
+            "options": "\n".join(t["option_line"].format(letter=k, option=v) for k, v in opts.items())}
+
+
+def cue_prompt(item: dict, lang: str, shots: list[dict], tok: Any = None, chat: bool = False) -> str:
+    """Answer-cue prompt: k solved examples, then the item, ending with the cue."""
+    from medpipe.stages.mcq import TEMPLATES
+
+    lg = _lang(item, lang)
+    t = TEMPLATES[lg]
+    sep = " " if lg == "en" else ""
+    if chat:
+        msgs = []
+        for ex in shots:
+            msgs += [{"role": "user", "content": t["cue_body"].format(**_fields(ex, lg)).rstrip("\n")},
+                     {"role": "assistant", "content": f"{t['cue']}{sep}{''.join(ex['answer'])}"}]
+        msgs.append({"role": "user", "content": t["cue_body"].format(**_fields(item, lg)).rstrip("\n")})
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + t["cue"]
+    parts = [t["cue_body"].format(**_fields(ex, lg)) + t["cue"] + sep + "".join(ex["answer"]) + "\n\n" for ex in shots]
+    return "".join(parts) + t["cue_body"].format(**_fields(item, lg)) + t["cue"]
+
+
+def pick_shots(item: dict, pool: list[dict], k: int) -> list[dict]:
+    """k examples: same subject first, then same task, then any; file order; never the item itself."""
+    if k <= 0 or not pool:
+        return []
+    key = (item.get("question"), tuple(sorted(item.get("options", {}).items())))
+    pool = [e for e in pool if e.get("answer") and (e.get("question"), tuple(sorted(e["options"].items()))) != key]
+    same_subj = [e for e in pool if item.get("subject") and e.get("subject") == item.get("subject")]
+    same_task = [e for e in pool if e.get("task") == item.get("task") and e not in same_subj]
+    rest = [e for e in pool if e not in same_subj and e not in same_task]
+    return (same_subj + same_task + rest)[:k]
+
+
+def _with_context(item: dict, extra: str) -> dict:
+    if not extra:
+        return item
+    ctx = item.get("context")
+    return {**item, "context": f"{extra}\n{ctx}" if ctx else extra}
+
+
+# --- scoring ------------------------------------------------------------------------------------
+def letter_logits(model: Any, tok: Any, prompts: list[str], letters: list[list[str]], batch_size: int = 16,
+                  max_length: int | None = None, add_special_tokens: bool = True) -> list[dict[str, float]]:
+    """Next-token logit of every valid letter after each prompt (batched: sorted by length, left
+    padding, explicit position ids, logits for the last position only)."""
+    import torch
+
+    from medpipe.stages.mcq import letter_token_ids
+
+    cand = letter_token_ids(tok, sorted({x for ls in letters for x in ls}))
+    enc = [list(tok(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
+    if max_length is not None:
+        enc = [e[-max_length:] for e in enc]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = next(model.parameters()).device
+    out: list[dict | None] = [None] * len(prompts)
+    order = sorted(range(len(enc)), key=lambda k: -len(enc[k]))
+    with torch.no_grad():
+        for b0 in range(0, len(order), max(1, batch_size)):
+            chunk = order[b0:b0 + max(1, batch_size)]
+            L = max(len(enc[k]) for k in chunk)
+            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+            attn = torch.zeros((len(chunk), L), dtype=torch.long)
+            for r, k in enumerate(chunk):
+                ids[r, L - len(enc[k]):] = torch.tensor(enc[k], dtype=torch.long)
+                attn[r, L - len(enc[k]):] = 1
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            kw = dict(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device))
+            try:
+                logits = model(**kw, logits_to_keep=1).logits[:, -1, :]
+            except TypeError:
+                logits = model(**kw).logits[:, -1, :]
+            logits = logits.float().cpu()
+            for r, k in enumerate(chunk):
+                out[k] = {x: float(logits[r, cand[x]].max()) for x in letters[k]}
+    return out  # type: ignore[return-value]
+
+
+class _Runner:
+    """The model behind an evaluation: transformers (default) or vLLM."""
+
+    def __init__(self, art: Any, p: EvalParams, model_opts: dict | None = None):
+        self.p = p
+        self.backend = p.backend
+        trust = bool(art.extras.get("trust_remote_code", False)) or bool((model_opts or {}).get("trust_remote_code"))
+        if self.backend == "vllm":
+            try:
+                from vllm import LLM
+            except ImportError:
+                from medpipe.errors import ConfigError
+
+                raise ConfigError("eval.backend=vllm but vLLM is not installed (pip install vllm on a GPU machine); "
+                                  "use backend=transformers") from None
+            from transformers import AutoTokenizer
+
+            self.llm = LLM(model=art.model_path, tokenizer=art.tokenizer_path, trust_remote_code=trust)
+            self.tok = AutoTokenizer.from_pretrained(art.tokenizer_path, trust_remote_code=trust)
+            self.local = None
+        else:
+            from medpipe.chat import LocalModel
+
+            self.local = LocalModel.from_artifact(art)
+            self.tok = self.local.tok
+
+    @property
+    def has_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    def render(self, messages: list[dict]) -> str:
+        if self.local is not None:
+            return self.local.render(messages)
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, prompts: list[str], max_new_tokens: int, add_special_tokens: bool) -> list[str]:
+        if self.local is not None:
+            return [c.text for c in self.local.generate(prompts, max_new_tokens=max_new_tokens,
+                                                         batch_size=self.p.batch_size, max_length=self.p.max_length,
+                                                         add_special_tokens=add_special_tokens)]
+        from vllm import SamplingParams
+
+        outs = self.llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
+        return [o.outputs[0].text.strip() for o in outs]
+
+    def letters(self, prompts: list[str], letters: list[list[str]], add_special_tokens: bool) -> list[dict]:
+        if self.local is not None:
+            return letter_logits(self.local.model, self.tok, prompts, letters, self.p.batch_size, self.p.max_length,
+                                 add_special_tokens)
+        from vllm import SamplingParams
+
+        from medpipe.stages.mcq import letter_token_ids
+
+        cand = letter_token_ids(self.tok, sorted({x for ls in letters for x in ls}))
+        out = []
+        for prompt, ls in zip(prompts, letters):  # vLLM batches internally; one request per item keeps it simple
+            ids = sorted({i for x in ls for i in cand[x]})
+            res = self.llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(ids),
+                                                             allowed_token_ids=ids))[0]
+            lp = res.outputs[0].logprobs[0]
+            out.append({x: max(lp[i].logprob if i in lp else float("-inf") for i in cand[x]) for x in ls})
+        return out
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+def evaluate(p: EvalParams, art: Any, out_dir: Path, data_opts: dict | None = None, say=print,
+             model_opts: dict | None = None) -> tuple[dict, dict]:
+    """Evaluate the model of artifact `art` on every set of `p`; per-item details are written to
+    `out_dir/details/<set>.jsonl`. Returns (flat metrics, per-set results)."""
+    validate_params(p)
+    sets = plan_sets(p, data_opts)
+    client = None
+    if p.judge.url and any(s.kind == "generation" for s in sets):
+        client = judge_client(p.judge)  # reached before any generation: an unreachable judge fails fast
+        say(f"judge: {client.model} at {client.base}")
+    pool: list[dict] = []
+    if p.shots:
+        from medpipe.stages.data.validate import read_source
+        from medpipe.stages.data import parse_spec
+
+        for src in parse_spec(p.fewshot_data):
+            pool += read_source(src, "mcq", p.on_error or (data_opts or {}).get("on_error") or "fail")[0]
+    index = None
+    if p.rag.index is not None:
+        from medpipe.stages.rag import build_or_load
+
+        index = build_or_load(p.rag, say=say, data_opts=data_opts)
+        say(f"RAG: {len(index.chunks)} chunks ({index.kind}), top-{p.rag.k} passages per prompt")
+    runner = _Runner(art, p, model_opts)
+    metrics: dict = {}
+    results: dict = {}
+    details_dir = Path(out_dir) / "details"
+    details_dir.mkdir(parents=True, exist_ok=True)
+    for s in sets:
+        t0 = time.monotonic()
+        if s.kind == "mcq":
+            res, details = eval_mcq(s, p, runner, pool, index)
+        elif s.kind == "generation":
+            res, details = eval_generation(s, p, runner, index, client, say)
+        else:
+            res, details = eval_promptcblue(s, p, runner, index)
+        res["seconds"] = round(time.monotonic() - t0, 2)
+        results[s.name] = res
+        for k, v in res["metrics"].items():
+            metrics[f"{s.name}/{k}"] = v
+        with open(details_dir / f"{s.name}.jsonl", "w", encoding="utf-8") as f:
+            for d in details:
+                f.write(json.dumps(d, ensure_ascii=False, default=str) + "\n")
+        shown = " ".join(f"{k}={v:.4g}" for k, v in res["metrics"].items() if isinstance(v, float))
+        say(f"{s.name}: {shown} ({res['n']} items, {res['seconds']:.1f}s)")
+    return metrics, results
+
+
+def _rag_contexts(index: Any, queries: list[str], k: int, langs: list[str]) -> list[str]:
+    if index is None:
+        return [""] * len(queries)
+    from medpipe.stages.rag import passages_block
+
+    hits = index.search(queries, k)
+    return [passages_block(h, lg) for h, lg in zip(hits, langs)]
+
+
+def eval_mcq(s: EvalSet, p: EvalParams, runner: _Runner, pool: list[dict], index: Any) -> tuple[dict, list]:
+    from medpipe.stages.metrics import extract_letters, mcq_scores
+
+    items = s.records
+    langs = [_lang(it, p.lang) for it in items]
+    rag_ctx = _rag_contexts(index, [str(it.get("question") or "") for it in items], p.rag.k, langs)
+    shots = [pick_shots(it, pool, p.shots) for it in items]
+    special = not p.chat
+    details = []
+    if p.method == "ppl":
+        from medpipe.stages.mcq import TEMPLATES, score_options_ppl
+
+        if runner.local is None:
+            from medpipe.errors import ConfigError
+
+            raise ConfigError("eval.method=ppl needs backend=transformers")
+        aug = []
+        for it, lg, rc, ex in zip(items, langs, rag_ctx, shots):
+            t = TEMPLATES[lg]
+            block = "\n".join(t["ppl_body"].format(context="", question=e["question"]) + t["ppl_prefix"]
+                              + t["ppl_option"].format(option=e["options"][e["answer"][0]]) for e in ex)
+            aug.append(_with_context(it, "\n".join(x for x in (block, rc) if x)))
+        scored = score_options_ppl(aug, runner.local.model, runner.tok, batch_size=p.batch_size, reduction=p.reduction,
+                                   lang=p.lang, chat=p.chat, max_length=p.max_length)
+        preds = [[r["pred"]] for r in scored]
+        for it, r in zip(items, scored):
+            details.append({"id": it.get("id"), "gold": it["answer"], "pred": [r["pred"]], "scores": r["scores"]})
+    else:
+        tok = runner.tok
+        prompts = [cue_prompt(_with_context(it, rc), p.lang, ex, tok, p.chat) for it, rc, ex in zip(items, rag_ctx, shots)]
+        if p.method == "cue":
+            scores = runner.letters(prompts, [list(it["options"]) for it in items], special)
+            preds = [[max(sc, key=sc.get)] for sc in scores]
+            for it, sc, pr in zip(items, scores, preds):
+                details.append({"id": it.get("id"), "gold": it["answer"], "pred": pr, "scores": sc})
+        else:
+            texts = runner.generate(prompts, p.mcq_max_new_tokens, special)
+            preds = []
+            for it, lg, text in zip(items, langs, texts):
+                from medpipe.stages.mcq import TEMPLATES
+
+                letters, why = extract_letters(TEMPLATES[lg]["cue"] + text, it["options"])
+                preds.append(letters)
+                details.append({"id": it.get("id"), "gold": it["answer"], "pred": letters, "text": text, "invalid": why})
+    for d, it in zip(details, items):
+        d["correct"] = sorted(d["pred"] or []) == sorted(it["answer"]) if d["pred"] else False
+        d["subject"] = it.get("subject")
+        d["_loc"] = it.get("_loc")
+    sc = mcq_scores(items, preds)
+    m = {"acc": sc["acc"], "f1_weighted": sc["f1_weighted"]}
+    if p.method == "generate":
+        m["invalid"] = sc["invalid"]
+    res = {"kind": "mcq", "format": s.fmt, "method": p.method, "shots": p.shots, "n": sc["n"], "metrics": m,
+           "invalid": sc["invalid"], "unlabeled": sc["unlabeled"], "rag": index is not None}
+    if "subjects" in sc:
+        res["subjects"] = sc["subjects"]
+    if "acc_multi" in sc:
+        res["acc_multi"], res["n_multi"] = sc["acc_multi"], sc["n_multi"]
+    return res, details
+
+
+def _gen_prompts(runner: _Runner, convs: list[list[dict]], index: Any, k: int, lang: str) -> list[str]:
+    from medpipe.stages.mcq import detect_lang
+
+    if index is not None:
+        queries = [c[-1]["content"] for c in convs]
+        langs = [detect_lang(q) if lang == "auto" else lang for q in queries]
+        blocks = _rag_contexts(index, queries, k, langs)
+        convs = [c[:-1] + [{"role": "user", "content": f"{b}\n\n{c[-1]['content']}"}] for c, b in zip(convs, blocks)]
+    return [runner.render(c) for c in convs]
+
+
+def eval_generation(s: EvalSet, p: EvalParams, runner: _Runner, index: Any, client: Any, say) -> tuple[dict, list]:
+    from medpipe.stages.metrics import generation_scores
+
+    convs = [[{"role": m["role"], "content": m["content"]} for m in r["messages"][:-1]] for r in s.records]
+    refs = [r["messages"][-1]["content"] for r in s.records]
+    prompts = _gen_prompts(runner, convs, index, p.rag.k, p.lang)
+    hyps = runner.generate(prompts, p.max_new_tokens, not runner.has_template)
+    m = generation_scores(hyps, refs, tokenize=p.tokenize)
+    details = [{"_loc": r.get("_loc"), "prompt": c[-1]["content"], "reference": ref, "output": h}
+               for r, c, ref, h in zip(s.records, convs, refs, hyps)]
+    res = {"kind": "generation", "format": s.fmt, "n": len(refs), "metrics": dict(m), "tokenize": p.tokenize,
+           "rag": index is not None}
+    if client is not None:
+        n = len(refs) if p.judge.limit is None else min(len(refs), p.judge.limit)
+        judged = judge_pointwise(client, convs[:n], hyps[:n], refs[:n], p.judge.max_tokens)
+        res["judge"] = judged["summary"]
+        for a, v in judged["summary"]["means"].items():
+            res["metrics"][f"judge_{a}"] = v
+        res["metrics"]["judge_malformed"] = judged["summary"]["malformed"]
+        for d, j in zip(details, judged["items"]):
+            d["judge"] = j
+        say(f"{s.name}: judge scored {judged['summary']['scored']}/{n}, malformed replies {judged['summary']['malformed']}")
+    return res, details
+
+
+def eval_promptcblue(s: EvalSet, p: EvalParams, runner: _Runner, index: Any) -> tuple[dict, list]:
+    from medpipe.stages.metrics import promptcblue_scores
+
+    convs = [[{"role": "user", "content": r["input"]}] for r in s.records]
+    prompts = _gen_prompts(runner, convs, index, p.rag.k, p.lang)
+    outs = runner.generate(prompts, p.max_new_tokens, not runner.has_template)
+    sc = promptcblue_scores(s.records, outs)
+    m = {"score": sc["score"]}
+    for task, v in sc["tasks"].items():
+        m[f"{task}_{v['metric']}"] = v["score"]
+    details = [{"_loc": r.get("_loc"), "task_dataset": r.get("task_dataset"), "target": r["target"], "output": o}
+               for r, o in zip(s.records, outs)]
+    return {"kind": "promptcblue", "format": s.fmt, "n": len(outs), "metrics": m, "tasks": sc["tasks"],
+            "rag": index is not None}, details
+
+
+# --- LLM judge ----------------------------------------------------------------------------------
+JUDGE_SYSTEM = ("You are a senior physician grading an AI assistant's answer to a medical question. "
+                "Rate it from 1 (very poor) to 5 (excellent) on four aspects: fluency (clear, natural language), "
+                "relevance (answers what was asked), completeness (covers what a doctor would cover), and "
+                "proficiency (medically correct and professional).")
+JUDGE_USER = ("Dialogue so far:\n{dialogue}\n\nReference answer (may be incomplete):\n{reference}\n\n"
+              "Assistant's answer:\n{answer}\n\nReply with only a JSON object: "
+              '{{"fluency": n, "relevance": n, "completeness": n, "proficiency": n}} with integers 1-5.')
+PAIR_SYSTEM = ("You are a senior physician comparing two AI assistants' answers to the same medical question. "
+               "Judge professionalism (medical correctness, safety) first, then fluency.")
+PAIR_USER = ("Dialogue so far:\n{dialogue}\n\nAnswer 1:\n{a}\n\nAnswer 2:\n{b}\n\n"
+             "Is answer 1 better than answer 2? Reply with exactly one word: Win (answer 1 is better), "
+             "Lose (answer 2 is better) or Tie.")
+
+
+def _dialogue(conv: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in conv)
+
+
+def judge_client(j: JudgeParams):
+    from medpipe.chat import OpenAIClient, api_key_from_env
+
+    client = OpenAIClient(j.url, model=j.model, api_key=api_key_from_env(j.api_key_env), timeout=j.timeout)
+    client.check()
+    return client
+
+
+def judge_pointwise(client: Any, convs: list[list[dict]], answers: list[str], refs: list[str],
+                    max_tokens: int = 256) -> dict:
+    """MedCare-style 1–5 scores per aspect; malformed replies are counted and left out of the means."""
+    from medpipe.stages.metrics import JUDGE_ASPECTS, parse_judge_scores
+
+    items = []
+    for conv, ans, ref in zip(convs, answers, refs):
+        msgs = [{"role": "system", "content": JUDGE_SYSTEM},
+                {"role": "user", "content": JUDGE_USER.format(dialogue=_dialogue(conv), reference=ref, answer=ans)}]
+        reply = client.chat(msgs, max_tokens=max_tokens)
+        scores = parse_judge_scores(reply)
+        items.append({"scores": scores, "reply": reply if scores is None else None})
+    ok = [it["scores"] for it in items if it["scores"]]
+    means = {a: sum(s[a] for s in ok) / len(ok) for a in JUDGE_ASPECTS} if ok else {}
+    return {"items": items, "summary": {"n": len(items), "scored": len(ok), "malformed": len(items) - len(ok),
+                                        "means": means}}
+
+
+_FLIP = {"win": "lose", "lose": "win", "tie": "tie"}
+
+
+def judge_pair(client: Any, conv: list[dict], a: str, b: str, max_tokens: int = 16) -> dict:
+    """Judge (a, b) in both orders. The verdict is for a: when the two orders agree, theirs; when
+    they disagree, 'tie' and counted inconsistent; a malformed reply leaves the pair unjudged."""
+    from medpipe.stages.metrics import parse_pairwise
+
+    def ask(x: str, y: str) -> tuple[str | None, str]:
+        msgs = [{"role": "system", "content": PAIR_SYSTEM},
+                {"role": "user", "content": PAIR_USER.format(dialogue=_dialogue(conv), a=x, b=y)}]
+        reply = client.chat(msgs, max_tokens=max_tokens)
+        return parse_pairwise(reply), reply
+
+    v1, r1 = ask(a, b)
+    v2, r2 = ask(b, a)
+    out = {"first": v1, "second": v2}
+    if v1 is None or v2 is None:
+        out.update(verdict=None, malformed=True, replies=[r1, r2])
+        return out
+    second = _FLIP[v2]  # the swapped order's verdict, seen from a
+    out.update(verdict=v1 if v1 == second else "tie", inconsistent=v1 != second, malformed=False)
+    return out
+
+
+def pairwise_summary(results: list[dict]) -> dict:
+    judged = [r for r in results if not r.get("malformed")]
+    n = len(judged)
+    count = {v: sum(r["verdict"] == v for r in judged) for v in ("win", "tie", "lose")}
+    return {"n": len(results), "judged": n, "malformed": len(results) - n,
+            "inconsistent": sum(bool(r.get("inconsistent")) for r in judged),
+            **{v: (count[v] / n if n else 0.0) for v in count}, "counts": count}
+
+
+def pairwise_line(a: str, b: str, s: dict) -> str:
+    return (f"{a} vs {b}: {s['win'] * 100:.0f} % win, {s['tie'] * 100:.0f} % tie, {s['lose'] * 100:.0f} % lose "
+            f"({s['judged']} judged in both orders, {s['inconsistent']} inconsistent → tie, {s['malformed']} malformed)")
+
+
+def compare(model_a: Any, model_b: Any, name_a: str, name_b: str, records: list[dict], client: Any,
+            max_new_tokens: int = 128, batch_size: int = 8, say=print) -> dict:
+    """IIMedGPT-style pairwise comparison: both models answer the last user turn of every
+    conversation (single- or multi-turn, earlier turns as given), the judge compares the answers
+    in both orders. Returns {"a", "b", "summary", "items"}."""
+    convs = []
+    for r in records:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        convs.append(msgs[: last_user + 1])
+    say(f"{name_a} and {name_b} answer {len(convs)} questions")
+    ans_a = [c.text for c in model_a.generate([model_a.render(c) for c in convs], max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size)]
+    ans_b = [c.text for c in model_b.generate([model_b.render(c) for c in convs], max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size)]
+    items = []
+    for r, conv, a, b in zip(records, convs, ans_a, ans_b):
+        j = judge_pair(client, conv, a, b)
+        items.append({"_loc": r.get("_loc"), "turns": len(conv), "question": conv[-1]["content"], "a": a, "b": b, **j})
+    summary = pairwise_summary(items)
+    return {"a": name_a, "b": name_b, "summary": summary, "line": pairwise_line(name_a, name_b, summary), "items": items}
