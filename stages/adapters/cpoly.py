@@ -69,8 +69,8 @@ import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
