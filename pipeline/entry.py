@@ -76,7 +76,9 @@ def run_stage_file(path: str | Path) -> Artifact:
     spec = json.loads(Path(path).read_text())
     output_dir = Path(spec["output_dir"])
     log = _setup_log(output_dir)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "tensorboard"))
+    # transformers' TensorBoard callback reads this when the trainer is built: one dir per stage
+    previous_tb = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "tensorboard")
     cls = registry.load(spec["kind"])
     ctx = StageContext(
         name=spec["name"],
@@ -98,6 +100,11 @@ def run_stage_file(path: str | Path) -> Artifact:
     except BaseException:
         log.exception("stage %s failed on rank %d", ctx.name, rank())
         raise
+    finally:
+        if previous_tb is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = previous_tb
     if ctx.is_main:
         artifact.config_hash = spec["config_hash"]
         artifact.inputs_hash = spec["inputs_hash"]
@@ -109,6 +116,12 @@ def run_stage_file(path: str | Path) -> Artifact:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # the deepspeed launcher passes --local_rank=N (torchrun sets LOCAL_RANK instead)
+    local = [a for a in argv if a.startswith("--local_rank") or a.startswith("--local-rank")]
+    for a in local:
+        if "=" in a:
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+    argv = [a for a in argv if a not in local]
     if len(argv) != 1:
         print("usage: python -m medpipe.entry STAGE_FILE", file=sys.stderr)
         return 2

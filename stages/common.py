@@ -198,16 +198,38 @@ def train(trainer, ctx: Any) -> dict:
     if last:
         ctx.say(f"resuming from {Path(last).name}")
     result = trainer.train(resume_from_checkpoint=last)
-    metrics = loss_metrics(trainer.state.log_history)
+    metrics: dict = loss_metrics(trainer.state.log_history)
     metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     metrics["steps"] = trainer.state.global_step
     metrics["tokens_seen"] = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     if last:
         metrics["resumed_from"] = Path(last).name
+    metrics.update(distributed_facts(trainer, ctx))
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, SpikeGuard):
             metrics["spike_guard_skipped"] = cb.skipped
     return metrics
+
+
+def distributed_facts(trainer, ctx: Any) -> dict:
+    """World size and ZeRO stage actually in effect, and a digest of this rank's trainable weights
+    (logged per rank, so data-parallel runs can be checked for identical replicas)."""
+    import hashlib
+    import os
+
+    facts = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    if trainer.is_deepspeed_enabled:
+        facts["zero_stage"] = int(trainer.model_wrapped.zero_optimization_stage())
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    ctx.log.info("distributed: world_size=%d zero_stage=%s weights_sha256=%s", facts["world_size"],
+                 facts.get("zero_stage", "none"), digest.hexdigest())
+    facts["weights_sha256"] = digest.hexdigest()
+    return facts
 
 
 def last_complete_checkpoint(ckpt_dir: Path) -> str | None:

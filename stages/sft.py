@@ -51,7 +51,9 @@ class SFTStage:
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok, callbacks=common.callbacks(ctx, p))
         metrics = common.train(trainer, ctx)
-        metrics.update(conversations=len(train_ds), heldout=len(eval_ds) if eval_ds else 0)
+        multi = sum(1 for r in loaded.records if sum(m["role"] == "assistant" for m in r["messages"]) > 1)
+        metrics.update(conversations=len(train_ds), conversations_multi_turn=multi,
+                       heldout=len(eval_ds) if eval_ds else 0)
         return common.save_result(ctx, trainer, tok, p, metrics)
 
 

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 DEFAULT_SPEC = {
     "arch": "qwen2",
     "hidden_size": 128,
@@ -125,8 +125,9 @@ def build_tokenizer(vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus_texts(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    # as Qwen1.5-Chat: end of turn <|im_end|> is the eos (generation stops there), <|endoftext|> pads
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|endoftext|>"])
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -153,7 +154,7 @@ def build(spec: dict, out: Path) -> None:
         raise ConfigError(f"model.tiny.arch: '{spec['arch']}' is not supported (qwen2, llama)")
     torch.manual_seed(spec["seed"])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)

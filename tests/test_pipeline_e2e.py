@@ -132,3 +132,25 @@ def test_run_dir_of_another_recipe_is_refused(qilin, tmp_path):
                      "name: other\nstages:\n  sft: {data: '${data.dialogue}'}\n")
     r = medpipe("run", f"recipe={other}", f"run.dir={run_dir}")
     assert r.code == 2 and "holds a run of recipe 'qilin'" in r.out
+
+
+def test_sweep_trains_shared_stages_once_and_runs_survive_deletion(qilin):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    root, _, _ = qilin
+    show = medpipe("show", "recipe=qilin", f"run.root={root}", *QUICK)
+    assert show.out.count("reuse finished result") == 3, show.out
+    before = set((root / ".store").glob("dpo-*"))
+    r = medpipe("run", "recipe=qilin", f"run.root={root}", *QUICK, "stages.dpo.beta=0.05,0.5", "--multirun")
+    assert r.code == 0, r.out
+    assert "sweep 1/2" in r.out and "sweep 2/2" in r.out
+    assert r.out.count("✓ reused") == 4  # cpt and sft, in both runs
+    new = set((root / ".store").glob("dpo-*")) - before
+    assert len([p for p in new if "replaced" not in p.name]) == 2
+    runs = sorted(p for p in root.glob("qilin-*") if (p / "run.json").exists())[-2:]
+    shutil.rmtree(runs[0])  # deleting one run never breaks another that shares its stages
+    for stage in ("01-cpt", "02-sft", "03-dpo"):
+        art = json.loads((runs[1] / stage / "artifact.json").read_text())
+        assert AutoModelForCausalLM.from_pretrained(art["model_path"]) is not None

@@ -1,0 +1,96 @@
+"""Stages under the real DeepSpeed launcher: 2 CPU processes (gloo), ZeRO-2, same code path as a
+GPU cluster; and the launch commands/configs generated for clusters."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import medpipe
+from medpipe.compose import compose
+from medpipe.launch import command, deepspeed_config
+
+RECIPE = """
+defaults: [base, model: tiny, data: sample, stage/sft@stages.sft, stage/dpo@stages.dpo, _self_]
+name: ds
+stages:
+  sft: {data: "${data.dialogue}", lr: 5e-3, max_steps: 4, logging_steps: 1, batch_size: 2, max_length: 128, peft: {r: 4, alpha: 8}}
+  dpo: {data: "${data.preference}", lr: 5e-4, max_steps: 3, logging_steps: 1, batch_size: 2, max_length: 128, peft: {r: 4, alpha: 8}, reward_eval_pairs: 8}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sft_and_dpo_under_deepspeed_zero2_on_two_processes(tmp_path):
+    recipe = tmp_path / "ds.yaml"
+    recipe.write_text(RECIPE)
+    run_dir = tmp_path / "runs" / "ds"
+    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}",
+                "launcher=deepspeed", "launcher.num_gpus=2", "launcher.master_port=29531")
+    assert r.code == 0, r.out
+    for stage in ("01-sft", "02-dpo"):
+        sdir = (run_dir / stage).resolve()
+        art = json.loads((sdir / "artifact.json").read_text())
+        assert art["metrics"]["world_size"] == 2 and art["metrics"]["zero_stage"] == 2
+        logs = {p.name: p.read_text() for p in (sdir / "logs").glob("rank*.log")}
+        assert set(logs) == {"rank0.log", "rank1.log"}
+        digests = {re.search(r"world_size=2 zero_stage=2 weights_sha256=(\w+)", t).group(1) for t in logs.values()}
+        assert len(digests) == 1  # both replicas ended identical
+        assert sum(t.count("artifact written") for t in logs.values()) == 1  # written once, by rank 0
+        assert (sdir / "deepspeed.json").is_file()
+    assert json.loads((run_dir / "01-sft" / "artifact.json").read_text())["metrics"]["last_loss"] < \
+        json.loads((run_dir / "01-sft" / "artifact.json").read_text())["metrics"]["first_loss"]
+
+
+def launcher(**kw) -> dict:
+    cfg, _ = compose("qilin", [f"launcher={kw.pop('name')}", *[f"launcher.{k}={v}" for k, v in kw.items()]])
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.launcher, resolve=True)
+
+
+def test_deepspeed_commands_for_one_and_two_nodes(tmp_path):
+    one = command(launcher(name="deepspeed", num_gpus=8), Path("/s/stage.json"))
+    assert one[1:] == ["--num_gpus", "8", "--num_nodes", "1", "--master_port", "29500",
+                       "--module", "medpipe.entry", "/s/stage.json"]
+    two = command(launcher(name="deepspeed", num_gpus=8, num_nodes=2, hostfile="hosts", master_addr="10.0.0.1"),
+                  Path("/s/stage.json"))
+    assert two[1:] == ["--num_gpus", "8", "--num_nodes", "2", "--master_port", "29500", "--hostfile", "hosts",
+                       "--master_addr", "10.0.0.1", "--module", "medpipe.entry", "/s/stage.json"]
+
+
+def test_torchrun_and_accelerate_commands(tmp_path):
+    t1 = command(launcher(name="torchrun", num_gpus=8), Path("/s/stage.json"))
+    assert t1[1:] == ["--nproc_per_node", "8", "--nnodes", "1", "--master_port", "29500", "-m", "medpipe.entry",
+                      "/s/stage.json"]
+    t2 = command(launcher(name="torchrun", num_gpus=8, num_nodes=2, master_addr="10.0.0.1"), Path("/s/stage.json"))
+    assert "--rdzv_endpoint" in t2 and "10.0.0.1:29500" in t2 and t2[t2.index("--nnodes") + 1] == "2"
+    a = command(launcher(name="accelerate", num_gpus=8, num_nodes=2, master_addr="10.0.0.1", node_rank=1),
+                Path("/s/stage.json"))
+    assert a[1:5] == ["launch", "--num_processes", "16", "--num_machines"] and "--use_deepspeed" in a
+    assert a[a.index("--machine_rank") + 1] == "1" and a[a.index("--main_process_ip") + 1] == "10.0.0.1"
+    plain = command(launcher(name="accelerate", num_gpus=2, deepspeed=False), Path("/s/stage.json"))
+    assert "--multi_gpu" in plain  # without it accelerate silently starts ONE process
+
+
+def test_zero2_config_ties_to_stage_params():
+    cfg, _ = compose("qilin", ["deepspeed=zero2_offload"])
+    from omegaconf import OmegaConf
+
+    ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    out = deepspeed_config(ds, type("P", (), {"precision": "bf16"})(), cpu=False)
+    assert out["zero_optimization"]["stage"] == 2
+    assert out["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert out[key] == "auto"  # filled from the stage's params by transformers
+    assert out["optimizer"]["params"]["lr"] == "auto"  # DPO under ZeRO-2 has an optimizer
+    assert out["bf16"] == {"enabled": "auto"}
+    assert deepspeed_config(ds, type("P", (), {"precision": "auto"})(), cpu=True)["bf16"] == {"enabled": False}
+
+
+def test_show_prints_the_launch_command_per_stage():
+    r = medpipe("show", "recipe=qilin", "launcher=deepspeed", "launcher.num_gpus=8")
+    lines = [l for l in r.out.splitlines() if "launch:" in l]
+    assert len(lines) == 3 and all("deepspeed --num_gpus 8" in l and "--module medpipe.entry" in l for l in lines)
