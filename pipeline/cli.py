@@ -173,6 +173,100 @@ def status(run_dir: Annotated[str, typer.Argument(help="a run directory (runs/<r
     _console().print(table)
 
 
+RunDir = Annotated[str, typer.Argument(help="a run directory (runs/<recipe>-<time>)")]
+StageOpt = Annotated[Optional[str], typer.Option("--stage", help="stage whose model to use (default: the last done stage)")]
+
+
+@app.command("eval")
+def eval_(
+    run_dir: RunDir,
+    args: Annotated[Optional[list[str]], typer.Argument(help="eval params as key=value: data=cmexam method=cue shots=5 ...")] = None,
+    stage: StageOpt = None,
+) -> None:
+    """Evaluate a done stage's model; results go to RUN_DIR/eval/<stage>.json (and the report)."""
+    try:
+        from medpipe.stages.eval import evaluate_run_stage
+
+        evaluate_run_stage(run_dir, stage, list(args or []))
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command()
+def report(run_dir: RunDir) -> None:
+    """Write RUN_DIR/report.md and report.html: stages, metrics per stage, curves, config."""
+    try:
+        from .report import build
+
+        md, page = build(run_dir)
+        print(f"report: {md}\n        {page}")
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command()
+def serve(
+    run_dir: RunDir,
+    stage: StageOpt = None,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    rag: Annotated[bool, typer.Option("--rag", help="prepend top-k passages of the run's knowledge index")] = False,
+    rag_corpus: Annotated[Optional[str], typer.Option(help="corpus for --rag (default: the run's cpt data)")] = None,
+    stop_after: Annotated[Optional[float], typer.Option(help="stop by itself after this many seconds")] = None,
+) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/models) for a stage's model."""
+    try:
+        from .serve import serve as run_server
+
+        run_server(run_dir, stage, host, port, rag, rag_corpus, stop_after)
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Optional[str], typer.Argument(help="a run directory (not needed with --url)")] = None,
+    stage: StageOpt = None,
+    message: Annotated[Optional[str], typer.Option("--message", "-m", help="one-shot: answer this and exit")] = None,
+    rag: Annotated[bool, typer.Option("--rag", help="prepend top-k passages of the run's knowledge index")] = False,
+    rag_corpus: Annotated[Optional[str], typer.Option(help="corpus for --rag (default: the run's cpt data)")] = None,
+    url: Annotated[Optional[str], typer.Option(help="talk to an OpenAI-compatible endpoint instead")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per answer")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+) -> None:
+    """Talk to a stage's model, interactively or one-shot (-m)."""
+    try:
+        from .chat import chat_loop
+
+        if run_dir is None and url is None:
+            raise typer.BadParameter("give RUN_DIR or --url")
+        chat_loop(run_dir, stage, message, rag, rag_corpus, url, system, max_new_tokens, temperature)
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command()
+def compare(
+    run_dir: RunDir,
+    a: Annotated[str, typer.Option("--a", help="stage (or OTHER_RUN_DIR:stage) whose answers are judged")],
+    b: Annotated[str, typer.Option("--b", help="stage (or OTHER_RUN_DIR:stage) it is compared with")],
+    judge_url: Annotated[str, typer.Option(help="OpenAI-compatible judge endpoint")],
+    args: Annotated[Optional[list[str]], typer.Argument(help="data=... (chat questions), limit=N, batch_size=N")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="model name at the judge endpoint")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="env var holding the judge API key")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per answer")] = 128,
+) -> None:
+    """Pairwise judging (Win/Tie/Lose, both orders) of two stages' answers to the same questions."""
+    try:
+        from medpipe.stages.eval import compare_run_stages
+
+        compare_run_stages(run_dir, a, b, judge_url, list(args or []), judge_model, api_key_env,
+                           max_new_tokens=max_new_tokens)
+    except _user_errors() as e:
+        _fail(e)
+
+
 def main() -> None:
     app()
 
