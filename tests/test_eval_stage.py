@@ -1,0 +1,208 @@
+"""The eval stage on the tiny model: the three mcq methods, batching = one at a time, k-shot,
+generation metrics, PromptCBLUE, bad input, `medpipe eval` on a run dir."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _evalrun import fake_run, samples, tiny_artifact
+from conftest import medpipe
+from medpipe.stages.eval import EvalParams, EvalSet, cue_prompt, eval_mcq, evaluate, pick_shots, plan_sets
+
+QUIET = dict(say=lambda m: None)
+
+
+def cmexam(limit=12):
+    return {"path": f"{samples()}/mcq_cmexam.csv", "format": "cmexam", "limit": limit}
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from medpipe.stages.eval import _Runner
+
+    return _Runner(tiny_artifact(), EvalParams())
+
+
+def test_cue_scoring_batched_equals_one_at_a_time(runner):
+    from medpipe.stages.eval import letter_logits
+
+    items = plan_sets(EvalParams(data=[cmexam(10), {"path": f"{samples()}/mcq_medqa.jsonl", "format": "medqa",
+                                                    "limit": 10}]))
+    items = items[0].records + items[1].records  # different lengths, 4 and 5 options, zh and en
+    prompts = [cue_prompt(it, "auto", []) for it in items]
+    letters = [list(it["options"]) for it in items]
+    batched = letter_logits(runner.local.model, runner.tok, prompts, letters, batch_size=8)
+    single = letter_logits(runner.local.model, runner.tok, prompts, letters, batch_size=1)
+    for b, s in zip(batched, single):
+        assert b.keys() == s.keys()
+        for k in b:
+            assert b[k] == pytest.approx(s[k], abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cue", "ppl", "generate"])
+def test_each_mcq_method_scores_the_set(method, tmp_path):
+    p = EvalParams(data=cmexam(8), method=method, mcq_max_new_tokens=4)
+    metrics, results = evaluate(p, tiny_artifact(), tmp_path, **QUIET)
+    r = results["cmexam"]
+    assert r["n"] == 8 and r["method"] == method and 0 <= metrics["cmexam/acc"] <= 1
+    assert "cmexam/f1_weighted" in metrics and r["subjects"]
+    rows = [json.loads(x) for x in (tmp_path / "details" / "cmexam.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(x["_loc"].startswith(f"{samples()}/mcq_cmexam.csv:") for x in rows)
+    if method == "generate":
+        assert metrics["cmexam/invalid"] == sum(x["pred"] is None for x in rows)
+
+
+class CannedRunner:
+    """Stands in for the model: generate() returns given texts (method=generate)."""
+    local = None
+    tok = None
+    has_template = False
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate(self, prompts, max_new_tokens, add_special_tokens):
+        assert all(p.endswith("答案为") or p.endswith("The answer is") for p in prompts)
+        return self.texts[: len(prompts)]
+
+
+def test_generate_method_multi_answer_and_unknown_letters():
+    items = [{"id": "1", "question": "多选？", "options": {"A": "a", "B": "b", "C": "c"}, "answer": ["A", "C"]},
+             {"id": "2", "question": "多选？", "options": {"A": "a", "B": "b", "C": "c"}, "answer": ["A", "C"]},
+             {"id": "3", "question": "单选？", "options": {"A": "a", "B": "b", "C": "c"}, "answer": ["B"]},
+             {"id": "4", "question": "单选？", "options": {"A": "a", "B": "b", "C": "c"}, "answer": ["B"]}]
+    s = EvalSet("x", "mcq", "cmexam", items)
+    res, details = eval_mcq(s, EvalParams(method="generate"), CannedRunner(["AC", "A", "F", "B。"]), [], None)
+    assert [d["pred"] for d in details] == [["A", "C"], ["A"], None, ["B"]]
+    assert [d["correct"] for d in details] == [True, False, False, True]
+    assert details[2]["invalid"] == "unknown_letter"
+    assert res["metrics"]["acc"] == 0.5 and res["invalid"] == 1 and res["acc_multi"] == 0.5
+
+
+def test_kshot_examples_come_from_the_dev_split_same_subject_first():
+    dev = plan_sets(EvalParams(data=f"{samples()}/ceval_dev.csv"))[0].records
+    item = plan_sets(EvalParams(data=f"{samples()}/ceval_val.csv"))[0].records[0]
+    shots = pick_shots(item, dev, 5)
+    assert len(shots) == 5 and all(s["subject"] == item["subject"] for s in shots)
+    prompt = cue_prompt(item, "auto", shots)
+    assert prompt.count("答案为") == 6 and prompt.endswith("答案为")
+    assert all(f"答案为{''.join(s['answer'])}\n\n" in prompt for s in shots)
+    assert pick_shots(shots[0], shots, 5) == shots[1:]  # never the item itself
+
+
+def test_ceval_five_shot_runs(tmp_path):
+    p = EvalParams(data=f"{samples()}/ceval_val.csv", shots=5, fewshot_data=f"{samples()}/ceval_dev.csv", limit=6)
+    metrics, results = evaluate(p, tiny_artifact(), tmp_path, **QUIET)
+    assert results["ceval"]["shots"] == 5 and "ceval/acc" in metrics
+
+
+def test_rag_passages_go_into_the_prompt():
+    from medpipe.stages.eval import _with_context
+
+    item = {"question": "偏头痛怎么治疗？", "options": {"A": "x", "B": "y"}, "answer": ["A"]}
+    prompt = cue_prompt(_with_context(item, "参考资料：\n[1] 偏头痛用曲普坦。"), "auto", [])
+    assert prompt.startswith("背景：参考资料：\n[1] 偏头痛用曲普坦。\n问题：偏头痛怎么治疗？")
+
+
+def test_generation_set_bleu_rouge(tmp_path):
+    p = EvalParams(data={"path": f"{samples()}/sft_alpaca.json", "format": "alpaca", "limit": 4},
+                   max_new_tokens=8, tokenize="jieba")
+    metrics, results = evaluate(p, tiny_artifact(), tmp_path, **QUIET)
+    assert set(metrics) == {f"sft_alpaca/{k}" for k in ("bleu1", "bleu4", "rouge1", "rouge2", "rougeL")}
+    assert results["sft_alpaca"]["tokenize"] == "jieba"
+    rows = [json.loads(x) for x in (tmp_path / "details" / "sft_alpaca.jsonl").read_text().splitlines()]
+    assert all(r["reference"] for r in rows)
+
+
+def test_promptcblue_set(tmp_path):
+    data = tmp_path / "cblue.jsonl"
+    rows = [{"input": "判断问题意图：头痛吃什么药？\n选项：病情诊断，治疗方案\n答：", "target": "治疗方案",
+             "answer_choices": ["病情诊断", "治疗方案"], "task_type": "cls", "task_dataset": "KUAKE-QIC", "sample_id": "1"},
+            {"input": "根据对话生成回复：医生你好，我头痛。", "target": "建议休息并测量血压。", "answer_choices": None,
+             "task_type": "response_generation", "task_dataset": "MedDG", "sample_id": "2"}]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    metrics, results = evaluate(EvalParams(data=str(data), max_new_tokens=8), tiny_artifact(), tmp_path, **QUIET)
+    assert set(metrics) == {"cblue/score", "cblue/KUAKE-QIC_macro_f1", "cblue/MedDG_rougeL"}
+    assert results["cblue"]["kind"] == "promptcblue"
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def test_bad_input_is_refused_with_a_clear_error(tmp_path):
+    from medpipe.errors import ConfigError
+    from medpipe.stages.data import DataError
+
+    noref = tmp_path / "noref.jsonl"
+    noref.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match="noref.jsonl:1.*expected an assistant turn"):
+        plan_sets(EvalParams(data=str(noref)))
+    unlabeled = tmp_path / "clinical_medicine_test.csv"
+    unlabeled.write_text("id,question,A,B,C,D\n0,问题？,a,b,c,d\n")
+    with pytest.raises(DataError, match="no reference answers"):
+        plan_sets(EvalParams(data=str(unlabeled)))
+    bad_letter = tmp_path / "bad.jsonl"
+    bad_letter.write_text(json.dumps({"question": "q?", "options": {"A": "x", "B": "y"}, "answer_idx": "F",
+                                      "answer": "z"}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:1.*unknown answer letter 'F'"):
+        plan_sets(EvalParams(data={"path": str(bad_letter), "format": "medqa"}))
+    with pytest.raises(DataError, match="cannot be evaluated"):
+        plan_sets(EvalParams(data=f"{samples()}/pretrain.jsonl"))
+    with pytest.raises(ConfigError, match="method"):
+        evaluate(EvalParams(data=cmexam(), method="vote"), tiny_artifact(), tmp_path, **QUIET)
+    with pytest.raises(ConfigError, match="fewshot_data"):
+        evaluate(EvalParams(data=cmexam(), shots=5), tiny_artifact(), tmp_path, **QUIET)
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    from medpipe.errors import ConfigError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed")
+    with pytest.raises(ConfigError, match="vLLM is not installed"):
+        evaluate(EvalParams(data=cmexam(), backend="vllm"), tiny_artifact(), tmp_path, **QUIET)
+
+
+def test_unreachable_judge_fails_before_any_generation(tmp_path):
+    from medpipe.chat import EndpointError
+    from medpipe.serve import free_port
+
+    p = EvalParams(data={"path": f"{samples()}/sft_alpaca.json", "format": "alpaca", "limit": 2})
+    p.judge.url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    p.judge.timeout = 5
+    with pytest.raises(EndpointError, match="unreachable.*Nothing was evaluated"):
+        evaluate(p, tiny_artifact(), tmp_path, **QUIET)
+    assert not (tmp_path / "details").exists()
+
+
+# --- the stage and the CLI ----------------------------------------------------------------------
+def test_eval_params_compose_and_reject_unknown_keys():
+    from medpipe.compose import bind_stages, compose
+    from medpipe.errors import ConfigError
+
+    recipe = "tests/recipes/qilin_eval.yaml"
+    cfg, _ = compose(recipe, [])
+    plans = {p.name: p for p in bind_stages(cfg)}
+    assert plans["eval_sft"].source == "sft" and plans["eval_sft"].params.method == "cue"
+    assert plans["eval_sft"].params.rag.k == 5 and plans["eval_sft"].cls.trains is False
+    with pytest.raises(ConfigError, match="bogus"):
+        bind_stages(compose(recipe, ["+stages.eval_sft.bogus=1"])[0])
+
+
+def test_medpipe_eval_writes_and_merges_results_for_a_stage(tmp_path):
+    run_dir = fake_run(tmp_path)
+    r = medpipe("eval", str(run_dir), "--stage", "sft", "data=cmexam", "limit=6")
+    assert r.code == 0, r.out
+    rec = json.loads((run_dir / "eval" / "sft.json").read_text())
+    assert rec["evaluated_stage"] == "sft" and set(rec["metrics"]) == {"cmexam/acc", "cmexam/f1_weighted"}
+    r = medpipe("eval", str(run_dir), "--stage", "sft", "data=${data.cmexam}", "limit=6", "method=ppl",
+                "rag.index=pretrain")
+    assert r.code == 0, r.out
+    rec = json.loads((run_dir / "eval" / "sft.json").read_text())
+    assert {"cmexam/acc", "cmexam+rag/acc"} <= set(rec["metrics"])  # merged, not replaced
+    assert (run_dir / "eval" / "sft" / "details" / "cmexam+rag.jsonl").is_file()
+    r = medpipe("eval", str(run_dir), "--stage", "nope", "data=cmexam")
+    assert r.code == 2 and "no stage 'nope'" in r.out
+    r = medpipe("eval", str(run_dir), "method=vote", "data=cmexam")
+    assert r.code == 2 and "method must be one of" in r.out
