@@ -1,0 +1,489 @@
+"""`cpoly` — task adaptation on several multiple-choice datasets at once (AntGLM-Med stage 3).
+
+Data. `data` names mcq sources (PubMedQA, MedMCQA, MedQA, CMExam, C-Eval shapes); every record's
+`task` comes from the data (the loader fills it per source: the format name, or the source's
+`task:` key). Tasks = `tasks` if set (records of other tasks are an error), else the sorted set of
+the data's tasks. Unlabeled items are dropped and counted. When the input artifact carries
+`extras.dataset_path` (a `voc_label` stage before this one: PQA-U items pseudo-labelled by
+Verification-of-Choice), those records are added (`input_dataset: auto`; `require` fails without
+one, `ignore` never reads it).
+
+Training text (`text_format`):
+* `ppl` (default): exactly the option-perplexity scoring format (`medpipe.stages.mcq.build_ppl_prompt`:
+  "[Context: ...]\nQuestion: ...\nAnswer:" then " <correct option text>" + EOS), loss on the answer
+  tokens only; prompt and answer are tokenised separately, as the scorer does, and the prompt is
+  cut from the left when too long. Multi-answer items have no single option continuation: dropped,
+  counted (`dropped_multi_answer`).
+* `chat`: the data package's mcq → chat rendering (options listed; "Answer: A. text" + explanation)
+  through the tokenizer's chat template, loss on the assistant turn (`stages/sft.py::encode_chat`).
+
+Adapter (`adapter`):
+* `cpoly` (default): `medpipe.stages.adapters.cpoly` layers on `target_modules` — `n_shared_skills`
+  (A=4) shared LoRA skills + `n_task_skills` (B=1) task-specific skills per task, rank `r` (4),
+  Gumbel-sigmoid routing at temperature `tau`. Each example's task index travels in the batch
+  (`task_ids`, emitted by the collator) into `CPolyModel.forward`, which routes it to every layer
+  for that call: mixed-task batches, and safe under DDP/DeepSpeed (no global state is set outside
+  forward).
+* `lora`: the PEFT LoRA baseline (the stage's `peft` block; default r=8, alpha=16, all-linear);
+  one adapter for all tasks, no task ids.
+
+Artifact.
+* cpoly: `format: full`. The adapter (`cpoly_adapter.safetensors` + `cpoly_config.json` with the
+  task list, `load_cpoly(base, dir)`) is in `<stage>/adapter`; every task in `export_tasks`
+  (default all) is merged into the base weights (eval-mode allocation, no noise) and saved as a
+  plain model in `<stage>/merged/<task>` (loads with `from_pretrained`, no medpipe code);
+  `export_shared: true` also writes the shared-skills-only merge to `<stage>/merged/_shared`.
+  `model_path` = the merged model of `default_task` (default: the first task), so the next stage
+  (e.g. eval on that task) gets a plain model. `extras`: `adapter: cpoly`, `adapter_dir`,
+  `base_model_path` (the model the adapter applies to), `tasks`, `merged` {task: dir},
+  `merged_shared` (or null), `default_task`.
+* lora: `format: adapter` (PEFT adapter dir + base_model_path; the engine merges it for the next
+  stage), `extras.tasks` records what it was trained on.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from .params import TrainParams
+
+ADAPTERS = ("cpoly", "lora")
+TEXT_FORMATS = ("ppl", "chat")
+INPUT_DATASET = ("auto", "require", "ignore")
+
+
+@dataclass
+class CPolyParams(TrainParams):
+    # AntGLM-Med stage 3 (METHODS.md): 10 epochs, batch 12, AdamW lr 5e-5, linear decay, wd 0.01,
+    # warmup 0.06. Recipes override per run.
+    lr: float = 5e-5
+    epochs: float = 10.0
+    batch_size: int = 12
+    scheduler: str = "linear"
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    max_length: int = 1024
+    adapter: str = "cpoly"  # cpoly | lora (the LoRA baseline: settings in `peft`, default r=8 alpha=16)
+    n_shared_skills: int = 4  # A: LoRA skills shared by all tasks
+    n_task_skills: int = 1  # B: task-specific skills per task (0 = Poly)
+    r: int = 4  # rank of every skill
+    alpha: Optional[float] = None  # skill scale alpha/r; null = r (scale 1)
+    dropout: float = 0.0  # dropout on the adapter input
+    tau: float = 1.0  # Gumbel-sigmoid temperature of the shared routing (training)
+    normalize: bool = True  # divide the shared weights by their sum (PEFT Poly)
+    straight_through: bool = False  # hard 0/1 shared weights forward, soft gradient
+    task_block: str = "diagonal"  # diagonal (task t uses only its own skills) | full
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])  # as the LoRA baseline; or module names (q_proj, ...)
+    tasks: Optional[List[str]] = None  # null = the data's tasks, sorted
+    default_task: Optional[str] = None  # whose merged model is the artifact's model_path; null = first task
+    export_tasks: Optional[List[str]] = None  # tasks given a merged model; null = all
+    export_shared: bool = False  # also merge the shared skills only (merged/_shared)
+    text_format: str = "ppl"  # ppl (option-perplexity prompt + answer) | chat (chat template)
+    lang: str = "auto"  # ppl prompt language: auto (per item) | en | zh
+    input_dataset: str = "auto"  # auto | require | ignore: records from the input artifact's extras.dataset_path
+
+
+def validate_params(p: CPolyParams) -> None:
+    from medpipe.errors import ConfigError
+
+    for name, value, allowed in (("adapter", p.adapter, ADAPTERS), ("text_format", p.text_format, TEXT_FORMATS),
+                                 ("input_dataset", p.input_dataset, INPUT_DATASET),
+                                 ("task_block", p.task_block, ("diagonal", "full")),
+                                 ("lang", p.lang, ("auto", "en", "zh"))):
+        if value not in allowed:
+            raise ConfigError(f"cpoly.{name} must be one of {', '.join(allowed)}, got '{value}'")
+    if p.adapter == "cpoly" and p.peft is not None:
+        raise ConfigError("cpoly: `peft` configures the LoRA baseline (adapter=lora); with adapter=cpoly "
+                          "set n_shared_skills / n_task_skills / r / alpha instead")
+    if p.adapter == "cpoly":
+        from medpipe.stages.adapters.cpoly import CPolyConfig
+
+        try:
+            CPolyConfig(**cpoly_config(p))
+        except ValueError as e:
+            raise ConfigError(f"cpoly: {e}") from None
+
+
+def cpoly_config(p: CPolyParams) -> dict:
+    targets: Any = list(p.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return dict(n_shared_skills=p.n_shared_skills, n_task_skills=p.n_task_skills, r=p.r, alpha=p.alpha,
+                dropout=p.dropout, tau=p.tau, normalize=p.normalize, straight_through=p.straight_through,
+                task_block=p.task_block, target_modules=targets)
+
+
+def safe_name(task: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", task) or "_"
+
+
+# --- data ----------------------------------------------------------------------------------------
+def read_dataset_file(path: str | Path) -> list[dict]:
+    """Normalised mcq records written by a stage (voc_label's dataset.jsonl), checked."""
+    from medpipe.stages.data import DataError
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON: {e.msg}", str(path), n, None, reason="parse") from None
+            for key in ("question", "options", "answer", "task"):
+                if not r.get(key):
+                    raise DataError("missing", str(path), n, key, reason="missing_field")
+            bad = [x for x in r["answer"] if x not in r["options"]]
+            if bad:
+                raise DataError(f"answer {bad} is not an option", str(path), n, "answer", reason="unknown_answer")
+            r["_loc"] = f"{path}:{n}"
+            out.append(r)
+    return out
+
+
+def select_records(records: list[dict], p: CPolyParams) -> tuple[list[dict], dict]:
+    """Labeled records usable for the text format, and what was dropped."""
+    dropped = {"dropped_unlabeled": 0, "dropped_multi_answer": 0}
+    keep = []
+    for r in records:
+        if not r.get("answer"):
+            dropped["dropped_unlabeled"] += 1
+        elif p.text_format == "ppl" and len(r["answer"]) != 1:
+            dropped["dropped_multi_answer"] += 1
+        else:
+            keep.append(r)
+    return keep, dropped
+
+
+def task_list(records: list[dict], p: CPolyParams, where: str) -> list[str]:
+    from medpipe.errors import ConfigError
+
+    found = sorted({str(r.get("task")) for r in records if r.get("task") is not None})
+    if any(r.get("task") is None for r in records):
+        raise ConfigError(f"{where}: records without a task (give the source a `task:`)")
+    if not p.tasks:
+        if not found:
+            raise ConfigError(f"{where}: no labeled multiple-choice records")
+        return found
+    unknown = [t for t in found if t not in p.tasks]
+    if unknown:
+        raise ConfigError(f"{where}: the data has task(s) {unknown} not in tasks={list(p.tasks)}")
+    return list(p.tasks)
+
+
+def check_exports(p: CPolyParams, tasks: list[str], where: str) -> None:
+    from medpipe.errors import ConfigError
+
+    for name in ([p.default_task] if p.default_task else []) + list(p.export_tasks or []):
+        if name not in tasks:
+            raise ConfigError(f"{where}: task '{name}' (default_task/export_tasks) is not one of {tasks}")
+    if p.default_task and p.export_tasks and p.default_task not in p.export_tasks:
+        raise ConfigError(f"{where}: default_task '{p.default_task}' must be in export_tasks")
+
+
+def encode_ppl(records: list[dict], tok: Any, max_length: int, lang: str) -> list[dict]:
+    """Prompt as the option-perplexity scorer builds it, then the correct option + EOS (labelled)."""
+    from medpipe.stages.mcq import build_ppl_prompt
+
+    prompts, answers = [], []
+    for r in records:
+        prompt, conts = build_ppl_prompt(r, lang)
+        prompts.append(prompt)
+        answers.append(conts[r["answer"][0]])
+    p_ids = tok(prompts, add_special_tokens=True)["input_ids"]
+    a_ids = tok(answers, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    rows = []
+    for pi, ai in zip(p_ids, a_ids):
+        ai = list(ai) + ([eos] if eos is not None else [])
+        ai = ai[:max(1, max_length - 1)]
+        pi = list(pi)[-(max_length - len(ai)):] if max_length > len(ai) else list(pi)[-1:]
+        rows.append({"input_ids": pi + ai, "labels": [-100] * len(pi) + ai})
+    return rows
+
+
+def encode_chat_rows(records: list[dict], tok: Any, max_length: int) -> list[dict]:
+    from medpipe.stages.data.render import mcq_to_chat
+    from medpipe.stages.sft import encode_chat
+
+    rows = []
+    for r in records:
+        e = encode_chat(mcq_to_chat(r)["messages"], tok, max_length)
+        rows.append({"input_ids": e["input_ids"],
+                     "labels": [t if m else -100 for t, m in zip(e["input_ids"], e["assistant_masks"])]})
+    return rows
+
+
+def encode(records: list[dict], tasks: list[str], tok: Any, p: CPolyParams):
+    from datasets import Dataset
+
+    rows = (encode_ppl(records, tok, p.max_length, p.lang) if p.text_format == "ppl"
+            else encode_chat_rows(records, tok, p.max_length))
+    index = {t: i for i, t in enumerate(tasks)}
+    out = [{**row, "task_id": index[str(r["task"])]} for row, r in zip(rows, records)
+           if any(x != -100 for x in row["labels"])]  # truncated past every answer token
+    return Dataset.from_list(out)
+
+
+class TaskCollator:
+    """Right-pads input_ids/labels, adds attention_mask, and (C-Poly) the per-example `task_ids`.
+    Counts batches holding more than one task (mixed-task batches)."""
+
+    def __init__(self, pad_id: int, with_task_ids: bool):
+        self.pad_id, self.with_task_ids = pad_id, with_task_ids
+        self.batches = 0
+        self.mixed = 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        n, L = len(features), max(len(f["input_ids"]) for f in features)
+        ids = torch.full((n, L), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, L), -100, dtype=torch.long)
+        mask = torch.zeros((n, L), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            mask[i, :k] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        tids = [int(f["task_id"]) for f in features]
+        self.batches += 1
+        self.mixed += len(set(tids)) > 1
+        if self.with_task_ids:
+            batch["task_ids"] = torch.tensor(tids, dtype=torch.long)
+        return batch
+
+
+# --- trainer --------------------------------------------------------------------------------------
+def _cpoly_keys(state_dict: dict) -> dict:
+    """Adapter tensors of a CPolyModel state dict, keyed as save_cpoly keys them (inner layer paths)."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.rsplit(".", 1)[-1] in ("cpoly_A", "cpoly_B", "cpoly_logits", "cpoly_task_w"):
+            out[k[len("model."):] if k.startswith("model.") else k] = v
+    return out
+
+
+def load_adapter_tensors(model: Any, directory: str | Path) -> None:
+    """Copy the tensors of a saved C-Poly adapter into an existing CPolyModel (resume, best model)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from medpipe.stages.adapters.cpoly import WEIGHTS_NAME
+
+    tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
+    own = model.adapter_state_dict()
+    if set(tensors) != set(own):
+        raise ValueError(f"{directory}: C-Poly checkpoint tensors do not match the model")
+    with torch.no_grad():
+        for name, layer in model.cpoly_layers().items():
+            for pname in ("cpoly_A", "cpoly_B", "cpoly_logits", "cpoly_task_w"):
+                param = getattr(layer, pname)
+                if param is not None:
+                    param.copy_(tensors[f"{name}.{pname}"].to(param.dtype))
+
+
+_TRAINER = None
+
+
+def trainer_class():
+    """transformers.Trainer that saves/loads a CPolyModel as its adapter (cpoly_adapter.safetensors +
+    cpoly_config.json) in checkpoints and the final save, instead of a full state dict; PEFT and
+    plain models go through the stock paths."""
+    global _TRAINER
+    if _TRAINER is not None:
+        return _TRAINER
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Trainer
+
+    from medpipe.stages.adapters.cpoly import CPolyModel, WEIGHTS_NAME, save_cpoly
+
+    class CPolyTrainer(Trainer):
+        def _cpoly(self):
+            model = self.accelerator.unwrap_model(self.model)
+            return model if isinstance(model, CPolyModel) else None
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            cm = self._cpoly()
+            if cm is None:
+                return super()._save(output_dir, state_dict)
+            if not self.args.should_save:
+                return
+            output_dir = output_dir or self.args.output_dir
+            save_cpoly(cm, output_dir)  # config + the live tensors
+            if state_dict is not None:  # DeepSpeed: the engine's (possibly gathered) weights win
+                tensors = _cpoly_keys(state_dict)
+                if tensors and set(tensors) == set(cm.adapter_state_dict()):
+                    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                              os.path.join(output_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            cm = self._cpoly()
+            if cm is None or not os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_adapter_tensors(cm, resume_from_checkpoint)
+
+        def _load_best_model(self) -> None:
+            cm = self._cpoly()
+            best = self.state.best_model_checkpoint
+            if cm is None or self.is_deepspeed_enabled or not os.path.isfile(os.path.join(best, WEIGHTS_NAME)):
+                return super()._load_best_model()
+            load_adapter_tensors(cm, best)
+
+    _TRAINER = CPolyTrainer
+    return CPolyTrainer
+
+
+# --- stage ----------------------------------------------------------------------------------------
+class CPolyStage:
+    """Multi-task multiple-choice adaptation: C-Poly (shared + task-specific LoRA skills) or a LoRA baseline."""
+
+    Params = CPolyParams
+
+    def check(self, params: CPolyParams, base: Any, data_opts: dict) -> list[str]:
+        from medpipe.stages.cpt import data_options
+        from medpipe.stages.data import load_records
+
+        validate_params(params)
+        if params.text_format == "chat":
+            from medpipe.stages.sft import require_chat_template
+
+            require_chat_template(base.tokenizer_path, params, base.extras.get("trust_remote_code", False))
+        result = load_records(params.data, "mcq", **data_options(params, data_opts))
+        records, dropped = select_records(result.records, params)
+        tasks = task_list(records, params, "cpoly") if records or params.input_dataset != "require" else []
+        if records:
+            check_exports(params, tasks, "cpoly")
+        lines = result.summary_table().splitlines()
+        lines.append(f"tasks: {', '.join(tasks) or '(from the input dataset)'}; "
+                     + ", ".join(f"{k}={v}" for k, v in dropped.items()))
+        return lines
+
+    def run(self, ctx: Any):
+        import dataclasses
+        from collections import Counter
+
+        from transformers import TrainingArguments
+
+        from medpipe.errors import MedpipeError
+        from medpipe.stages import common
+        from medpipe.stages.adapters.cpoly import inject_adapter
+        from medpipe.stages.cpt import data_options
+        from medpipe.stages.data import load_records
+        from medpipe.stages.params import LoraParams
+
+        p: CPolyParams = ctx.params
+        validate_params(p)
+        where = f"stages.{ctx.name}"
+        tok = common.load_tokenizer(ctx)
+        loaded = load_records(p.data, "mcq", heldout=p.heldout, **data_options(p, ctx.data))
+        train, dropped = select_records(loaded.records, p)
+        heldout, _ = select_records(loaded.heldout, p)
+        extra_path = ctx.input.extras.get("dataset_path") if p.input_dataset != "ignore" else None
+        if p.input_dataset == "require" and not extra_path:
+            raise MedpipeError(f"{where}: input_dataset=require but the input artifact ({ctx.input.stage}) "
+                               f"carries no extras.dataset_path (put a voc_label stage right before, or use from:)")
+        extra: list[dict] = []
+        if extra_path:
+            extra, more = select_records(read_dataset_file(extra_path), p)
+            for k, v in more.items():
+                dropped[k] += v
+            ctx.say(f"{len(extra)} records from the input dataset {extra_path}")
+            train = train + extra
+        tasks = task_list(train, p, where)
+        check_exports(p, tasks, where)
+        train_ds = encode(train, tasks, tok, p)
+        eval_ds = encode(heldout, tasks, tok, p) if heldout else None
+        if len(train_ds) == 0:
+            raise MedpipeError(f"{where}: no training example left (all truncated past the answer?)")
+        per_task = Counter(tasks[i] for i in train_ds["task_id"])
+        ctx.say(f"{len(train_ds)} examples over {len(tasks)} task(s): "
+                + ", ".join(f"{t}={per_task[t]}" for t in tasks)
+                + (f"; {len(eval_ds)} held out" if eval_ds else ""))
+
+        # the frozen base loads like a LoRA base (bf16 on GPUs that have it); adapters train in fp32
+        base_view = dataclasses.replace(p, peft=p.peft or LoraParams())
+        model = common.load_model(ctx, base_view)
+        if p.adapter == "cpoly":
+            model = inject_adapter(model, "cpoly", tasks=tasks, **cpoly_config(p))
+        else:
+            model = common.apply_lora(model, p.peft or LoraParams())
+        if p.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks backprop
+        trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+        ctx.say(f"adapter {p.adapter}: {trainable:,} trainable parameters")
+
+        collator = TaskCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                                with_task_ids=p.adapter == "cpoly")
+        args = TrainingArguments(**common.training_kwargs(ctx, p), remove_unused_columns=False)
+        trainer = trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                  data_collator=collator, processing_class=tok, callbacks=common.callbacks(ctx, p))
+        metrics = common.train(trainer, ctx)
+        metrics.update(examples=len(train_ds), tasks=len(tasks), trainable_params=trainable,
+                       input_dataset_records=len(extra), heldout=len(eval_ds) if eval_ds else 0, **dropped,
+                       mixed_task_batches=collator.mixed, batches=collator.batches)
+        metrics.update({f"examples_{safe_name(t)}": per_task[t] for t in tasks})
+
+        adapter_dir = ctx.output_dir / "adapter"
+        trainer.save_model(str(adapter_dir))
+        trainer.accelerator.wait_for_everyone()
+        trust = bool(ctx.model.get("trust_remote_code", False))
+        extras = {"trust_remote_code": trust, "adapter": p.adapter, "adapter_dir": str(adapter_dir),
+                  "base_model_path": ctx.input.model_path, "tasks": tasks}
+        from medpipe.artifact import Artifact
+
+        if p.adapter == "lora":
+            return Artifact(stage=ctx.name, kind=ctx.kind, format="adapter", model_path=str(adapter_dir),
+                            tokenizer_path=str(adapter_dir), base_model_path=ctx.input.model_path,
+                            metrics=metrics, extras=extras)
+        default = p.default_task or tasks[0]
+        exports = list(p.export_tasks or tasks)
+        merged = {t: str(ctx.output_dir / "merged" / safe_name(t)) for t in exports}
+        shared = str(ctx.output_dir / "merged" / "_shared") if p.export_shared else None
+        del trainer, model
+        if ctx.is_main:
+            for t in exports:
+                export_merged(ctx, base_view, adapter_dir, tok, t, Path(merged[t]))
+            if shared:
+                export_merged(ctx, base_view, adapter_dir, tok, None, Path(shared))
+            ctx.say(f"merged models: {', '.join(exports)}{' + shared-only' if shared else ''} → "
+                    f"{ctx.output_dir / 'merged'}; model_path = {default}")
+        extras.update(merged=merged, merged_shared=shared, default_task=default)
+        return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=merged[default],
+                        tokenizer_path=merged[default], metrics=metrics, extras=extras)
+
+
+def export_merged(ctx: Any, params: Any, adapter_dir: Path, tok: Any, task: str | None, out: Path) -> None:
+    """Fold one task's eval-mode C-Poly delta (task None: shared skills only) into a fresh copy of the
+    base and save it as a plain model (written to a temp dir, then renamed)."""
+    import os
+    import shutil
+    import tempfile
+
+    from medpipe.stages import common
+    from medpipe.stages.adapters.cpoly import load_cpoly, merge_cpoly
+
+    base = common.load_model(ctx, params, ctx.input.model_path)
+    plain = merge_cpoly(load_cpoly(base, adapter_dir), task, shared_only=task is None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
