@@ -160,12 +160,15 @@ def draw_curves(stage: dict, out: Path) -> Path | None:
 
 
 def _columns(data: dict) -> list[str]:
-    cols: list[str] = []
+    """`<set>/<metric>` columns grouped by set (sets and metrics in order of first appearance)."""
+    sets: dict[str, list[str]] = {}
     for name in data["rows"]:
-        for k in data["evals"][name]:
-            if isinstance(data["evals"][name][k], (int, float)) and k not in cols and "/" in k:
-                cols.append(k)
-    return cols
+        for k, v in data["evals"][name].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "/" in k:
+                group = sets.setdefault(k.rsplit("/", 1)[0], [])
+                if k not in group:
+                    group.append(k)
+    return [c for group in sets.values() for c in group]
 
 
 def build(run_dir: str | Path) -> tuple[Path, Path]:

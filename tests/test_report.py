@@ -1,0 +1,74 @@
+"""`medpipe report`: stage table, metrics table one row per evaluated stage (eval stages and
+`medpipe eval` results joined), per-subject table, pairwise lines, PNG curves, config."""
+from __future__ import annotations
+
+import json
+
+from _evalrun import fake_run
+from conftest import medpipe
+from medpipe.artifact import Artifact, write_json_atomic
+
+
+def add_eval_stage(run_dir, name, evaluated, metrics, results=None):
+    info = json.loads((run_dir / "run.json").read_text())
+    sdir = run_dir.parent / ".store" / f"eval-{name}"
+    sdir.mkdir(parents=True)
+    Artifact(stage=name, kind="eval", format="full", model_path="m", tokenizer_path="m", metrics=metrics,
+             extras={"evaluated_stage": evaluated, "results": results or {}}).save(sdir)
+    write_json_atomic(sdir / "status.json", {"state": "done", "elapsed": 3.0})
+    link = f"{len(info['stages']) + 1:02d}-{name}"
+    (run_dir / link).symlink_to(sdir)
+    info["stages"].append({"name": name, "kind": "eval", "link": link, "store_dir": str(sdir), "key": name})
+    write_json_atomic(run_dir / "run.json", info)
+
+
+def test_report_joins_eval_results_onto_the_evaluated_stages(tmp_path):
+    run_dir = fake_run(tmp_path)
+    subj = {"cmexam": {"subjects": {"内科学": {"n": 3, "acc": 1 / 3}, "外科学": {"n": 2, "acc": 0.5}}}}
+    add_eval_stage(run_dir, "eval_sft", "sft", {"cmexam/acc": 0.4, "cmexam/f1_weighted": 0.35}, subj)
+    add_eval_stage(run_dir, "eval_dpo", "dpo", {"cmexam/acc": 0.45, "cmexam/f1_weighted": 0.4,
+                                                "huatuo/bleu1": 0.12, "huatuo/judge_fluency": 3.5})
+    write_json_atomic(run_dir / "eval" / "cpt.json", {"stage": "cpt", "evaluated_stage": "cpt",
+                                                      "metrics": {"cmexam/acc": 0.3, "ceval/acc": 0.25}, "results": {}})
+    write_json_atomic(run_dir / "eval" / "pairwise-dpo-vs-sft.json", {
+        "a": "dpo", "b": "sft", "line": "dpo vs sft: 41 % win, 37 % tie, 22 % lose (100 judged in both orders, "
+                                         "9 inconsistent → tie, 0 malformed)", "summary": {"n": 100}})
+    r = medpipe("report", str(run_dir))
+    assert r.code == 0, r.out
+    md = (run_dir / "report.md").read_text()
+    page = (run_dir / "report.html").read_text()
+    table = md.split("## Metrics")[1].split("###")[0]
+    assert "| stage | cmexam/acc | cmexam/f1_weighted | ceval/acc | huatuo/bleu1 | huatuo/judge_fluency |" in table
+    assert "| cpt | 30.0 | – | 25.0 | – | – |" in table
+    assert "| sft | 40.0 | 35.0 | – | – | – |" in table
+    assert "| dpo | 45.0 | 40.0 | – | 12.0 | 3.50 |" in table
+    assert "| 内科学 | 3 | 33.3 |" in md  # per-subject accuracy
+    assert "dpo vs sft: 41 % win, 37 % tie, 22 % lose" in md and "9 inconsistent" in page
+    # stage table: status, time, artifact, tokens seen
+    assert "| dpo | dpo | done | 14s | 3,000 |" in md and "reward_margin 0.4" in md
+    assert "| eval_dpo | eval | done | 3s |  |  | evaluates dpo |" in md
+    assert "```yaml\nname: fake" in md and "<details><summary>config.yaml" in page
+    for i, name in enumerate(("cpt", "sft", "dpo")):
+        png = run_dir / "report_files" / f"{i + 1:02d}-{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f'src="report_files/{i + 1:02d}-{name}.png"' in page and f"(report_files/{i + 1:02d}-{name}.png)" in md
+    assert '<th colspan="2">cmexam</th>' in page  # the set spans its metrics
+
+
+def test_dpo_curve_has_the_reward_margin_panel(tmp_path):
+    import matplotlib.image
+
+    run_dir = fake_run(tmp_path)
+    medpipe("report", str(run_dir))
+    sft = matplotlib.image.imread(run_dir / "report_files" / "02-sft.png")
+    dpo = matplotlib.image.imread(run_dir / "report_files" / "03-dpo.png")
+    assert dpo.shape[1] > 1.8 * sft.shape[1]  # two panels: loss and reward margin
+
+
+def test_report_without_evals_and_on_a_non_run(tmp_path):
+    run_dir = fake_run(tmp_path, history=False)
+    assert medpipe("report", str(run_dir)).code == 0
+    md = (run_dir / "report.md").read_text()
+    assert "No evaluation results yet" in md and "Training curves" not in md
+    r = medpipe("report", str(tmp_path / "nowhere"))
+    assert r.code == 2 and "not a medpipe run dir" in r.out
