@@ -18,6 +18,14 @@ from medpipe.artifact import Artifact
 from medpipe.errors import MedpipeError
 
 
+def data_cache_dir(ctx: Any) -> Path:
+    """Where tokenised/packed data is cached (data.cache_dir, default $MEDPIPE_CACHE/data): a stage
+    rerun with a changed hyperparameter does not re-tokenise."""
+    from medpipe.stages.tiny import cache_root
+
+    return Path(ctx.data.get("cache_dir") or cache_root() / "data").expanduser()
+
+
 def load_tokenizer(ctx: Any, path: str | None = None):
     tok = AutoTokenizer.from_pretrained(path or ctx.input.tokenizer_path,
                                         trust_remote_code=bool(ctx.model.get("trust_remote_code", False)))

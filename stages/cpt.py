@@ -42,7 +42,7 @@ class CPTStage:
         tok = common.load_tokenizer(ctx)
         records = load_records(p.data, "text", **data_options(p, ctx.data)).records
         blocks = pack_texts([r["text"] for r in records], tok, p.block_size, num_proc=p.num_proc,
-                            cache_dir=ctx.data.get("cache_dir"))
+                            cache_dir=common.data_cache_dir(ctx))
         if len(blocks) == 0:
             from medpipe.errors import MedpipeError
 

@@ -24,7 +24,7 @@ class DPOParams(TrainParams):
     loss_type: str = "sigmoid"  # any TRL DPO loss_type (sigmoid, ipo, hinge, robust, ...)
     truncation_mode: str = "keep_end"  # keep_end keeps the latest turns of long histories
     ref_probe: int = 4  # pairs whose reference log-probs are saved to ref_probe.pt (0 = off)
-    reward_eval_pairs: int = 64  # training pairs whose rewards are re-evaluated after training
+    reward_eval_pairs: int = 64  # training pairs whose rewards are re-evaluated after training (0 = off)
 
 
 def preference_rows(records: list[dict], say) -> list[dict]:
@@ -80,10 +80,11 @@ class DPOStage:
         if p.ref_probe > 0 and trainer.is_world_process_zero():
             save_ref_probe(trainer, trainer.train_dataset, p.ref_probe, ctx.output_dir / "ref_probe.pt")
         metrics = common.train(trainer, ctx)
-        metrics.update(reward_metrics(trainer, trainer.train_dataset, p.reward_eval_pairs))
+        if p.reward_eval_pairs > 0:
+            metrics.update(reward_metrics(trainer, trainer.train_dataset, p.reward_eval_pairs))
+            ctx.say(f"reward accuracy on the training pairs {metrics['reward_accuracy']:.3f}, "
+                    f"margin {metrics['reward_margin']:.3f}")
         metrics["pairs"] = len(train_ds)
-        ctx.say(f"reward accuracy on the training pairs {metrics['reward_accuracy']:.3f}, "
-                f"margin {metrics['reward_margin']:.3f}")
         return common.save_result(ctx, trainer, tok, p, metrics)
 
 

@@ -42,8 +42,9 @@ class SFTStage:
         if p.chat_template:
             tok.chat_template = p.chat_template
         loaded = load_records(p.data, "chat", heldout=p.heldout, **data_options(p, ctx.data))
-        train_ds = encode_dataset(loaded.records, tok, p.max_length, p.num_proc)
-        eval_ds = encode_dataset(loaded.heldout, tok, p.max_length, p.num_proc) if loaded.heldout else None
+        cache = common.data_cache_dir(ctx)
+        train_ds = encode_dataset(loaded.records, tok, p.max_length, cache)
+        eval_ds = encode_dataset(loaded.heldout, tok, p.max_length, cache) if loaded.heldout else None
         ctx.say(f"{len(train_ds)} training conversations" + (f", {len(eval_ds)} held out" if eval_ds else ""))
         model = common.apply_lora(common.load_model(ctx, p), p.peft)
         args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length, packing=False,
@@ -98,9 +99,30 @@ def encode_chat(messages: list[dict], tok: Any, max_length: int) -> dict:
     return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length]}
 
 
-def encode_dataset(records: list[dict], tok: Any, max_length: int, num_proc: int | None):
-    from datasets import Dataset
+def encode_dataset(records: list[dict], tok: Any, max_length: int, cache_dir=None):
+    """Tokenised conversations, cached on disk by (conversations, tokenizer, template, max_length)."""
+    import hashlib
+    import json
 
+    from datasets import Dataset, load_from_disk
+
+    from medpipe.stages.data.pack import tokenizer_digest
+
+    key = hashlib.sha256(json.dumps([r["messages"] for r in records], ensure_ascii=False).encode())
+    key.update(f"{tokenizer_digest(tok)}|{tok.chat_template}|{max_length}".encode())
+    path = cache_dir / f"sft-{key.hexdigest()[:20]}" if cache_dir is not None else None
+    if path is not None and (path / "dataset_info.json").is_file():
+        return load_from_disk(str(path))
     rows = [encode_chat(r["messages"], tok, max_length) for r in records]
     rows = [r for r in rows if any(r["assistant_masks"])]  # truncated past every assistant token
-    return Dataset.from_list(rows)
+    ds = Dataset.from_list(rows)
+    if path is not None:
+        tmp = path.with_name(path.name + f".tmp{__import__('os').getpid()}")
+        ds.save_to_disk(str(tmp))
+        try:
+            tmp.rename(path)
+        except OSError:  # another process cached it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ds

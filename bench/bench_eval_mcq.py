@@ -1,0 +1,86 @@
+"""Batched multiple-choice scoring in the eval stage vs one item at a time (issue: eval).
+
+The tiny default model (medpipe.stages.tiny, Qwen2 hidden 128 × 2 layers, byte-level BPE) on every
+bundled mcq sample (CMExam, MedQA, MedMCQA, PubMedQA with contexts, C-Eval val: 230 items, zh + en,
+3-5 options). Same process, order rotated every rep, median of --reps after a warm-up pass.
+
+    /work/main/.venv/bin/python bench/bench_eval_mcq.py [--reps 5 --batch-size 16 --threads 2]
+
+Rows (scoring only; prompts are built once, the model is loaded once):
+  cue  bs=1 / bs=N - `medpipe.stages.eval.letter_logits` (answer-cue letter logits, left padding,
+                     last-position logits), one prompt per forward vs N per forward;
+  ppl  bs=1 / bs=N - option perplexity as the eval stage runs it
+                     (`medpipe.stages.mcq.score_options_ppl`), one item per call vs N rows.
+The RESULT lines compare bs=N with bs=1 for each method; predictions must be identical.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    from medpipe.compose import package_dir
+    from medpipe.stages.eval import EvalParams, _Runner, cue_prompt, letter_logits, plan_sets
+    from medpipe.stages.mcq import score_options_ppl
+    from medpipe.artifact import Artifact
+    from medpipe.stages.tiny import ensure_tiny
+
+    torch.set_num_threads(args.threads)
+    s = str(package_dir("samples"))
+    data = [{"path": f"{s}/mcq_cmexam.csv", "format": "cmexam"}, {"path": f"{s}/mcq_medqa.jsonl", "format": "medqa"},
+            {"path": f"{s}/medmcqa.json", "format": "medmcqa", "cop_base": 1},
+            {"path": f"{s}/pubmedqa.json", "format": "pubmedqa"}, {"path": f"{s}/ceval_val.csv", "format": "ceval"}]
+    items = [r for st in plan_sets(EvalParams(data=data)) for r in st.records]
+    tiny = str(ensure_tiny())
+    runner = _Runner(Artifact(stage="base", kind="model", format="full", model_path=tiny, tokenizer_path=tiny),
+                     EvalParams())
+    model, tok = runner.local.model, runner.tok
+    prompts = [cue_prompt(it, "auto", []) for it in items]
+    letters = [list(it["options"]) for it in items]
+    ntok = [len(tok(p)["input_ids"]) for p in prompts]
+
+    def cue(bs):
+        out = letter_logits(model, tok, prompts, letters, batch_size=bs)
+        return [max(x, key=x.get) for x in out]
+
+    def ppl(bs):
+        if bs == 1:
+            return [score_options_ppl([it], model, tok, batch_size=len(it["options"]))[0]["pred"] for it in items]
+        return [r["pred"] for r in score_options_ppl(items, model, tok, batch_size=bs)]
+
+    variants = {f"cue bs=1": lambda: cue(1), f"cue bs={args.batch_size}": lambda: cue(args.batch_size),
+                f"ppl bs=1": lambda: ppl(1), f"ppl bs={args.batch_size}": lambda: ppl(args.batch_size)}
+    preds = {k: f() for k, f in variants.items()}  # warm-up + predictions
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    for rep in range(args.reps):
+        for k in names[rep % len(names):] + names[: rep % len(names)]:
+            t0 = time.perf_counter()
+            variants[k]()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{len(items)} items, prompt tokens mean {statistics.mean(ntok):.0f} max {max(ntok)}, "
+          f"torch threads {args.threads}, reps {args.reps}")
+    for k in names:
+        print(f"{k:<12} median {med[k]:.3f}s  {len(items) / med[k]:8.1f} items/s  "
+              f"(min {min(times[k]):.3f} max {max(times[k]):.3f})")
+    for m in ("cue", "ppl"):
+        one, batched = f"{m} bs=1", f"{m} bs={args.batch_size}"
+        same = sum(a == b for a, b in zip(preds[one], preds[batched]))
+        print(f"RESULT {m}: batched {med[one] / med[batched]:.2f}x the throughput of one-at-a-time "
+              f"(same prediction for {same}/{len(items)} items)")
+    print(json.dumps({"items": len(items), "median_s": med}))
+
+
+if __name__ == "__main__":
+    main()
