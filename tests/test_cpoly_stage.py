@@ -17,7 +17,7 @@ RECIPE = """
 defaults: [base, model: tiny, data: sample, stage/cpoly@stages.cpoly, _self_]
 name: cp
 stages:
-  cpoly: {data: %s, lr: 5e-3, max_steps: 16, logging_steps: 2, batch_size: 8, max_length: 192,
+  cpoly: {data: %s, lr: 5e-3, max_steps: 16, logging_steps: 2, batch_size: 4, max_length: 160,
           save_steps: 8, default_task: pubmedqa}
 """ % MCQ
 
@@ -251,7 +251,7 @@ def test_voc_label_relabel_reports_agreement_and_refuses_an_empty_job(tmp_path, 
 @pytest.mark.distributed
 def test_cpoly_under_deepspeed_zero2_on_two_processes(tmp_path):
     recipe = tmp_path / "ds.yaml"
-    recipe.write_text(RECIPE.replace("max_steps: 16", "max_steps: 3").replace("batch_size: 8", "batch_size: 4"))
+    recipe.write_text(RECIPE.replace("max_steps: 16", "max_steps: 3"))
     run_dir = tmp_path / "runs" / "ds"
     r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}",
                 "launcher=deepspeed", "launcher.num_gpus=2", "launcher.master_port=29547")
