@@ -131,15 +131,17 @@ class LocalModel:
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
-                 add_special_tokens: bool | None = None, seed: int | None = None) -> list[Completion]:
-        """Batched generation (sorted by length, left padding); greedy when temperature == 0."""
+                 add_special_tokens: bool | None = None, seed: int | None = None,
+                 ignore_eos: bool = False) -> list[Completion]:
+        """Batched generation (sorted by length, left padding); greedy when temperature == 0.
+        `ignore_eos` generates exactly `max_new_tokens` (benchmarks)."""
         enc = [self.encode(p, add_special_tokens) for p in prompts]
         return self.generate_ids(enc, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 batch_size=batch_size, max_length=max_length, seed=seed)
+                                 batch_size=batch_size, max_length=max_length, seed=seed, ignore_eos=ignore_eos)
 
     def generate_ids(self, enc: Sequence[list[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
-                     seed: int | None = None) -> list[Completion]:
+                     seed: int | None = None, ignore_eos: bool = False) -> list[Completion]:
         import torch
 
         if max_length is not None:
@@ -161,6 +163,8 @@ class LocalModel:
                     attn[r, L - len(enc[k]):] = 1
                 kw: dict = dict(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids or None)
+                if ignore_eos:
+                    kw["min_new_tokens"] = max_new_tokens
                 if temperature and temperature > 0:
                     kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
                 else:
@@ -168,7 +172,7 @@ class LocalModel:
                 gen = self.model.generate(**kw)[:, L:].tolist()
                 for r, k in enumerate(chunk):
                     toks, reason = gen[r], "length"
-                    for j, t in enumerate(toks):
+                    for j, t in enumerate(toks if not ignore_eos else []):
                         if t in stops:
                             toks, reason = toks[:j], "stop"
                             break

@@ -82,7 +82,7 @@ class EvalParams:
     tokenize: str = "char"  # BLEU/ROUGE tokens: char | jieba
     max_new_tokens: int = 128  # generation sets
     mcq_max_new_tokens: int = 8  # method=generate
-    batch_size: int = 16
+    batch_size: int = 32  # prompts per forward / generate call (sorted by length, padded)
     max_length: Optional[int] = None  # prompt tokens kept (from the left); null = all
     limit: Optional[int] = None  # first N items of every set
     backend: str = "transformers"  # transformers | vllm
