@@ -1,0 +1,87 @@
+"""`medcare_da` — MedCare's downstream alignment (METHODS.md, MedCare).
+
+Input: MKA's hand-off (attention LoRA merged, frozen) + its KA weights (trainable by default).
+Adds an Align LoRA (rank s·r) on the same FFN linears; loss = CE + λ·Σ|A_KA A_Alignᵀ|, scaled for
+gradient accumulation like the CE. Output: KA and Align folded into W — a plain model that loads
+with `from_pretrained` and needs no medpipe code. Ablations: `orth_lambda=0` (DA without the
+orthogonal loss); a recipe without MKA before DA trains KA from scratch (said in the log).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .params import TrainParams
+
+
+@dataclass
+class MedCareDAParams(TrainParams):
+    lr: float = 2e-4
+    epochs: float = 3.0
+    warmup: float = 0.03
+    scheduler: str = "cosine"
+    max_length: int = 3072
+    orth_lambda: float = 1.0
+    train_ka: bool = True
+    r: int = 16  # must match MKA's (checked against the saved KA)
+    alpha: float = 32.0
+    s: int = 2
+    align_rank: Optional[int] = None  # default s·r, like KA
+    align_dropout: float = 0.05
+    chat_template: Optional[str] = None
+
+
+class MedCareDAStage:
+    """MedCare DA: KA + Align LoRA on FFN with the orthogonal loss; exports a plain merged model."""
+
+    Params = MedCareDAParams
+
+    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
+        from medpipe.stages.sft import SFTStage
+
+        return SFTStage.check(self, params, base, data_opts)
+
+    def run(self, ctx: Any):
+        import dataclasses
+
+        from trl import SFTConfig
+
+        from medpipe.artifact import Artifact
+        from medpipe.stages import common
+        from medpipe.stages.adapters import medcare
+        from medpipe.stages.cpt import data_options
+        from medpipe.stages.data import load_records
+        from medpipe.stages.medcare_train import MedCareTrainer, first_last
+        from medpipe.stages.sft import encode_dataset
+
+        p: MedCareDAParams = ctx.params
+        base_path = ctx.input.extras.get("medcare_base", ctx.input.model_path)
+        ka = ctx.input.extras.get("medcare_ka")
+        if ka is None:
+            ctx.say("no MKA before this stage: KA starts from scratch (the 'DA without MKA' ablation)")
+        tok = common.load_tokenizer(ctx, base_path)
+        if p.chat_template:
+            tok.chat_template = p.chat_template
+        loaded = load_records(p.data, "chat", **data_options(p, ctx.data))
+        train_ds = encode_dataset(loaded.records, tok, p.max_length, common.data_cache_dir(ctx))
+        cfg = medcare.MedCareConfig(r=p.r, alpha=p.alpha, s=p.s, align_rank=p.align_rank,
+                                    align_dropout=p.align_dropout, train_ka=p.train_ka)
+        model = medcare.inject_da(common.load_model(ctx, p, base_path), cfg, ka=ka)
+        args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length)
+        trainer = MedCareTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
+                                 callbacks=common.callbacks(ctx, p), orth_lambda=p.orth_lambda)
+        metrics = common.train(trainer, ctx)
+        metrics.update(first_last(trainer.state.log_history, "orth_loss"))
+        metrics.update(first_last(trainer.state.log_history, "ce_loss"))
+        out = ctx.output_dir
+        if trainer.is_world_process_zero():
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            medcare.save_medcare(model, out / "medcare_adapter")  # KA + Align, unmerged
+            merged = medcare.merge_medcare(model, fold_ka=True)
+            merged.save_pretrained(out / "model")
+            tok.save_pretrained(out / "model")
+        trainer.accelerator.wait_for_everyone()
+        return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=str(out / "model"),
+                        tokenizer_path=str(out / "model"), metrics=metrics,
+                        extras={"medcare_adapter": str(out / "medcare_adapter"), "medcare_base": base_path,
+                                "trust_remote_code": bool(ctx.model.get("trust_remote_code", False))})

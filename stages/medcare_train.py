@@ -1,0 +1,68 @@
+"""Training pieces shared by the MedCare stages (imported inside `run()`: it imports torch/TRL).
+
+`MedCareTrainer` adds MedCare's extra loss terms (DA's λ·L_orth, MKA's optional balance loss) to
+the cross-entropy so that they are scaled for gradient accumulation exactly like the CE: when the
+trainer normalises CE by the accumulated token count (no later division), each micro-batch adds
+term / accumulation_steps; otherwise the trainer divides the whole sum later. Either way one
+optimizer step sees CE + λ·L_orth, whatever the accumulation (the published code multiplied the
+term's weight by the accumulation steps). CE and the extra terms are logged separately.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from trl import SFTTrainer
+
+from medpipe.stages.adapters import medcare
+
+
+class MedCareTrainer(SFTTrainer):
+    def __init__(self, *args, orth_lambda: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.orth_lambda = orth_lambda
+        self._sums: dict[str, float] = {}
+        self._n = 0
+
+    def _ce_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss, rest = (out[0], out[1:]) if return_outputs else (out, ())
+        if not model.training:
+            return out
+        scale = 1.0 / self.current_gradient_accumulation_steps if self._ce_is_scaled_for_ga(num_items_in_batch) else 1.0
+        extra = {}
+        if self.orth_lambda:
+            extra["orth_loss"] = medcare.orthogonal_loss(model)
+        balance = medcare.balance_loss(model)
+        if balance is not None:
+            extra["balance_loss"] = balance
+        self._record("ce_loss", loss.detach().float().item() / scale)
+        total = loss
+        for name, value in extra.items():
+            weight = self.orth_lambda if name == "orth_loss" else 1.0
+            total = total + weight * scale * value.to(loss.dtype)
+            self._record(name, value.detach().float().item())
+        self._n += 1
+        return (total, *rest) if return_outputs else total
+
+    def _record(self, name: str, value: float) -> None:
+        self._sums[name] = self._sums.get(name, 0.0) + value
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        if self._n and "loss" in logs:
+            for name, total in self._sums.items():
+                logs[name] = total / self._n
+            self._sums, self._n = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def first_last(history: list[dict], key: str) -> dict:
+    values = [h[key] for h in history if key in h]
+    if not values:
+        return {}
+    k = max(1, min(3, len(values) // 3))
+    return {f"first_{key}": sum(values[:k]) / k, f"last_{key}": sum(values[-k:]) / k}
