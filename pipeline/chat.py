@@ -87,6 +87,9 @@ class LocalModel:
             tok.pad_token = tok.eos_token
         self.tok = tok
         if model is None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar in eval / chat / serve output
             kw: dict = {"trust_remote_code": trust_remote_code}
             if dtype and dtype != "auto":
                 kw["dtype"] = getattr(torch, dtype)

@@ -13,6 +13,10 @@ a `+rag` suffix when RAG is on). What a set is, follows its format:
     (`medpipe.stages.metrics.extract_letters`); a multi-answer item needs every gold letter and
     no other; an unknown letter is an invalid prediction, counted, not guessed.
   Metrics: `acc`, `f1_weighted` (Qilin-Med / CMExam), `invalid`, per-subject accuracy (details).
+  `explain: true` also generates each item's answer with its explanation (the prompt as the data
+  layer renders mcq items for SFT, through the chat template) and scores the text after
+  "解析：" / "Explanation:" (or the whole answer) against the item's explanation: `expl_bleu1` …
+  `expl_rougeL` (Qilin-Med's CMExam explanation scores); items without an explanation are skipped.
   `shots: k` prepends k solved examples from `fewshot_data` (same subject first, then same set,
   file order; an example equal to the item is skipped), greedy, as C-Eval is reported. For `ppl`
   the examples go in the item's context.
@@ -82,6 +86,7 @@ class EvalParams:
     tokenize: str = "char"  # BLEU/ROUGE tokens: char | jieba
     max_new_tokens: int = 128  # generation sets
     mcq_max_new_tokens: int = 8  # method=generate
+    explain: bool = False  # mcq sets: also generate answer + explanation, BLEU/ROUGE vs the reference explanation
     batch_size: int = 32  # prompts per forward / generate call (sorted by length, padded)
     max_length: Optional[int] = None  # prompt tokens kept (from the left); null = all
     limit: Optional[int] = None  # first N items of every set
@@ -491,6 +496,8 @@ def eval_mcq(s: EvalSet, p: EvalParams, runner: _Runner, pool: list[dict], index
     m = {"acc": sc["acc"], "f1_weighted": sc["f1_weighted"]}
     if p.method == "generate":
         m["invalid"] = sc["invalid"]
+    if p.explain:
+        m.update(explanation_scores(s, p, runner, rag_ctx, details))
     res = {"kind": "mcq", "format": s.fmt, "method": p.method, "shots": p.shots, "n": sc["n"], "metrics": m,
            "invalid": sc["invalid"], "unlabeled": sc["unlabeled"], "rag": index is not None}
     if "subjects" in sc:
@@ -498,6 +505,29 @@ def eval_mcq(s: EvalSet, p: EvalParams, runner: _Runner, pool: list[dict], index
     if "acc_multi" in sc:
         res["acc_multi"], res["n_multi"] = sc["acc_multi"], sc["n_multi"]
     return res, details
+
+
+_EXPL_RE = re.compile(r"(?:解析|Explanation)\s*[:：]\s*")
+
+
+def explanation_scores(s: EvalSet, p: EvalParams, runner: _Runner, rag_ctx: list[str], details: list[dict]) -> dict:
+    """BLEU/ROUGE of generated explanations against the items' reference explanations."""
+    from medpipe.stages.data import DataError
+    from medpipe.stages.data.render import mcq_prompt
+    from medpipe.stages.metrics import generation_scores
+
+    idx = [i for i, it in enumerate(s.records) if str(it.get("explanation") or "").strip()]
+    if not idx:
+        raise DataError("explain=true but no item has an explanation to score against (no references)",
+                        str(s.source.path) if s.source else s.name, None, "explanation", reason="no_reference")
+    convs = [[{"role": "user", "content": (rag_ctx[i] + "\n\n" if rag_ctx[i] else "") + mcq_prompt(s.records[i])}]
+             for i in idx]
+    outs = runner.generate([runner.render(c) for c in convs], p.max_new_tokens, not runner.has_template)
+    hyps = [(_EXPL_RE.split(o, maxsplit=1) + [""])[1] or o for o in outs]
+    refs = [str(s.records[i]["explanation"]) for i in idx]
+    for i, o in zip(idx, outs):
+        details[i]["explanation_output"] = o
+    return {f"expl_{k}": v for k, v in generation_scores(hyps, refs, tokenize=p.tokenize).items()}
 
 
 def _gen_prompts(runner: _Runner, convs: list[list[dict]], index: Any, k: int, lang: str) -> list[str]:

@@ -206,3 +206,16 @@ def test_medpipe_eval_writes_and_merges_results_for_a_stage(tmp_path):
     assert r.code == 2 and "no stage 'nope'" in r.out
     r = medpipe("eval", str(run_dir), "method=vote", "data=cmexam")
     assert r.code == 2 and "method must be one of" in r.out
+
+
+def test_explanations_scored_against_the_reference(tmp_path):
+    p = EvalParams(data=cmexam(4), explain=True, max_new_tokens=8)
+    metrics, _ = evaluate(p, tiny_artifact(), tmp_path, **QUIET)
+    assert {f"cmexam/expl_{k}" for k in ("bleu1", "bleu4", "rouge1", "rouge2", "rougeL")} <= set(metrics)
+    rows = [json.loads(x) for x in (tmp_path / "details" / "cmexam.jsonl").read_text().splitlines()]
+    assert all("explanation_output" in r for r in rows)
+    from medpipe.stages.data import DataError
+
+    with pytest.raises(DataError, match="no item has an explanation"):
+        evaluate(EvalParams(data={"path": f"{samples()}/ceval_val.csv", "limit": 2}, explain=True), tiny_artifact(),
+                 tmp_path, **QUIET)
