@@ -15,10 +15,29 @@ class CPTParams(TrainParams):
     warmup: float = 0.05
     weight_decay: float = 0.01
     block_size: int = 1024
+    # eval sets (mcq sources, e.g. PubMedQA PQA-L) whose passages must not be pretrained on: documents
+    # matching an item's context + long answer (exact or near, MinHash Jaccard >= 0.8) are dropped, counted
+    exclude_data: Any = None
 
 
 def data_options(params: Any, data_opts: dict) -> dict:
     return {"on_error": params.on_error or data_opts.get("on_error", "fail"), "seed": data_opts.get("seed", 0)}
+
+
+def drop_eval_overlap(records: list[dict], params: Any, data_opts: dict) -> tuple[list[dict], int]:
+    """Documents that overlap an `exclude_data` item's passage (context + long answer) removed.
+    Every document is checked against every passage (documents on the eval side of check_overlap,
+    so all copies of a leaked abstract go, not just the first)."""
+    if not getattr(params, "exclude_data", None):
+        return records, 0
+    from medpipe.stages.data import check_overlap, load_records
+
+    items = load_records(params.exclude_data, "mcq", **data_options(params, data_opts)).records
+    passages = [{"text": "\n".join(x for x in (r.get("context"), r.get("explanation")) if x) or r["question"],
+                 "_loc": r["_loc"]} for r in items]
+    rep = check_overlap(passages, records)
+    hit = {doc for doc, _ in rep.exact} | {doc for doc, _, _ in rep.near}
+    return [r for r in records if r["_loc"] not in hit], len(hit)
 
 
 class CPTStage:
@@ -30,7 +49,9 @@ class CPTStage:
         from medpipe.stages.data import load_records
 
         result = load_records(params.data, "text", **data_options(params, data_opts))
-        return [line for line in result.summary_table().splitlines()]
+        _, excluded = drop_eval_overlap(result.records, params, data_opts)
+        lines = result.summary_table().splitlines()
+        return lines + ([f"{excluded} document(s) overlap exclude_data: dropped"] if params.exclude_data else [])
 
     def run(self, ctx: Any):
         from transformers import Trainer, TrainingArguments, default_data_collator
@@ -41,6 +62,9 @@ class CPTStage:
         p: CPTParams = ctx.params
         tok = common.load_tokenizer(ctx)
         records = load_records(p.data, "text", **data_options(p, ctx.data)).records
+        records, excluded = drop_eval_overlap(records, p, ctx.data)
+        if p.exclude_data:
+            ctx.say(f"{excluded} document(s) overlapping exclude_data dropped")
         blocks = pack_texts([r["text"] for r in records], tok, p.block_size, num_proc=p.num_proc,
                             cache_dir=common.data_cache_dir(ctx))
         if len(blocks) == 0:
@@ -54,5 +78,5 @@ class CPTStage:
         trainer = Trainer(model=model, args=TrainingArguments(**common.training_kwargs(ctx, p)), train_dataset=blocks,
                           data_collator=default_data_collator, processing_class=tok, callbacks=common.callbacks(ctx, p))
         metrics = common.train(trainer, ctx)
-        metrics.update(documents=len(records), blocks=len(blocks))
+        metrics.update(documents=len(records), blocks=len(blocks), excluded_documents=excluded)
         return common.save_result(ctx, trainer, tok, p, metrics)
