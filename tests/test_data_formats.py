@@ -160,3 +160,25 @@ def test_bundled_samples_load_with_auto(name, want, fmt):
     assert res.records and res.reports[0].dropped == 0
     if want == "mcq":
         assert load_records(str(SAMPLES / name), "chat").records
+
+
+def test_pubmedqa_pqau_as_published_reads_as_unlabeled(tmp_path):
+    import json as _json
+
+    from medpipe.stages.data import DataError, load_records
+
+    pqau = {"1001": {"QUESTION": "Does aspirin prevent stroke?", "CONTEXTS": ["A cohort of 100 patients."],
+                     "LABELS": ["RESULTS"], "MESHES": ["Aspirin"], "LONG_ANSWER": "Aspirin lowered the rate."}}
+    path = tmp_path / "ori_pqau.json"
+    path.write_text(_json.dumps(pqau))
+    recs = load_records({"path": str(path), "format": "pubmedqa"}, "mcq").records
+    assert recs[0]["answer"] == [] and recs[0]["explanation"] == "Aspirin lowered the rate."
+    # a PQA-L record that lost its final_decision is still an error
+    broken = {"2": {**pqau["1001"], "reasoning_required_pred": "yes", "reasoning_free_pred": "yes"}}
+    path.write_text(_json.dumps(broken))
+    try:
+        load_records({"path": str(path), "format": "pubmedqa"}, "mcq")
+    except DataError as e:
+        assert "final_decision" in str(e) and "[2]" in str(e)
+    else:
+        raise AssertionError("missing final_decision in a PQA-L record was accepted")

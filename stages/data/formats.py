@@ -513,7 +513,9 @@ def fmt_pubmedqa(r, ctx):
             raise ctx.err(f"unknown answer {d!r} (expected yes/no/maybe)", "final_decision",
                           "unknown_answer")
         ans = [inv[d]]
-    elif not _has_key(r, "final_decision", ctx):
+    elif not _has_key(r, "final_decision", ctx) or ("QUESTION" in r and "reasoning_required_pred" not in r):
+        # unlabeled: C-Eval-style files without the column, and ori_pqau.json (PQA-U records carry
+        # no final_decision and no reasoning_*_pred, which every PQA-L record has)
         ans = []
     else:
         raise ctx.err("missing", "final_decision", "missing_field")
