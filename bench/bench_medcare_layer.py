@@ -1,8 +1,8 @@
 """Benchmark the MedCare FFN layer (issue 7) on CPU: forward + backward, median of reps.
 
-    /work/main/.venv/bin/python bench/bench_medcare_layer.py [--reps 7] [--tokens 2048] [--threads 2]
+    /work/main/.venv/bin/python bench/bench_medcare_layer.py [--reps 7] [--tokens 2048]
 
-Compares, in one process, d_in=2048, d_out=5632, T tokens, float32, 2 threads (torch.set_num_threads):
+Compares, in one process, d_in=2048, d_out=5632, T tokens, float32, 2 threads:
   medcare        the library layer (frozen W + KA rank 32 + top-2 of 8 NA rank 16 + router);
                  KA and all experts as one rank-(s+E)·r product, gates zero unselected blocks
   alt:*          other routed implementations of the same layer (checked equal to `medcare`):
@@ -221,10 +221,9 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--peft-rank", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mem-child")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(2)
     if a.mem_child:
         return mem_child(a.mem_child, a.peft_rank, a.tokens)
 
