@@ -93,7 +93,7 @@ def training_kwargs(ctx: Any, p: Any) -> dict:
         logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
         save_total_limit=p.save_total_limit, report_to=["tensorboard"], seed=ctx.seed, data_seed=ctx.seed,
         use_cpu=not cuda, bf16=use_bf16(p), fp16=p.precision == "fp16",
-        gradient_checkpointing=p.gradient_checkpointing, deepspeed=ctx.deepspeed_config,
+        activation_checkpointing=p.gradient_checkpointing, deepspeed=ctx.deepspeed_config,
         disable_tqdm=True, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
     )
     if not cuda and int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
@@ -121,8 +121,9 @@ class ProgressCallback(TrainerCallback):
         shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, float) and k in
                          ("loss", "eval_loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins",
                           "orth_loss", "ce_loss"))
-        elapsed = time.monotonic() - self.t0
-        self.ctx.say(f"step {state.global_step}/{state.max_steps} {shown} ({elapsed:.0f}s)")
+        if shown:  # the trainer's end-of-training summary has none of these: the stage prints its own
+            elapsed = time.monotonic() - self.t0
+            self.ctx.say(f"step {state.global_step}/{state.max_steps} {shown} ({elapsed:.0f}s)")
 
 
 class SpikeGuard(TrainerCallback):

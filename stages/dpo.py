@@ -22,7 +22,7 @@ class DPOParams(TrainParams):
     max_length: int = 512
     beta: float = 0.1
     loss_type: str = "sigmoid"  # any TRL DPO loss_type (sigmoid, ipo, hinge, robust, ...)
-    truncation_mode: str = "keep_end"  # keep_end keeps the latest turns of long histories
+    truncation_mode: str = "keep_start"  # TRL's default (its keep_end is deprecated)
     ref_probe: int = 4  # pairs whose reference log-probs are saved to ref_probe.pt (0 = off)
     reward_eval_pairs: int = 64  # training pairs whose rewards are re-evaluated after training (0 = off)
 
