@@ -85,6 +85,7 @@ class DPOStage:
             ctx.say(f"reward accuracy on the training pairs {metrics['reward_accuracy']:.3f}, "
                     f"margin {metrics['reward_margin']:.3f}")
         metrics["pairs"] = len(train_ds)
+        metrics["identical_pairs_dropped"] = len(loaded.records) - len(rows)
         return common.save_result(ctx, trainer, tok, p, metrics)
 
 

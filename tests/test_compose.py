@@ -96,3 +96,34 @@ def test_help_and_show_import_no_torch():
     show_mods = _imports_after("from medpipe.cli import app\ntry:\n    app(['show', 'recipe=qilin'])\nexcept SystemExit: pass")
     for mods in (help_mods, show_mods):
         assert not {"torch", "transformers", "trl", "peft", "datasets"} & mods
+
+
+def test_a_third_party_stage_kind_plugs_in_through_the_entry_point_group(monkeypatch):
+    import dataclasses
+    from importlib.metadata import EntryPoint
+
+    from medpipe import registry
+
+    eps = dict(registry._entry_points())
+    eps["echo"] = EntryPoint(name="echo", value="plugin_stage:EchoStage", group=registry.GROUP)
+    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent / "plugins"))
+    cfg, _ = compose("qilin", ["+stages.echo={kind: echo, message: hi}"])
+    echo = bind_stages(cfg)[-1]
+    assert echo.kind == "echo" and echo.params.message == "hi" and echo.source == "dpo"
+    assert dataclasses.asdict(echo.params) == {"message": "hi", "times": 1}
+    with pytest.raises(ConfigError, match="stages.echo: unknown parameter 'loud'"):
+        bind_stages(compose("qilin", ["+stages.echo={kind: echo, loud: true}"])[0])
+
+
+def test_from_only_and_force_select_the_stages_to_retrain():
+    from medpipe.run import Pipeline
+
+    cfg, _, ps = plans("qilin")
+    pipe = Pipeline(cfg, ps, "qilin", console=None)
+    assert pipe.selected(False, None, None) == set()
+    assert pipe.selected(False, "sft", None) == {"sft", "dpo"}
+    assert pipe.selected(False, None, "sft") == {"sft"}
+    assert pipe.selected(True, None, None) == {"cpt", "sft", "dpo"}
+    with pytest.raises(ConfigError, match="--from nope: no such stage"):
+        pipe.selected(False, "nope", None)

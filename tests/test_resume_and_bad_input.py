@@ -123,3 +123,19 @@ def test_validate_prints_a_summary_per_source():
     r = medpipe("validate", "recipe=qilin")
     assert r.code == 0, r.out
     assert "pretrain.jsonl" in r.out and "sft_sharegpt.json" in r.out and "preference.jsonl" in r.out
+
+
+@pytest.mark.slow
+def test_dpo_first_in_a_recipe_uses_the_given_model_and_drops_identical_pairs(tmp_path):
+    pairs = [json.loads(l) for l in (REPO / "samples" / "preference.jsonl").read_text().splitlines()[:24]]
+    pairs[3]["rejected"] = pairs[3]["chosen"]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in pairs) + "\n")
+    recipe = _recipe(tmp_path, f"dpo: {{data: {data}, max_steps: 2, batch_size: 4, reward_eval_pairs: 4, "
+                               f"peft: {{r: 4, alpha: 8}}}}")
+    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={tmp_path}/runs/d")
+    assert r.code == 0, r.out
+    assert "DPO is the first stage: the reference policy is the given model" in r.out
+    assert "1 pair(s) with chosen == rejected dropped" in r.out
+    art = json.loads((tmp_path / "runs" / "d" / "01-dpo" / "artifact.json").read_text())
+    assert art["metrics"]["pairs"] == 23

@@ -315,8 +315,7 @@ def fmt_preference(r, ctx):
     if prompt[-1]["role"] != "user":
         raise ctx.err(f"the prompt must end with a user turn (ends with '{prompt[-1]['role']}')",
                       key, "bad_dialogue")
-    if chosen.strip() == rejected.strip():
-        raise ctx.err("chosen and rejected are identical", ck, "identical_pair")
+    # chosen == rejected is not an error: the DPO stage warns, drops and counts such pairs
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
