@@ -1,12 +1,14 @@
 """Benchmark the MedCare FFN layer (issue 7) on CPU: forward + backward, median of reps.
 
-    /work/main/.venv/bin/python bench/bench_medcare_layer.py [--reps 7] [--tokens 2048]
+    /work/main/.venv/bin/python bench/bench_medcare_layer.py [--reps 7] [--tokens 2048] [--threads 2]
 
-Compares, in one process, d_in=2048, d_out=5632, T tokens, float32, 2 threads:
+Compares, in one process, d_in=2048, d_out=5632, T tokens, float32, 2 threads (torch.set_num_threads):
   medcare        the library layer (frozen W + KA rank 32 + top-2 of 8 NA rank 16 + router);
-                 KA and all experts as one rank-(s+E)·r product, gates zero unselected blocks
+                 KA and all experts as one rank-(s+E)·r product, gates zero unselected blocks,
+                 added to x Wᵀ by one addmm
+  base           the frozen nn.Linear alone (what every variant pays; adapter overhead = t − base)
   alt:*          other routed implementations of the same layer (checked equal to `medcare`):
-                   cat_A_only  KA+NA fused on the A side, two B products
+                   cat_A_only  KA+NA fused on the A side, two B products, separate add
                    separate    KA and NA as two separate low-rank products
                    gather      per-expert gather of the selected tokens / index_add back
                    bmm         tokens grouped by expert, padded to capacity, two bmm
@@ -142,6 +144,8 @@ def build(name, peft_rank):
     m = make_medcare()
     if name == "medcare":
         return m, m
+    if name == "base":
+        return m.linear, m.linear
     fn = ALTS[name]
     return (lambda x: m.linear(x) + fn(m, x)), m
 
@@ -221,9 +225,10 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--peft-rank", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mem-child")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     if a.mem_child:
         return mem_child(a.mem_child, a.peft_rank, a.tokens)
 
@@ -233,7 +238,7 @@ def main():
     print(f"d_in={D_IN} d_out={D_OUT} tokens={a.tokens} fp32 threads={torch.get_num_threads()} "
           f"reps={a.reps} (median, after 2 warm-up)  torch {torch.__version__}")
     print(f"MedCare trainable params {n_mc:,}; equivalent PEFT LoRA rank {peft_rank}")
-    names = ["medcare", "peft_lora", *ALTS]
+    names = ["medcare", "base", "peft_lora", *ALTS]
     load0 = os.getloadavg()[0]
     res = time_all(names, peft_rank, a.tokens, a.reps)
     print(f"load average (1 min) before/after timing: {load0:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
@@ -243,6 +248,10 @@ def main():
         print(f"{n:<14}{res[n]['ms']:>12.1f}{res[n]['ms'] / base:>12.2f}{res[n]['params']:>12,}")
     print(f"ratio medcare / peft_lora   = {base / res['peft_lora']['ms']:.2f}  (target <= 1.2)")
     print(f"ratio dense_stack / medcare = {res['dense_stack']['ms'] / base:.2f}  (target >= 2.5)")
+    w = res["base"]["ms"]
+    print(f"adapter overhead (t - base): medcare {base - w:.0f} ms, peft_lora {res['peft_lora']['ms'] - w:.0f} ms, "
+          f"dense_stack {res['dense_stack']['ms'] - w:.0f} ms -> dense/medcare "
+          f"{(res['dense_stack']['ms'] - w) / max(base - w, 1e-9):.1f}x")
     for n in ("medcare", "peft_lora", "dense_stack"):
         print(f"peak extra RSS fwd+bwd {n:<12} {mem_of(n, peft_rank, a.tokens):8.0f} MiB")
 

@@ -96,6 +96,16 @@ def test_da_without_na_zero_B_equals_base_exactly():
     assert torch.equal(m(x), m.linear(x))
 
 
+def test_half_precision_base_gets_fp32_adapters():
+    m = layer("mka", dtype=torch.bfloat16)
+    assert m.ka_A.dtype == torch.float32 and m.linear.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 6, dtype=torch.bfloat16)
+    y = m(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 5)
+    y.float().sum().backward()
+    assert m.na_A.grad.dtype == torch.float32
+
+
 def test_init_scale_and_shapes():
     m = MedCareLinear(nn.Linear(64, 40), MedCareConfig(), "mka")
     assert m.scale == 2.0 and m.ka_A.shape == (32, 64) and m.na_A.shape == (128, 64)

@@ -21,7 +21,7 @@ The NA experts are stored concatenated: rows e·r … (e+1)·r−1 of `na_A` (an
 Efficient routed computation (measured in bench/bench_medcare_layer.py, see BENCHMARKS.md): KA and
 all E experts are one low-rank product of rank (s+E)·r. x A_catᵀ gives [T, (s+E)·r]; each rank
 block of an expert is multiplied by its gate weight (0 for the experts a token did not select, 1
-for KA); one matmul with B_cat gives the output. No loop over experts and no [E, T, d_out] stack.
+for KA); one addmm with B_cat adds it to x Wᵀ. No loop over experts and no [E, T, d_out] stack.
 
 Attention projections get PEFT's LoRA: `inject_mka` wraps the FFN linears first, then calls
 `peft.get_peft_model` with target_modules = attention names only, then turns requires_grad back on
@@ -162,8 +162,11 @@ class MedCareLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
         x2 = x.reshape(-1, x.shape[-1]).to(self.ka_A.dtype)
-        delta = self._mka_delta(x2) if self.mode == "mka" else self._da_delta(x2)
-        return y + delta.view(y.shape).to(y.dtype)
+        h, B = self._mka_lowrank(x2) if self.mode == "mka" else self._da_lowrank(x2)
+        y2 = y.reshape(-1, y.shape[-1])
+        if y2.dtype == h.dtype:  # y + h Bᵀ in one GEMM: saves a pass over [T, d_out]
+            return torch.addmm(y2, h, B.t()).view(y.shape)
+        return (y2 + F.linear(h, B).to(y2.dtype)).view(y.shape)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Gate weights [T, E]: softmax over all E, top-K kept (optionally renormalised), rest 0."""
@@ -188,10 +191,12 @@ class MedCareLinear(nn.Module):
     def _zero3(self) -> bool:
         return hasattr(self.ka_A, "ds_id")  # set on parameters DeepSpeed ZeRO-3 partitions
 
-    def _mka_delta(self, x: torch.Tensor) -> torch.Tensor:
+    # The adapters of a layer reduce to one low-rank product: delta = h Bᵀ with
+    # h = [T, total rank] (scaled, gated) and B = [d_out, total rank].
+    def _mka_lowrank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xe = self.expert_dropout(x)
         if not (self.training or self.cfg.keep_na):  # inference without NA: KA only
-            return F.linear(F.linear(xe, self.ka_A) * self.scale, self.ka_B)
+            return F.linear(xe, self.ka_A) * self.scale, self.ka_B
         gates = self.route(x)
         T, E, r = x.shape[0], self.cfg.n_experts, self.cfg.r
         # KA and all experts as one rank-(s+E)·r product; the gates zero the unselected blocks.
@@ -199,14 +204,14 @@ class MedCareLinear(nn.Module):
         h_ka, h_na = h.split([self.cfg.ka_rank, E * r], dim=1)
         h_na = (h_na.view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
         h = torch.cat([h_ka, h_na], dim=1) * self.scale  # scale on the narrow side: cheaper
-        return F.linear(h, torch.cat([self.ka_B, self.na_B], dim=1))
+        return h, torch.cat([self.ka_B, self.na_B], dim=1)
 
-    def _da_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def _da_lowrank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._orth = self.orth_term() if self._wants_aux() and not self._zero3() else None
         h_ka = F.linear(self.expert_dropout(x), self.ka_A)
         h_al = F.linear(self.align_dropout(x), self.align_A)
         h = torch.cat([h_ka, h_al], dim=1) * self.scale
-        return F.linear(h, torch.cat([self.ka_B, self.align_B], dim=1))
+        return h, torch.cat([self.ka_B, self.align_B], dim=1)
 
     def orth_term(self) -> torch.Tensor:
         """Σ |A_ka A_alignᵀ| with A in nn.Linear layout ([rank, d_in]): an (s·r)×(align_r) matrix.
