@@ -16,6 +16,16 @@ from trl import SFTTrainer
 from medpipe.stages.adapters import medcare
 
 
+FFN_ADAPTER_DIR = "medcare_adapter"
+
+
+def load_adapter_state(model, path) -> None:
+    """Copy a save_medcare state (strict: every adapter tensor, nothing else) into `model`."""
+    from safetensors.torch import load_file
+
+    medcare._load_into(medcare.adapter_state_dict(model), load_file(str(path)), str(path))
+
+
 class MedCareTrainer(SFTTrainer):
     def __init__(self, *args, orth_lambda: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -48,6 +58,24 @@ class MedCareTrainer(SFTTrainer):
             self._record(name, value.detach().float().item())
         self._n += 1
         return (total, *rest) if return_outputs else total
+
+    # Trainer checkpoints of a PeftModel hold only PEFT's attention LoRA: the FFN adapters (KA, NA
+    # experts, routers, Align) are saved beside it and loaded back on resume, so an interrupted
+    # MKA/DA resumes with every adapter (the published code lost the routers mid-MKA).
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        from pathlib import Path
+
+        output_dir = output_dir or self.args.output_dir
+        medcare.save_medcare(self.accelerator.unwrap_model(self.model), Path(output_dir) / FFN_ADAPTER_DIR)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        from pathlib import Path
+
+        saved = Path(resume_from_checkpoint) / FFN_ADAPTER_DIR / medcare.ADAPTER_FILE
+        if saved.is_file():
+            load_adapter_state(self.accelerator.unwrap_model(model or self.model), saved)
 
     def _record(self, name: str, value: float) -> None:
         self._sums[name] = self._sums.get(name, 0.0) + value

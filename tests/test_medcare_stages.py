@@ -83,3 +83,34 @@ def test_orthogonal_term_weight_is_independent_of_gradient_accumulation(tmp_path
     b_keys = [k for k in one if k.endswith(("ka_B", "align_B"))]
     for k in b_keys:  # ... and reaches the A matrices only
         assert torch.allclose(one[k], without[k], atol=1e-6), k
+
+
+def test_checkpoints_carry_every_ffn_adapter_and_resume_restores_them(tmp_path):
+    from trl import SFTConfig
+
+    from medpipe.stages.medcare_train import FFN_ADAPTER_DIR, MedCareTrainer
+
+    path = ensure_tiny()
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [{"input_ids": list(range(10 + i, 30 + i)), "assistant_masks": [0] * 5 + [1] * 15} for i in range(8)]
+
+    def trainer(max_steps):
+        model = medcare.inject_mka(AutoModelForCausalLM.from_pretrained(path), medcare.MedCareConfig(r=4, alpha=8))
+        args = SFTConfig(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=2, max_steps=max_steps,
+                         learning_rate=1e-2, report_to=[], use_cpu=True, bf16=False, save_steps=2, seed=0)
+        return MedCareTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+
+    first = trainer(2)
+    first.train()
+    saved = tmp_path / "ckpt" / "checkpoint-2" / FFN_ADAPTER_DIR / medcare.ADAPTER_FILE
+    assert saved.is_file()
+    trained = {k: v.detach().clone() for k, v in medcare.adapter_state_dict(first.model).items()}
+    assert any("router" in k for k in trained) and any("na_A" in k for k in trained)
+
+    second = trainer(2)  # a fresh process would start here: fresh adapters, then resume
+    fresh = medcare.adapter_state_dict(second.model)
+    assert not all(torch.equal(fresh[k], trained[k]) for k in trained if "router" in k)
+    second._load_from_checkpoint(str(saved.parent.parent))
+    restored = medcare.adapter_state_dict(second.model)
+    for k, v in trained.items():
+        assert torch.equal(restored[k], v), k
