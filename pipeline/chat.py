@@ -111,8 +111,17 @@ class LocalModel:
 
     @classmethod
     def from_artifact(cls, art: Any, name: str | None = None) -> "LocalModel":
-        return cls(art.model_path, art.tokenizer_path, trust_remote_code=bool(art.extras.get("trust_remote_code", False)),
-                   name=name or art.stage)
+        trust = bool(art.extras.get("trust_remote_code", False))
+        model = None
+        if art.extras.get("medcare_keep_na"):  # MedCare ablation: evaluate MKA with its routed experts
+            from medpipe.stages.adapters import medcare
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(art.extras["medcare_adapter_base"], trust_remote_code=trust)
+            model = medcare.load_medcare(base, art.extras["medcare_adapter"])
+            for _, layer in medcare.medcare_modules(model):
+                layer.cfg.keep_na = True
+        return cls(art.model_path, art.tokenizer_path, trust_remote_code=trust, name=name or art.stage, model=model)
 
     @property
     def has_template(self) -> bool:

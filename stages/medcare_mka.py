@@ -31,6 +31,7 @@ class MedCareMKAParams(TrainParams):
     balance_coef: float = 0.0  # load-balancing aux loss (0 = off, as published)
     expert_dropout: float = 0.0  # no dropout on the MoLoRA path (published choice)
     attn_dropout: float = 0.05
+    keep_na_at_inference: bool = False  # ablation: evaluate/serve MKA with NA (default: base + KA only)
     chat_template: Optional[str] = None
 
 
@@ -92,4 +93,6 @@ class MedCareMKAStage:
                         tokenizer_path=str(out / "model"), metrics=metrics,
                         extras={"medcare_base": str(out / "base"), "medcare_ka": str(out / "ka"),
                                 "medcare_adapter": str(out / "medcare_adapter"), "na_dropped": True,
+                                "medcare_adapter_base": ctx.input.model_path,
+                                "medcare_keep_na": p.keep_na_at_inference,
                                 "trust_remote_code": bool(ctx.model.get("trust_remote_code", False))})

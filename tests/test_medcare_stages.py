@@ -114,3 +114,25 @@ def test_checkpoints_carry_every_ffn_adapter_and_resume_restores_them(tmp_path):
     restored = medcare.adapter_state_dict(second.model)
     for k, v in trained.items():
         assert torch.equal(restored[k], v), k
+
+
+def test_keep_na_ablation_loads_the_routed_experts_for_inference(tmp_path):
+    from medpipe.artifact import Artifact
+    from medpipe.chat import LocalModel
+
+    path = ensure_tiny()
+    model = medcare.inject_mka(AutoModelForCausalLM.from_pretrained(path), medcare.MedCareConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for _, m in medcare.medcare_modules(model):
+            m.na_B.normal_(0, 0.05)  # make NA matter
+    medcare.save_medcare(model, tmp_path / "adapter")
+    art = Artifact(stage="mka", kind="medcare_mka", format="full", model_path=str(path), tokenizer_path=str(path),
+                   extras={"medcare_keep_na": True, "medcare_adapter": str(tmp_path / "adapter"),
+                           "medcare_adapter_base": str(path)})
+    local = LocalModel.from_artifact(art)
+    layers = list(medcare.medcare_modules(local.model))
+    assert layers and all(layer.cfg.keep_na for _, layer in layers)
+    ids = torch.randint(0, 1000, (1, 12))
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        assert not torch.allclose(local.model(ids).logits, plain(ids).logits, atol=1e-4)  # NA is in use
