@@ -297,7 +297,7 @@ class Pipeline:
             try:
                 lines = check(plan.cls(), plan.params, base, self.global_data()) or []
             except (DataError, MedpipeError) as e:
-                raise type(e)(f"stages.{plan.name}: {e}") if isinstance(e, MedpipeError) else e
+                raise MedpipeError(f"stages.{plan.name}: {e}") from None
             self.console.print(f"[bold]{plan.name}[/] data:")
             for line in lines:
                 self.console.print(f"  {line}", soft_wrap=True)
