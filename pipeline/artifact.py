@@ -6,7 +6,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,23 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+@contextmanager
+def atomic_dir(out: Path):
+    """Yield a fresh temp dir beside `out`; when the block succeeds it replaces `out` in one rename,
+    so readers never see half a directory and a failure leaves the old one untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def model_fingerprint(path: str | Path) -> str:
     """Cheap identity of a model directory: config + file names, sizes and mtimes."""
     p = Path(path)
@@ -108,21 +127,12 @@ def merged_view(art: Artifact) -> Artifact:
 
 
 def merge_adapter(art: Artifact, out: Path) -> None:
-    import shutil
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trust = bool(art.extras.get("trust_remote_code", False))
     base = AutoModelForCausalLM.from_pretrained(art.base_model_path, dtype="auto", trust_remote_code=trust)
     merged = PeftModel.from_pretrained(base, art.model_path).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".merged-"))
-    try:
+    with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(art.tokenizer_path, trust_remote_code=trust).save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

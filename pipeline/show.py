@@ -17,7 +17,7 @@ def describe(cfg: Any, plans: list[StagePlan]) -> list[str]:
     lines = ["# stages (in order):"]
     keyed = plan_keys(cfg, plans, base_identity(cfg))
     launcher = OmegaConf.to_container(cfg.launcher, resolve=True)
-    model = cfg.model.path or f"tiny model (built locally, cached)"
+    model = cfg.model.path or "tiny model (built locally, cached)"
     for k in keyed:
         p = k.plan
         source = f"stage '{p.source}'" if p.source else f"model {model}"

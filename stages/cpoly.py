@@ -467,23 +467,12 @@ class CPolyStage:
 def export_merged(ctx: Any, params: Any, adapter_dir: Path, tok: Any, task: str | None, out: Path) -> None:
     """Fold one task's eval-mode C-Poly delta (task None: shared skills only) into a fresh copy of the
     base and save it as a plain model (written to a temp dir, then renamed)."""
-    import os
-    import shutil
-    import tempfile
-
+    from medpipe.artifact import atomic_dir
     from medpipe.stages import common
     from medpipe.stages.adapters.cpoly import load_cpoly, merge_cpoly
 
     base = common.load_model(ctx, params, ctx.input.model_path)
     plain = merge_cpoly(load_cpoly(base, adapter_dir), task, shared_only=task is None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

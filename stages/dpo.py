@@ -53,7 +53,6 @@ class DPOStage:
         return load_records(params.data, "preference", **data_options(params, data_opts)).summary_table().splitlines()
 
     def run(self, ctx: Any):
-        import torch
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 

@@ -42,8 +42,6 @@ class MedCareDAStage:
         return SFTStage.check(self, params, base, data_opts)
 
     def run(self, ctx: Any):
-        import dataclasses
-
         from trl import SFTConfig
 
         from medpipe.artifact import Artifact

@@ -25,7 +25,6 @@ Prompt
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -92,10 +91,6 @@ def chunk_text(text: str, size: int, overlap: int) -> list[str]:
     return out
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("MEDPIPE_CACHE", Path.home() / ".cache" / "medpipe")).expanduser()
-
-
 def _options(p: RagParams) -> dict:
     opts = {"retriever": p.retriever, "chunk_size": p.chunk_size, "chunk_overlap": p.chunk_overlap,
             "version": INDEX_VERSION}
@@ -116,7 +111,9 @@ def index_dir(p: RagParams, base_dir: Any = None) -> Path:
     from medpipe.stages.data import parse_spec
 
     paths = [s.path for s in parse_spec(p.index, base_dir=base_dir)]
-    return _cache_root() / "rag" / stable_hash({"paths": paths, "retriever": p.retriever, "tokenize": p.tokenize,
+    from medpipe.stages.tiny import cache_root
+
+    return cache_root() / "rag" / stable_hash({"paths": paths, "retriever": p.retriever, "tokenize": p.tokenize,
                                                 "chunk": [p.chunk_size, p.chunk_overlap],
                                                 "model": p.embedding_model}, 12)
 
@@ -226,10 +223,7 @@ def _embedder(path: Any):
 
 
 def _build(p: RagParams, directory: Path, corpus_fp: str, opts: dict, say, base_dir, data_opts) -> KnowledgeIndex:
-    import shutil
-    import tempfile
-
-    from medpipe.artifact import write_json_atomic
+    from medpipe.artifact import atomic_dir, write_json_atomic
     from medpipe.stages.data import load_records
 
     t0 = time.monotonic()
@@ -243,9 +237,7 @@ def _build(p: RagParams, directory: Path, corpus_fp: str, opts: dict, say, base_
         from medpipe.errors import ConfigError
 
         raise ConfigError(f"rag.index: the corpus {p.index} has no text to index")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    try:
+    with atomic_dir(directory) as tmp:
         with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as f:
             for c in chunks:
                 f.write(json.dumps(c, ensure_ascii=False) + "\n")
@@ -269,12 +261,6 @@ def _build(p: RagParams, directory: Path, corpus_fp: str, opts: dict, say, base_
         meta = {"corpus": str(p.index), "corpus_fingerprint": corpus_fp, "options": opts, "chunks": len(chunks),
                 "documents": len(loaded.records), "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json_atomic(tmp / "index.json", meta)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"RAG index: {len(chunks)} chunks from {len(loaded.records)} documents ({p.retriever}) "
         f"built in {time.monotonic() - t0:.1f}s → {directory}")
     if p.retriever == "bm25":
