@@ -72,6 +72,25 @@ class Completion:
     completion_tokens: int
 
 
+def left_padded_batches(enc: Sequence[Sequence[int]], batch_size: int, pad: int):
+    """Yield (indices, input_ids, attention_mask) batches of token lists, longest first (less
+    padding), left-padded so every row's last position is its last real token (generation and
+    next-token scoring both read that position)."""
+    import torch
+
+    order = sorted(range(len(enc)), key=lambda k: -len(enc[k]))
+    step = max(1, batch_size)
+    for b0 in range(0, len(order), step):
+        chunk = order[b0:b0 + step]
+        width = max(len(enc[k]) for k in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, k in enumerate(chunk):
+            ids[r, width - len(enc[k]):] = torch.tensor(enc[k], dtype=torch.long)
+            attn[r, width - len(enc[k]):] = 1
+        yield chunk, ids, attn
+
+
 class LocalModel:
     """A causal LM + tokenizer for chat, serving and evaluation (transformers backend)."""
 
@@ -161,18 +180,10 @@ class LocalModel:
         pad = self.tok.pad_token_id
         stops = set(self.stop_ids)
         out: list[Completion | None] = [None] * len(enc)
-        order = sorted(range(len(enc)), key=lambda k: -len(enc[k]))
         with self.lock, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
-            for b0 in range(0, len(order), max(1, batch_size)):
-                chunk = order[b0:b0 + max(1, batch_size)]
-                L = max(len(enc[k]) for k in chunk)
-                ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-                attn = torch.zeros((len(chunk), L), dtype=torch.long)
-                for r, k in enumerate(chunk):
-                    ids[r, L - len(enc[k]):] = torch.tensor(enc[k], dtype=torch.long)
-                    attn[r, L - len(enc[k]):] = 1
+            for chunk, ids, attn in left_padded_batches(enc, batch_size, pad):
                 kw: dict = dict(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids or None)
                 if ignore_eos:
@@ -181,7 +192,7 @@ class LocalModel:
                     kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
                 else:
                     kw.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
-                gen = self.model.generate(**kw)[:, L:].tolist()
+                gen = self.model.generate(**kw)[:, ids.shape[1]:].tolist()
                 for r, k in enumerate(chunk):
                     toks, reason = gen[r], "length"
                     for j, t in enumerate(toks if not ignore_eos else []):

@@ -291,6 +291,7 @@ def letter_logits(model: Any, tok: Any, prompts: list[str], letters: list[list[s
     padding, explicit position ids, logits for the last position only)."""
     import torch
 
+    from medpipe.chat import left_padded_batches
     from medpipe.stages.mcq import letter_token_ids
 
     cand = letter_token_ids(tok, sorted({x for ls in letters for x in ls}))
@@ -300,16 +301,8 @@ def letter_logits(model: Any, tok: Any, prompts: list[str], letters: list[list[s
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     device = next(model.parameters()).device
     out: list[dict | None] = [None] * len(prompts)
-    order = sorted(range(len(enc)), key=lambda k: -len(enc[k]))
     with torch.no_grad():
-        for b0 in range(0, len(order), max(1, batch_size)):
-            chunk = order[b0:b0 + max(1, batch_size)]
-            L = max(len(enc[k]) for k in chunk)
-            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-            attn = torch.zeros((len(chunk), L), dtype=torch.long)
-            for r, k in enumerate(chunk):
-                ids[r, L - len(enc[k]):] = torch.tensor(enc[k], dtype=torch.long)
-                attn[r, L - len(enc[k]):] = 1
+        for chunk, ids, attn in left_padded_batches(enc, batch_size, pad):
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             kw = dict(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device))
             try:
