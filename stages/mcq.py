@@ -488,6 +488,8 @@ def generate_texts(model: Any, tok: Any, prompts: Sequence[str], *, max_new_toke
     to the first eos with special tokens skipped and surrounding whitespace stripped."""
     import torch
 
+    from medpipe.chat import left_padded_batches
+
     enc = [_encode(tok, p, special=add_special_tokens) for p in prompts]
     if max_length is not None:
         enc = [e[-max_length:] for e in enc]
@@ -496,16 +498,9 @@ def generate_texts(model: Any, tok: Any, prompts: Sequence[str], *, max_new_toke
     eos = tok.eos_token_id
     eos_set = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
     out: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda k: -len(enc[k]))
     with torch.no_grad():
-        for b0 in range(0, len(order), batch_size):
-            chunk = order[b0:b0 + batch_size]
-            L = max(len(enc[k]) for k in chunk)
-            input_ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-            attn = torch.zeros((len(chunk), L), dtype=torch.long)
-            for r, k in enumerate(chunk):
-                input_ids[r, L - len(enc[k]):] = torch.tensor(enc[k])
-                attn[r, L - len(enc[k]):] = 1
+        for chunk, input_ids, attn in left_padded_batches(enc, batch_size, pad):
+            width = input_ids.shape[1]
             if device is not None:
                 input_ids, attn = input_ids.to(device), attn.to(device)
             kw: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attn,
@@ -515,7 +510,7 @@ def generate_texts(model: Any, tok: Any, prompts: Sequence[str], *, max_new_toke
                 kw["eos_token_id"] = eos
             if tasks is not None:
                 kw["task_ids"] = [tasks[k] for k in chunk]
-            gen = model.generate(**kw)[:, L:].tolist()
+            gen = model.generate(**kw)[:, width:].tolist()
             for r, k in enumerate(chunk):
                 toks = gen[r]
                 for j, t in enumerate(toks):
