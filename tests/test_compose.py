@@ -19,7 +19,7 @@ def plans(recipe="qilin", *overrides):
 def test_overrides_reach_the_typed_params():
     cfg, _, ps = plans("qilin", "stages.sft.lr=1e-4", "stages.cpt.epochs=1", "stages.dpo.adam_beta2=0.95")
     by = {p.name: p for p in ps}
-    assert [p.name for p in ps] == ["cpt", "sft", "dpo"]
+    assert [p.name for p in ps] == ["cpt", "sft", "dpo", "eval"]
     assert by["sft"].params.lr == 1e-4 and isinstance(by["sft"].params.lr, float)
     assert by["cpt"].params.epochs == 1.0
     assert by["dpo"].params.adam_beta2 == 0.95  # a default not written in the recipe is overridable
@@ -37,7 +37,7 @@ def test_tiny_profile_is_applied_and_named():
 
 
 def test_drop_a_stage_and_add_a_param_with_hydra_grammar():
-    _, _, ps = plans("qilin", "~stages.dpo")
+    _, _, ps = plans("qilin", "~stages.dpo", "~stages.eval")
     assert [p.name for p in ps] == ["cpt", "sft"]
     _, _, ps = plans("qilin", "+stages.sft.scheduler_kwargs.min_lr_rate=0.1")
     assert ps[1].params.scheduler_kwargs == {"min_lr_rate": 0.1}
@@ -86,9 +86,9 @@ def test_real_model_without_path_is_one_clear_error():
 
 
 def _imports_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print('@@MODULES@@', ' '.join(sys.modules))"],
                          capture_output=True, text=True, check=True).stdout
-    return set(out.split())
+    return set(out.split("@@MODULES@@")[-1].split())  # only the module list, not the command's output
 
 
 def test_help_and_show_import_no_torch():
@@ -110,7 +110,7 @@ def test_a_third_party_stage_kind_plugs_in_through_the_entry_point_group(monkeyp
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent / "plugins"))
     cfg, _ = compose("qilin", ["+stages.echo={kind: echo, message: hi}"])
     echo = bind_stages(cfg)[-1]
-    assert echo.kind == "echo" and echo.params.message == "hi" and echo.source == "dpo"
+    assert echo.kind == "echo" and echo.params.message == "hi" and echo.source == "eval"
     assert dataclasses.asdict(echo.params) == {"message": "hi", "times": 1}
     with pytest.raises(ConfigError, match="stages.echo: unknown parameter 'loud'"):
         bind_stages(compose("qilin", ["+stages.echo={kind: echo, loud: true}"])[0])
@@ -122,8 +122,8 @@ def test_from_only_and_force_select_the_stages_to_retrain():
     cfg, _, ps = plans("qilin")
     pipe = Pipeline(cfg, ps, "qilin", console=None)
     assert pipe.selected(False, None, None) == set()
-    assert pipe.selected(False, "sft", None) == {"sft", "dpo"}
+    assert pipe.selected(False, "sft", None) == {"sft", "dpo", "eval"}
     assert pipe.selected(False, None, "sft") == {"sft"}
-    assert pipe.selected(True, None, None) == {"cpt", "sft", "dpo"}
+    assert pipe.selected(True, None, None) == {"cpt", "sft", "dpo", "eval"}
     with pytest.raises(ConfigError, match="--from nope: no such stage"):
         pipe.selected(False, "nope", None)

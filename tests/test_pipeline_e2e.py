@@ -30,7 +30,8 @@ def test_every_stage_trains_and_hands_on(qilin):
 
     _, run_dir, out = qilin
     arts = artifacts(run_dir)
-    assert list(arts) == ["01-cpt", "02-sft", "03-dpo"]
+    assert list(arts) == ["01-cpt", "02-sft", "03-dpo", "04-eval"]
+    assert arts["04-eval"]["extras"]["evaluated_stage"] == "dpo" and 0 <= arts["04-eval"]["metrics"]["cmexam/acc"] <= 1
     assert arts["01-cpt"]["format"] == "full"
     assert arts["02-sft"]["format"] == "adapter" and arts["03-dpo"]["format"] == "adapter"
     # sft trained on top of cpt's output, dpo on top of sft's merged output
@@ -38,10 +39,12 @@ def test_every_stage_trains_and_hands_on(qilin):
     assert arts["03-dpo"]["base_model_path"].endswith("/merged")
     assert Path(arts["03-dpo"]["base_model_path"]).parent == Path(arts["02-sft"]["model_path"]).parent
     for name, art in arts.items():
+        if name == "04-eval":
+            continue
         assert art["metrics"]["last_loss"] < art["metrics"]["first_loss"], (name, art["metrics"])
         model = AutoModelForCausalLM.from_pretrained(art["model_path"])  # adapters load through PEFT
         assert model is not None
-    assert "Stage 3/3" in out and "Pipeline qilin complete" in out
+    assert "Stage 4/4" in out and "Pipeline qilin complete" in out
     assert (run_dir / "config.yaml").is_file() and (run_dir / "run.json").is_file()
     assert list((run_dir / "01-cpt" / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -101,11 +104,11 @@ def test_rerun_skips_done_stages_and_a_change_reruns_from_there(qilin):
     root, run_dir, _ = qilin
     before = {n: a["created"] for n, a in artifacts(run_dir).items()}
     again = medpipe("run", "recipe=qilin", f"run.root={root}", f"run.dir={run_dir}", *QUICK)
-    assert again.code == 0 and again.out.count("✓ reused") == 3, again.out
+    assert again.code == 0 and again.out.count("✓ reused") == 4, again.out
     assert {n: a["created"] for n, a in artifacts(run_dir).items()} == before
 
     changed = medpipe("run", "recipe=qilin", f"run.root={root}", *QUICK, "stages.dpo.beta=0.3")
-    assert changed.code == 0 and changed.out.count("✓ reused") == 2, changed.out  # cpt, sft reused
+    assert changed.code == 0 and changed.out.count("✓ reused") == 2, changed.out  # cpt, sft reused; dpo, eval rerun
     changed = medpipe("run", "recipe=qilin", f"run.root={root}", *QUICK, "stages.sft.lr=1e-3")
     assert changed.code == 0 and changed.out.count("✓ reused") == 1, changed.out  # only cpt
 
@@ -113,7 +116,7 @@ def test_rerun_skips_done_stages_and_a_change_reruns_from_there(qilin):
 def test_status_reports_each_stage(qilin):
     r = medpipe("status", str(qilin[1]))
     assert r.code == 0
-    assert r.out.count("done") == 3 and "pending" not in r.out and "failed" not in r.out
+    assert r.out.count("done") == 4 and "pending" not in r.out and "failed" not in r.out
 
 
 def test_only_and_force_keep_previous_results(qilin):
@@ -141,7 +144,7 @@ def test_sweep_trains_shared_stages_once_and_runs_survive_deletion(qilin):
 
     root, _, _ = qilin
     show = medpipe("show", "recipe=qilin", f"run.root={root}", *QUICK)
-    assert show.out.count("reuse finished result") == 3, show.out
+    assert show.out.count("reuse finished result") == 4, show.out
     before = set((root / ".store").glob("dpo-*"))
     r = medpipe("run", "recipe=qilin", f"run.root={root}", *QUICK, "stages.dpo.beta=0.05,0.5", "--multirun")
     assert r.code == 0, r.out
