@@ -381,7 +381,8 @@ def _fmt(seconds: float) -> str:
 
 
 def _metrics_line(metrics: dict) -> str:
-    keys = ("first_loss", "last_loss", "reward_accuracy", "accuracy")
+    keys = ["first_loss", "last_loss", "reward_accuracy", "accuracy"]
+    keys += sorted(k for k in metrics if k.endswith("/acc"))  # eval stages: accuracy per eval set
     shown = [f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))]
     return " ".join(shown)
 
