@@ -106,8 +106,10 @@ def read_status(stage_dir: Path) -> dict:
 
 
 def _alive(pid: int | None, host: str | None) -> bool:
-    if not pid or host != socket.gethostname():
-        return host != socket.gethostname() and pid is not None  # another host: trust the file
+    if not pid:
+        return False
+    if host != socket.gethostname():
+        return True  # another host: trust the file
     try:
         os.kill(pid, 0)
         return True
@@ -260,15 +262,13 @@ class Pipeline:
             plan = k.plan
             if only is not None and plan.name != only:
                 if is_done(k):
-                    done[plan.name] = Artifact.load(k.store_dir)
-                    link(run_dir, stage_dir_name(plan), k.store_dir)
+                    done[plan.name] = self.use(k, run_dir)
                 continue
             started = time.monotonic()
             self.console.rule(f"Stage {plan.index + 1}/{total} · {plan.name} ({plan.kind})")
             if is_done(k) and plan.name not in rerun:
                 self.console.print(f"  [green]✓ reused[/] (same config and inputs) {k.store_dir}", soft_wrap=True)
-                done[plan.name] = Artifact.load(k.store_dir)
-                link(run_dir, stage_dir_name(plan), k.store_dir)
+                done[plan.name] = self.use(k, run_dir)
                 continue
             else:
                 source = done.get(plan.source) if plan.source else base
@@ -276,12 +276,17 @@ class Pipeline:
                     raise MedpipeError(f"stage {plan.name} needs the output of '{plan.source}', which is not done; "
                                        f"run without --only first")
                 self.train(k, source, run_dir)
-            done[plan.name] = Artifact.load(k.store_dir)
-            link(run_dir, stage_dir_name(plan), k.store_dir)
+            done[plan.name] = self.use(k, run_dir)
             self.console.print(f"  [green]✓[/] {plan.name} finished in {_fmt(time.monotonic() - started)}"
                                f"  {_metrics_line(done[plan.name].metrics)}", soft_wrap=True)
         self.console.print(f"[bold green]Pipeline {self.cfg.name} complete[/] → {run_dir}")
         return run_dir
+
+    @staticmethod
+    def use(k: Keyed, run_dir: Path) -> Artifact:
+        """A finished stage becomes part of this run: linked from the run dir, its artifact returned."""
+        link(run_dir, stage_dir_name(k.plan), k.store_dir)
+        return Artifact.load(k.store_dir)
 
     def check_data(self, base: Artifact) -> None:
         """Validate every stage's data before the first stage trains."""

@@ -3,7 +3,6 @@ progress and metric callbacks, the loss-spike guard, checkpoint resume and savin
 Imported only inside `run()` (it imports torch and transformers)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
@@ -278,7 +277,3 @@ def save_result(ctx: Any, trainer, tokenizer, params: Any, metrics: dict, extras
     return Artifact(stage=ctx.name, kind=ctx.kind, format="adapter" if adapter else "full", model_path=str(out),
                     tokenizer_path=str(out), base_model_path=ctx.input.model_path if adapter else None,
                     metrics=metrics, extras=extras)
-
-
-def params_dict(p: Any) -> dict:
-    return dataclasses.asdict(p)

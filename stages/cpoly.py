@@ -352,7 +352,7 @@ class CPolyStage:
     Params = CPolyParams
 
     def check(self, params: CPolyParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.cpt import data_options
+        from medpipe.stages.params import data_options
         from medpipe.stages.data import load_records
 
         validate_params(params)
@@ -379,7 +379,7 @@ class CPolyStage:
         from medpipe.errors import MedpipeError
         from medpipe.stages import common
         from medpipe.stages.adapters.cpoly import inject_adapter
-        from medpipe.stages.cpt import data_options
+        from medpipe.stages.params import data_options
         from medpipe.stages.data import load_records
         from medpipe.stages.params import LoraParams
 

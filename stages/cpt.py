@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .params import TrainParams
+from .params import TrainParams, data_options
 
 
 @dataclass
@@ -18,10 +18,6 @@ class CPTParams(TrainParams):
     # eval sets (mcq sources, e.g. PubMedQA PQA-L) whose passages must not be pretrained on: documents
     # matching an item's context + long answer (exact or near, MinHash Jaccard >= 0.8) are dropped, counted
     exclude_data: Any = None
-
-
-def data_options(params: Any, data_opts: dict) -> dict:
-    return {"on_error": params.on_error or data_opts.get("on_error", "fail"), "seed": data_opts.get("seed", 0)}
 
 
 def drop_eval_overlap(records: list[dict], params: Any, data_opts: dict) -> tuple[list[dict], int]:

@@ -47,7 +47,7 @@ class DPOStage:
     Params = DPOParams
 
     def check(self, params: DPOParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.cpt import data_options
+        from medpipe.stages.params import data_options
         from medpipe.stages.data import load_records
 
         return load_records(params.data, "preference", **data_options(params, data_opts)).summary_table().splitlines()
@@ -58,7 +58,7 @@ class DPOStage:
 
         from medpipe.errors import MedpipeError
         from medpipe.stages import common
-        from medpipe.stages.cpt import data_options
+        from medpipe.stages.params import data_options
         from medpipe.stages.data import load_records
 
         p: DPOParams = ctx.params

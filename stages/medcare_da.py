@@ -47,7 +47,7 @@ class MedCareDAStage:
         from medpipe.artifact import Artifact
         from medpipe.stages import common
         from medpipe.stages.adapters import medcare
-        from medpipe.stages.cpt import data_options
+        from medpipe.stages.params import data_options
         from medpipe.stages.data import load_records
         from medpipe.stages.medcare_train import MedCareTrainer, first_last
         from medpipe.stages.sft import encode_dataset

@@ -57,3 +57,8 @@ class TrainParams:
     on_error: Optional[str] = None  # fail | skip; default: the recipe's data.on_error
     num_proc: Optional[int] = None  # processes for tokenisation
     spike_guard: SpikeGuardParams = field(default_factory=SpikeGuardParams)
+
+
+def data_options(params: Any, data_opts: dict) -> dict:
+    """load_records options of a stage: its own on_error, else the recipe's data.on_error; the data seed."""
+    return {"on_error": params.on_error or data_opts.get("on_error", "fail"), "seed": data_opts.get("seed", 0)}

@@ -23,7 +23,7 @@ class SFTStage:
     Params = SFTParams
 
     def check(self, params: SFTParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.cpt import data_options
+        from medpipe.stages.params import data_options
         from medpipe.stages.data import load_records
 
         require_chat_template(base.tokenizer_path, params, base.extras.get("trust_remote_code", False))
@@ -34,7 +34,7 @@ class SFTStage:
         from trl import SFTConfig, SFTTrainer
 
         from medpipe.stages import common
-        from medpipe.stages.cpt import data_options
+        from medpipe.stages.params import data_options
         from medpipe.stages.data import load_records
 
         p: SFTParams = ctx.params

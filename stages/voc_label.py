@@ -70,7 +70,7 @@ class VocLabelStage:
     trains = False
 
     def check(self, params: VocLabelParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.cpt import data_options
+        from medpipe.stages.params import data_options
         from medpipe.stages.data import load_records
 
         result = load_records(params.data, "mcq", **data_options(params, data_opts))
@@ -84,7 +84,7 @@ class VocLabelStage:
 
         from medpipe.artifact import Artifact, write_text_atomic
         from medpipe.stages import common
-        from medpipe.stages.cpt import data_options
+        from medpipe.stages.params import data_options
         from medpipe.stages.data import load_records
         from medpipe.stages.mcq import voc_label
 
