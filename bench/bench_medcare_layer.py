@@ -4,8 +4,8 @@
 
 Compares, in one process, d_in=2048, d_out=5632, T tokens, float32, 2 threads (torch.set_num_threads):
   medcare        the library layer (frozen W + KA rank 32 + top-2 of 8 NA rank 16 + router);
-                 KA and all experts as one rank-(s+E)·r product, gates zero unselected blocks,
-                 added to x Wᵀ by one addmm
+                 KA, all experts and the router's columns as one GEMM on the A side, gates zero
+                 the unselected rank blocks, h Bᵀ added into x Wᵀ in place by one addmm_
   base           the frozen nn.Linear alone (what every variant pays; adapter overhead = t − base)
   alt:*          other routed implementations of the same layer (checked equal to `medcare`):
                    cat_A_only  KA+NA fused on the A side, two B products, separate add

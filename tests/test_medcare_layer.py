@@ -57,12 +57,13 @@ def layer(mode="mka", cfg=SMALL, d_in=6, d_out=5, dtype=torch.float64, seed=0):
 def naive_forward(m: MedCareLinear, x: torch.Tensor) -> torch.Tensor:
     """Reference: every expert computed for every token ([E, T, d_out]), masked by the gate."""
     c, x2 = m.cfg, x.reshape(-1, x.shape[-1])
+    xd = F.dropout(x2, c.expert_dropout, training=m.training)  # on KA and experts, not the router
     probs = torch.softmax(F.linear(x2, m.router.weight, m.router.bias), dim=-1)
     mask = torch.zeros_like(probs).scatter(1, probs.topk(c.top_k, dim=-1).indices, 1.0)
     w = probs * mask
     if c.renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
-    lora = lambda A, B: (x2 @ A.t()) @ B.t() * m.scale
+    lora = lambda A, B: (xd @ A.t()) @ B.t() * m.scale
     stack = torch.stack([lora(m.na_A[e * c.r:(e + 1) * c.r], m.na_B[:, e * c.r:(e + 1) * c.r])
                          for e in range(c.n_experts)])
     out = m.linear(x2) + lora(m.ka_A, m.ka_B) + (w.t().unsqueeze(-1) * stack).sum(0)
@@ -137,12 +138,15 @@ def test_router_hand_computation(renorm):
         assert gates[t].tolist() == pytest.approx(want, abs=1e-12)
 
 
-@pytest.mark.parametrize("renorm", [True, False])
-def test_efficient_equals_naive_outputs_and_grads(renorm):
-    cfg = MedCareConfig(r=3, alpha=6, s=2, n_experts=5, top_k=2, renormalize=renorm)
+@pytest.mark.parametrize("renorm,dropout", [(True, 0.0), (False, 0.0), (True, 0.3)])
+def test_efficient_equals_naive_outputs_and_grads(renorm, dropout):
+    # dropout 0: the router shares the experts' GEMM; dropout > 0: it reads the undropped input.
+    cfg = MedCareConfig(r=3, alpha=6, s=2, n_experts=5, top_k=2, renormalize=renorm, expert_dropout=dropout)
     m = layer("mka", cfg, d_in=7, d_out=6)
     x = torch.randn(3, 4, 7, dtype=torch.float64)
+    torch.manual_seed(5)  # the same dropout mask in both (one draw, same shape)
     y1, gx1, gp1 = grads_of(m, x, m)
+    torch.manual_seed(5)
     y2, gx2, gp2 = grads_of(m, x, lambda x: naive_forward(m, x))
     torch.testing.assert_close(y1, y2, atol=1e-5, rtol=0)
     torch.testing.assert_close(gx1, gx2, atol=1e-5, rtol=0)

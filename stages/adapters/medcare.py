@@ -160,23 +160,30 @@ class MedCareLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
-        x2 = x.reshape(-1, x.shape[-1]).to(self.ka_A.dtype)
-        h, B = self._mka_lowrank(x2) if self.mode == "mka" else self._da_lowrank(x2)
-        y2 = y.reshape(-1, y.shape[-1])
-        if y2.dtype == h.dtype:  # y + h Bᵀ in one GEMM: saves a pass over [T, d_out]
-            return torch.addmm(y2, h, B.t()).view(y.shape)
-        return (y2 + F.linear(h, B).to(y2.dtype)).view(y.shape)
+        x1 = x.reshape(-1, x.shape[-1])
+        # 2-D in, so y is a fresh tensor, not a view: an in-place op on a view would make autograd
+        # copy and zero-fill the whole [T, d_out] gradient (CopySlices) in backward.
+        y = self.linear(x1)
+        h, B = self._mka_lowrank(x1.to(self.ka_A.dtype)) if self.mode == "mka" else self._da_lowrank(x1.to(self.ka_A.dtype))
+        if y.dtype == h.dtype:
+            # y += h Bᵀ inside the GEMM, in place: no extra pass or copy of [T, d_out]. Safe
+            # because nn.Linear's backward keeps its input and weight, never its output.
+            y = y.addmm_(h, B.t())
+        else:
+            y = y + F.linear(h, B).to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Gate weights [T, E]: softmax over all E, top-K kept (optionally renormalised), rest 0."""
-        logits = self.router(x)
+        return self._gates(self.router(x))
+
+    def _gates(self, logits: torch.Tensor) -> torch.Tensor:
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # fp32+ softmax
         w, idx = probs.topk(self.cfg.top_k, dim=-1)
         if self.cfg.renormalize:
             w = w / w.sum(dim=-1, keepdim=True)
         self._balance = self._balance_term(probs, idx) if self._wants_aux() and self.cfg.balance_coef > 0 else None
-        return torch.zeros_like(probs).scatter(1, idx, w).to(x.dtype)
+        return torch.zeros_like(probs).scatter(1, idx, w).to(logits.dtype)
 
     def _balance_term(self, probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # Switch Transformer: E · Σ_e f_e P_e; f_e = share of the T·K routing slots sent to e
@@ -197,11 +204,15 @@ class MedCareLinear(nn.Module):
         xe = self.expert_dropout(x)
         if not (self.training or self.cfg.keep_na):  # inference without NA: KA only
             return F.linear(xe, self.ka_A) * self.scale, self.ka_B
-        gates = self.route(x)
         T, E, r = x.shape[0], self.cfg.n_experts, self.cfg.r
         # KA and all experts as one rank-(s+E)·r product; the gates zero the unselected blocks.
-        h = F.linear(xe, torch.cat([self.ka_A, self.na_A]))
-        h_ka, h_na = h.split([self.cfg.ka_rank, E * r], dim=1)
+        if xe is x:  # no expert dropout active (p=0 or eval): the router rides in the same GEMM
+            h = F.linear(x, torch.cat([self.ka_A, self.na_A, self.router.weight]))
+            h_ka, h_na, logits = h.split([self.cfg.ka_rank, E * r, E], dim=1)
+            gates = self._gates(logits + self.router.bias)
+        else:
+            gates = self.route(x)
+            h_ka, h_na = F.linear(xe, torch.cat([self.ka_A, self.na_A])).split([self.cfg.ka_rank, E * r], dim=1)
         h_na = (h_na.view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
         h = torch.cat([h_ka, h_na], dim=1) * self.scale  # scale on the narrow side: cheaper
         return h, torch.cat([self.ka_B, self.na_B], dim=1)
