@@ -15,6 +15,13 @@ Rows (scoring only; prompts are built once, the model is loaded once):
                      (`medpipe.stages.mcq.score_options_ppl`), one item per call vs N rows.
 RESULT lines: cue bs=N against the plain loop and against bs=1, ppl bs=N against bs=1;
 predictions must be identical across variants.
+
+5-shot C-Eval (as C-Eval is reported: 5 solved dev examples in front of every item; the bundled
+ceval_val.csv, shots from ceval_dev.csv):
+  5-shot loop          - the plain loop above on the 5-shot prompts;
+  5-shot bs=N plain    - letter_logits with share_prefix=False (rows independent);
+  5-shot bs=N prefix   - letter_logits as the eval stage runs it: the shots' tokens, common to the
+                         subject's items, run once through the KV cache (medpipe.stages.prefix).
 """
 from __future__ import annotations
 
@@ -74,8 +81,30 @@ def main() -> None:
             return [score_options_ppl([it], model, tok, batch_size=len(it["options"]))[0]["pred"] for it in items]
         return [r["pred"] for r in score_options_ppl(items, model, tok, batch_size=bs)]
 
+    from medpipe.stages.eval import pick_shots
+
+    pool = plan_sets(EvalParams(data={"path": f"{s}/ceval_dev.csv", "format": "ceval"}))[0].records
+    ceval = plan_sets(EvalParams(data={"path": f"{s}/ceval_val.csv", "format": "ceval"}))[0].records
+    k_prompts = [cue_prompt(it, "auto", pick_shots(it, pool, 5)) for it in ceval]
+    k_letters = [list(it["options"]) for it in ceval]
+    k_tok = [len(tok(p)["input_ids"]) for p in k_prompts]
+
+    def loop_on(ps, ls_):
+        out = []
+        with torch.no_grad():
+            for p, ls in zip(ps, ls_):
+                last = model(input_ids=torch.tensor([tok(p)["input_ids"]])).logits[0, -1]
+                out.append(max(ls, key=lambda x: float(last[cand[x]].max())))
+        return out
+
+    def kshot(share):
+        out = letter_logits(model, tok, k_prompts, k_letters, batch_size=args.batch_size, share_prefix=share)
+        return [max(x, key=x.get) for x in out]
+
     variants = {"cue loop": loop, "cue bs=1": lambda: cue(1), f"cue bs={args.batch_size}": lambda: cue(args.batch_size),
-                f"ppl bs=1": lambda: ppl(1), f"ppl bs={args.batch_size}": lambda: ppl(args.batch_size)}
+                f"ppl bs=1": lambda: ppl(1), f"ppl bs={args.batch_size}": lambda: ppl(args.batch_size),
+                "5-shot loop": lambda: loop_on(k_prompts, k_letters), "5-shot plain": lambda: kshot(False),
+                "5-shot prefix": lambda: kshot(True)}
     preds = {k: f() for k, f in variants.items()}  # warm-up + predictions
     times: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
@@ -87,8 +116,10 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{len(items)} items, prompt tokens mean {statistics.mean(ntok):.0f} max {max(ntok)}, "
           f"torch threads {args.threads}, reps {args.reps}")
+    print(f"5-shot: {len(ceval)} C-Eval items, prompt tokens mean {statistics.mean(k_tok):.0f} max {max(k_tok)}")
     for k in names:
-        print(f"{k:<12} median {med[k]:.3f}s  {len(items) / med[k]:8.1f} items/s  "
+        n = len(ceval) if k.startswith("5-shot") else len(items)
+        print(f"{k:<14} median {med[k]:.3f}s  {n / med[k]:8.1f} items/s  "
               f"(min {min(times[k]):.3f} max {max(times[k]):.3f})")
     same = sum(a == b for a, b in zip(preds["cue loop"], preds[f"cue bs={args.batch_size}"]))
     print(f"RESULT cue vs loop: batched {med['cue loop'] / med[f'cue bs={args.batch_size}']:.2f}x the throughput of "
@@ -98,6 +129,10 @@ def main() -> None:
         same = sum(a == b for a, b in zip(preds[one], preds[batched]))
         print(f"RESULT {m} vs bs=1: batched {med[one] / med[batched]:.2f}x the throughput of one-at-a-time "
               f"(same prediction for {same}/{len(items)} items)")
+    same = sum(a == b == c for a, b, c in zip(preds["5-shot loop"], preds["5-shot plain"], preds["5-shot prefix"]))
+    print(f"RESULT 5-shot: shared-prefix batched {med['5-shot loop'] / med['5-shot prefix']:.2f}x one-at-a-time, "
+          f"{med['5-shot plain'] / med['5-shot prefix']:.2f}x batched without prefix sharing "
+          f"(same prediction for {same}/{len(ceval)} items)")
     print(json.dumps({"items": len(items), "median_s": med}))
 
 

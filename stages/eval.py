@@ -286,32 +286,24 @@ def _with_context(item: dict, extra: str) -> dict:
 
 # --- scoring ------------------------------------------------------------------------------------
 def letter_logits(model: Any, tok: Any, prompts: list[str], letters: list[list[str]], batch_size: int = 16,
-                  max_length: int | None = None, add_special_tokens: bool = True) -> list[dict[str, float]]:
+                  max_length: int | None = None, add_special_tokens: bool = True,
+                  share_prefix: bool = True) -> list[dict[str, float]]:
     """Next-token logit of every valid letter after each prompt (batched: sorted by length, left
-    padding, explicit position ids, logits for the last position only)."""
-    import torch
-
-    from medpipe.chat import left_padded_batches
+    padding, explicit position ids, logits for the last position only; a prefix shared by many
+    prompts, such as k-shot examples, computed once: medpipe.stages.prefix)."""
     from medpipe.stages.mcq import letter_token_ids
+    from medpipe.stages.prefix import last_token_logits
 
     cand = letter_token_ids(tok, sorted({x for ls in letters for x in ls}))
-    enc = [list(tok(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
+    # One batch call: the fast tokenizer encodes the list in parallel (per-prompt calls cost ~10 %).
+    enc = [list(e) for e in tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]] if prompts else []
     if max_length is not None:
         enc = [e[-max_length:] for e in enc]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device = next(model.parameters()).device
     out: list[dict | None] = [None] * len(prompts)
-    with torch.no_grad():
-        for chunk, ids, attn in left_padded_batches(enc, batch_size, pad):
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            kw = dict(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device))
-            try:
-                logits = model(**kw, logits_to_keep=1).logits[:, -1, :]
-            except TypeError:
-                logits = model(**kw).logits[:, -1, :]
-            logits = logits.float().cpu()
-            for r, k in enumerate(chunk):
-                out[k] = {x: float(logits[r, cand[x]].max()) for x in letters[k]}
+    for rows, logits in last_token_logits(model, enc, batch_size, pad, share_prefix):
+        for r, k in enumerate(rows):
+            out[k] = {x: float(logits[r, cand[x]].max()) for x in letters[k]}
     return out  # type: ignore[return-value]
 
 

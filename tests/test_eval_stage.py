@@ -40,6 +40,44 @@ def test_cue_scoring_batched_equals_one_at_a_time(runner):
             assert b[k] == pytest.approx(s[k], abs=1e-4)
 
 
+def test_prefix_groups_split_on_shared_tokens_only():
+    from medpipe.stages.prefix import prefix_groups
+
+    shots_a, shots_b = list(range(100, 160)), list(range(200, 240))
+    enc = [shots_a + [1, 2], [7, 8, 9], shots_b + [5], shots_a + [3], shots_b + [6, 6, 6], shots_a + [1, 4],
+           shots_a[:10] + [9] * 40]                      # shares 10 tokens only: plain path
+    groups = prefix_groups(enc, min_prefix=32)
+    assert sorted(k for _, ks in groups for k in ks) == list(range(len(enc)))  # each prompt once
+    by_first = {ks[0]: (p, sorted(ks)) for p, ks in groups}
+    assert (60, [0, 3, 5]) in by_first.values() and (40, [2, 4]) in by_first.values()
+    assert (0, [1, 6]) in [(p, sorted(ks)) for p, ks in groups]
+    assert all(p < len(enc[k]) for p, ks in groups for k in ks)  # every prompt keeps a token to score
+    # a prompt that IS the shared prefix of another still keeps one token of its own
+    assert prefix_groups([shots_a, shots_a + [1]], min_prefix=32) == [(59, [0, 1])]
+
+
+def test_kshot_shared_prefix_equals_independent_rows(runner):
+    """k-shot prompts: the shared shots run once through the KV cache; the letters' logits equal
+    scoring each prompt on its own (zero-shot prompts mixed in take the plain path)."""
+    from medpipe.stages.eval import letter_logits
+    from medpipe.stages.prefix import prefix_groups
+
+    ceval = plan_sets(EvalParams(data={"path": f"{samples()}/ceval_val.csv", "format": "ceval", "limit": 12}))
+    pool = plan_sets(EvalParams(data={"path": f"{samples()}/ceval_dev.csv", "format": "ceval"}))[0].records
+    items = ceval[0].records + plan_sets(EvalParams(data=cmexam(5)))[0].records
+    prompts = [cue_prompt(it, "auto", pick_shots(it, pool, 3) if i < 12 else []) for i, it in enumerate(items)]
+    letters = [list(it["options"]) for it in items]
+    tok, model = runner.tok, runner.local.model
+    groups = prefix_groups([tok(p)["input_ids"] for p in prompts])
+    assert groups[0][0] > 100 and len(groups[0][1]) == 12 and groups[-1] == (0, groups[-1][1])
+    shared = letter_logits(model, tok, prompts, letters, batch_size=5)       # the group spans 3 batches
+    single = letter_logits(model, tok, prompts, letters, batch_size=1, share_prefix=False)
+    for a, b in zip(shared, single):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-4)
+
+
 @pytest.mark.parametrize("method", ["cue", "ppl", "generate"])
 def test_each_mcq_method_scores_the_set(method, tmp_path):
     p = EvalParams(data=cmexam(8), method=method, mcq_max_new_tokens=4)
