@@ -102,7 +102,7 @@ def main() -> None:
         return [max(x, key=x.get) for x in out]
 
     variants = {"cue loop": loop, "cue bs=1": lambda: cue(1), f"cue bs={args.batch_size}": lambda: cue(args.batch_size),
-                f"ppl bs=1": lambda: ppl(1), f"ppl bs={args.batch_size}": lambda: ppl(args.batch_size),
+                "ppl bs=1": lambda: ppl(1), f"ppl bs={args.batch_size}": lambda: ppl(args.batch_size),
                 "5-shot loop": lambda: loop_on(k_prompts, k_letters), "5-shot plain": lambda: kshot(False),
                 "5-shot prefix": lambda: kshot(True)}
     preds = {k: f() for k, f in variants.items()}  # warm-up + predictions

@@ -27,6 +27,10 @@ a `+rag` suffix when RAG is on). What a set is, follows its format:
   proficiency (MedCare); malformed judge replies are counted (`judge_malformed`), not scored.
 * promptcblue → generation, scored per task as the PromptCBLUE benchmark does (`score` = mean).
 
+C-Poly artifacts (`extras.merged`: one merged model per task): a set named after a task is
+scored with that task's model (`task_models: false` scores every set with the artifact's model);
+the set's result records it as `task_model`.
+
 `rag: {index: <corpus>, k: 5}` prepends the top-k passages of a knowledge index built from the
 corpus (stages/rag.py) to every prompt: in the item's context for mcq, before the user's message
 for generation.
@@ -47,6 +51,7 @@ cue scoring).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -79,6 +84,7 @@ class EvalParams:
     data: Any = None  # eval sets: path | conf/data name | source dict | list (one set per source)
     method: str = "cue"  # multiple choice: ppl | cue | generate
     shots: int = 0  # k-shot examples from fewshot_data
+    task_models: bool = True  # C-Poly artifacts: a set named after a task uses that task's merged model
     fewshot_data: Any = None  # dev split for k-shot prompting
     lang: str = "auto"  # prompt language: auto (per item) | en | zh
     chat: bool = False  # render mcq prompts through the chat template
@@ -395,12 +401,23 @@ def evaluate(p: EvalParams, art: Any, out_dir: Path, data_opts: dict | None = No
 
         index = build_or_load(p.rag, say=say, data_opts=data_opts)
         say(f"RAG: {len(index.chunks)} chunks ({index.kind}), top-{p.rag.k} passages per prompt")
-    runner = _Runner(art, p, model_opts)
+    merged = art.extras.get("merged") if p.task_models and isinstance(art.extras.get("merged"), dict) else {}
+    runner, runner_path = None, None
     metrics: dict = {}
     results: dict = {}
     details_dir = Path(out_dir) / "details"
     details_dir.mkdir(parents=True, exist_ok=True)
     for s in sets:
+        # C-Poly artifacts carry one merged model per task: a set named after a task is scored by
+        # its task's model (one model in memory at a time), the others by the artifact's model.
+        path = merged.get(s.name) or art.model_path
+        if path != runner_path:
+            runner, runner_path = None, None  # free the previous model first
+            runner = _Runner(art if path == art.model_path else
+                             dataclasses.replace(art, model_path=path, tokenizer_path=path), p, model_opts)
+            runner_path = path
+        if s.name in merged:
+            say(f"{s.name}: the model merged for task {s.name!r} ({path})")
         t0 = time.monotonic()
         if s.kind == "mcq":
             res, details = eval_mcq(s, p, runner, pool, index)
@@ -409,6 +426,8 @@ def evaluate(p: EvalParams, art: Any, out_dir: Path, data_opts: dict | None = No
         else:
             res, details = eval_promptcblue(s, p, runner, index)
         res["seconds"] = round(time.monotonic() - t0, 2)
+        if s.name in merged:
+            res["task_model"] = path
         results[s.name] = res
         for k, v in res["metrics"].items():
             metrics[f"{s.name}/{k}"] = v

@@ -30,6 +30,7 @@ class MedCareTrainer(SFTTrainer):
     def __init__(self, *args, orth_lambda: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.orth_lambda = orth_lambda
+        self._balance_on = any(m.mode == "mka" and m.cfg.balance_coef > 0 for _, m in medcare.medcare_modules(self.model))
         self._sums: dict[str, float] = {}
         self._n = 0
 
@@ -39,6 +40,8 @@ class MedCareTrainer(SFTTrainer):
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._balance_on:
+            medcare.set_token_mask(model, inputs.get("attention_mask") if model.training else None)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss, rest = (out[0], out[1:]) if return_outputs else (out, ())
         if not model.training:

@@ -257,3 +257,48 @@ def test_explanations_scored_against_the_reference(tmp_path):
     with pytest.raises(DataError, match="no item has an explanation"):
         evaluate(EvalParams(data={"path": f"{samples()}/ceval_val.csv", "limit": 2}, explain=True), tiny_artifact(),
                  tmp_path, **QUIET)
+
+
+def test_cpoly_artifact_scores_each_task_set_with_its_merged_model(tmp_path):
+    """A set named after a C-Poly task is scored by that task's merged model; other sets (and
+    task_models=false) by the artifact's model."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny = str(ensure_tiny_path())
+    other = tmp_path / "merged" / "cmexam"
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # a visibly different model
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(other)
+    art = dataclasses.replace(tiny_artifact(), stage="cpoly", extras={"merged": {"cmexam": str(other)}})
+    data = [cmexam(6), {"path": f"{samples()}/mcq_medqa.jsonl", "format": "medqa", "limit": 6}]
+    said = []
+
+    def scores(a, out, **kw):
+        _, results = evaluate(EvalParams(data=data, method="cue", **kw), a, out, say=said.append)
+        rows = {n: [json.loads(x)["scores"] for x in (out / "details" / f"{n}.jsonl").read_text().splitlines()]
+                for n in ("cmexam", "medqa")}
+        return results, rows
+
+    results, rows = scores(art, tmp_path / "a")
+    _, on_other = scores(dataclasses.replace(tiny_artifact(), model_path=str(other), tokenizer_path=str(other)),
+                         tmp_path / "b")
+    _, on_base = scores(tiny_artifact(), tmp_path / "c")
+    assert rows["cmexam"] == on_other["cmexam"] and rows["cmexam"] != on_base["cmexam"]
+    assert rows["medqa"] == on_base["medqa"]
+    assert results["cmexam"]["task_model"] == str(other) and "task_model" not in results["medqa"]
+    assert any("merged for task 'cmexam'" in m for m in said)
+    _, off = scores(art, tmp_path / "d", task_models=False)
+    assert off["cmexam"] == on_base["cmexam"]
+
+
+def ensure_tiny_path():
+    from medpipe.stages.tiny import ensure_tiny
+
+    return ensure_tiny()

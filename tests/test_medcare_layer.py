@@ -182,6 +182,25 @@ def test_balance_loss_switch_style():
     assert mc.balance_loss(off) is None  # coefficient 0 by default
 
 
+def test_balance_loss_ignores_padding():
+    cfg = MedCareConfig(r=2, alpha=4, n_experts=3, top_k=1, balance_coef=1.0)
+    m = layer("mka", cfg)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # left padding in the second row
+    mc.set_token_mask(m, mask)
+    m(x)
+    loss = mc.balance_loss(m)
+    real = x.reshape(-1, 6)[mask.reshape(-1).bool()]
+    probs = torch.softmax(m.router(real), -1)
+    f = torch.bincount(probs.argmax(-1), minlength=3).double() / len(real)
+    torch.testing.assert_close(loss, 3 * (f * probs.mean(0)).sum())
+    mc.set_token_mask(m, None)
+    m(x)  # no mask: every token counts
+    all_probs = torch.softmax(m.router(x.reshape(-1, 6)), -1)
+    f_all = torch.bincount(all_probs.argmax(-1), minlength=3).double() / 10
+    torch.testing.assert_close(mc.balance_loss(m), 3 * (f_all * all_probs.mean(0)).sum())
+
+
 # -- orthogonal loss -------------------------------------------------------------------------
 def test_orthogonal_loss_hand_computation_and_grad_targets():
     cfg = MedCareConfig(r=1, alpha=2, s=2, align_rank=2)

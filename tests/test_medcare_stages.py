@@ -136,3 +136,33 @@ def test_keep_na_ablation_loads_the_routed_experts_for_inference(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         assert not torch.allclose(local.model(ids).logits, plain(ids).logits, atol=1e-4)  # NA is in use
+
+
+def test_mka_balance_loss_counts_real_tokens_only(tmp_path, monkeypatch):
+    """balance_coef > 0 in a padded batch: the routers' balance term sees the collator's attention
+    mask (real tokens only), and the term is logged beside CE."""
+    from trl import SFTConfig
+
+    from medpipe.stages.medcare_train import MedCareTrainer
+
+    seen = []
+    original = medcare.MedCareLinear._balance_term
+
+    def spy(self, probs, idx):
+        seen.append((probs.shape[0], None if self._token_mask is None else int(self._token_mask.sum())))
+        return original(self, probs, idx)
+
+    monkeypatch.setattr(medcare.MedCareLinear, "_balance_term", spy)
+    path = ensure_tiny()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = medcare.inject_mka(AutoModelForCausalLM.from_pretrained(path),
+                               medcare.MedCareConfig(r=4, alpha=8, n_experts=4, top_k=2, balance_coef=0.01))
+    rows = [{"input_ids": list(range(10, 20)), "assistant_masks": [1] * 10},
+            {"input_ids": list(range(30, 50)), "assistant_masks": [1] * 20}]
+    args = SFTConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
+                     report_to=[], use_cpu=True, bf16=False, save_strategy="no", seed=0)
+    trainer = MedCareTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer.train()
+    assert seen and all(s == (40, 30) for s in seen), seen  # 2 rows padded to 20; 30 real tokens
+    logged = [h for h in trainer.state.log_history if "balance_loss" in h]
+    assert logged and logged[0]["balance_loss"] > 0

@@ -146,6 +146,7 @@ class MedCareLinear(nn.Module):
         # orthogonal_loss / balance_loss so the terms come from the live parameters.
         self._orth: torch.Tensor | None = None
         self._balance: torch.Tensor | None = None
+        self._token_mask: torch.Tensor | None = None  # real tokens of the forward (set_token_mask)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -189,6 +190,9 @@ class MedCareLinear(nn.Module):
         # Switch Transformer: E · Σ_e f_e P_e; f_e = share of the T·K routing slots sent to e
         # (no gradient), P_e = mean router probability of e. Equals 1 for uniform routing.
         E = probs.shape[-1]
+        keep = self._token_mask
+        if keep is not None and keep.numel() == probs.shape[0]:  # padding does not count
+            probs, idx = probs[keep], idx[keep]
         f = torch.bincount(idx.flatten(), minlength=E).to(probs.dtype) / idx.numel()
         return E * (f * probs.mean(dim=0)).sum()
 
@@ -360,6 +364,17 @@ def orthogonal_loss(model: nn.Module) -> torch.Tensor:
     if not terms:
         raise ValueError("orthogonal_loss: the model has no DA-mode MedCare layers")
     return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+
+def set_token_mask(model: nn.Module, attention_mask: torch.Tensor | None) -> None:
+    """Tell the MKA layers which tokens of the coming forward are real ([batch, seq] mask, 1 =
+    token; None = all): the balance loss then counts routing of real tokens only, not padding.
+    It stays set until the next call, so a gradient-checkpointing recompute in backward sees the
+    same mask as the forward it repeats."""
+    flat = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    for _, m in medcare_modules(model):
+        if m.mode == "mka":
+            m._token_mask = flat
 
 
 def balance_loss(model: nn.Module) -> torch.Tensor | None:
