@@ -2,7 +2,6 @@
 override set that keeps a whole recipe to a few optimizer steps per stage."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
