@@ -20,7 +20,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from .errors import MedpipeError
 
@@ -172,7 +172,7 @@ class LocalModel:
 
     def generate_ids(self, enc: Sequence[list[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
-                     seed: int | None = None, ignore_eos: bool = False) -> list[Completion]:
+                     seed: int | None = None, ignore_eos: bool = False, streamer: Any = None) -> list[Completion]:
         import torch
 
         if max_length is not None:
@@ -188,6 +188,8 @@ class LocalModel:
                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids or None)
                 if ignore_eos:
                     kw["min_new_tokens"] = max_new_tokens
+                if streamer is not None:  # one prompt (transformers streams batch size 1 only)
+                    kw["streamer"] = streamer
                 if temperature and temperature > 0:
                     kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
                 else:
@@ -205,6 +207,42 @@ class LocalModel:
 
     def chat(self, messages: Sequence[dict], **kw: Any) -> Completion:
         return self.generate([self.render(messages)], **kw)[0]
+
+    def stream(self, prompt: str, **kw: Any) -> Iterator[str | Completion]:
+        """Generate for one prompt, yielding the text as it is decoded (str pieces, joined they
+        are the completion's text), then the Completion itself (finish reason, token counts).
+        Keyword arguments as for generate()."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=None)
+        result: dict = {}
+
+        def work() -> None:
+            try:
+                result["done"] = self.generate_ids([self.encode(prompt)], streamer=streamer, **kw)[0]
+            except BaseException as e:  # re-raised in the caller's thread
+                result["error"] = e
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="medpipe-stream", daemon=True)
+        worker.start()
+        sent, pending = "", ""
+        for piece in streamer:
+            # generate() strips the text: leading whitespace is dropped, trailing whitespace is held
+            # back until more text follows, so the pieces join to exactly the completion's text
+            text = pending + (piece if sent else piece.lstrip())
+            body = text.rstrip()
+            pending = text[len(body):]
+            if body:
+                sent += body
+                yield body
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        done: Completion = result["done"]
+        if done.text.startswith(sent) and len(done.text) > len(sent):  # trailing text the streamer held back
+            yield done.text[len(sent):]
+        yield done
 
 
 # --- an OpenAI-compatible endpoint --------------------------------------------------------------

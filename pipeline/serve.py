@@ -6,8 +6,8 @@ FastAPI app served by uvicorn on 127.0.0.1 (default port 8000):
   (or "max_completion_tokens"), "temperature" (0 = greedy, the default), "top_p", "seed",
   "stream"}` → `{"id", "object": "chat.completion", "created", "model", "choices": [{"index": 0,
   "message": {"role": "assistant", "content"}, "finish_reason": "stop"|"length"}], "usage"}`.
-  `stream: true` is answered as server-sent events (`chat.completion.chunk`, then `[DONE]`)
-  carrying the whole completion in one content chunk. `n` > 1 is refused (400).
+  `stream: true` is answered as server-sent events (`chat.completion.chunk`s: the role, the
+  text piece by piece as it is decoded, the finish reason; then `[DONE]`). `n` > 1 is refused (400).
   Errors use OpenAI's shape `{"error": {"message", "type", "code"}}`.
 * `GET /health` → `{"status": "ok"}`.
 With `--rag` the last user message gets the top-k passages of the run's knowledge index
@@ -83,26 +83,27 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
             if last is not None:
                 messages[last] = {"role": "user", "content": augment(messages[last]["content"], retriever)}
         prompt = model.render(messages)
-
-        def run():
-            return model.generate([prompt], max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  seed=seed)[0]
-
-        c = await anyio.to_thread.run_sync(run)
+        gen = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
-        usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                 "total_tokens": c.prompt_tokens + c.completion_tokens}
         if body.get("stream"):
-            def events() -> Iterator[str]:
+            def events() -> Iterator[str]:  # a sync generator: Starlette iterates it in a worker thread
                 base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id}
-                for delta, finish in (({"role": "assistant"}, None), ({"content": c.text}, None), ({}, c.finish_reason)):
-                    yield "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta,
-                                                                      "finish_reason": finish}]},
-                                                ensure_ascii=False) + "\n\n"
+
+                def chunk(delta: dict, finish: str | None = None) -> str:
+                    return "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta,
+                                                                       "finish_reason": finish}]},
+                                                 ensure_ascii=False) + "\n\n"
+
+                yield chunk({"role": "assistant"})
+                for piece in model.stream(prompt, **gen):  # text pieces as decoded, then the Completion
+                    yield chunk({"content": piece}) if isinstance(piece, str) else chunk({}, piece.finish_reason)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
+        c = await anyio.to_thread.run_sync(lambda: model.generate([prompt], **gen)[0])
+        usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                 "total_tokens": c.prompt_tokens + c.completion_tokens}
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
                              "finish_reason": c.finish_reason}], "usage": usage}

@@ -52,14 +52,19 @@ def test_greedy_is_deterministic_and_equals_local_generation(server, tiny_model)
     assert a == b == tiny_model.chat(msgs, max_new_tokens=8).text
 
 
-def test_streaming_and_bad_requests(server):
+def test_streaming_and_bad_requests(server, tiny_model):
+    msgs = [{"role": "user", "content": "肺炎的常见症状有哪些？"}]
     with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60,
-                      json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4}) as r:
+                      json={"messages": msgs, "stream": True, "max_tokens": 24, "temperature": 1.0, "seed": 0}) as r:
         lines = [x for x in r.iter_lines() if x.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(x[6:]) for x in lines[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    pieces = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+    want = tiny_model.chat(msgs, max_new_tokens=24, temperature=1.0, seed=0)  # (greedy text is empty here)
+    assert "".join(pieces) == want.text and chunks[-1]["choices"][0]["finish_reason"] == want.finish_reason
+    assert len(pieces) > 1  # sent as decoded, not as one block at the end
     for bad, why in (({"messages": []}, "non-empty"), ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
                      ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n > 1"),
                      ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "numbers")):
