@@ -47,7 +47,9 @@ Records (the shapes the report reads):
 
 Backends: `transformers` (default, batched, padding-aware: prompts sorted by length, left
 padding, `batch_size` at a time) or `vllm` (GPU machines with vLLM installed; generation and
-cue scoring).
+cue scoring; prompts go to vLLM as token ids tokenised as above; a letter's score there is its
+log-probability after the prompt, from vLLM's prompt logprobs of prompt + letter, all items in
+one batched call). The vLLM path is tested against a stand-in engine here (no vLLM on CPU).
 """
 from __future__ import annotations
 
@@ -355,8 +357,16 @@ class _Runner:
                                                          add_special_tokens=add_special_tokens)]
         from vllm import SamplingParams
 
-        outs = self.llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
+        outs = self.llm.generate(self._token_prompts(prompts, add_special_tokens),
+                                 SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
         return [o.outputs[0].text.strip() for o in outs]
+
+    def _token_prompts(self, prompts: list[str], add_special_tokens: bool) -> list[dict]:
+        """vLLM prompts as token ids (vLLM's TokensPrompt shape), tokenised exactly as the
+        transformers backend does (special tokens, left truncation to max_length)."""
+        enc = self.tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
+        cut = self.p.max_length
+        return [{"prompt_token_ids": list(e)[-cut:] if cut else list(e)} for e in enc]
 
     def letters(self, prompts: list[str], letters: list[list[str]], add_special_tokens: bool) -> list[dict]:
         if self.local is not None:
@@ -366,14 +376,22 @@ class _Runner:
 
         from medpipe.stages.mcq import letter_token_ids
 
+        # Each (item, letter token) is the prompt + that token, scored by its prompt logprob: the
+        # letter's log-probability after the prompt, exact for every candidate (a top-N logprobs
+        # list may not contain them). One generate call: vLLM batches the requests and its prefix
+        # cache computes each prompt once.
         cand = letter_token_ids(self.tok, sorted({x for ls in letters for x in ls}))
-        out = []
-        for prompt, ls in zip(prompts, letters):  # vLLM batches internally; one request per item keeps it simple
-            ids = sorted({i for x in ls for i in cand[x]})
-            res = self.llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(ids),
-                                                             allowed_token_ids=ids))[0]
-            lp = res.outputs[0].logprobs[0]
-            out.append({x: max(lp[i].logprob if i in lp else float("-inf") for i in cand[x]) for x in ls})
+        base = self._token_prompts(prompts, add_special_tokens)
+        reqs, keys = [], []
+        for k, (bp, ls) in enumerate(zip(base, letters)):
+            for x in ls:
+                for t in cand[x]:
+                    reqs.append({"prompt_token_ids": bp["prompt_token_ids"] + [t]})
+                    keys.append((k, x, t))
+        outs = self.llm.generate(reqs, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+        out: list[dict] = [{x: float("-inf") for x in ls} for ls in letters]
+        for (k, x, t), o in zip(keys, outs):
+            out[k][x] = max(out[k][x], float(o.prompt_logprobs[-1][t].logprob))
         return out
 
 

@@ -202,6 +202,72 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):
         evaluate(EvalParams(data=cmexam(), backend="vllm"), tiny_artifact(), tmp_path, **QUIET)
 
 
+class FakeVLLM:
+    """Stands in for the `vllm` package (not installable here): LLM.generate over token-id prompts
+    computed with transformers, returning vLLM's output shapes (outputs[0].text, prompt_logprobs as
+    [None, {token: Logprob}, ...])."""
+
+    class SamplingParams:
+        def __init__(self, max_tokens=16, temperature=1.0, prompt_logprobs=None, **kw):
+            self.max_tokens, self.temperature, self.prompt_logprobs = max_tokens, temperature, prompt_logprobs
+
+    class LLM:
+        requests: list = []
+
+        def __init__(self, model, tokenizer=None, trust_remote_code=False):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+            self.tok = AutoTokenizer.from_pretrained(tokenizer or model)
+
+        def generate(self, prompts, params):
+            from types import SimpleNamespace as NS
+
+            import torch
+
+            outs = []
+            for pr in prompts:
+                ids = pr["prompt_token_ids"]  # token prompts only: medpipe tokenises itself
+                FakeVLLM.LLM.requests.append(ids)
+                x = torch.tensor([ids])
+                with torch.no_grad():
+                    if params.prompt_logprobs is not None:
+                        lp = self.model(x).logits[0].log_softmax(-1)
+                        plp = [None] + [{ids[i]: NS(logprob=float(lp[i - 1, ids[i]]))} for i in range(1, len(ids))]
+                        outs.append(NS(prompt_logprobs=plp, outputs=[NS(text="")]))
+                    else:
+                        new = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                                  max_new_tokens=params.max_tokens)[0, len(ids):]
+                        outs.append(NS(prompt_logprobs=None, outputs=[NS(text=self.tok.decode(new, skip_special_tokens=True))]))
+            return outs
+
+
+def test_vllm_backend_plumbing_with_a_stand_in_engine(tmp_path, monkeypatch):
+    """backend=vllm through a stand-in for vllm.LLM: token-id prompts tokenised as the
+    transformers backend does, letters scored by prompt logprobs in one batched call, the same
+    predictions and generations as backend=transformers."""
+    import sys
+    import types
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeVLLM.LLM, FakeVLLM.SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    FakeVLLM.LLM.requests.clear()
+    for method in ("cue", "generate"):
+        kw = dict(data=cmexam(5), method=method, mcq_max_new_tokens=3, batch_size=1)
+        _, got = evaluate(EvalParams(backend="vllm", **kw), tiny_artifact(), tmp_path / f"v{method}", **QUIET)
+        _, want = evaluate(EvalParams(**kw), tiny_artifact(), tmp_path / f"t{method}", **QUIET)
+        rows = lambda d: [json.loads(x) for x in (d / "details" / "cmexam.jsonl").read_text().splitlines()]
+        assert [r["pred"] for r in rows(tmp_path / f"v{method}")] == [r["pred"] for r in rows(tmp_path / f"t{method}")]
+        assert got["cmexam"]["metrics"]["acc"] == want["cmexam"]["metrics"]["acc"]
+    items = plan_sets(EvalParams(data=cmexam(5)))[0].records
+    from medpipe.stages.eval import _Runner
+
+    tok = _Runner(tiny_artifact(), EvalParams()).tok
+    first = tok(cue_prompt(items[0], "auto", []))["input_ids"]
+    assert FakeVLLM.LLM.requests[0][:-1] == first  # the prompt's own tokens + one candidate letter
+
+
 def test_unreachable_judge_fails_before_any_generation(tmp_path):
     from medpipe.chat import EndpointError
     from medpipe.serve import free_port
