@@ -112,6 +112,18 @@ def test_huatuo_lite_and_full_as_text_and_chat():
     assert c["2"]["messages"][1]["content"] == "痛风是嘌呤代谢紊乱所致的疾病。"
 
 
+def test_cmtmedqa_multi_turn_reads_as_alpaca_with_history():
+    """CMtMedQA (Zhongjing; IIMedGPT's multi-turn test set): instruction / output / history of
+    [question, answer] pairs, plus cate1 / cate2 / id; a JSON array, UTF-8 without BOM."""
+    assert detect_format(str(F / "cmtmedqa_test.json"))[0] == "alpaca"
+    r = recs(F / "cmtmedqa_test.json", "chat")
+    turns = r["[0]"]["messages"]
+    assert [m["role"] for m in turns] == ["user", "assistant"] * 3
+    assert turns[0]["content"] == "医生您好，我咳嗽一周了，还有点发烧。" and turns[4]["content"] == "那需要做哪些检查？"
+    assert turns[5]["content"].endswith("请及时就医。") and "\n" in turns[5]["content"]
+    assert len(r["[1]"]["messages"]) == 2  # empty history: single turn
+
+
 def test_mcq_renders_to_chat_with_answer_text_and_explanation():
     r = recs(F / "cmexam.csv", "chat")
     u, a = r["2"]["messages"]
