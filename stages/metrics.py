@@ -183,6 +183,7 @@ def mcq_scores(items: Sequence[dict], preds: Sequence[Sequence[str] | None]) -> 
 # --- PromptCBLUE --------------------------------------------------------------------------------
 CBLUE_EXTRACTION = ("CMeEE-V2", "IMCS-V2-NER", "CMeIE-V2", "CHIP-CDN", "CHIP-CDEE", "CHIP-MDCFNPC",
                     "IMCS-V2-SR", "CMedCausal")
+CBLUE_TREE = ("Text2DT",)  # tree edit ratio (stages/text2dt.py)
 CBLUE_CLS_MACRO = ("CHIP-CTC", "KUAKE-QIC", "IMCS-V2-DAC")
 CBLUE_CLS_WEIGHTED = ("CHIP-STS", "KUAKE-IR", "KUAKE-QTR", "KUAKE-QQR")
 CBLUE_GENERATION = ("MedDG", "IMCS-V2-MRG")
@@ -190,7 +191,9 @@ _MRG_KEYS = ("主诉", "现病史", "辅助检查", "既往史", "诊断", "建�
 
 
 def cblue_kind(dataset: str, task_type: str | None = None) -> str:
-    """'extraction' | 'cls_macro' | 'cls_weighted' | 'generation' for a PromptCBLUE dataset."""
+    """'extraction' | 'cls_macro' | 'cls_weighted' | 'generation' | 'tree' for a PromptCBLUE dataset."""
+    if dataset in CBLUE_TREE:
+        return "tree"
     if dataset in CBLUE_EXTRACTION:
         return "extraction"
     if dataset in CBLUE_CLS_MACRO:
@@ -262,6 +265,12 @@ def cblue_structure(dataset: str, text: str, choices: Sequence[str] | None = Non
             if len(parts) == 2:
                 out.add((parts[0].strip(), parts[1].strip()))
         return out
+    if dataset == "CMedCausal":
+        return _cmedcausal(lines)
+    if dataset == "Text2DT":
+        from medpipe.stages.text2dt import parse_text2dt
+
+        return parse_text2dt(text)
     if dataset == "CHIP-STS":
         t = text.strip()
         return {"相同": "是的", "不同": "不是"}.get(t, t)
@@ -276,7 +285,47 @@ def cblue_structure(dataset: str, text: str, choices: Sequence[str] | None = Non
         return text.strip()
     if kind == "generation":
         return text.strip()
-    return {tuple([ln.strip()]) for ln in lines if ln.strip()}  # generic extraction: one tuple per line
+    return {tuple([ln.strip()]) for ln in lines if ln.strip()}  # other extraction tasks: one tuple per line
+
+
+_CAUSAL_HEADERS = (("因果关系三元组", "因果关系"), ("条件关系三元组", "条件关系"), ("上下位关系", "上下位关系"))
+
+
+def _cmedcausal(lines: Sequence[str]) -> set:
+    """CMedCausal triples as PromptCBLUE parses them: a header line names the relation
+    (因果/条件/上下位), then "头实体：X；尾实体：Y" per triple; a 条件关系 triple's tail is itself a
+    causal triple ("…；尾三元组：头实体：A；尾实体：B；关系：因果关系"). Tuples are the JSON of
+    (object, predicate, subject), so a nested tail compares as a whole. Lines that do not parse
+    are skipped, not guessed."""
+    out, rel = set(), None
+    for line in (ln.strip() for ln in lines):
+        header = next((r for key, r in _CAUSAL_HEADERS if key in line), None)
+        if header:
+            rel = header
+            continue
+        if "给定的文本没有指定关系的三元组" in line:
+            break
+        if rel is None or "头实体：" not in line:
+            continue
+        head = line.split("头实体：", 1)[1]
+        if rel == "条件关系":
+            if "；尾三元组：" not in head:
+                continue
+            subject, tail = head.split("；尾三元组：", 1)
+            if "头实体：" not in tail or "；尾实体：" not in tail:
+                continue
+            t_head, t_rest = tail.split("头实体：", 1)[1].split("；尾实体：", 1)
+            t_obj, _, t_rel = t_rest.partition("；关系：")
+            obj: Any = {"predicate": t_rel.split("；关系：")[0].strip() or "因果关系", "subject": t_head.strip(),
+                        "object": t_obj.strip()}
+        else:
+            if "；尾实体：" not in head:
+                continue
+            subject, obj = head.split("；尾实体：", 1)
+            obj = obj.strip()
+        triple = {"predicate": rel, "subject": subject.strip(), "object": obj}
+        out.add(tuple(json.dumps(triple[k], ensure_ascii=False) for k in sorted(triple)))
+    return out
 
 
 def _micro_f1(golds: Sequence[set], preds: Sequence[set]) -> float:
@@ -317,6 +366,10 @@ def promptcblue_scores(records: Sequence[dict], outputs: Sequence[str]) -> dict:
         pred = [cblue_structure(name, outputs[i], records[i].get("answer_choices"), ttype) for i in idx]
         if kind == "extraction":
             tasks[name] = {"metric": "micro_f1", "score": _micro_f1(gold, pred), "n": len(idx)}
+        elif kind == "tree":
+            from medpipe.stages.text2dt import tree_edit_ratio
+
+            tasks[name] = {"metric": "tree_lenv_ratio", "score": tree_edit_ratio(gold, pred), "n": len(idx)}
         elif kind.startswith("cls"):
             choices = records[idx[0]].get("answer_choices") or []
             first = choices[0] if isinstance(choices, list) and choices else (gold[0] if gold else "")

@@ -92,6 +92,45 @@ def test_promptcblue_scoring_per_task_type():
     assert s["score"] == pytest.approx(sum(v["score"] for v in t.values()) / 4)
 
 
+def test_promptcblue_cmedcausal_triples_with_nested_condition_tails():
+    gold = ("因果关系三元组如下：\n头实体：吸烟；尾实体：肺癌\n头实体：高血压；尾实体：脑卒中\n"
+            "条件关系三元组如下：\n头实体：长期服用；尾三元组：头实体：阿司匹林；尾实体：胃出血；关系：因果关系")
+    pred = ("因果关系三元组如下：\n头实体：吸烟；尾实体：肺癌\n头实体：糖尿病；尾实体：肾病\n"
+            "头实体：乱码没有尾实体\n"                                                # unparseable: skipped
+            "条件关系三元组如下：\n头实体：长期服用；尾三元组：头实体：阿司匹林；尾实体：胃出血；关系：因果关系")
+    g, p = M.cblue_structure("CMedCausal", gold), M.cblue_structure("CMedCausal", pred)
+    assert len(g) == 3 and len(p) == 3 and len(g & p) == 2  # the nested tail matches as a whole
+    nested = next(t for t in g if "条件关系" in t[1])
+    assert '"subject": "阿司匹林"' in nested[0] and nested[2] == '"长期服用"'
+    assert M.cblue_structure("CMedCausal", "给定的文本没有指定关系的三元组") == set()
+    s = M.promptcblue_scores([{"task_dataset": "CMedCausal", "task_type": "causal", "target": gold}], [pred])
+    assert s["tasks"]["CMedCausal"] == {"metric": "micro_f1", "score": pytest.approx(2 / 3), "n": 1}
+
+
+def test_promptcblue_text2dt_tree_edit_ratio_by_hand():
+    from medpipe.stages.text2dt import build_tree, parse_text2dt
+
+    gold = ("根据给定的指南文本抽取的诊疗决策树如下：\n"
+            "条件节点：role=C；logical_rel=and；triples=[('患者', '临床表现', '发热'), ('患者', '临床表现', '咳嗽')]\n"
+            "决策节点：role=D；logical_rel=null；triples=[('患者', '治疗药物', '奥司他韦')]\n"
+            "决策节点：role=D；logical_rel=null；triples=[('患者', '治疗方案', '观察')]")
+    nodes = parse_text2dt(gold)
+    assert [n["role"] for n in nodes] == ["C", "D", "D"] and len(build_tree(nodes).children) == 2
+    # a lone decision node carrying the root's first triple:
+    #   node distance to the root: role 1 + logical_rel 1 + triples {fever} ^ {fever, cough} 1 = 3;
+    #   the gold root's two leaves against an empty node: (role 1 + 1 triple) × 2 = 4  -> 7
+    #   largest distance: pred 1 triple + 2·1 node = 3; gold 4 triples + 2·3 nodes = 10  -> 13
+    pred = "决策节点：role=D；logical_rel=null；triples=[('患者', '临床表现', '发热')]\n乱码行"
+    rows = [{"task_dataset": "Text2DT", "task_type": "tree", "target": gold}] * 2
+    s = M.promptcblue_scores(rows, [gold, pred])
+    assert s["tasks"]["Text2DT"]["metric"] == "tree_lenv_ratio"
+    assert s["tasks"]["Text2DT"]["score"] == pytest.approx(1 - (0 + 7) / (10 + 10 + 3 + 10))
+    # triples compare lowercased; an incomplete condition node is a leaf (and so its ancestors)
+    assert parse_text2dt("x：role=D；logical_rel=null；triples=[('A', 'B', 'C')]")[0]["triples"] == {("a", "b", "c")}
+    assert build_tree(parse_text2dt("a：role=C；triples=[]\nb：role=C；triples=[]\nc：role=D\nd：role=D")).children == []
+    assert parse_text2dt("") == [{"role": "D", "logical_rel": "null", "triples": frozenset()}]
+
+
 def test_judge_reply_parsing_is_strict():
     ok = '```json\n{"fluency": 4, "relevance": 5, "completeness": 3, "proficiency": 2}\n```'
     assert M.parse_judge_scores(ok) == {"fluency": 4, "relevance": 5, "completeness": 3, "proficiency": 2}
