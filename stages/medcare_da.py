@@ -31,14 +31,26 @@ class MedCareDAParams(TrainParams):
     chat_template: Optional[str] = None
 
 
+def da_config(p: MedCareDAParams):
+    from medpipe.stages.adapters.medcare import MedCareConfig
+
+    return MedCareConfig(r=p.r, alpha=p.alpha, s=p.s, align_rank=p.align_rank, align_dropout=p.align_dropout,
+                         train_ka=p.train_ka)
+
+
 class MedCareDAStage:
     """MedCare DA: KA + Align LoRA on FFN with the orthogonal loss; exports a plain merged model."""
 
     Params = MedCareDAParams
 
     def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
+        from medpipe.errors import ConfigError
+        from medpipe.stages.medcare_mka import check_adapter_params
         from medpipe.stages.sft import SFTStage
 
+        if params.orth_lambda < 0:
+            raise ConfigError(f"medcare_da: orth_lambda must be >= 0 (0 = no orthogonal loss), got {params.orth_lambda}")
+        check_adapter_params(lambda: da_config(params), "medcare_da")
         return SFTStage.check(self, params, base, data_opts)
 
     def run(self, ctx: Any):
@@ -62,9 +74,7 @@ class MedCareDAStage:
             tok.chat_template = p.chat_template
         loaded = load_records(p.data, "chat", **data_options(p, ctx.data))
         train_ds = encode_dataset(loaded.records, tok, p.max_length, common.data_cache_dir(ctx))
-        cfg = medcare.MedCareConfig(r=p.r, alpha=p.alpha, s=p.s, align_rank=p.align_rank,
-                                    align_dropout=p.align_dropout, train_ka=p.train_ka)
-        model = medcare.inject_da(common.load_model(ctx, p, base_path), cfg, ka=ka)
+        model = medcare.inject_da(common.load_model(ctx, p, base_path), da_config(p), ka=ka)
         args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length)
         trainer = MedCareTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                                  callbacks=common.callbacks(ctx, p), orth_lambda=p.orth_lambda)

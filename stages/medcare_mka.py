@@ -43,6 +43,16 @@ def medcare_config(p: Any):
                          attn_dropout=p.attn_dropout, keep_na=False)
 
 
+def check_adapter_params(build: Any, kind: str) -> None:
+    """The adapter settings, checked before any training: one error naming every bad field."""
+    from medpipe.errors import ConfigError
+
+    try:
+        build()
+    except ValueError as e:
+        raise ConfigError(f"{kind}: {e}") from None
+
+
 class MedCareMKAStage:
     """MedCare MKA: KA + mixture-of-LoRA NA on FFN, LoRA on attention; hands on merged attention + KA."""
 
@@ -51,6 +61,7 @@ class MedCareMKAStage:
     def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
         from medpipe.stages.sft import SFTStage
 
+        check_adapter_params(lambda: medcare_config(params), "medcare_mka")
         return SFTStage.check(self, params, base, data_opts)
 
     def run(self, ctx: Any):

@@ -107,6 +107,13 @@ def test_half_precision_base_gets_fp32_adapters():
     assert m.na_A.grad.dtype == torch.float32
 
 
+def test_config_rejects_impossible_settings_naming_each_field():
+    with pytest.raises(ValueError, match=r"r must be >= 1, got 0; .*top_k must be between 1 and n_experts \(4\)"):
+        MedCareConfig(r=0, n_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="align_dropout must be in"):
+        MedCareConfig(align_dropout=1.0)
+
+
 def test_init_scale_and_shapes():
     m = MedCareLinear(nn.Linear(64, 40), MedCareConfig(), "mka")
     assert m.scale == 2.0 and m.ka_A.shape == (32, 64) and m.na_A.shape == (128, 64)

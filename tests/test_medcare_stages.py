@@ -166,3 +166,15 @@ def test_mka_balance_loss_counts_real_tokens_only(tmp_path, monkeypatch):
     assert seen and all(s == (40, 30) for s in seen), seen  # 2 rows padded to 20; 30 real tokens
     logged = [h for h in trainer.state.log_history if "balance_loss" in h]
     assert logged and logged[0]["balance_loss"] > 0
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("stages.mka.top_k=9", "top_k must be between 1 and n_experts (8), got 9"),
+    ("stages.mka.expert_dropout=1.5", "expert_dropout must be in [0, 1), got 1.5"),
+    ("stages.da.orth_lambda=-1", "orth_lambda must be >= 0"),
+    ("stages.da.align_rank=0", "align_rank must be >= 1 or null, got 0"),
+])
+def test_bad_medcare_settings_are_refused_before_training(tmp_path, override, needle):
+    r = medpipe("validate", "recipe=medcare", override)
+    assert r.code == 2 and needle in r.out, r.out
+    assert "Traceback" not in r.out

@@ -81,6 +81,22 @@ class MedCareConfig:
     ffn_modules: tuple[str, ...] | None = None   # override FFN_NAMES
     attn_modules: tuple[str, ...] | None = None  # override ATTN_NAMES
 
+    def __post_init__(self) -> None:
+        bad = [f"{name} {why}" for name, ok, why in (
+            ("r", self.r >= 1, f"must be >= 1, got {self.r}"),
+            ("s", self.s >= 1, f"must be >= 1 (KA has rank s·r), got {self.s}"),
+            ("alpha", self.alpha > 0, f"must be > 0, got {self.alpha}"),
+            ("n_experts", self.n_experts >= 1, f"must be >= 1, got {self.n_experts}"),
+            ("top_k", 1 <= self.top_k <= max(self.n_experts, 1),
+             f"must be between 1 and n_experts ({self.n_experts}), got {self.top_k}"),
+            ("balance_coef", self.balance_coef >= 0, f"must be >= 0, got {self.balance_coef}"),
+            ("align_rank", self.align_rank is None or self.align_rank >= 1, f"must be >= 1 or null, got {self.align_rank}"),
+            *((d, 0 <= getattr(self, d) < 1, f"must be in [0, 1), got {getattr(self, d)}")
+              for d in ("expert_dropout", "attn_dropout", "align_dropout")),
+        ) if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+
     @property
     def scale(self) -> float:
         return self.alpha / self.r
