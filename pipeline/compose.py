@@ -169,6 +169,8 @@ def bind_params(dc: type, values: dict, where: str) -> Any:
         raise ConfigError(f"{where}.{_key_of(e)}: a value is required") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}.{_key_of(e)}: {_first_line(e)}") from None
+    except ValueError as e:  # a range check of the params dataclass (stages/params.py: Checked)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _nested_fields(dc: type, path: list[str]) -> list[str]:

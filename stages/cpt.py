@@ -19,6 +19,9 @@ class CPTParams(TrainParams):
     # matching an item's context + long answer (exact or near, MinHash Jaccard >= 0.8) are dropped, counted
     exclude_data: Any = None
 
+    def _rules(self):
+        return super()._rules() + [("block_size", self.block_size >= 1, ">= 1")]
+
 
 def drop_eval_overlap(records: list[dict], params: Any, data_opts: dict) -> tuple[list[dict], int]:
     """Documents that overlap an `exclude_data` item's passage (context + long answer) removed.

@@ -26,6 +26,10 @@ class DPOParams(TrainParams):
     ref_probe: int = 4  # pairs whose reference log-probs are saved to ref_probe.pt (0 = off)
     reward_eval_pairs: int = 64  # training pairs whose rewards are re-evaluated after training (0 = off)
 
+    def _rules(self):
+        return super()._rules() + [("beta", self.beta > 0, "> 0"), ("ref_probe", self.ref_probe >= 0, ">= 0"),
+                                   ("reward_eval_pairs", self.reward_eval_pairs >= 0, ">= 0")]
+
 
 def preference_rows(records: list[dict], say) -> list[dict]:
     """TRL's conversational preference rows; identical chosen/rejected pairs teach nothing: dropped, counted."""

@@ -2,35 +2,63 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
+
+
+class Checked:
+    """Range checks on construction (binding a stage's params runs them before anything trains):
+    `_rules()` yields (field, holds, what is required); a failure names every bad field."""
+
+    def _rules(self) -> list[tuple[str, bool, str]]:
+        return []
+
+    _where: ClassVar[str] = ""  # the field a nested params class sits in (peft., spike_guard.)
+
+    def __post_init__(self) -> None:
+        bad = [f"{self._where}{name} must be {want}, got {getattr(self, name)!r}"
+               for name, ok, want in self._rules() if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
 
 
 @dataclass
-class LoraParams:
+class LoraParams(Checked):
     """LoRA through PEFT. `target_modules: [all-linear]` adapts every linear layer but the LM head."""
 
+    _where: ClassVar[str] = "peft."
     type: str = "lora"
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
 
+    def _rules(self):
+        return [("r", self.r >= 1, ">= 1"), ("alpha", self.alpha > 0, "> 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)")]
+
 
 @dataclass
-class SpikeGuardParams:
+class SpikeGuardParams(Checked):
     """IIMedGPT-style loss-spike guard: a non-finite gradient norm, or one above `factor` × the
     median of the last `window` steps, skips that update and multiplies the learning rate by
     `lr_factor`; more than `max_consecutive` skips in a row fail the stage."""
 
+    _where: ClassVar[str] = "spike_guard."
     enabled: bool = False
     factor: float = 10.0
     window: int = 20
     lr_factor: float = 0.5
     max_consecutive: int = 5
 
+    def _rules(self):
+        return [("factor", self.factor > 1, "> 1"), ("window", self.window >= 1, ">= 1"),
+                ("lr_factor", 0 < self.lr_factor <= 1, "in (0, 1]"), ("max_consecutive", self.max_consecutive >= 1, ">= 1")]
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 
 @dataclass
-class TrainParams:
+class TrainParams(Checked):
     data: Any = None  # path | conf/data entry | {path, format, columns, split, limit, weight} | list of those
     lr: float = 2e-5
     epochs: float = 1.0
@@ -57,6 +85,22 @@ class TrainParams:
     on_error: Optional[str] = None  # fail | skip; default: the recipe's data.on_error
     num_proc: Optional[int] = None  # processes for tokenisation
     spike_guard: SpikeGuardParams = field(default_factory=SpikeGuardParams)
+
+    def _rules(self):
+        return [("lr", self.lr > 0, "> 0"),
+                ("epochs", self.epochs > 0 or self.max_steps > 0, "> 0 (or max_steps > 0)"),
+                ("max_steps", self.max_steps == -1 or self.max_steps > 0, "> 0, or -1 for epochs"),
+                ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
+                ("warmup", self.warmup >= 0, ">= 0 (a fraction < 1, or steps)"),
+                ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"), ("adam_beta2", 0 <= self.adam_beta2 < 1, "in [0, 1)"),
+                ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+                ("max_length", self.max_length >= 1, ">= 1"),
+                ("precision", self.precision in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+                ("logging_steps", self.logging_steps >= 1, ">= 1"), ("save_steps", self.save_steps >= 1, ">= 1"),
+                ("heldout", 0 <= self.heldout < 1, "in [0, 1)"),
+                ("keep_best", not self.keep_best or self.heldout > 0, "false unless heldout > 0"),
+                ("on_error", self.on_error in (None, "fail", "skip"), "fail, skip or null")]
 
 
 def data_options(params: Any, data_opts: dict) -> dict:

@@ -52,6 +52,13 @@ def test_drop_a_stage_and_add_a_param_with_hydra_grammar():
     ("model=nope", "available model options: baichuan-7b"),
     ("stages.sft.from=dpo", "stages.sft.from: 'dpo' is not an earlier stage (earlier stages: cpt)"),
     ("stages.cpt.kind=nokind", "unknown stage kind 'nokind'. Available kinds: "),
+    # values of the right type but impossible: every bad field named, before anything trains
+    ("stages.sft.lr=-1", "stages.sft: lr must be > 0, got -1.0"),
+    ("stages.dpo.beta=0", "stages.dpo: beta must be > 0, got 0.0"),
+    ("stages.cpt.block_size=0", "stages.cpt: block_size must be >= 1, got 0"),
+    ("stages.sft.peft.dropout=1", "stages.sft: peft.dropout must be in [0, 1), got 1.0"),
+    ("stages.sft.spike_guard.lr_factor=2", "stages.sft: spike_guard.lr_factor must be in (0, 1], got 2.0"),
+    ("stages.sft.precision=fp8", "precision must be one of auto, bf16, fp16, fp32, got 'fp8'"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
