@@ -111,7 +111,9 @@ def _fmt_num(v: Any) -> str:
 
 
 def draw_curves(stage: dict, out: Path) -> Path | None:
-    """Loss (train, held-out) per step; for DPO also reward margin and accuracy. None if no log."""
+    """Loss (train, held-out) per step; for DPO also reward margin and accuracy; for MedCare the
+    parts of the loss (cross-entropy, orthogonal / balance term, each on its own axis). None if
+    no log."""
     hist = stage["history"]
     loss = [(h["step"], h["loss"]) for h in hist if isinstance(h.get("loss"), (int, float))]
     if not loss:
@@ -124,7 +126,12 @@ def draw_curves(stage: dict, out: Path) -> Path | None:
     evl = [(h["step"], h["eval_loss"]) for h in hist if isinstance(h.get("eval_loss"), (int, float))]
     margins = [(h["step"], h["rewards/margins"]) for h in hist if isinstance(h.get("rewards/margins"), (int, float))]
     accs = [(h["step"], h["rewards/accuracies"]) for h in hist if isinstance(h.get("rewards/accuracies"), (int, float))]
-    panels = 2 if margins else 1
+    parts = {k: [(h["step"], h[k]) for h in hist if isinstance(h.get(k), (int, float))]
+             for k in ("ce_loss", "orth_loss", "balance_loss")}
+    parts = {k: v for k, v in parts.items() if v}
+    if not parts.keys() - {"ce_loss"}:  # CE alone is the loss panel again
+        parts = {}
+    panels = 1 + bool(margins) + bool(parts)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.4), dpi=110, squeeze=False)
     ax = axes[0][0]
     ax.plot(*zip(*loss), marker="o", ms=3, label="train loss")
@@ -152,6 +159,23 @@ def draw_curves(stage: dict, out: Path) -> Path | None:
             ax2.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="lower right")
         else:
             ax2.legend(fontsize=8)
+    if parts:  # MedCare: CE on the left axis, the extra term (orders of magnitude apart) on the right
+        axp = axes[0][panels - 1]
+        lines = []
+        if "ce_loss" in parts:
+            lines += axp.plot(*zip(*parts["ce_loss"]), marker="o", ms=3, label="cross-entropy")
+            axp.set_ylabel("cross-entropy")
+        extra = [k for k in ("orth_loss", "balance_loss") if k in parts]
+        if extra:
+            axe = axp.twinx() if "ce_loss" in parts else axp
+            for k, color in zip(extra, ("tab:red", "tab:purple")):
+                label = "orthogonal loss Σ|A_KA A_Alignᵀ|" if k == "orth_loss" else "balance loss"
+                lines += axe.plot(*zip(*parts[k]), ls="--", marker="^", ms=3, color=color, label=label)
+            axe.set_ylabel(" / ".join("orthogonal" if k == "orth_loss" else "balance" for k in extra))
+        axp.set_xlabel("step")
+        axp.set_title(f"{stage['name']}: loss parts")
+        axp.grid(alpha=0.3)
+        axp.legend(lines, [l.get_label() for l in lines], fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

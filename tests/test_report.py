@@ -65,6 +65,20 @@ def test_dpo_curve_has_the_reward_margin_panel(tmp_path):
     assert dpo.shape[1] > 1.8 * sft.shape[1]  # two panels: loss and reward margin
 
 
+def test_medcare_da_curve_shows_the_loss_parts(tmp_path):
+    """DA logs CE and the orthogonal term separately: a second panel draws them, each on its axis;
+    MKA (CE only) keeps one panel."""
+    import matplotlib.image
+
+    from medpipe.report import draw_curves
+
+    rows = [{"step": s, "loss": 100 / s + 7, "ce_loss": 7 + 1 / s, "orth_loss": 100 / s} for s in range(1, 6)]
+    da = draw_curves({"name": "da", "kind": "medcare_da", "history": rows}, tmp_path / "da.png")
+    mka = draw_curves({"name": "mka", "kind": "medcare_mka",
+                       "history": [{k: v for k, v in r.items() if k != "orth_loss"} for r in rows]}, tmp_path / "mka.png")
+    assert matplotlib.image.imread(da).shape[1] > 1.8 * matplotlib.image.imread(mka).shape[1]
+
+
 def test_report_without_evals_and_on_a_non_run(tmp_path):
     run_dir = fake_run(tmp_path, history=False)
     assert medpipe("report", str(run_dir)).code == 0
