@@ -1,6 +1,7 @@
 """Benchmark the MedCare FFN layer (issue 7) on CPU: forward + backward, median of reps.
 
     /work/main/.venv/bin/python bench/bench_medcare_layer.py [--reps 7] [--tokens 2048] [--threads 2]
+    ... --device cuda --tokens 4096      # on a GPU machine (the issue's GPU figure; not run here yet)
 
 Compares, in one process, d_in=2048, d_out=5632, T tokens, float32, 2 threads (torch.set_num_threads):
   medcare        the library layer (frozen W + KA rank 32 + top-2 of 8 NA rank 16 + router);
@@ -43,6 +44,7 @@ from medpipe.stages.adapters.medcare import MedCareConfig, MedCareLinear
 
 D_IN, D_OUT = 2048, 5632
 CFG = MedCareConfig(r=16, alpha=32, s=2, n_experts=8, top_k=2)
+DEVICE = torch.device("cpu")  # --device cuda on a GPU machine (timings synchronised, CUDA peak memory)
 
 
 # -- alternative routed implementations (same parameters as MedCareLinear) -------------------
@@ -112,7 +114,7 @@ ALTS = {"cat_A_only": delta_cat_A_only, "separate": delta_separate,
 # -- layers ----------------------------------------------------------------------------------
 def make_medcare(seed=0):
     torch.manual_seed(seed)
-    m = MedCareLinear(nn.Linear(D_IN, D_OUT, bias=False), CFG, "mka").train()
+    m = MedCareLinear(nn.Linear(D_IN, D_OUT, bias=False, device=DEVICE), CFG, "mka").train()
     m.linear.weight.requires_grad_(False)
     with torch.no_grad():  # nonzero B so the equivalence check means something (cost is the same)
         m.ka_B.normal_(0, 0.02), m.na_B.normal_(0, 0.02)
@@ -128,7 +130,7 @@ def make_peft(rank):
     from peft.tuners.lora import Linear as LoraLinear
 
     torch.manual_seed(0)
-    base = nn.Linear(D_IN, D_OUT, bias=False)
+    base = nn.Linear(D_IN, D_OUT, bias=False, device=DEVICE)
     base.weight.requires_grad_(False)
     layer = LoraLinear(base, "default", LoraConfig(r=rank, lora_alpha=2 * rank), r=rank, lora_alpha=2 * rank)
     with torch.no_grad():
@@ -153,11 +155,13 @@ def build(name, peft_rank):
 def fwd_bwd(f, x, g):
     x.grad = None
     f(x).backward(g)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()  # time the kernels, not their launch
 
 
 def inputs(tokens):
     torch.manual_seed(1)
-    return torch.randn(tokens, D_IN, requires_grad=True), torch.randn(tokens, D_OUT)
+    return (torch.randn(tokens, D_IN, device=DEVICE, requires_grad=True), torch.randn(tokens, D_OUT, device=DEVICE))
 
 
 def time_all(names, peft_rank, tokens, reps, warmup=2):
@@ -214,7 +218,23 @@ def mem_child(name, peft_rank, tokens):
     print(json.dumps({"extra_peak_mib": _status_mib("VmHWM") - before}))
 
 
+def cuda_extra_peak_mib(name, peft_rank, tokens):
+    """On a GPU: the allocator's peak during one fwd+bwd above what was allocated before it."""
+    f, mod = build(name, peft_rank)
+    x, g = inputs(tokens)
+    fwd_bwd(f, x, g)
+    mod.zero_grad(set_to_none=True)
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fwd_bwd(f, x, g)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def mem_of(name, peft_rank, tokens):
+    if DEVICE.type == "cuda":
+        return cuda_extra_peak_mib(name, peft_rank, tokens)
     out = subprocess.run([sys.executable, __file__, "--mem-child", name, "--peft-rank", str(peft_rank),
                           "--tokens", str(tokens)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_mib"]
@@ -226,8 +246,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--peft-rank", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda (GPU machines; issue: 4096 tokens)")
     ap.add_argument("--mem-child")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(a.device)
     torch.set_num_threads(a.threads)
     if a.mem_child:
         return mem_child(a.mem_child, a.peft_rank, a.tokens)
@@ -235,7 +258,7 @@ def main():
     n_mc = trainable(make_medcare())
     peft_rank = round(n_mc / (D_IN + D_OUT))  # LoRA rank r has r·(d_in + d_out) parameters
     check_equal(a.tokens)
-    print(f"d_in={D_IN} d_out={D_OUT} tokens={a.tokens} fp32 threads={torch.get_num_threads()} "
+    print(f"device={DEVICE} d_in={D_IN} d_out={D_OUT} tokens={a.tokens} fp32 threads={torch.get_num_threads()} "
           f"reps={a.reps} (median, after 2 warm-up)  torch {torch.__version__}")
     print(f"MedCare trainable params {n_mc:,}; equivalent PEFT LoRA rank {peft_rank}")
     names = ["medcare", "base", "peft_lora", *ALTS]
@@ -253,7 +276,8 @@ def main():
           f"dense_stack {res['dense_stack']['ms'] - w:.0f} ms -> dense/medcare "
           f"{(res['dense_stack']['ms'] - w) / max(base - w, 1e-9):.1f}x")
     for n in ("medcare", "peft_lora", "dense_stack"):
-        print(f"peak extra RSS fwd+bwd {n:<12} {mem_of(n, peft_rank, a.tokens):8.0f} MiB")
+        kind = "CUDA allocator" if DEVICE.type == "cuda" else "RSS"
+        print(f"peak extra {kind} fwd+bwd {n:<12} {mem_of(n, peft_rank, a.tokens):8.0f} MiB")
 
 
 if __name__ == "__main__":
