@@ -17,7 +17,8 @@ Compares, in one process, d_in=2048, d_out=5632, T tokens, float32, 2 threads (t
                  parameter count equals the MedCare layer's
   dense_stack    the published approach: every expert computed to an [E, T, d_out] stack, weighted
                  by the (zero outside top-K) gates and summed; plus KA
-Reps are interleaved round-robin over the variants (robust to load changes on a shared machine).
+Reps are interleaved over the variants in a freshly shuffled (seeded) order each rep (robust to
+load changes on a shared machine and to order effects between neighbours).
 The input requires grad (as inside a network), the output gets a fixed random upstream gradient.
 
 Peak memory: each variant runs again in a fresh subprocess: one warm-up forward+backward, grads
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -165,16 +167,21 @@ def inputs(tokens):
 
 
 def time_all(names, peft_rank, tokens, reps, warmup=2):
-    """Median fwd+bwd seconds per variant. Reps are interleaved round-robin over the variants so
-    that a change in machine load hits all of them alike."""
+    """Median fwd+bwd seconds per variant. Reps are interleaved over the variants, shuffled each
+    rep, so that a change in machine load hits all of them alike."""
     built = {n: build(n, peft_rank) for n in names}
     x, g = inputs(tokens)
     for f, _ in built.values():
         for _ in range(warmup):
             fwd_bwd(f, x, g)
     ts = {n: [] for n in names}
+    order, rng = list(built), random.Random(0)
     for _ in range(reps):
-        for n, (f, mod) in built.items():
+        # a fresh (seeded) order every rep: no variant always runs right after the same neighbour
+        # (e.g. after dense_stack has churned 1 GiB through the allocator)
+        rng.shuffle(order)
+        for n in order:
+            f, mod = built[n]
             mod.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             fwd_bwd(f, x, g)
