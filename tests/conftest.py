@@ -39,3 +39,32 @@ def medpipe_proc(*args: str, timeout: int = 600, **kw) -> subprocess.CompletedPr
 @pytest.fixture
 def runs(tmp_path) -> Path:
     return tmp_path / "runs"
+
+
+def run_on_two_ranks(tmp_path: Path, recipe_text: str, port: int) -> Path:
+    """Run a recipe under `deepspeed --num_gpus 2` (2 CPU processes, gloo, ZeRO-2); returns the run dir."""
+    recipe = tmp_path / "two_ranks.yaml"
+    recipe.write_text(recipe_text)
+    run_dir = tmp_path / "runs" / "two_ranks"
+    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}",
+                "launcher=deepspeed", "launcher.num_gpus=2", f"launcher.master_port={port}")
+    assert r.code == 0, r.out
+    return run_dir
+
+
+def zero2_stage(run_dir: Path, link: str) -> dict:
+    """A stage that ran on 2 ranks under ZeRO-2: the live engine said so, both ranks ended with the
+    same trainable weights (digest per rank log), rank 0 alone wrote the artifact. Returns it."""
+    import json
+    import re
+
+    sdir = (run_dir / link).resolve()
+    art = json.loads((sdir / "artifact.json").read_text())
+    assert art["metrics"]["world_size"] == 2 and art["metrics"]["zero_stage"] == 2
+    logs = {p.name: p.read_text() for p in (sdir / "logs").glob("rank*.log")}
+    assert set(logs) == {"rank0.log", "rank1.log"}
+    digests = {re.search(r"world_size=2 zero_stage=2 weights_sha256=(\w+)", t).group(1) for t in logs.values()}
+    assert len(digests) == 1  # both replicas ended identical
+    assert sum(t.count("artifact written") for t in logs.values()) == 1  # written once, by rank 0
+    assert (sdir / "deepspeed.json").is_file()
+    return art

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import medpipe
+from conftest import medpipe, run_on_two_ranks, zero2_stage
 
 MCQ = '["${data.pubmedqa}", "${data.medmcqa}", "${data.medqa}"]'
 RECIPE = """
@@ -250,19 +250,8 @@ def test_voc_label_relabel_reports_agreement_and_refuses_an_empty_job(tmp_path, 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_cpoly_under_deepspeed_zero2_on_two_processes(tmp_path):
-    recipe = tmp_path / "ds.yaml"
-    recipe.write_text(RECIPE.replace("max_steps: 16", "max_steps: 3"))
-    run_dir = tmp_path / "runs" / "ds"
-    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}",
-                "launcher=deepspeed", "launcher.num_gpus=2", "launcher.master_port=29547")
-    assert r.code == 0, r.out
-    sdir = (run_dir / "01-cpoly").resolve()
-    art = json.loads((sdir / "artifact.json").read_text())
-    assert art["metrics"]["world_size"] == 2 and art["metrics"]["zero_stage"] == 2
-    logs = [p.read_text() for p in sorted((sdir / "logs").glob("rank*.log"))]
-    assert len(logs) == 2
-    digests = {re.search(r"world_size=2 zero_stage=2 weights_sha256=(\w+)", t).group(1) for t in logs}
-    assert len(digests) == 1  # both replicas ended identical
+    run_dir = run_on_two_ranks(tmp_path, RECIPE.replace("max_steps: 16", "max_steps: 3"), port=29547)
+    art = zero2_stage(run_dir, "01-cpoly")
     from safetensors.torch import load_file
 
     tensors = load_file(str(Path(art["extras"]["adapter_dir"]) / "cpoly_adapter.safetensors"))

@@ -2,13 +2,11 @@
 GPU cluster; and the launch commands/configs generated for clusters."""
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, run_on_two_ranks, zero2_stage
 from medpipe.compose import compose
 from medpipe.launch import command, deepspeed_config
 
@@ -24,24 +22,10 @@ stages:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sft_and_dpo_under_deepspeed_zero2_on_two_processes(tmp_path):
-    recipe = tmp_path / "ds.yaml"
-    recipe.write_text(RECIPE)
-    run_dir = tmp_path / "runs" / "ds"
-    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}",
-                "launcher=deepspeed", "launcher.num_gpus=2", "launcher.master_port=29531")
-    assert r.code == 0, r.out
-    for stage in ("01-sft", "02-dpo"):
-        sdir = (run_dir / stage).resolve()
-        art = json.loads((sdir / "artifact.json").read_text())
-        assert art["metrics"]["world_size"] == 2 and art["metrics"]["zero_stage"] == 2
-        logs = {p.name: p.read_text() for p in (sdir / "logs").glob("rank*.log")}
-        assert set(logs) == {"rank0.log", "rank1.log"}
-        digests = {re.search(r"world_size=2 zero_stage=2 weights_sha256=(\w+)", t).group(1) for t in logs.values()}
-        assert len(digests) == 1  # both replicas ended identical
-        assert sum(t.count("artifact written") for t in logs.values()) == 1  # written once, by rank 0
-        assert (sdir / "deepspeed.json").is_file()
-    assert json.loads((run_dir / "01-sft" / "artifact.json").read_text())["metrics"]["last_loss"] < \
-        json.loads((run_dir / "01-sft" / "artifact.json").read_text())["metrics"]["first_loss"]
+    run_dir = run_on_two_ranks(tmp_path, RECIPE, port=29531)
+    sft = zero2_stage(run_dir, "01-sft")
+    zero2_stage(run_dir, "02-dpo")
+    assert sft["metrics"]["last_loss"] < sft["metrics"]["first_loss"]
 
 
 def launcher(**kw) -> dict:

@@ -196,21 +196,9 @@ def test_da_orthogonal_term_under_deepspeed_zero2_on_two_processes(tmp_path):
     no gradient at first and only the orthogonal term moves them) on 2 processes under ZeRO-2:
     the orthogonal loss falls, i.e. the term has a gradient there, and both replicas end identical
     (the published code's term reads detached copies under ZeRO-3 and gets none)."""
-    import re
+    from conftest import run_on_two_ranks, zero2_stage
 
-    recipe = tmp_path / "da_zero2.yaml"
-    recipe.write_text(DA_ZERO2)
-    run_dir = tmp_path / "runs" / "dz"
-    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}",
-                "launcher=deepspeed", "launcher.num_gpus=2", "launcher.master_port=29563")
-    assert r.code == 0, r.out
-    sdir = (run_dir / "01-da").resolve()
-    art = json.loads((sdir / "artifact.json").read_text())
+    art = zero2_stage(run_on_two_ranks(tmp_path, DA_ZERO2, port=29563), "01-da")
     m = art["metrics"]
-    assert m["world_size"] == 2 and m["zero_stage"] == 2
     assert m["last_orth_loss"] < 0.9 * m["first_orth_loss"], m
-    logs = {p.name: p.read_text() for p in (sdir / "logs").glob("rank*.log")}
-    assert set(logs) == {"rank0.log", "rank1.log"}
-    digests = {re.search(r"world_size=2 zero_stage=2 weights_sha256=(\w+)", t).group(1) for t in logs.values()}
-    assert len(digests) == 1
     assert AutoModelForCausalLM.from_pretrained(art["model_path"]) is not None  # the merged export loads
