@@ -42,35 +42,51 @@ def pair(kind: str, model: str, reps: int) -> list[tuple[tuple, tuple]]:
     return out
 
 
+RSS_MODELS = {  # random Qwen2 models built by medpipe.stages.tiny, and the DPO run's size flags
+    "25m": ({"hidden_size": 512, "num_layers": 8, "intermediate_size": 1408, "num_heads": 8, "num_kv_heads": 4}, []),
+    "100m": ({"hidden_size": 1024, "num_layers": 8, "intermediate_size": 2816, "num_heads": 16, "num_kv_heads": 4},
+             ["--steps", "4", "--batch", "2", "--length", "64"]),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--skip-timing", action="store_true", help="only the DPO peak-memory comparison")
+    ap.add_argument("--rss-size", choices=sorted(RSS_MODELS), default="25m",
+                    help="random model for the DPO peak-memory comparison: 25m (30 steps, batch 8, length 256) "
+                         "or 100m (weights and Adam state dominate: 4 steps, batch 2, length 64)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from medpipe.stages.tiny import ensure_tiny
 
     model = str(ensure_tiny())
     rows = []
-    for kind in ("sft", "dpo"):
+    for kind in () if args.skip_timing else ("sft", "dpo"):
         pairs = pair(kind, model, args.reps)
         cpu = [a[1] / b[1] for a, b in pairs]
         wall = [a[0] / b[0] for a, b in pairs]
         rows.append(f"| {kind} | {statistics.median(a[1] for a, _ in pairs):.1f} | {statistics.median(b[1] for _, b in pairs):.1f} "
                     f"| {statistics.median(cpu):.3f} ({min(cpu):.3f}–{max(cpu):.3f}) | {statistics.median(wall):.3f} |")
-    print("\n| stage | medpipe run, CPU s (median) | TRL by hand, CPU s | CPU ratio medpipe/hand (min–max) "
-          "| wall ratio (median) |\n|---|---|---|---|---|")
-    print("\n".join(rows))
+    if rows:
+        print("\n| stage | medpipe run, CPU s (median) | TRL by hand, CPU s | CPU ratio medpipe/hand (min–max) "
+              "| wall ratio (median) |\n|---|---|---|---|---|")
+        print("\n".join(rows))
     if args.skip_rss:
         return
     # Peak memory, DPO: a bigger random model so the second model copy shows above the runtime's own.
-    big = str(ensure_tiny({"hidden_size": 512, "num_layers": 8, "intermediate_size": 1408, "num_heads": 8,
-                           "num_kv_heads": 4}))
+    spec, run_args = RSS_MODELS[args.rss_size]
+    big = ensure_tiny(spec)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with __import__("torch").device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(big)).parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        lora = timed([PY, "bench/handwritten.py", "dpo", big, f"{tmp}/lora"])[2]
-        full = timed([PY, "bench/handwritten.py", "dpo", big, f"{tmp}/full", "--full"])[2]
-    print(f"\nDPO peak RSS on a 25M-parameter model: LoRA (reference = adapter disabled) {lora:.0f} MiB, "
-          f"full fine-tuning (frozen reference copy) {full:.0f} MiB")
+        lora = timed([PY, "bench/handwritten.py", "dpo", str(big), f"{tmp}/lora", *run_args])[2]
+        full = timed([PY, "bench/handwritten.py", "dpo", str(big), f"{tmp}/full", "--full", *run_args])[2]
+    print(f"\nDPO peak RSS on a {n_params / 1e6:.0f}M-parameter model ({' '.join(run_args) or '30 steps, batch 8, length 256'}): "
+          f"LoRA (reference = adapter disabled) {lora:.0f} MiB, full fine-tuning (frozen reference copy) {full:.0f} MiB")
 
 
 if __name__ == "__main__":

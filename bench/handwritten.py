@@ -1,6 +1,7 @@
 """The same SFT / DPO runs as bench/recipes/*.yaml, written by hand with TRL the way a user would
 without medpipe: read the JSON files, build the trainer, train, save. The baseline for
-bench_stage_overhead.py. Usage: python bench/handwritten.py sft|dpo MODEL_DIR OUT_DIR [--full]"""
+bench_stage_overhead.py. Usage: python bench/handwritten.py sft|dpo MODEL_DIR OUT_DIR [--full]
+[--steps N --batch B --length L] (the peak-memory runs use fewer, shorter steps)."""
 import json
 import sys
 from pathlib import Path
@@ -34,9 +35,10 @@ def dpo_rows():
     return rows
 
 
-def main(kind, model_dir, out, full=False):
-    common = dict(output_dir=out, max_steps=60 if kind == "sft" else 30, per_device_train_batch_size=8,
-                  logging_steps=10, save_steps=100000, report_to=[], use_cpu=True, bf16=False, max_length=256,
+def main(kind, model_dir, out, full=False, steps=None, batch=8, length=256):
+    steps = steps or (60 if kind == "sft" else 30)
+    common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
+                  logging_steps=10, save_steps=100000, report_to=[], use_cpu=True, bf16=False, max_length=length,
                   lr_scheduler_type="cosine", warmup_steps=0.05, disable_tqdm=True, seed=42)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -59,5 +61,10 @@ def main(kind, model_dir, out, full=False):
     trainer.save_model(out + "/final")
 
 
+def _flag(name, default):
+    return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], full="--full" in sys.argv)
+    main(sys.argv[1], sys.argv[2], sys.argv[3], full="--full" in sys.argv, steps=_flag("--steps", None),
+         batch=_flag("--batch", 8), length=_flag("--length", 256))
