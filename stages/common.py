@@ -3,6 +3,7 @@ progress and metric callbacks, the loss-spike guard, checkpoint resume and savin
 Imported only inside `run()` (it imports torch and transformers)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -154,6 +155,9 @@ class SpikeGuard(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         step = optimizer.step
 
+        # wraps() keeps the marker the lr scheduler put on the step it wrapped, so torch does not
+        # warn that the step was "overridden after learning rate scheduler initialization"
+        @functools.wraps(step)
         def guarded_step(*a, **k):
             if self.skip:
                 self.skip = False
