@@ -313,9 +313,10 @@ def api_key_from_env(name: Optional[str]) -> Optional[str]:
 # --- medpipe chat -------------------------------------------------------------------------------
 def chat_loop(run_dir: str, stage: str | None, message: str | None, rag: bool, rag_corpus: str | None,
               url: str | None, system: str | None, max_new_tokens: int, temperature: float,
-              input_fn=input, print_fn=print) -> None:
+              input_fn=input, print_fn=print, stream_to: Any = None, seed: int | None = None) -> None:
     """One-shot (`message`) or interactive chat with a stage's model (or an endpoint with `url`).
-    Interactive commands: /reset (forget the dialogue), /exit."""
+    Interactive commands: /reset (forget the dialogue), /exit. With `stream_to` (a text stream,
+    e.g. sys.stdout) a local model's interactive answers are written there as they are decoded."""
     retriever = None
     if url:
         client = OpenAIClient(url)
@@ -330,7 +331,19 @@ def chat_loop(run_dir: str, stage: str | None, message: str | None, rag: bool, r
         name = f"{stage_name} ({art.model_path})"
 
         def answer(msgs):
-            return model.chat(msgs, max_new_tokens=max_new_tokens, temperature=temperature).text
+            kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            if stream_to is None or message is not None:
+                return model.chat(msgs, **kw).text
+            stream_to.write("model> ")  # interactive terminal: the answer appears as it is decoded
+            done = None
+            for piece in model.stream(model.render(msgs), **kw):
+                if isinstance(piece, str):
+                    stream_to.write(piece)
+                    stream_to.flush()
+                else:
+                    done = piece
+            stream_to.write("\n")
+            return done.text
     if rag:
         retriever = rag_retriever(run_dir, rag_corpus, say=lambda m: print_fn(m))
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -357,7 +370,9 @@ def chat_loop(run_dir: str, stage: str | None, message: str | None, rag: bool, r
             del history[1 if system else 0:]
             continue
         if text.strip():
-            print_fn(f"model> {turn(text)}")
+            reply = turn(text)
+            if stream_to is None or url:
+                print_fn(f"model> {reply}")
 
 
 def rag_retriever(run_dir: str | None, corpus: str | None, say=print, k: int = 5):

@@ -234,6 +234,7 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens per answer")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option(help="sampling seed (temperature > 0), for repeatable answers")] = None,
 ) -> None:
     """Talk to a stage's model, interactively or one-shot (-m)."""
     try:
@@ -241,7 +242,10 @@ def chat(
 
         if run_dir is None and url is None:
             raise typer.BadParameter("give RUN_DIR or --url")
-        chat_loop(run_dir, stage, message, rag, rag_corpus, url, system, max_new_tokens, temperature)
+        import sys
+
+        chat_loop(run_dir, stage, message, rag, rag_corpus, url, system, max_new_tokens, temperature,
+                  stream_to=sys.stdout if sys.stdout.isatty() else None, seed=seed)  # stream to a terminal
     except _user_errors() as e:
         _fail(e)
 

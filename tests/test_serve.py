@@ -149,6 +149,17 @@ def test_chat_one_shot_and_interactive(tmp_path, server):
     assert banner.startswith("medpipe chat with sft") and "+ RAG" in banner
     assert sum(m.startswith("model> ") for m in said) == 2
 
+    # at a terminal the answers are written as they are decoded: pieces joined = the plain answer
+    import io
+
+    out, typed = io.StringIO(), iter(["What is asthma?", "/exit"])
+    chat_loop(str(run_dir), "sft", None, False, None, None, None, 24, 1.0,
+              input_fn=lambda _: next(typed), print_fn=lambda m: None, stream_to=out, seed=0)
+    plain = []
+    chat_loop(str(run_dir), "sft", "What is asthma?", False, None, None, None, 24, 1.0, print_fn=plain.append, seed=0)
+    assert out.getvalue().startswith("model> ") and out.getvalue().endswith("\n")
+    assert out.getvalue()[len("model> "):-1] == plain[0]
+
 
 @pytest.mark.slow
 def test_medpipe_serve_is_the_judge_endpoint(tmp_path):
