@@ -34,7 +34,7 @@ import time
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the eval stage's batch_size")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import torch
@@ -46,6 +46,7 @@ def main() -> None:
     from medpipe.stages.tiny import ensure_tiny
 
     torch.set_num_threads(args.threads)
+    args.batch_size = args.batch_size or EvalParams().batch_size
     s = str(package_dir("samples"))
     data = [{"path": f"{s}/mcq_cmexam.csv", "format": "cmexam"}, {"path": f"{s}/mcq_medqa.jsonl", "format": "medqa"},
             {"path": f"{s}/medmcqa.json", "format": "medmcqa", "cop_base": 1},

@@ -83,11 +83,9 @@ def left_padded_batches(enc: Sequence[Sequence[int]], batch_size: int, pad: int)
     for b0 in range(0, len(order), step):
         chunk = order[b0:b0 + step]
         width = max(len(enc[k]) for k in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, k in enumerate(chunk):
-            ids[r, width - len(enc[k]):] = torch.tensor(enc[k], dtype=torch.long)
-            attn[r, width - len(enc[k]):] = 1
+        # padded rows built as lists, one tensor per batch (not one small tensor per row)
+        ids = torch.tensor([[pad] * (width - len(enc[k])) + list(enc[k]) for k in chunk], dtype=torch.long)
+        attn = torch.tensor([[0] * (width - len(enc[k])) + [1] * len(enc[k]) for k in chunk], dtype=torch.long)
         yield chunk, ids, attn
 
 

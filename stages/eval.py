@@ -95,7 +95,7 @@ class EvalParams:
     max_new_tokens: int = 128  # generation sets
     mcq_max_new_tokens: int = 8  # method=generate
     explain: bool = False  # mcq sets: also generate answer + explanation, BLEU/ROUGE vs the reference explanation
-    batch_size: int = 32  # prompts per forward / generate call (sorted by length, padded)
+    batch_size: int = 16  # prompts per forward / generate call (sorted by length, padded); raise on a GPU
     max_length: Optional[int] = None  # prompt tokens kept (from the left); null = all
     limit: Optional[int] = None  # first N items of every set
     backend: str = "transformers"  # transformers | vllm
@@ -309,9 +309,12 @@ def letter_logits(model: Any, tok: Any, prompts: list[str], letters: list[list[s
         enc = [e[-max_length:] for e in enc]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[dict | None] = [None] * len(prompts)
+    cols = sorted({i for ids in cand.values() for i in ids})
+    where = {x: [cols.index(i) for i in ids] for x, ids in cand.items()}
     for rows, logits in last_token_logits(model, enc, batch_size, pad, share_prefix):
+        sub = logits[:, cols].tolist()  # the candidate letters' logits, one copy per batch
         for r, k in enumerate(rows):
-            out[k] = {x: float(logits[r, cand[x]].max()) for x in letters[k]}
+            out[k] = {x: max(sub[r][j] for j in where[x]) for x in letters[k]}
     return out  # type: ignore[return-value]
 
 

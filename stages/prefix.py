@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 MIN_PREFIX = 32      # shorter shared prefixes are not worth a separate forward
 MIN_SHARE = 0.5      # ... nor ones under half of the shorter prompt (chat system prompts, headers)
+MIN_SAVED = 512      # ... nor groups that save fewer prefix tokens than two extra forwards cost
 
 
 def common_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -26,11 +27,12 @@ def common_len(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def prefix_groups(enc: Sequence[Sequence[int]], min_prefix: int = MIN_PREFIX,
-                  min_share: float = MIN_SHARE) -> list[tuple[int, list[int]]]:
+def prefix_groups(enc: Sequence[Sequence[int]], min_prefix: int = MIN_PREFIX, min_share: float = MIN_SHARE,
+                  min_saved: int = MIN_SAVED) -> list[tuple[int, list[int]]]:
     """[(prefix length, prompt indices)]: runs of prompts (in token order) whose common prefix is
-    >= min_prefix tokens and >= min_share of each prompt; every prompt keeps >= 1 token of its own.
-    Prompts in no such run come last as one group with prefix length 0."""
+    >= min_prefix tokens and >= min_share of each prompt, and saves >= min_saved tokens in all
+    ((size − 1) × prefix); every prompt keeps >= 1 token of its own. Prompts in no such run come
+    last as one group with prefix length 0."""
     order = sorted(range(len(enc)), key=lambda k: list(enc[k]))
     groups: list[tuple[int, list[int]]] = []
     rest: list[int] = []
@@ -39,7 +41,7 @@ def prefix_groups(enc: Sequence[Sequence[int]], min_prefix: int = MIN_PREFIX,
 
     def close() -> None:
         plen = min(lcp, min(len(enc[k]) for k in run) - 1)
-        if len(run) > 1 and plen >= min_prefix:
+        if len(run) > 1 and plen >= min_prefix and (len(run) - 1) * plen >= min_saved:
             groups.append((plen, list(run)))
         else:
             rest.extend(run)
@@ -82,7 +84,7 @@ def last_token_logits(model: Any, enc: Sequence[Sequence[int]], batch_size: int,
                 cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
             for chunk, ids, attn in left_padded_batches([enc[k][plen:] for k in idx], batch_size, pad):
                 pos = (attn.cumsum(-1) - 1).clamp(min=0) + plen
-                kw: dict = dict(input_ids=ids.to(device), position_ids=pos.to(device))
+                kw: dict = dict(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False)
                 if cache is not None:
                     rows = copy.deepcopy(cache)
                     rows.batch_repeat_interleave(len(chunk))

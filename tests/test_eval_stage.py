@@ -46,14 +46,17 @@ def test_prefix_groups_split_on_shared_tokens_only():
     shots_a, shots_b = list(range(100, 160)), list(range(200, 240))
     enc = [shots_a + [1, 2], [7, 8, 9], shots_b + [5], shots_a + [3], shots_b + [6, 6, 6], shots_a + [1, 4],
            shots_a[:10] + [9] * 40]                      # shares 10 tokens only: plain path
-    groups = prefix_groups(enc, min_prefix=32)
+    groups = prefix_groups(enc, min_prefix=32, min_saved=0)
     assert sorted(k for _, ks in groups for k in ks) == list(range(len(enc)))  # each prompt once
     by_first = {ks[0]: (p, sorted(ks)) for p, ks in groups}
     assert (60, [0, 3, 5]) in by_first.values() and (40, [2, 4]) in by_first.values()
     assert (0, [1, 6]) in [(p, sorted(ks)) for p, ks in groups]
     assert all(p < len(enc[k]) for p, ks in groups for k in ks)  # every prompt keeps a token to score
     # a prompt that IS the shared prefix of another still keeps one token of its own
-    assert prefix_groups([shots_a, shots_a + [1]], min_prefix=32) == [(59, [0, 1])]
+    assert prefix_groups([shots_a, shots_a + [1]], min_prefix=32, min_saved=0) == [(59, [0, 1])]
+    # by default a group must save enough prefix tokens to pay for its extra forwards
+    assert prefix_groups(enc) == [(0, sorted(range(len(enc)), key=lambda k: enc[k]))]
+    assert prefix_groups([shots_a + [i] for i in range(10)])[0][0] == 60  # 9 × 60 tokens saved
 
 
 def test_kshot_shared_prefix_equals_independent_rows(runner):
