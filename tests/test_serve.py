@@ -117,7 +117,7 @@ class ScriptedJudge:
 
 
 def test_pairwise_verdicts_both_orders_and_summary_line():
-    from medpipe.stages.eval import judge_pair, pairwise_line, pairwise_summary
+    from medpipe.stages.judge import judge_pair, pairwise_line, pairwise_summary
 
     conv = [{"role": "user", "content": "q"}]
     results = [judge_pair(ScriptedJudge(r), conv, "a", "b") for r in (
