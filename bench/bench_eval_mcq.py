@@ -68,7 +68,7 @@ def main() -> None:
         out = []
         with torch.no_grad():
             for p, ls in zip(prompts, letters):
-                ids = torch.tensor([tok(p)["input_ids"]])
+                ids = torch.tensor([tok(p)["input_ids"]], device=model.device)
                 last = model(input_ids=ids).logits[0, -1]
                 out.append(max(ls, key=lambda x: float(last[cand[x]].max())))
         return out
@@ -94,7 +94,7 @@ def main() -> None:
         out = []
         with torch.no_grad():
             for p, ls in zip(ps, ls_):
-                last = model(input_ids=torch.tensor([tok(p)["input_ids"]])).logits[0, -1]
+                last = model(input_ids=torch.tensor([tok(p)["input_ids"]], device=model.device)).logits[0, -1]
                 out.append(max(ls, key=lambda x: float(last[cand[x]].max())))
         return out
 
