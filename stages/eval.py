@@ -282,6 +282,13 @@ def _with_context(item: dict, extra: str) -> dict:
 
 
 # --- scoring ------------------------------------------------------------------------------------
+def encode_prompts(tok: Any, prompts: list[str], add_special_tokens: bool, max_length: int | None) -> list[list[int]]:
+    """Token ids of every prompt, cut from the left to max_length: what both backends score.
+    One batch call: the fast tokenizer encodes the list in parallel (per-prompt calls cost ~10 %)."""
+    enc = tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
+    return [list(e)[-max_length:] if max_length else list(e) for e in enc]
+
+
 def letter_logits(model: Any, tok: Any, prompts: list[str], letters: list[list[str]], batch_size: int = 16,
                   max_length: int | None = None, add_special_tokens: bool = True,
                   share_prefix: bool = True) -> list[dict[str, float]]:
@@ -292,10 +299,7 @@ def letter_logits(model: Any, tok: Any, prompts: list[str], letters: list[list[s
     from medpipe.stages.prefix import last_token_logits
 
     cand = letter_token_ids(tok, sorted({x for ls in letters for x in ls}))
-    # One batch call: the fast tokenizer encodes the list in parallel (per-prompt calls cost ~10 %).
-    enc = [list(e) for e in tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]] if prompts else []
-    if max_length is not None:
-        enc = [e[-max_length:] for e in enc]
+    enc = encode_prompts(tok, prompts, add_special_tokens, max_length)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[dict | None] = [None] * len(prompts)
     cols = sorted({i for ids in cand.values() for i in ids})
@@ -354,11 +358,9 @@ class _Runner:
         return [o.outputs[0].text.strip() for o in outs]
 
     def _token_prompts(self, prompts: list[str], add_special_tokens: bool) -> list[dict]:
-        """vLLM prompts as token ids (vLLM's TokensPrompt shape), tokenised exactly as the
-        transformers backend does (special tokens, left truncation to max_length)."""
-        enc = self.tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
-        cut = self.p.max_length
-        return [{"prompt_token_ids": list(e)[-cut:] if cut else list(e)} for e in enc]
+        """vLLM prompts as token ids (vLLM's TokensPrompt shape), tokenised as the transformers
+        backend does."""
+        return [{"prompt_token_ids": e} for e in encode_prompts(self.tok, prompts, add_special_tokens, self.p.max_length)]
 
     def letters(self, prompts: list[str], letters: list[list[str]], add_special_tokens: bool) -> list[dict]:
         if self.local is not None:
@@ -422,7 +424,7 @@ def evaluate(p: EvalParams, art: Any, out_dir: Path, data_opts: dict | None = No
         # its task's model (one model in memory at a time), the others by the artifact's model.
         path = merged.get(s.name) or art.model_path
         if path != runner_path:
-            runner, runner_path = None, None  # free the previous model first
+            runner = None  # free the previous model before loading the next
             runner = _Runner(art if path == art.model_path else
                              dataclasses.replace(art, model_path=path, tokenizer_path=path), p, model_opts)
             runner_path = path

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medpipe.stages.params import Checked
+
 # FFN and attention linears per `model.config.model_type`.
 FFN_NAMES: dict[str, tuple[str, ...]] = {
     "qwen2": ("gate_proj", "up_proj", "down_proj"),  # Qwen1.5 / Qwen2 / Qwen2.5
@@ -61,7 +63,7 @@ KA_PARAMS = ("ka_A", "ka_B")
 
 
 @dataclass
-class MedCareConfig:
+class MedCareConfig(Checked):
     """Defaults follow the published implementation (METHODS.md, MedCare)."""
 
     r: int = 16                     # rank of each routed expert
@@ -81,21 +83,13 @@ class MedCareConfig:
     ffn_modules: tuple[str, ...] | None = None   # override FFN_NAMES
     attn_modules: tuple[str, ...] | None = None  # override ATTN_NAMES
 
-    def __post_init__(self) -> None:
-        bad = [f"{name} {why}" for name, ok, why in (
-            ("r", self.r >= 1, f"must be >= 1, got {self.r}"),
-            ("s", self.s >= 1, f"must be >= 1 (KA has rank s·r), got {self.s}"),
-            ("alpha", self.alpha > 0, f"must be > 0, got {self.alpha}"),
-            ("n_experts", self.n_experts >= 1, f"must be >= 1, got {self.n_experts}"),
-            ("top_k", 1 <= self.top_k <= max(self.n_experts, 1),
-             f"must be between 1 and n_experts ({self.n_experts}), got {self.top_k}"),
-            ("balance_coef", self.balance_coef >= 0, f"must be >= 0, got {self.balance_coef}"),
-            ("align_rank", self.align_rank is None or self.align_rank >= 1, f"must be >= 1 or null, got {self.align_rank}"),
-            *((d, 0 <= getattr(self, d) < 1, f"must be in [0, 1), got {getattr(self, d)}")
-              for d in ("expert_dropout", "attn_dropout", "align_dropout")),
-        ) if not ok]
-        if bad:
-            raise ValueError("; ".join(bad))
+    def _rules(self):
+        return [("r", self.r >= 1, ">= 1"), ("s", self.s >= 1, ">= 1 (KA has rank s·r)"),
+                ("alpha", self.alpha > 0, "> 0"), ("n_experts", self.n_experts >= 1, ">= 1"),
+                ("top_k", 1 <= self.top_k <= max(self.n_experts, 1), f"between 1 and n_experts ({self.n_experts})"),
+                ("balance_coef", self.balance_coef >= 0, ">= 0"),
+                ("align_rank", self.align_rank is None or self.align_rank >= 1, ">= 1 or null"),
+                *((d, 0 <= getattr(self, d) < 1, "in [0, 1)") for d in ("expert_dropout", "attn_dropout", "align_dropout"))]
 
     @property
     def scale(self) -> float:
@@ -181,7 +175,8 @@ class MedCareLinear(nn.Module):
         # 2-D in, so y is a fresh tensor, not a view: an in-place op on a view would make autograd
         # copy and zero-fill the whole [T, d_out] gradient (CopySlices) in backward.
         y = self.linear(x1)
-        h, B = self._mka_lowrank(x1.to(self.ka_A.dtype)) if self.mode == "mka" else self._da_lowrank(x1.to(self.ka_A.dtype))
+        xa = x1.to(self.ka_A.dtype)
+        h, B = self._mka_lowrank(xa) if self.mode == "mka" else self._da_lowrank(xa)
         if y.dtype == h.dtype:
             # y += h Bᵀ inside the GEMM, in place: no extra pass or copy of [T, d_out]. Safe
             # because nn.Linear's backward keeps its input and weight, never its output.
