@@ -49,8 +49,8 @@ def main():
     args = ap.parse_args()
     import datasets
     datasets.disable_progress_bars()
-    from medpipe.stages.data import pack_texts
-    from medpipe.stages.data.toytok import build_tokenizer, sample_texts
+    from medpipe.data import pack_texts
+    from medpipe.stages.models.toytok import build_tokenizer, sample_texts
 
     tok = build_tokenizer()
     texts = sample_texts(args.n, seed=1)

@@ -57,8 +57,8 @@ def main():
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--budget", type=float, default=10.0)
     args = ap.parse_args()
-    from medpipe.stages.data import load_records
-    from medpipe.stages.data.toytok import build_tokenizer
+    from medpipe.data import load_records
+    from medpipe.stages.models.toytok import build_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         files = generate(d, args.n)

@@ -1,4 +1,4 @@
-"""Batched generation (medpipe.chat.LocalModel.generate, as the eval stage, chat and serve use it)
+"""Batched generation (medpipe.stages.inference.runtime.LocalModel.generate, as the eval stage, chat and serve use it)
 vs one prompt at a time on the tiny default model (issue: eval).
 
 Prompts: the first --n user turns of the bundled SFT samples (alpaca, zh + en) through the chat
@@ -25,10 +25,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from medpipe.chat import LocalModel
+    from medpipe.stages.inference.runtime import LocalModel
     from medpipe.compose import package_dir
     from medpipe.stages.eval import EvalParams, plan_sets
-    from medpipe.stages.tiny import ensure_tiny
+    from medpipe.stages.models.tiny import ensure_tiny
 
     torch.set_num_threads(args.threads)
     s = str(package_dir("samples"))

@@ -1,6 +1,6 @@
 """Batched multiple-choice scoring in the eval stage vs one item at a time (issue: eval).
 
-The tiny default model (medpipe.stages.tiny, Qwen2 hidden 128 × 2 layers, byte-level BPE) on every
+The tiny default model (medpipe.stages.models.tiny, Qwen2 hidden 128 × 2 layers, byte-level BPE) on every
 bundled mcq sample (CMExam, MedQA, MedMCQA, PubMedQA with contexts, C-Eval val: 230 items, zh + en,
 3-5 options). Same process, order rotated every rep, median of --reps after a warm-up pass.
 
@@ -12,7 +12,7 @@ Rows (scoring only; prompts are built once, the model is loaded once):
   cue  bs=1 / bs=N - `medpipe.stages.eval.letter_logits` (answer-cue letter logits, sorted by
                      length, left padding, last-position logits only), 1 vs N prompts per forward;
   ppl  bs=1 / bs=N - option perplexity as the eval stage runs it
-                     (`medpipe.stages.mcq.score_options_ppl`), one item per call vs N rows.
+                     (`medpipe.stages.evaluation.mcq.score_options_ppl`), one item per call vs N rows.
 RESULT lines: cue bs=N against the plain loop and against bs=1, ppl bs=N against bs=1;
 predictions must be identical across variants.
 
@@ -21,7 +21,7 @@ ceval_val.csv, shots from ceval_dev.csv):
   5-shot loop          - the plain loop above on the 5-shot prompts;
   5-shot bs=N plain    - letter_logits with share_prefix=False (rows independent);
   5-shot bs=N prefix   - letter_logits as the eval stage runs it: the shots' tokens, common to the
-                         subject's items, run once through the KV cache (medpipe.stages.prefix).
+                         subject's items, run once through the KV cache (medpipe.stages.inference.prefix).
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ def main() -> None:
 
     from medpipe.compose import package_dir
     from medpipe.stages.eval import EvalParams, _Runner, cue_prompt, letter_logits, plan_sets
-    from medpipe.stages.mcq import score_options_ppl
+    from medpipe.stages.evaluation.mcq import score_options_ppl
     from medpipe.artifact import Artifact
-    from medpipe.stages.tiny import ensure_tiny
+    from medpipe.stages.models.tiny import ensure_tiny
 
     torch.set_num_threads(args.threads)
     args.batch_size = args.batch_size or EvalParams().batch_size
@@ -60,7 +60,7 @@ def main() -> None:
     letters = [list(it["options"]) for it in items]
     ntok = [len(tok(p)["input_ids"]) for p in prompts]
 
-    from medpipe.stages.mcq import letter_token_ids
+    from medpipe.stages.evaluation.mcq import letter_token_ids
 
     cand = letter_token_ids(tok, sorted({x for ls in letters for x in ls}))
 

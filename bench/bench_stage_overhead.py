@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-MEDPIPE = [PY, "-m", "medpipe.cli"]
+MEDPIPE = [PY, "-m", "medpipe.commands.cli"]
 
 
 def timed(cmd: list[str]) -> tuple[float, float, float]:
@@ -42,7 +42,7 @@ def pair(kind: str, model: str, reps: int) -> list[tuple[tuple, tuple]]:
     return out
 
 
-RSS_MODELS = {  # random Qwen2 models built by medpipe.stages.tiny, and the DPO run's size flags
+RSS_MODELS = {  # random Qwen2 models built by medpipe.stages.models.tiny, and the DPO run's size flags
     "25m": ({"hidden_size": 512, "num_layers": 8, "intermediate_size": 1408, "num_heads": 8, "num_kv_heads": 4}, []),
     "100m": ({"hidden_size": 1024, "num_layers": 8, "intermediate_size": 2816, "num_heads": 16, "num_kv_heads": 4},
              ["--steps", "4", "--batch", "2", "--length", "64"]),
@@ -59,7 +59,7 @@ def main() -> None:
                          "or 100m (weights and Adam state dominate: 4 steps, batch 2, length 64)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from medpipe.stages.tiny import ensure_tiny
+    from medpipe.stages.models.tiny import ensure_tiny
 
     model = str(ensure_tiny())
     rows = []

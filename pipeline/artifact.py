@@ -30,7 +30,17 @@ class Artifact:
     config_hash: str = ""
     inputs_hash: str = ""
     metrics: dict = dataclasses.field(default_factory=dict)
-    extras: dict = dataclasses.field(default_factory=dict)  # kind-specific handoff (e.g. MedCare KA weights)
+    # What a stage hands on besides the model, as typed fields (never free string keys):
+    trust_remote_code: bool = False  # the model's code comes from its directory (Baichuan, Qwen-14B)
+    merged_path: str | None = None  # adapter artifacts: base + adapter folded into one plain model dir
+    task_models: dict = dataclasses.field(default_factory=dict)  # {task: merged model dir} (C-Poly)
+    dataset_path: str | None = None  # a dataset this stage produced (VoC labels) for a later stage
+    dataset_records: int | None = None
+    evaluated_stage: str | None = None  # eval stages: whose model was scored
+    results: dict = dataclasses.field(default_factory=dict)  # eval stages: per-set results
+    # A kind's own typed record (e.g. MedCare's KA weights), written and read by that kind's library
+    # through a dataclass of its own; the engine only stores it.
+    handoff: dict = dataclasses.field(default_factory=dict)
     created: str = ""
     medpipe_version: str = __version__
 
@@ -41,7 +51,7 @@ class Artifact:
     @property
     def key(self) -> str:
         """Identity of the stage result: its config and its inputs."""
-        return stable_hash({"config": self.config_hash, "inputs": self.inputs_hash})
+        return stage_key(self.config_hash, self.inputs_hash)
 
     def save(self, directory: str | Path) -> Path:
         if not self.created:
@@ -57,6 +67,11 @@ class Artifact:
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
         return (Path(directory) / ARTIFACT_FILE).is_file()
+
+
+def stage_key(config_hash: str, inputs_hash: str) -> str:
+    """A stage's identity in the store: the one function both the planner and artifacts use."""
+    return stable_hash({"config": config_hash, "inputs": inputs_hash})
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -112,27 +127,11 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def merged_view(art: Artifact) -> Artifact:
-    """Return a full-model view of an adapter artifact, merging it once into `<stage dir>/merged`.
-
-    The merge is cached beside the adapter (written to a temp dir, then renamed) so every later
-    stage and every run that reuses this stage shares it.
-    """
+    """The full-model view of an artifact: an adapter artifact points at the plain model its stage
+    merged when it finished (`merged_path`); other formats are their own view. The engine never
+    merges: that is model code, done by the stage that trained the adapter."""
     if art.format != "adapter":
         return art
-    adapter_dir = Path(art.model_path)
-    out = adapter_dir.parent / "merged"
-    if not (out / "config.json").is_file():
-        merge_adapter(art, out)
-    return dataclasses.replace(art, format="merged", model_path=str(out), tokenizer_path=str(out))
-
-
-def merge_adapter(art: Artifact, out: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    trust = bool(art.extras.get("trust_remote_code", False))
-    base = AutoModelForCausalLM.from_pretrained(art.base_model_path, dtype="auto", trust_remote_code=trust)
-    merged = PeftModel.from_pretrained(base, art.model_path).merge_and_unload()
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(art.tokenizer_path, trust_remote_code=trust).save_pretrained(tmp)
+    if not art.merged_path:
+        raise ValueError(f"adapter artifact of stage {art.stage} has no merged_path")
+    return dataclasses.replace(art, format="merged", model_path=art.merged_path, tokenizer_path=art.merged_path)

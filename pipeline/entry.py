@@ -73,10 +73,6 @@ def _setup_log(output_dir: Path) -> logging.Logger:
 
 
 def run_stage_file(path: str | Path) -> Artifact:
-    import warnings
-
-    # transformers 5 renamed gradient_* to activation_*; TRL still calls the old names on every step
-    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
     spec = json.loads(Path(path).read_text())
     output_dir = Path(spec["output_dir"])
     log = _setup_log(output_dir)

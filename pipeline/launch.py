@@ -16,6 +16,8 @@ from typing import Any
 
 from .errors import MedpipeError
 
+DEEPSPEED_FILE = "deepspeed.json"  # written by the driver into the stage dir, beside stage.json
+
 MODULE = "medpipe.entry"
 
 
@@ -58,7 +60,7 @@ def command(launcher: dict, stage_file: Path) -> list[str] | None:
         cmd = [_bin("accelerate"), "launch", "--num_processes", str(gpus * nodes), "--num_machines", str(nodes),
                "--main_process_port", port]
         if launcher.get("deepspeed", True):
-            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(stage_file.parent / "deepspeed.json")]
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(launcher.get("deepspeed_config") or stage_file.parent / DEEPSPEED_FILE)]
         elif gpus * nodes > 1:
             # without --multi_gpu, accelerate silently starts ONE process
             cmd += ["--multi_gpu"]

@@ -1,4 +1,11 @@
-"""Stage kinds, found through the `medpipe.stages` entry-point group.
+"""Plugin families, each found through its own entry-point group:
+
+* stage kinds — group `medpipe.stages` (below);
+* model sources — group `medpipe.models`: where a recipe's model comes from when `model.path` is
+  not set (the embedded tiny model; a GGUF checkpoint converted once). A source is a class with
+  `identity(opts) -> str` (cheap, no model is built: it keys the first stage) and
+  `materialize(opts) -> str` (a plain HF model directory, built or converted once and cached).
+
 
 A third-party package adds a kind by declaring an entry point in that group; nothing in the
 engine changes. A kind is a class with a `Params` dataclass and a `run(ctx) -> Artifact` method
@@ -14,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 from .errors import ConfigError
 
 GROUP = "medpipe.stages"
+MODEL_GROUP = "medpipe.models"
 
 
 @runtime_checkable
@@ -32,11 +40,27 @@ class Stage(Protocol):
     def run(self, ctx: Any) -> Any: ...
 
 
-@lru_cache(maxsize=1)
-def _entry_points() -> dict[str, Any]:
+class ModelSource(Protocol):
+    """Where a model directory comes from (see the module docstring)."""
+
+    def identity(self, opts: dict) -> str: ...
+
+    def materialize(self, opts: dict) -> str: ...
+
+
+@lru_cache(maxsize=None)
+def _entry_points(group: str = GROUP) -> dict[str, Any]:
     from importlib.metadata import entry_points
 
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def model_source(name: str) -> ModelSource:
+    eps = _entry_points(MODEL_GROUP)
+    if name not in eps:
+        raise ConfigError(f"model.source: unknown source '{name}' (available: {', '.join(sorted(eps)) or '(none)'}; "
+                          f"or set model.path to a checkpoint directory)")
+    return eps[name].load()()
 
 
 def kinds() -> list[str]:

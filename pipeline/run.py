@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import launch
-from .artifact import Artifact, merged_view, model_fingerprint, stable_hash, write_json_atomic, write_text_atomic
+from .artifact import (Artifact, merged_view, model_fingerprint, stable_hash, stage_key, write_json_atomic,
+                       write_text_atomic)
 from .compose import StagePlan
 from .entry import STAGE_FILE
 from .errors import ConfigError, MedpipeError
@@ -42,7 +43,7 @@ class Keyed:
 
     @property
     def key(self) -> str:
-        return stable_hash({"config": self.config_hash, "inputs": self.inputs_hash})
+        return stage_key(self.config_hash, self.inputs_hash)
 
 
 def runs_root(cfg: Any) -> Path:
@@ -60,7 +61,7 @@ def data_specs(params: Any) -> dict[str, Any]:
 
 
 def fingerprint_data(spec: Any) -> str:
-    from medpipe.stages.data import fingerprint
+    from .data import fingerprint
 
     return fingerprint(spec)
 
@@ -192,37 +193,39 @@ def require_model_path(cfg: Any) -> None:
                           f"set model.path=/path/to/the/checkpoint")
 
 
-def base_identity(cfg: Any) -> str:
-    """Identity of the recipe's model, cheap (no model is built or loaded): the tiny model's spec
-    hash, or a real model directory's fingerprint."""
+def _model_opts(cfg: Any) -> dict:
     from omegaconf import OmegaConf
 
     require_model_path(cfg)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    if model.get("path") is None:
-        from medpipe.stages.tiny import tiny_spec_hash
+    return OmegaConf.to_container(cfg.model, resolve=True)
 
-        return "tiny-" + tiny_spec_hash(model.get("tiny") or {})
+
+def base_identity(cfg: Any) -> str:
+    """Identity of the recipe's model, cheap (no model is built or loaded): a model source's
+    identity (the tiny model's spec hash, a GGUF file's digest), or a directory's fingerprint."""
+    from . import registry
+
+    model = _model_opts(cfg)
+    if model.get("path") is None:
+        source = model.get("source") or "tiny"
+        return f"{source}-" + registry.model_source(source).identity(model)
     return model_fingerprint(Path(model["path"]).expanduser())
 
 
 def base_artifact(cfg: Any) -> Artifact:
-    """The recipe's model as the first stage's input (the tiny model is built and cached here)."""
-    from omegaconf import OmegaConf
+    """The recipe's model as the first stage's input (a model source builds or converts it once)."""
+    from . import registry
 
-    require_model_path(cfg)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = _model_opts(cfg)
     if model.get("path") is None:
-        from medpipe.stages.tiny import ensure_tiny
-
-        path = str(ensure_tiny(model.get("tiny") or {}))
+        path = str(registry.model_source(model.get("source") or "tiny").materialize(model))
     else:
         path = str(Path(model["path"]).expanduser())
         if not Path(path).is_dir() and not model.get("allow_hub", False):
             raise ConfigError(f"model.path '{model['path']}' does not exist (set model.allow_hub=true to let "
                               f"transformers resolve it as a Hub id)")
     return Artifact(stage="base", kind="model", format="full", model_path=path, tokenizer_path=path,
-                    extras={"trust_remote_code": bool(model.get("trust_remote_code", False))})
+                    trust_remote_code=bool(model.get("trust_remote_code", False)))
 
 
 class Pipeline:
@@ -290,7 +293,7 @@ class Pipeline:
 
     def check_data(self, base: Artifact) -> None:
         """Validate every stage's data before the first stage trains."""
-        from medpipe.stages.data import DataError
+        from .data import DataError
 
         for plan in self.plans:
             if hasattr(plan.params, "data") and plan.params.data is None:
@@ -329,8 +332,8 @@ class Pipeline:
         launcher = OmegaConf.to_container(self.cfg.launcher, resolve=True)
         if launcher["name"] != "local" and launcher.get("deepspeed", True) and getattr(plan.cls, "trains", True):
             ds = OmegaConf.to_container(self.cfg.deepspeed, resolve=True)
-            write_json_atomic(sdir / "deepspeed.json", launch.deepspeed_config(ds, plan.params, cpu=_no_cuda()))
-            launcher["deepspeed_config"] = str(sdir / "deepspeed.json")
+            write_json_atomic(sdir / launch.DEEPSPEED_FILE, launch.deepspeed_config(ds, plan.params, cpu=_no_cuda()))
+            launcher["deepspeed_config"] = str(sdir / launch.DEEPSPEED_FILE)
         if not getattr(plan.cls, "trains", True):
             launcher = {"name": "local"}
         stage_file = sdir / STAGE_FILE

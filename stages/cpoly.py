@@ -4,18 +4,18 @@ Data. `data` names mcq sources (PubMedQA, MedMCQA, MedQA, CMExam, C-Eval shapes)
 `task` comes from the data (the loader fills it per source: the format name, or the source's
 `task:` key). Tasks = `tasks` if set (records of other tasks are an error), else the sorted set of
 the data's tasks. Unlabeled items are dropped and counted. When the input artifact carries
-`extras.dataset_path` (a `voc_label` stage before this one: PQA-U items pseudo-labelled by
+`dataset_path` (a `voc_label` stage before this one: PQA-U items pseudo-labelled by
 Verification-of-Choice), those records are added (`input_dataset: auto`; `require` fails without
 one, `ignore` never reads it).
 
 Training text (`text_format`):
-* `ppl` (default): exactly the option-perplexity scoring format (`medpipe.stages.mcq.build_ppl_prompt`:
+* `ppl` (default): exactly the option-perplexity scoring format (`medpipe.stages.evaluation.mcq.build_ppl_prompt`:
   "[Context: ...]\nQuestion: ...\nAnswer:" then " <correct option text>" + EOS), loss on the answer
   tokens only; prompt and answer are tokenised separately, as the scorer does, and the prompt is
   cut from the left when too long. Multi-answer items have no single option continuation: dropped,
   counted (`dropped_multi_answer`).
 * `chat`: the data package's mcq → chat rendering (options listed; "Answer: A. text" + explanation)
-  through the tokenizer's chat template, loss on the assistant turn (`stages/sft.py::encode_chat`).
+  through the tokenizer's chat template, loss on the assistant turn (`medpipe.stages.training.chat_data.encode_chat`).
 
 Adapter (`adapter`):
 * `cpoly` (default): `medpipe.stages.adapters.cpoly` layers on `target_modules` — `n_shared_skills`
@@ -34,11 +34,11 @@ Artifact.
   plain model in `<stage>/merged/<task>` (loads with `from_pretrained`, no medpipe code);
   `export_shared: true` also writes the shared-skills-only merge to `<stage>/merged/_shared`.
   `model_path` = the merged model of `default_task` (default: the first task), so the next stage
-  (e.g. eval on that task) gets a plain model. `extras`: `adapter: cpoly`, `adapter_dir`,
+  (e.g. eval on that task) gets a plain model. `handoff.cpoly`: `adapter`, `adapter_dir`,
   `base_model_path` (the model the adapter applies to), `tasks`, `merged` {task: dir},
   `merged_shared` (or null), `default_task`.
 * lora: `format: adapter` (PEFT adapter dir + base_model_path; the engine merges it for the next
-  stage), `extras.tasks` records what it was trained on.
+  stage), `handoff.cpoly.tasks` records what it was trained on.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from .params import TrainParams
+from medpipe.stages.training.params import TrainParams
 
 ADAPTERS = ("cpoly", "lora")
 TEXT_FORMATS = ("ppl", "chat")
@@ -83,7 +83,7 @@ class CPolyParams(TrainParams):
     export_shared: bool = False  # also merge the shared skills only (merged/_shared)
     text_format: str = "ppl"  # ppl (option-perplexity prompt + answer) | chat (chat template)
     lang: str = "auto"  # ppl prompt language: auto (per item) | en | zh
-    input_dataset: str = "auto"  # auto | require | ignore: records from the input artifact's extras.dataset_path
+    input_dataset: str = "auto"  # auto | require | ignore: records from the input artifact's dataset_path
 
 
 def validate_params(p: CPolyParams) -> None:
@@ -123,7 +123,7 @@ def safe_name(task: str) -> str:
 # --- data ----------------------------------------------------------------------------------------
 def read_dataset_file(path: str | Path) -> list[dict]:
     """Normalised mcq records written by a stage (voc_label's dataset.jsonl), checked."""
-    from medpipe.stages.data import DataError
+    from medpipe.data import DataError
 
     out = []
     with open(path, encoding="utf-8") as f:
@@ -187,7 +187,7 @@ def check_exports(p: CPolyParams, tasks: list[str], where: str) -> None:
 
 def encode_ppl(records: list[dict], tok: Any, max_length: int, lang: str) -> list[dict]:
     """Prompt as the option-perplexity scorer builds it, then the correct option + EOS (labelled)."""
-    from medpipe.stages.mcq import build_ppl_prompt
+    from medpipe.stages.evaluation.mcq import build_ppl_prompt
 
     prompts, answers = [], []
     for r in records:
@@ -207,8 +207,8 @@ def encode_ppl(records: list[dict], tok: Any, max_length: int, lang: str) -> lis
 
 
 def encode_chat_rows(records: list[dict], tok: Any, max_length: int) -> list[dict]:
-    from medpipe.stages.data.render import mcq_to_chat
-    from medpipe.stages.sft import encode_chat
+    from medpipe.data.render import mcq_to_chat
+    from medpipe.stages.training.chat_data import encode_chat
 
     rows = []
     for r in records:
@@ -352,14 +352,14 @@ class CPolyStage:
     Params = CPolyParams
 
     def check(self, params: CPolyParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.params import data_options
-        from medpipe.stages.data import load_records
+        from medpipe.stages.training.params import data_options
+        from medpipe.data import load_records
 
         validate_params(params)
         if params.text_format == "chat":
-            from medpipe.stages.sft import require_chat_template
+            from medpipe.stages.training.chat_data import require_chat_template
 
-            require_chat_template(base.tokenizer_path, params, base.extras.get("trust_remote_code", False))
+            require_chat_template(base.tokenizer_path, params, base.trust_remote_code)
         result = load_records(params.data, "mcq", **data_options(params, data_opts))
         records, dropped = select_records(result.records, params)
         tasks = task_list(records, params, "cpoly") if records or params.input_dataset != "require" else []
@@ -377,11 +377,11 @@ class CPolyStage:
         from transformers import TrainingArguments
 
         from medpipe.errors import MedpipeError
-        from medpipe.stages import common
+        from medpipe.stages.training import common
         from medpipe.stages.adapters.cpoly import inject_adapter
-        from medpipe.stages.params import data_options
-        from medpipe.stages.data import load_records
-        from medpipe.stages.params import LoraParams
+        from medpipe.stages.training.params import data_options
+        from medpipe.data import load_records
+        from medpipe.stages.training.params import LoraParams
 
         p: CPolyParams = ctx.params
         validate_params(p)
@@ -390,10 +390,10 @@ class CPolyStage:
         loaded = load_records(p.data, "mcq", heldout=p.heldout, **data_options(p, ctx.data))
         train, dropped = select_records(loaded.records, p)
         heldout, _ = select_records(loaded.heldout, p)
-        extra_path = ctx.input.extras.get("dataset_path") if p.input_dataset != "ignore" else None
+        extra_path = ctx.input.dataset_path if p.input_dataset != "ignore" else None
         if p.input_dataset == "require" and not extra_path:
             raise MedpipeError(f"{where}: input_dataset=require but the input artifact ({ctx.input.stage}) "
-                               f"carries no extras.dataset_path (put a voc_label stage right before, or use from:)")
+                               f"carries no dataset_path (put a voc_label stage right before, or use from:)")
         extra: list[dict] = []
         if extra_path:
             extra, more = select_records(read_dataset_file(extra_path), p)
@@ -439,14 +439,20 @@ class CPolyStage:
         trainer.save_model(str(adapter_dir))
         trainer.accelerator.wait_for_everyone()
         trust = bool(ctx.model.get("trust_remote_code", False))
-        extras = {"trust_remote_code": trust, "adapter": p.adapter, "adapter_dir": str(adapter_dir),
-                  "base_model_path": ctx.input.model_path, "tasks": tasks}
+        handoff = {"cpoly": {"adapter": p.adapter, "adapter_dir": str(adapter_dir), "base": ctx.input.model_path,
+                             "tasks": tasks}}
         from medpipe.artifact import Artifact
+        from medpipe.stages.models import loader
 
         if p.adapter == "lora":
+            merged_dir = ctx.output_dir / "merged"
+            if ctx.is_main:
+                loader.merge_lora(adapter_dir, ctx.input.model_path, adapter_dir, merged_dir, trust)
+            trainer.accelerator.wait_for_everyone()
             return Artifact(stage=ctx.name, kind=ctx.kind, format="adapter", model_path=str(adapter_dir),
                             tokenizer_path=str(adapter_dir), base_model_path=ctx.input.model_path,
-                            metrics=metrics, extras=extras)
+                            metrics=metrics, trust_remote_code=trust, merged_path=str(merged_dir),
+                            handoff=handoff)
         default = p.default_task or tasks[0]
         exports = list(p.export_tasks or tasks)
         merged = {t: str(ctx.output_dir / "merged" / safe_name(t)) for t in exports}
@@ -459,16 +465,17 @@ class CPolyStage:
                 export_merged(ctx, base_view, adapter_dir, tok, None, Path(shared))
             ctx.say(f"merged models: {', '.join(exports)}{' + shared-only' if shared else ''} → "
                     f"{ctx.output_dir / 'merged'}; model_path = {default}")
-        extras.update(merged=merged, merged_shared=shared, default_task=default)
+        handoff["cpoly"].update(merged_shared=shared, default_task=default)
         return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=merged[default],
-                        tokenizer_path=merged[default], metrics=metrics, extras=extras)
+                        tokenizer_path=merged[default], metrics=metrics, trust_remote_code=trust,
+                        task_models=merged, handoff=handoff)
 
 
 def export_merged(ctx: Any, params: Any, adapter_dir: Path, tok: Any, task: str | None, out: Path) -> None:
     """Fold one task's eval-mode C-Poly delta (task None: shared skills only) into a fresh copy of the
     base and save it as a plain model (written to a temp dir, then renamed)."""
     from medpipe.artifact import atomic_dir
-    from medpipe.stages import common
+    from medpipe.stages.training import common
     from medpipe.stages.adapters.cpoly import load_cpoly, merge_cpoly
 
     base = common.load_model(ctx, params, ctx.input.model_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .params import TrainParams, data_options
+from medpipe.stages.training.params import TrainParams, data_options
 
 
 @dataclass
@@ -29,7 +29,7 @@ def drop_eval_overlap(records: list[dict], params: Any, data_opts: dict) -> tupl
     so all copies of a leaked abstract go, not just the first)."""
     if not getattr(params, "exclude_data", None):
         return records, 0
-    from medpipe.stages.data import check_overlap, load_records
+    from medpipe.data import check_overlap, load_records
 
     items = load_records(params.exclude_data, "mcq", **data_options(params, data_opts)).records
     passages = [{"text": "\n".join(x for x in (r.get("context"), r.get("explanation")) if x) or r["question"],
@@ -43,9 +43,10 @@ class CPTStage:
     """Continued pretraining on plain text (txt, json/jsonl text field, parquet), full or LoRA."""
 
     Params = CPTParams
+    corpus_field = "data"  # hook: `medpipe chat/serve --rag` index this stage's corpus by default
 
     def check(self, params: CPTParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.data import load_records
+        from medpipe.data import load_records
 
         result = load_records(params.data, "text", **data_options(params, data_opts))
         _, excluded = drop_eval_overlap(result.records, params, data_opts)
@@ -55,8 +56,8 @@ class CPTStage:
     def run(self, ctx: Any):
         from transformers import Trainer, TrainingArguments, default_data_collator
 
-        from medpipe.stages import common
-        from medpipe.stages.data import load_records, pack_texts
+        from medpipe.stages.training import common
+        from medpipe.data import load_records, pack_texts
 
         p: CPTParams = ctx.params
         tok = common.load_tokenizer(ctx)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .params import TrainParams
+from medpipe.stages.training.params import TrainParams
 
 
 @dataclass
@@ -51,8 +51,8 @@ class DPOStage:
     Params = DPOParams
 
     def check(self, params: DPOParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.params import data_options
-        from medpipe.stages.data import load_records
+        from medpipe.stages.training.params import data_options
+        from medpipe.data import load_records
 
         return load_records(params.data, "preference", **data_options(params, data_opts)).summary_table().splitlines()
 
@@ -61,9 +61,9 @@ class DPOStage:
         from trl import DPOConfig, DPOTrainer
 
         from medpipe.errors import MedpipeError
-        from medpipe.stages import common
-        from medpipe.stages.params import data_options
-        from medpipe.stages.data import load_records
+        from medpipe.stages.training import common
+        from medpipe.stages.training.params import data_options
+        from medpipe.data import load_records
 
         p: DPOParams = ctx.params
         if ctx.index == 0:

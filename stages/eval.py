@@ -5,12 +5,12 @@ Sets. `data` is one data spec or a list; every source is one eval set, named by 
 (default: the mcq format name — cmexam, medqa, medmcqa, pubmedqa, ceval — or the file stem;
 a `+rag` suffix when RAG is on). What a set is, follows its format:
 * mcq formats → multiple-choice accuracy, three ways (`method`):
-  - `ppl`: option perplexity (`medpipe.stages.mcq.score_options_ppl`, mean NLL of the option
+  - `ppl`: option perplexity (`medpipe.stages.evaluation.mcq.score_options_ppl`, mean NLL of the option
     tokens, `reduction: sum` optional); lowest wins.
   - `cue`: answer-cue letter logits (MedCare): the prompt lists the options and ends with
     "The answer is" / "答案为"; the valid letter with the highest next-token logit wins.
   - `generate`: greedy generation after the same cue (`mcq_max_new_tokens`), letters extracted
-    (`medpipe.stages.metrics.extract_letters`); a multi-answer item needs every gold letter and
+    (`medpipe.stages.evaluation.metrics.extract_letters`); a multi-answer item needs every gold letter and
     no other; an unknown letter is an invalid prediction, counted, not guessed.
   Metrics: `acc`, `f1_weighted` (Qilin-Med / CMExam), `invalid`, per-subject accuracy (details).
   `explain: true` also generates each item's answer with its explanation (the prompt as the data
@@ -27,7 +27,7 @@ a `+rag` suffix when RAG is on). What a set is, follows its format:
   proficiency (MedCare); malformed judge replies are counted (`judge_malformed`), not scored.
 * promptcblue → generation, scored per task as the PromptCBLUE benchmark does (`score` = mean).
 
-C-Poly artifacts (`extras.merged`: one merged model per task): a set named after a task is
+C-Poly artifacts (`task_models`: one merged model per task): a set named after a task is
 scored with that task's model (`task_models: false` scores every set with the artifact's model);
 the set's result records it as `task_model`.
 
@@ -38,8 +38,8 @@ for generation.
 Records (the shapes the report reads):
 * the eval stage's artifact: `kind: eval`, the input model passed through unchanged (model_path,
   format) so a later stage may train on it, `metrics` = flat `{"<set>/<metric>": number}`,
-  `extras.evaluated_stage` = the stage whose model was evaluated (the input artifact's stage;
-  "base" for the recipe's model), `extras.results` = per set {kind, n, metrics, subjects,
+  `evaluated_stage` = the stage whose model was evaluated (the input artifact's stage;
+  "base" for the recipe's model), `results` = per set {kind, n, metrics, subjects,
   judge...}, per-item predictions in `<stage dir>/details/<set>.jsonl`.
 * `medpipe eval RUN_DIR --stage S key=value...` writes the same into `<run_dir>/eval/<S>.json`:
   `{"stage", "evaluated_stage", "model_path", "params", "metrics", "results", "updated"}`;
@@ -61,8 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .judge import JudgeParams, judge_client, judge_pointwise
-from .rag import RagParams
+from medpipe.stages.evaluation.judge import JudgeParams, judge_client, judge_pointwise
+from medpipe.stages.evaluation.rag import RagParams
 
 METHODS = ("ppl", "cue", "generate")
 BACKENDS = ("transformers", "vllm")
@@ -98,6 +98,7 @@ class EvalStage:
 
     Params = EvalParams
     trains = False
+    evaluates = True  # hook: results join the evaluated stage's row in reports; not a model to chat with
 
     def check(self, params: EvalParams, base: Any, data_opts: dict) -> list[str]:
         sets = plan_sets(params, data_opts)
@@ -111,12 +112,11 @@ class EvalStage:
         evaluated = ctx.input.stage
         ctx.say(f"evaluating {evaluated} ({ctx.input.model_path})")
         metrics, results = evaluate(p, ctx.input, ctx.output_dir, ctx.data, ctx.say, ctx.model)
-        extras = {"evaluated_stage": evaluated, "evaluated_model": ctx.input.model_path, "results": results,
-                  "trust_remote_code": bool(ctx.input.extras.get("trust_remote_code", False))}
         # the input model passes through, so a stage after an eval trains on the evaluated model
         return Artifact(stage=ctx.name, kind=ctx.kind, format=ctx.input.format, model_path=ctx.input.model_path,
                         tokenizer_path=ctx.input.tokenizer_path, base_model_path=ctx.input.base_model_path,
-                        metrics=metrics, extras=extras)
+                        merged_path=ctx.input.merged_path, trust_remote_code=ctx.input.trust_remote_code,
+                        metrics=metrics, evaluated_stage=evaluated, results=results)
 
 
 # --- sets ---------------------------------------------------------------------------------------
@@ -147,11 +147,11 @@ def validate_params(p: EvalParams) -> None:
 
 
 def _source_format(src: Any) -> str:
-    from medpipe.stages.data import detect_format
-    from medpipe.stages.data.sources import expand_paths
+    from medpipe.data import detect_format
+    from medpipe.data.sources import expand_paths
 
     if src.format and src.format != "auto":
-        from medpipe.stages.data.formats import FORMAT_ALIASES
+        from medpipe.data.formats import FORMAT_ALIASES
 
         return FORMAT_ALIASES.get(src.format, src.format)
     return detect_format(expand_paths(src)[0], src.columns)[0]
@@ -160,8 +160,8 @@ def _source_format(src: Any) -> str:
 def plan_sets(p: EvalParams, data_opts: dict | None = None) -> list[EvalSet]:
     """Read and validate every eval set (records in file order, `limit` applied)."""
     from medpipe.errors import ConfigError
-    from medpipe.stages.data import DataError, parse_spec
-    from medpipe.stages.data.validate import read_source
+    from medpipe.data import DataError, parse_spec
+    from medpipe.data.validate import read_source
 
     if p.data is None:
         raise ConfigError("eval: `data` is required (one eval set per source: mcq, chat or PromptCBLUE data)")
@@ -210,9 +210,9 @@ def plan_sets(p: EvalParams, data_opts: dict | None = None) -> list[EvalSet]:
 def read_promptcblue(src: Any, on_error: str) -> list[dict]:
     """Raw PromptCBLUE rows (input, target, answer_choices, task_type, task_dataset, sample_id),
     validated through the data layer first (so errors name path:line)."""
-    from medpipe.stages.data.readers import RawReader
-    from medpipe.stages.data.sources import expand_paths
-    from medpipe.stages.data.validate import read_source
+    from medpipe.data.readers import RawReader
+    from medpipe.data.sources import expand_paths
+    from medpipe.data.validate import read_source
 
     read_source(src, "chat", on_error)  # validation only
     rows = []
@@ -229,13 +229,13 @@ def read_promptcblue(src: Any, on_error: str) -> list[dict]:
 
 # --- prompts ------------------------------------------------------------------------------------
 def _lang(item: dict, lang: str) -> str:
-    from medpipe.stages.mcq import detect_lang
+    from medpipe.stages.evaluation.mcq import detect_lang
 
     return detect_lang(str(item.get("question") or "")) if lang == "auto" else lang
 
 
 def _fields(item: dict, lg: str) -> dict:
-    from medpipe.stages.mcq import TEMPLATES
+    from medpipe.stages.evaluation.mcq import TEMPLATES
 
     t = TEMPLATES[lg]
     ctx = item.get("context")
@@ -246,7 +246,7 @@ def _fields(item: dict, lg: str) -> dict:
 
 def cue_prompt(item: dict, lang: str, shots: list[dict], tok: Any = None, chat: bool = False) -> str:
     """Answer-cue prompt: k solved examples, then the item, ending with the cue."""
-    from medpipe.stages.mcq import TEMPLATES
+    from medpipe.stages.evaluation.mcq import TEMPLATES
 
     lg = _lang(item, lang)
     t = TEMPLATES[lg]
@@ -294,9 +294,9 @@ def letter_logits(model: Any, tok: Any, prompts: list[str], letters: list[list[s
                   share_prefix: bool = True) -> list[dict[str, float]]:
     """Next-token logit of every valid letter after each prompt (batched: sorted by length, left
     padding, explicit position ids, logits for the last position only; a prefix shared by many
-    prompts, such as k-shot examples, computed once: medpipe.stages.prefix)."""
-    from medpipe.stages.mcq import letter_token_ids
-    from medpipe.stages.prefix import last_token_logits
+    prompts, such as k-shot examples, computed once: medpipe.stages.inference.prefix)."""
+    from medpipe.stages.evaluation.mcq import letter_token_ids
+    from medpipe.stages.inference.prefix import last_token_logits
 
     cand = letter_token_ids(tok, sorted({x for ls in letters for x in ls}))
     enc = encode_prompts(tok, prompts, add_special_tokens, max_length)
@@ -317,7 +317,7 @@ class _Runner:
     def __init__(self, art: Any, p: EvalParams, model_opts: dict | None = None):
         self.p = p
         self.backend = p.backend
-        trust = bool(art.extras.get("trust_remote_code", False)) or bool((model_opts or {}).get("trust_remote_code"))
+        trust = art.trust_remote_code or bool((model_opts or {}).get("trust_remote_code"))
         if self.backend == "vllm":
             try:
                 from vllm import LLM
@@ -332,7 +332,7 @@ class _Runner:
             self.tok = AutoTokenizer.from_pretrained(art.tokenizer_path, trust_remote_code=trust)
             self.local = None
         else:
-            from medpipe.chat import LocalModel
+            from medpipe.stages.inference.runtime import LocalModel
 
             self.local = LocalModel.from_artifact(art)
             self.tok = self.local.tok
@@ -368,7 +368,7 @@ class _Runner:
                                  add_special_tokens)
         from vllm import SamplingParams
 
-        from medpipe.stages.mcq import letter_token_ids
+        from medpipe.stages.evaluation.mcq import letter_token_ids
 
         # Each (item, letter token) is the prompt + that token, scored by its prompt logprob: the
         # letter's log-probability after the prompt, exact for every candidate (a top-N logprobs
@@ -402,18 +402,18 @@ def evaluate(p: EvalParams, art: Any, out_dir: Path, data_opts: dict | None = No
         say(f"judge: {client.model} at {client.base}")
     pool: list[dict] = []
     if p.shots:
-        from medpipe.stages.data.validate import read_source
-        from medpipe.stages.data import parse_spec
+        from medpipe.data.validate import read_source
+        from medpipe.data import parse_spec
 
         for src in parse_spec(p.fewshot_data):
             pool += read_source(src, "mcq", p.on_error or (data_opts or {}).get("on_error") or "fail")[0]
     index = None
     if p.rag.index is not None:
-        from medpipe.stages.rag import build_or_load
+        from medpipe.stages.evaluation.rag import build_or_load
 
         index = build_or_load(p.rag, say=say, data_opts=data_opts)
         say(f"RAG: {len(index.chunks)} chunks ({index.kind}), top-{p.rag.k} passages per prompt")
-    merged = art.extras.get("merged") if p.task_models and isinstance(art.extras.get("merged"), dict) else {}
+    merged = art.task_models if p.task_models else {}
     runner, runner_path = None, None
     metrics: dict = {}
     results: dict = {}
@@ -454,14 +454,14 @@ def evaluate(p: EvalParams, art: Any, out_dir: Path, data_opts: dict | None = No
 def _rag_contexts(index: Any, queries: list[str], k: int, langs: list[str]) -> list[str]:
     if index is None:
         return [""] * len(queries)
-    from medpipe.stages.rag import passages_block
+    from medpipe.stages.evaluation.rag import passages_block
 
     hits = index.search(queries, k)
     return [passages_block(h, lg) for h, lg in zip(hits, langs)]
 
 
 def eval_mcq(s: EvalSet, p: EvalParams, runner: _Runner, pool: list[dict], index: Any) -> tuple[dict, list]:
-    from medpipe.stages.metrics import extract_letters, mcq_scores
+    from medpipe.stages.evaluation.metrics import extract_letters, mcq_scores
 
     items = s.records
     langs = [_lang(it, p.lang) for it in items]
@@ -470,7 +470,7 @@ def eval_mcq(s: EvalSet, p: EvalParams, runner: _Runner, pool: list[dict], index
     special = not p.chat
     details = []
     if p.method == "ppl":
-        from medpipe.stages.mcq import TEMPLATES, score_options_ppl
+        from medpipe.stages.evaluation.mcq import TEMPLATES, score_options_ppl
 
         if runner.local is None:
             from medpipe.errors import ConfigError
@@ -499,7 +499,7 @@ def eval_mcq(s: EvalSet, p: EvalParams, runner: _Runner, pool: list[dict], index
             texts = runner.generate(prompts, p.mcq_max_new_tokens, special)
             preds = []
             for it, lg, text in zip(items, langs, texts):
-                from medpipe.stages.mcq import TEMPLATES
+                from medpipe.stages.evaluation.mcq import TEMPLATES
 
                 letters, why = extract_letters(TEMPLATES[lg]["cue"] + text, it["options"])
                 preds.append(letters)
@@ -528,9 +528,9 @@ _EXPL_RE = re.compile(r"(?:解析|Explanation)\s*[:：]\s*")
 
 def explanation_scores(s: EvalSet, p: EvalParams, runner: _Runner, rag_ctx: list[str], details: list[dict]) -> dict:
     """BLEU/ROUGE of generated explanations against the items' reference explanations."""
-    from medpipe.stages.data import DataError
-    from medpipe.stages.data.render import mcq_prompt
-    from medpipe.stages.metrics import generation_scores
+    from medpipe.data import DataError
+    from medpipe.data.render import mcq_prompt
+    from medpipe.stages.evaluation.metrics import generation_scores
 
     idx = [i for i, it in enumerate(s.records) if str(it.get("explanation") or "").strip()]
     if not idx:
@@ -547,7 +547,7 @@ def explanation_scores(s: EvalSet, p: EvalParams, runner: _Runner, rag_ctx: list
 
 
 def _gen_prompts(runner: _Runner, convs: list[list[dict]], index: Any, k: int, lang: str) -> list[str]:
-    from medpipe.stages.mcq import detect_lang
+    from medpipe.stages.evaluation.mcq import detect_lang
 
     if index is not None:
         queries = [c[-1]["content"] for c in convs]
@@ -558,7 +558,7 @@ def _gen_prompts(runner: _Runner, convs: list[list[dict]], index: Any, k: int, l
 
 
 def eval_generation(s: EvalSet, p: EvalParams, runner: _Runner, index: Any, client: Any, say) -> tuple[dict, list]:
-    from medpipe.stages.metrics import generation_scores
+    from medpipe.stages.evaluation.metrics import generation_scores
 
     convs = [[{"role": m["role"], "content": m["content"]} for m in r["messages"][:-1]] for r in s.records]
     refs = [r["messages"][-1]["content"] for r in s.records]
@@ -583,7 +583,7 @@ def eval_generation(s: EvalSet, p: EvalParams, runner: _Runner, index: Any, clie
 
 
 def eval_promptcblue(s: EvalSet, p: EvalParams, runner: _Runner, index: Any) -> tuple[dict, list]:
-    from medpipe.stages.metrics import promptcblue_scores
+    from medpipe.stages.evaluation.metrics import promptcblue_scores
 
     convs = [[{"role": "user", "content": r["input"]}] for r in s.records]
     prompts = _gen_prompts(runner, convs, index, p.rag.k, p.lang)
@@ -596,135 +596,3 @@ def eval_promptcblue(s: EvalSet, p: EvalParams, runner: _Runner, index: Any) -> 
                for r, o in zip(s.records, outs)]
     return {"kind": "promptcblue", "format": s.fmt, "n": len(outs), "metrics": m, "tasks": sc["tasks"],
             "rag": index is not None}, details
-
-
-# --- outside a recipe: `medpipe eval` and `medpipe compare` -------------------------------------
-def _run_config(run_dir: Path):
-    from omegaconf import OmegaConf
-
-    from medpipe.compose import register_resolvers
-
-    register_resolvers()
-    path = Path(run_dir) / "config.yaml"
-    return OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
-
-
-def _named_data(value: Any, data_cfg: dict) -> Any:
-    """`cmexam` → the run's `data.cmexam` entry (lists element-wise); anything else unchanged."""
-    if isinstance(value, str) and value in data_cfg and not isinstance(data_cfg[value], (int, float, bool)):
-        return data_cfg[value]
-    if isinstance(value, list):
-        return [_named_data(v, data_cfg) for v in value]
-    return value
-
-
-def params_from_overrides(run_dir: Path, overrides: list[str], cls: type = EvalParams) -> tuple[Any, dict]:
-    """Eval params from `key=value` overrides (OmegaConf dotlist; `${data.x}` resolves against the
-    run's config.yaml; a bare data name like `data=cmexam` means the run's `data.cmexam`)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from medpipe.compose import bind_params
-    from medpipe.errors import ConfigError
-
-    cfg = _run_config(run_dir)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"expected key=value overrides, got {bad[0]!r}")
-    try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-        from hydra.errors import HydraException
-
-        parsed = OverridesParser.create().parse_overrides([o.lstrip("+") for o in overrides])
-    except HydraException as e:
-        raise ConfigError(f"eval overrides: {str(e).splitlines()[0]}") from None
-    try:
-        dot = OmegaConf.create({})
-        for o in parsed:
-            OmegaConf.update(dot, o.key_or_group, o.value(), merge=True)
-        merged = OmegaConf.merge(cfg, {"_eval_": dot})
-        values = OmegaConf.to_container(merged["_eval_"], resolve=True)
-        data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"eval overrides: {str(e).splitlines()[0]}") from None
-    for key in ("data", "fewshot_data"):
-        if key in values:
-            values[key] = _named_data(values[key], data_cfg)
-    if isinstance(values.get("rag"), dict) and "index" in values["rag"]:
-        values["rag"]["index"] = _named_data(values["rag"]["index"], data_cfg)
-    return bind_params(cls, values, "eval"), data_cfg
-
-
-def evaluate_run_stage(run_dir: str | Path, stage: str | None, overrides: list[str], say=print) -> Path:
-    """`medpipe eval RUN_DIR --stage S key=value...`: evaluate a done stage's model and merge the
-    results into `<run_dir>/eval/<S>.json` (shape in the module docstring)."""
-    import dataclasses
-    from datetime import datetime, timezone
-
-    from medpipe.artifact import write_json_atomic
-    from medpipe.chat import stage_artifact
-
-    run_dir = Path(run_dir)
-    name, art = stage_artifact(run_dir, stage)
-    p, data_cfg = params_from_overrides(run_dir, overrides)
-    say(f"evaluating {name} ({art.model_path})")
-    out_dir = run_dir / "eval" / name
-    metrics, results = evaluate(p, art, out_dir, data_cfg, say)
-    path = run_dir / "eval" / f"{name}.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    record = {"stage": name, "evaluated_stage": name, "model_path": art.model_path,
-              "params": {**old.get("params", {}), **{s: dataclasses.asdict(p) for s in results}},
-              "metrics": {**old.get("metrics", {}), **metrics}, "results": {**old.get("results", {}), **results},
-              "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json_atomic(path, record)
-    say(f"results → {path}")
-    return path
-
-
-def _model_ref(run_dir: Path, ref: str) -> tuple[str, Any]:
-    """`stage` (in run_dir) or `OTHER_RUN_DIR:stage` → (label, LocalModel)."""
-    from medpipe.chat import LocalModel, stage_artifact
-
-    if ":" in ref and Path(ref.rsplit(":", 1)[0]).is_dir():
-        other, st = ref.rsplit(":", 1)
-        name, art = stage_artifact(Path(other), st or None)
-        label = f"{Path(other).name}:{name}"
-    else:
-        name, art = stage_artifact(run_dir, ref)
-        label = name
-    return label, LocalModel.from_artifact(art, name=label)
-
-
-def compare_run_stages(run_dir: str | Path, a: str, b: str, judge_url: str, overrides: list[str],
-                       judge_model: str | None = None, api_key_env: str | None = None, limit: int | None = None,
-                       max_new_tokens: int = 128, say=print) -> Path:
-    """`medpipe compare RUN_DIR --a dpo --b sft --judge-url URL data=...`: pairwise judging of two
-    stages (or `--b OTHER_RUN:stage`) on chat data; writes `<run_dir>/eval/pairwise-<a>-vs-<b>.json`."""
-    from medpipe.artifact import write_json_atomic
-    from medpipe.errors import ConfigError
-    from medpipe.stages.data import parse_spec
-    from medpipe.stages.data.validate import read_source
-    from medpipe.stages.judge import compare
-
-    run_dir = Path(run_dir)
-    p, data_cfg = params_from_overrides(run_dir, overrides)
-    if p.data is None:
-        raise ConfigError("compare: give the questions as data=... (chat data, single- or multi-turn)")
-    client = judge_client(JudgeParams(url=judge_url, model=judge_model, api_key_env=api_key_env))
-    say(f"judge: {client.model} at {client.base}")
-    records: list[dict] = []
-    for src in parse_spec(p.data):
-        records += read_source(src, "chat", p.on_error or data_cfg.get("on_error") or "fail")[0]
-    records = [r for r in records if any(m["role"] == "user" for m in r["messages"])]
-    if limit or p.limit:
-        records = records[: (limit or p.limit)]
-    label_a, model_a = _model_ref(run_dir, a)
-    label_b, model_b = _model_ref(run_dir, b)
-    result = compare(model_a, model_b, label_a, label_b, records, client, max_new_tokens=max_new_tokens,
-                     batch_size=p.batch_size, say=say)
-    safe = lambda s: re.sub(r"[^\w.+-]+", "_", s)  # noqa: E731
-    path = run_dir / "eval" / f"pairwise-{safe(label_a)}-vs-{safe(label_b)}.json"
-    write_json_atomic(path, result)
-    say(result["line"])
-    say(f"results → {path}")
-    return path

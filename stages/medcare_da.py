@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .params import TrainParams
+from medpipe.stages.training.params import TrainParams
 
 
 @dataclass
@@ -45,28 +45,29 @@ class MedCareDAStage:
 
     def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
         from medpipe.errors import ConfigError
-        from medpipe.stages.medcare_mka import check_adapter_params
-        from medpipe.stages.sft import SFTStage
+        from medpipe.stages.adapters.medcare import check_settings
+        from medpipe.stages.training.chat_data import check_chat_data
 
         if params.orth_lambda < 0:
             raise ConfigError(f"medcare_da: orth_lambda must be >= 0 (0 = no orthogonal loss), got {params.orth_lambda}")
-        check_adapter_params(lambda: da_config(params), "medcare_da")
-        return SFTStage.check(self, params, base, data_opts)
+        check_settings(lambda: da_config(params), "medcare_da")
+        return check_chat_data(params, base, data_opts)
 
     def run(self, ctx: Any):
         from trl import SFTConfig
 
         from medpipe.artifact import Artifact
-        from medpipe.stages import common
+        from medpipe.stages.training import common
         from medpipe.stages.adapters import medcare
-        from medpipe.stages.params import data_options
-        from medpipe.stages.data import load_records
-        from medpipe.stages.medcare_train import MedCareTrainer, first_last
-        from medpipe.stages.sft import encode_dataset
+        from medpipe.stages.training.params import data_options
+        from medpipe.data import load_records
+        from medpipe.stages.training.medcare import MedCareTrainer, first_last
+        from medpipe.stages.training.chat_data import encode_dataset
 
         p: MedCareDAParams = ctx.params
-        base_path = ctx.input.extras.get("medcare_base", ctx.input.model_path)
-        ka = ctx.input.extras.get("medcare_ka")
+        handed = medcare.MedCareHandoff.of(ctx.input) or medcare.MedCareHandoff()
+        base_path = handed.base or ctx.input.model_path
+        ka = handed.ka
         if ka is None:
             ctx.say("no MKA before this stage: KA starts from scratch (the 'DA without MKA' ablation)")
         tok = common.load_tokenizer(ctx, base_path)
@@ -91,5 +92,6 @@ class MedCareDAStage:
         trainer.accelerator.wait_for_everyone()
         return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=str(out / "model"),
                         tokenizer_path=str(out / "model"), metrics=metrics,
-                        extras={"medcare_adapter": str(out / "medcare_adapter"), "medcare_base": base_path,
-                                "trust_remote_code": bool(ctx.model.get("trust_remote_code", False))})
+                        trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
+                        handoff=medcare.MedCareHandoff(base=base_path, adapter=str(out / "medcare_adapter"),
+                                                       adapter_base=base_path).record())

@@ -2,8 +2,8 @@
 
 Trains, on every FFN linear, KA (one LoRA of rank s·r, never routed) + NA (E routed LoRA experts
 of rank r, top-K) + routers, and plain LoRA on the attention projections. Hands on: the attention
-LoRA merged into W (a full model, `extras.medcare_base`, what DA trains on), the KA weights
-(`extras.medcare_ka`), and as the artifact's model base + KA folded in — MKA is evaluated with
+LoRA merged into W (a full model, handoff `medcare.base`, what DA trains on), the KA weights
+(handoff `medcare.ka`), and as the artifact's model base + KA folded in — MKA is evaluated with
 NA dropped, as in the paper; the whole adapter (routers included) is kept in `medcare_adapter/`
 for the keep-NA ablation (`medpipe.stages.adapters.medcare.load_medcare`).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .params import TrainParams
+from medpipe.stages.training.params import TrainParams
 
 
 @dataclass
@@ -43,37 +43,35 @@ def medcare_config(p: Any):
                          attn_dropout=p.attn_dropout, keep_na=False)
 
 
-def check_adapter_params(build: Any, kind: str) -> None:
-    """The adapter settings, checked before any training: one error naming every bad field."""
-    from medpipe.errors import ConfigError
-
-    try:
-        build()
-    except ValueError as e:
-        raise ConfigError(f"{kind}: {e}") from None
-
-
 class MedCareMKAStage:
     """MedCare MKA: KA + mixture-of-LoRA NA on FFN, LoRA on attention; hands on merged attention + KA."""
 
     Params = MedCareMKAParams
 
-    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.sft import SFTStage
+    @staticmethod
+    def load_for_inference(art: Any):
+        """Inference hook: the keep-NA ablation loads base + routed experts; else the plain model."""
+        from medpipe.stages.adapters import medcare
 
-        check_adapter_params(lambda: medcare_config(params), "medcare_mka")
-        return SFTStage.check(self, params, base, data_opts)
+        return medcare.load_for_inference(art)
+
+    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
+        from medpipe.stages.adapters.medcare import check_settings
+        from medpipe.stages.training.chat_data import check_chat_data
+
+        check_settings(lambda: medcare_config(params), "medcare_mka")
+        return check_chat_data(params, base, data_opts)
 
     def run(self, ctx: Any):
         from trl import SFTConfig
 
         from medpipe.artifact import Artifact
-        from medpipe.stages import common
+        from medpipe.stages.training import common
         from medpipe.stages.adapters import medcare
-        from medpipe.stages.params import data_options
-        from medpipe.stages.data import load_records
-        from medpipe.stages.medcare_train import MedCareTrainer, first_last
-        from medpipe.stages.sft import encode_dataset
+        from medpipe.stages.training.params import data_options
+        from medpipe.data import load_records
+        from medpipe.stages.training.medcare import MedCareTrainer, first_last
+        from medpipe.stages.training.chat_data import encode_dataset
 
         p: MedCareMKAParams = ctx.params
         tok = common.load_tokenizer(ctx)
@@ -102,8 +100,7 @@ class MedCareMKAStage:
         ctx.say("NA experts and routers dropped; KA handed on")
         return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=str(out / "model"),
                         tokenizer_path=str(out / "model"), metrics=metrics,
-                        extras={"medcare_base": str(out / "base"), "medcare_ka": str(out / "ka"),
-                                "medcare_adapter": str(out / "medcare_adapter"), "na_dropped": True,
-                                "medcare_adapter_base": ctx.input.model_path,
-                                "medcare_keep_na": p.keep_na_at_inference,
-                                "trust_remote_code": bool(ctx.model.get("trust_remote_code", False))})
+                        trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
+                        handoff=medcare.MedCareHandoff(
+                            base=str(out / "base"), ka=str(out / "ka"), adapter=str(out / "medcare_adapter"),
+                            adapter_base=ctx.input.model_path, keep_na=p.keep_na_at_inference).record())

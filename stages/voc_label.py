@@ -1,6 +1,6 @@
 """`voc_label` — pseudo-label unlabeled PubMedQA-style items (PQA-U) with Verification-of-Choice.
 
-The input model (the previous stage's, merged) runs VoC (`medpipe.stages.mcq.voc_label`) on every
+The input model (the previous stage's, merged) runs VoC (`medpipe.stages.evaluation.mcq.voc_label`) on every
 item of `data` that has no answer: (1) plan, one justification per option; (2) execute, which
 justification is logically complete and consistent with the context (the item's long answer is
 appended to the context); (3) final response "Answer: X", parsed strictly. An unparseable final
@@ -18,12 +18,13 @@ label_source "voc", _loc of the source item), `unparseable.jsonl` (id, _loc, par
 final_text), `traces.jsonl` (every item's VoC trace: justifications, verification, final text).
 
 Artifact: the input model passes through unchanged (format, model_path, tokenizer_path), so the
-next stage trains on the same model; `extras.dataset_path` (+ `dataset_records`) hands the dataset
+next stage trains on the same model; `dataset_path` (+ `dataset_records`) hands the dataset
 on — a `cpoly` stage right after it (or one with `from: <this stage>`) adds those records to its
 training data (`input_dataset: auto`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -70,8 +71,8 @@ class VocLabelStage:
     trains = False
 
     def check(self, params: VocLabelParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.params import data_options
-        from medpipe.stages.data import load_records
+        from medpipe.stages.training.params import data_options
+        from medpipe.data import load_records
 
         result = load_records(params.data, "mcq", **data_options(params, data_opts))
         items, skipped = select_items(result.records, params)
@@ -79,14 +80,12 @@ class VocLabelStage:
         return result.summary_table().splitlines() + [f"{len(items)} item(s) to label, {skipped} labeled skipped"]
 
     def run(self, ctx: Any):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from medpipe.artifact import Artifact, write_text_atomic
-        from medpipe.stages import common
-        from medpipe.stages.params import data_options
-        from medpipe.stages.data import load_records
-        from medpipe.stages.mcq import voc_label
+        from medpipe.artifact import write_text_atomic
+        from medpipe.stages.models import loader
+        from medpipe.stages.training import common
+        from medpipe.stages.training.params import data_options
+        from medpipe.data import load_records
+        from medpipe.stages.evaluation.mcq import voc_label
 
         p: VocLabelParams = ctx.params
         records = load_records(p.data, "mcq", **data_options(p, ctx.data)).records
@@ -96,11 +95,8 @@ class VocLabelStage:
         hidden = [{**r, "answer": []} for r in items]
 
         tok = common.load_tokenizer(ctx)
-        trust = bool(ctx.model.get("trust_remote_code", False))
-        model = AutoModelForCausalLM.from_pretrained(ctx.input.model_path, dtype="auto", trust_remote_code=trust)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-        model.eval()
+        model = loader.load_for_inference(ctx.input.model_path, trust_remote_code=ctx.input.trust_remote_code,
+                                          dtype=ctx.model.get("dtype"))
         ctx.say(f"VoC labelling {len(items)} item(s) with {ctx.input.model_path}"
                 + (f" ({skipped} labeled skipped)" if skipped else ""))
         t0 = time.monotonic()
@@ -143,11 +139,10 @@ class VocLabelStage:
         ctx.say(f"{len(labeled)} labelled, {len(bad)} unparseable"
                 + (f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if bad else "")
                 + (f"; agreement with gold {agree}/{n_gold}" if n_gold else "") + f" → {dataset}")
-        extras = {**ctx.input.extras, "dataset_path": str(dataset), "dataset_records": len(labeled),
-                  "labelled_by": ctx.input.model_path}
-        return Artifact(stage=ctx.name, kind=ctx.kind, format=ctx.input.format, model_path=ctx.input.model_path,
-                        tokenizer_path=ctx.input.tokenizer_path, base_model_path=ctx.input.base_model_path,
-                        metrics=metrics, extras=extras)
+        # the input model passes through (a later stage trains on it); the dataset is handed on
+        return dataclasses.replace(ctx.input, stage=ctx.name, kind=ctx.kind, metrics=metrics,
+                                   dataset_path=str(dataset), dataset_records=len(labeled),
+                                   config_hash="", inputs_hash="", created="")
 
 
 def validate(p: VocLabelParams, items: list[dict], skipped: int) -> None:

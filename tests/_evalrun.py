@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from medpipe.artifact import Artifact, write_json_atomic
-from medpipe.stages.tiny import ensure_tiny
+from medpipe.stages.models.tiny import ensure_tiny
 
 
 def fake_run(root: Path, stages=("cpt", "sft", "dpo"), history: bool = True) -> Path:

@@ -25,14 +25,14 @@ def medpipe(*args: str) -> Result:
     """Run the CLI in this process (imports stay warm between tests)."""
     from typer.testing import CliRunner
 
-    from medpipe.cli import app
+    from medpipe.commands.cli import app
 
     r = CliRunner().invoke(app, list(args), catch_exceptions=False)
     return Result(r.exit_code, r.output)
 
 
 def medpipe_proc(*args: str, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medpipe.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "medpipe.commands.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
 
 

@@ -64,9 +64,9 @@ def test_antglm_end_to_end(tmp_path):
     assert voc["model_path"] == Path(arts["02-sft"]["model_path"]).as_posix()
     assert voc["metrics"]["items"] == 4 and voc["metrics"]["labeled"] + voc["metrics"]["unparseable"] == 4
     assert cp["metrics"]["input_dataset_records"] == voc["metrics"]["labeled"]
-    assert cp["format"] == "full" and cp["model_path"] == cp["extras"]["merged"]["pubmedqa"]
-    assert cp["extras"]["base_model_path"] == voc["model_path"]
+    assert cp["format"] == "full" and cp["model_path"] == cp["task_models"]["pubmedqa"]
+    assert cp["handoff"]["cpoly"]["base"] == voc["model_path"]
     # eval: PubMedQA accuracy by option perplexity of the model merged for PubMedQA
-    assert ev["extras"]["evaluated_stage"] == "cpoly" and ev["extras"]["evaluated_model"] == cp["model_path"]
+    assert ev["evaluated_stage"] == "cpoly" and ev["model_path"] == cp["model_path"]
     assert 0.0 <= ev["metrics"]["pubmedqa/acc"] <= 1.0
     assert "Pipeline antglm complete" in r.out

@@ -99,8 +99,8 @@ def _imports_after(code: str) -> set[str]:
 
 
 def test_help_and_show_import_no_torch():
-    help_mods = _imports_after("from medpipe.cli import app\ntry:\n    app(['--help'])\nexcept SystemExit: pass")
-    show_mods = _imports_after("from medpipe.cli import app\ntry:\n    app(['show', 'recipe=qilin'])\nexcept SystemExit: pass")
+    help_mods = _imports_after("from medpipe.commands.cli import app\ntry:\n    app(['--help'])\nexcept SystemExit: pass")
+    show_mods = _imports_after("from medpipe.commands.cli import app\ntry:\n    app(['show', 'recipe=qilin'])\nexcept SystemExit: pass")
     for mods in (help_mods, show_mods):
         assert not {"torch", "transformers", "trl", "peft", "datasets"} & mods
 

@@ -40,14 +40,14 @@ def cpoly_run(tmp_path_factory):
 def tiny_tokenizer():
     from transformers import AutoTokenizer
 
-    from medpipe.stages import tiny
+    from medpipe.stages.models import tiny
 
     return AutoTokenizer.from_pretrained(tiny.ensure_tiny())
 
 
 def test_ppl_encoding_labels_only_the_answer_and_collator_emits_task_ids():
     from medpipe.stages.cpoly import CPolyParams, TaskCollator, encode
-    from medpipe.stages.mcq import build_ppl_prompt
+    from medpipe.stages.evaluation.mcq import build_ppl_prompt
 
     tok = tiny_tokenizer()
     recs = [{"id": "1", "question": "Is X useful?", "context": "X helps.", "options": {"A": "yes", "B": "no"},
@@ -89,12 +89,12 @@ def test_mixed_task_training_lowers_the_loss(cpoly_run):
     _, run_dir, out = cpoly_run
     art = artifact(run_dir, "01-cpoly")
     m = art["metrics"]
-    assert art["format"] == "full" and art["extras"]["adapter"] == "cpoly"
-    assert art["extras"]["tasks"] == ["medmcqa", "medqa", "pubmedqa"]
+    assert art["format"] == "full" and art["handoff"]["cpoly"]["adapter"] == "cpoly"
+    assert art["handoff"]["cpoly"]["tasks"] == ["medmcqa", "medqa", "pubmedqa"]
     assert m["last_loss"] < m["first_loss"], m
     assert (m["examples_pubmedqa"], m["examples_medmcqa"], m["examples_medqa"]) == (40, 40, 60)
     assert m["mixed_task_batches"] >= m["steps"]  # every batch held several tasks
-    assert art["model_path"] == art["extras"]["merged"]["pubmedqa"]  # default_task
+    assert art["model_path"] == art["task_models"]["pubmedqa"]  # default_task
     assert "140 examples over 3 task(s)" in out
 
 
@@ -104,13 +104,14 @@ def test_artifact_loads_and_each_merged_model_equals_the_cpoly_model_with_its_ta
 
     from medpipe.stages.adapters.cpoly import load_cpoly
 
-    ex = artifact(cpoly_run[1], "01-cpoly")["extras"]
+    art = artifact(cpoly_run[1], "01-cpoly")
+    ex = {**art["handoff"]["cpoly"], "merged": art["task_models"]}
     cfg = json.loads((Path(ex["adapter_dir"]) / "cpoly_config.json").read_text())
     assert cfg["tasks"] == ex["tasks"] and cfg["config"]["n_shared_skills"] == 4 and cfg["config"]["r"] == 4
     tok = AutoTokenizer.from_pretrained(ex["adapter_dir"])
     enc = tok(["Context: Aspirin lowers fever.\nQuestion: Does aspirin lower fever?\nAnswer: yes",
                "Question: First-line treatment of peptic ulcer?\nAnswer:"], return_tensors="pt", padding=True)
-    cm = load_cpoly(AutoModelForCausalLM.from_pretrained(ex["base_model_path"]), ex["adapter_dir"])
+    cm = load_cpoly(AutoModelForCausalLM.from_pretrained(ex["base"]), ex["adapter_dir"])
     assert not cm.training
     logits = {}
     with torch.no_grad():
@@ -152,7 +153,7 @@ def test_lora_baseline_is_one_override_away(cpoly_run):
                 "stages.cpoly.adapter=lora", "stages.cpoly.max_steps=4")
     assert r.code == 0, r.out
     art = artifact(root / "runs" / "lora", "01-cpoly")
-    assert art["format"] == "adapter" and art["extras"]["adapter"] == "lora"
+    assert art["format"] == "adapter" and art["handoff"]["cpoly"]["adapter"] == "lora"
     cfg = json.loads((Path(art["model_path"]) / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
     assert art["metrics"]["trainable_params"] < artifact(cpoly_run[1], "01-cpoly")["metrics"]["trainable_params"]
@@ -196,7 +197,7 @@ stages:
 
 @pytest.mark.slow
 def test_voc_label_counts_and_hands_its_dataset_to_cpoly(tmp_path, monkeypatch):
-    from medpipe.stages import mcq
+    from medpipe.stages.evaluation import mcq
 
     monkeypatch.setattr(mcq, "generate_texts", lambda model, tok, prompts, **kw: stub_generate(prompts, model, tok))
     write_pqa_u(tmp_path / "pqa_u.parquet")
@@ -210,7 +211,7 @@ def test_voc_label_counts_and_hands_its_dataset_to_cpoly(tmp_path, monkeypatch):
     assert (m["items"], m["labeled"], m["unparseable"]) == (6, 3, 3)
     assert (m["unparseable_no_answer"], m["unparseable_conflicting"], m["unparseable_invalid_letter"]) == (1, 1, 1)
     assert (m["label_A"], m["label_B"], m["label_C"]) == (1, 1, 1)
-    rows = [json.loads(x) for x in Path(voc["extras"]["dataset_path"]).read_text().splitlines()]
+    rows = [json.loads(x) for x in Path(voc["dataset_path"]).read_text().splitlines()]
     assert sorted((r["id"], r["answer"], r["task"]) for r in rows) == [("1000", ["A"], "pubmedqa"), ("1001", ["B"], "pubmedqa"),
                                                                   ("1002", ["C"], "pubmedqa")]
     assert all(r["label_source"] == "voc" and r["options"] == {"A": "yes", "B": "no", "C": "maybe"} for r in rows)
@@ -219,16 +220,16 @@ def test_voc_label_counts_and_hands_its_dataset_to_cpoly(tmp_path, monkeypatch):
                                                         "1005": "invalid_letter"}
     assert len((run_dir / "01-voc" / "traces.jsonl").read_text().splitlines()) == 6
     # the model passes through; cpoly trained on the sample + the 3 pseudo-labelled items
-    assert voc["model_path"] == voc["extras"]["labelled_by"]
     cp = artifact(run_dir, "02-cpoly")
-    assert cp["metrics"]["input_dataset_records"] == 3 and cp["extras"]["tasks"] == ["medmcqa", "pubmedqa"]
+    assert cp["handoff"]["cpoly"]["base"] == voc["model_path"]
+    assert cp["metrics"]["input_dataset_records"] == 3 and cp["handoff"]["cpoly"]["tasks"] == ["medmcqa", "pubmedqa"]
     assert cp["metrics"]["examples_pubmedqa"] == 3
 
 
 @pytest.mark.slow
 def test_voc_label_relabel_reports_agreement_and_refuses_an_empty_job(tmp_path, monkeypatch):
-    from medpipe.stages import mcq
-    from medpipe.stages.data import load_records
+    from medpipe.stages.evaluation import mcq
+    from medpipe.data import load_records
 
     monkeypatch.setattr(mcq, "generate_texts",
                         lambda model, tok, prompts, **kw: ["Answer: A" if "final response" in p else "so" for p in prompts])
@@ -254,6 +255,6 @@ def test_cpoly_under_deepspeed_zero2_on_two_processes(tmp_path):
     art = zero2_stage(run_dir, "01-cpoly")
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(art["extras"]["adapter_dir"]) / "cpoly_adapter.safetensors"))
+    tensors = load_file(str(Path(art["handoff"]["cpoly"]["adapter_dir"]) / "cpoly_adapter.safetensors"))
     assert max(v.abs().max().item() for k, v in tensors.items() if k.endswith("cpoly_B")) > 0  # trained weights saved
     assert Path(art["model_path"], "config.json").is_file()

@@ -5,8 +5,8 @@ import json
 from types import SimpleNamespace
 
 from medpipe.stages.cpt import drop_eval_overlap
-from medpipe.stages.data import load_records
-from medpipe.stages.tiny import corpus_files
+from medpipe.data import load_records
+from medpipe.stages.models.tiny import corpus_files
 
 
 def test_planted_eval_abstracts_are_dropped_and_others_kept(tmp_path):

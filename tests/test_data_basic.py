@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from medpipe.stages.data import DataError, SourceSpec, fingerprint, load_records, parse_spec
+from medpipe.data import DataError, SourceSpec, fingerprint, load_records, parse_spec
 
 F = Path(__file__).parent / "fixtures" / "formats"
 

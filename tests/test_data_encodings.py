@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from medpipe.stages.data import DataError, detect_format, load_records, parse_spec
-from medpipe.stages.data import sources
+from medpipe.data import DataError, detect_format, load_records, parse_spec
+from medpipe.data import sources
 
 
 def locs(res):

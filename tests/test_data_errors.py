@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from medpipe.stages.data import DataError, load_records, parse_spec
+from medpipe.data import DataError, load_records, parse_spec
 
 B = Path(__file__).parent / "fixtures" / "formats" / "broken"
 F = B.parent
@@ -89,7 +89,7 @@ def test_skip_counts_and_reports(tmp_path):
 
 
 def test_overlength_policy():
-    from medpipe.stages.data.toytok import build_tokenizer
+    from medpipe.stages.models.toytok import build_tokenizer
     tok = build_tokenizer(vocab_size=400)
     stats = load_records(str(F / "pretrain.jsonl"), "text", tokenizer=tok).reports[0]
     assert stats.token_max >= stats.token_p90 >= stats.token_p50 > 0

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from medpipe.stages.data import DataError, FORMATS, detect_format, load_records
+from medpipe.data import DataError, FORMATS, detect_format, load_records
 
 F = Path(__file__).parent / "fixtures" / "formats"
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -177,7 +177,7 @@ def test_bundled_samples_load_with_auto(name, want, fmt):
 def test_pubmedqa_pqau_as_published_reads_as_unlabeled(tmp_path):
     import json as _json
 
-    from medpipe.stages.data import DataError, load_records
+    from medpipe.data import DataError, load_records
 
     pqau = {"1001": {"QUESTION": "Does aspirin prevent stroke?", "CONTEXTS": ["A cohort of 100 patients."],
                      "LABELS": ["RESULTS"], "MESHES": ["Aspirin"], "LONG_ANSWER": "Aspirin lowered the rate."}}

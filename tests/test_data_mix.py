@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from medpipe.stages.data import DataError, check_overlap, load_records
-from medpipe.stages.data.dedup import clusters
-from medpipe.stages.data.mix import mix_counts
+from medpipe.data import DataError, check_overlap, load_records
+from medpipe.data.dedup import clusters
+from medpipe.data.mix import mix_counts
 
 
 def write_texts(path, texts):

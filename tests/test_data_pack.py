@@ -1,8 +1,8 @@
 """pack_texts: full blocks, EOS between docs, datasets cache hit on rerun."""
 import pytest
 
-from medpipe.stages.data import pack, pack_texts
-from medpipe.stages.data.toytok import build_tokenizer, sample_texts
+from medpipe.data import pack, pack_texts
+from medpipe.stages.models.toytok import build_tokenizer, sample_texts
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medpipe.stages import metrics as M
+from medpipe.stages.evaluation import metrics as M
 
 
 def test_char_tokenisation_splits_cjk_keeps_latin_words():
@@ -108,7 +108,7 @@ def test_promptcblue_cmedcausal_triples_with_nested_condition_tails():
 
 
 def test_promptcblue_text2dt_tree_edit_ratio_by_hand():
-    from medpipe.stages.text2dt import build_tree, parse_text2dt
+    from medpipe.stages.evaluation.text2dt import build_tree, parse_text2dt
 
     gold = ("根据给定的指南文本抽取的诊疗决策树如下：\n"
             "条件节点：role=C；logical_rel=and；triples=[('患者', '临床表现', '发热'), ('患者', '临床表现', '咳嗽')]\n"

@@ -26,11 +26,11 @@ def test_each_eval_stage_records_the_stage_it_evaluated(run):
     info = json.loads((run_dir / "run.json").read_text())
     evals = {s["name"]: json.loads((Path(s["store_dir"]) / "artifact.json").read_text())
              for s in info["stages"] if s["kind"] == "eval"}
-    assert {n: a["extras"]["evaluated_stage"] for n, a in evals.items()} == \
+    assert {n: a["evaluated_stage"] for n, a in evals.items()} == \
         {"eval_cpt": "cpt", "eval_sft": "sft", "eval_dpo": "dpo"}
     for a in evals.values():
         assert {"cmexam/acc", "medqa/acc", "alpaca/bleu4", "alpaca/rougeL"} <= set(a["metrics"])
-        assert a["extras"]["results"]["cmexam"]["n"] == 24
+        assert a["results"]["cmexam"]["n"] == 24
     assert evals["eval_sft"]["model_path"].endswith("/merged")  # the adapter is evaluated merged
     assert "cmexam: acc=" in out
 

@@ -41,7 +41,7 @@ def test_cue_scoring_batched_equals_one_at_a_time(runner):
 
 
 def test_prefix_groups_split_on_shared_tokens_only():
-    from medpipe.stages.prefix import prefix_groups
+    from medpipe.stages.inference.prefix import prefix_groups
 
     shots_a, shots_b = list(range(100, 160)), list(range(200, 240))
     enc = [shots_a + [1, 2], [7, 8, 9], shots_b + [5], shots_a + [3], shots_b + [6, 6, 6], shots_a + [1, 4],
@@ -63,7 +63,7 @@ def test_kshot_shared_prefix_equals_independent_rows(runner):
     """k-shot prompts: the shared shots run once through the KV cache; the letters' logits equal
     scoring each prompt on its own (zero-shot prompts mixed in take the plain path)."""
     from medpipe.stages.eval import letter_logits
-    from medpipe.stages.prefix import prefix_groups
+    from medpipe.stages.inference.prefix import prefix_groups
 
     ceval = plan_sets(EvalParams(data={"path": f"{samples()}/ceval_val.csv", "format": "ceval", "limit": 12}))
     pool = plan_sets(EvalParams(data={"path": f"{samples()}/ceval_dev.csv", "format": "ceval"}))[0].records
@@ -171,7 +171,7 @@ def test_promptcblue_set(tmp_path):
 # --- bad input ----------------------------------------------------------------------------------
 def test_bad_input_is_refused_with_a_clear_error(tmp_path):
     from medpipe.errors import ConfigError
-    from medpipe.stages.data import DataError
+    from medpipe.data import DataError
 
     noref = tmp_path / "noref.jsonl"
     noref.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
@@ -272,8 +272,8 @@ def test_vllm_backend_plumbing_with_a_stand_in_engine(tmp_path, monkeypatch):
 
 
 def test_unreachable_judge_fails_before_any_generation(tmp_path):
-    from medpipe.chat import EndpointError
-    from medpipe.serve import free_port
+    from medpipe.stages.inference.runtime import EndpointError
+    from medpipe.commands.serve import free_port
 
     p = EvalParams(data={"path": f"{samples()}/sft_alpaca.json", "format": "alpaca", "limit": 2})
     p.judge.url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
@@ -321,7 +321,7 @@ def test_explanations_scored_against_the_reference(tmp_path):
     assert {f"cmexam/expl_{k}" for k in ("bleu1", "bleu4", "rouge1", "rouge2", "rougeL")} <= set(metrics)
     rows = [json.loads(x) for x in (tmp_path / "details" / "cmexam.jsonl").read_text().splitlines()]
     assert all("explanation_output" in r for r in rows)
-    from medpipe.stages.data import DataError
+    from medpipe.data import DataError
 
     with pytest.raises(DataError, match="no item has an explanation"):
         evaluate(EvalParams(data={"path": f"{samples()}/ceval_val.csv", "limit": 2}, explain=True), tiny_artifact(),
@@ -345,7 +345,7 @@ def test_cpoly_artifact_scores_each_task_set_with_its_merged_model(tmp_path):
             p.add_(torch.randn_like(p) * 0.05)  # a visibly different model
     model.save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny).save_pretrained(other)
-    art = dataclasses.replace(tiny_artifact(), stage="cpoly", extras={"merged": {"cmexam": str(other)}})
+    art = dataclasses.replace(tiny_artifact(), stage="cpoly", task_models={"cmexam": str(other)})
     data = [cmexam(6), {"path": f"{samples()}/mcq_medqa.jsonl", "format": "medqa", "limit": 6}]
     said = []
 
@@ -368,6 +368,6 @@ def test_cpoly_artifact_scores_each_task_set_with_its_merged_model(tmp_path):
 
 
 def ensure_tiny_path():
-    from medpipe.stages.tiny import ensure_tiny
+    from medpipe.stages.models.tiny import ensure_tiny
 
     return ensure_tiny()

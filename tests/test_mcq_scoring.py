@@ -1,4 +1,4 @@
-"""Multiple-choice tools (medpipe.stages.mcq) on a tiny random Qwen2 + an in-memory word tokenizer."""
+"""Multiple-choice tools (medpipe.stages.evaluation.mcq) on a tiny random Qwen2 + an in-memory word tokenizer."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from medpipe.stages import mcq
+from medpipe.stages.evaluation import mcq
 
 WORDS = ("Context Question Answer Options The answer is Reasoning for Think about why the Explain "
          "reasoning Which logically complete and consistent with context Check each one "

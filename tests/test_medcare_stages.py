@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from conftest import medpipe
 from medpipe.stages.adapters import medcare
-from medpipe.stages.tiny import ensure_tiny
+from medpipe.stages.models.tiny import ensure_tiny
 
 
 @pytest.mark.slow
@@ -23,15 +23,15 @@ def test_medcare_recipe_end_to_end(tmp_path):
     assert r.code == 0, r.out
     mka = json.loads((run_dir / "01-mka" / "artifact.json").read_text())
     da = json.loads((run_dir / "02-da" / "artifact.json").read_text())
-    assert mka["extras"]["na_dropped"] and Path(mka["extras"]["medcare_ka"], "medcare_ka.safetensors").is_file()
+    assert Path(mka["handoff"]["medcare"]["ka"], "medcare_ka.safetensors").is_file()
     assert da["metrics"]["last_orth_loss"] < da["metrics"]["first_orth_loss"]
     assert mka["metrics"]["last_loss"] < mka["metrics"]["first_loss"]
 
     # the exported DA model is a plain transformers model equal to base + KA + Align (unmerged)
     final = AutoModelForCausalLM.from_pretrained(da["model_path"]).eval()
     assert not any(isinstance(m, medcare.MedCareLinear) for m in final.modules())
-    unmerged = medcare.load_medcare(AutoModelForCausalLM.from_pretrained(da["extras"]["medcare_base"]),
-                                    da["extras"]["medcare_adapter"]).eval()
+    unmerged = medcare.load_medcare(AutoModelForCausalLM.from_pretrained(da["handoff"]["medcare"]["base"]),
+                                    da["handoff"]["medcare"]["adapter"]).eval()
     ids = torch.randint(0, 1000, (2, 24))
     with torch.no_grad():
         assert torch.allclose(final(ids).logits, unmerged(ids).logits, atol=1e-5)
@@ -49,7 +49,7 @@ class GradSnapshot(TrainerCallback):
 def _one_step_grads(tmp_path, batch_size: int, accum: int, orth_lambda: float) -> dict:
     from trl import SFTConfig
 
-    from medpipe.stages.medcare_train import MedCareTrainer
+    from medpipe.stages.training.medcare import MedCareTrainer
 
     torch.manual_seed(0)
     path = ensure_tiny()
@@ -88,7 +88,7 @@ def test_orthogonal_term_weight_is_independent_of_gradient_accumulation(tmp_path
 def test_checkpoints_carry_every_ffn_adapter_and_resume_restores_them(tmp_path):
     from trl import SFTConfig
 
-    from medpipe.stages.medcare_train import FFN_ADAPTER_DIR, MedCareTrainer
+    from medpipe.stages.training.medcare import FFN_ADAPTER_DIR, MedCareTrainer
 
     path = ensure_tiny()
     tok = AutoTokenizer.from_pretrained(path)
@@ -118,7 +118,7 @@ def test_checkpoints_carry_every_ffn_adapter_and_resume_restores_them(tmp_path):
 
 def test_keep_na_ablation_loads_the_routed_experts_for_inference(tmp_path):
     from medpipe.artifact import Artifact
-    from medpipe.chat import LocalModel
+    from medpipe.stages.inference.runtime import LocalModel
 
     path = ensure_tiny()
     model = medcare.inject_mka(AutoModelForCausalLM.from_pretrained(path), medcare.MedCareConfig(r=4, alpha=8))
@@ -127,8 +127,8 @@ def test_keep_na_ablation_loads_the_routed_experts_for_inference(tmp_path):
             m.na_B.normal_(0, 0.05)  # make NA matter
     medcare.save_medcare(model, tmp_path / "adapter")
     art = Artifact(stage="mka", kind="medcare_mka", format="full", model_path=str(path), tokenizer_path=str(path),
-                   extras={"medcare_keep_na": True, "medcare_adapter": str(tmp_path / "adapter"),
-                           "medcare_adapter_base": str(path)})
+                   handoff=medcare.MedCareHandoff(keep_na=True, adapter=str(tmp_path / "adapter"),
+                                                  adapter_base=str(path)).record())
     local = LocalModel.from_artifact(art)
     layers = list(medcare.medcare_modules(local.model))
     assert layers and all(layer.cfg.keep_na for _, layer in layers)
@@ -143,7 +143,7 @@ def test_mka_balance_loss_counts_real_tokens_only(tmp_path, monkeypatch):
     mask (real tokens only), and the term is logged beside CE."""
     from trl import SFTConfig
 
-    from medpipe.stages.medcare_train import MedCareTrainer
+    from medpipe.stages.training.medcare import MedCareTrainer
 
     seen = []
     original = medcare.MedCareLinear._balance_term

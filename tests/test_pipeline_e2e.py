@@ -31,7 +31,7 @@ def test_every_stage_trains_and_hands_on(qilin):
     _, run_dir, out = qilin
     arts = artifacts(run_dir)
     assert list(arts) == ["01-cpt", "02-sft", "03-dpo", "04-eval"]
-    assert arts["04-eval"]["extras"]["evaluated_stage"] == "dpo" and 0 <= arts["04-eval"]["metrics"]["cmexam/acc"] <= 1
+    assert arts["04-eval"]["evaluated_stage"] == "dpo" and 0 <= arts["04-eval"]["metrics"]["cmexam/acc"] <= 1
     assert arts["01-cpt"]["format"] == "full"
     assert arts["02-sft"]["format"] == "adapter" and arts["03-dpo"]["format"] == "adapter"
     # sft trained on top of cpt's output, dpo on top of sft's merged output

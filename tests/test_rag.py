@@ -7,7 +7,7 @@ import json
 import pytest
 
 from _evalrun import samples, tiny_artifact
-from medpipe.stages.rag import RagParams, build_or_load, chunk_text, passages_block, tokens
+from medpipe.stages.evaluation.rag import RagParams, build_or_load, chunk_text, passages_block, tokens
 
 FACTS = [
     "Migraine presents with recurrent one-sided throbbing headache; triptans treat attacks.",
@@ -78,7 +78,7 @@ def test_an_index_dir_built_from_another_corpus_is_rebuilt(corpus, tmp_path):
 
 
 def test_dense_retriever_with_a_local_embedding_model(corpus):
-    from medpipe.stages.tiny import ensure_tiny
+    from medpipe.stages.models.tiny import ensure_tiny
 
     p = RagParams(index=str(corpus), retriever="dense", embedding_model=str(ensure_tiny()), k=3)
     idx = build_or_load(p, say=lambda m: None)

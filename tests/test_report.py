@@ -14,7 +14,7 @@ def add_eval_stage(run_dir, name, evaluated, metrics, results=None):
     sdir = run_dir.parent / ".store" / f"eval-{name}"
     sdir.mkdir(parents=True)
     Artifact(stage=name, kind="eval", format="full", model_path="m", tokenizer_path="m", metrics=metrics,
-             extras={"evaluated_stage": evaluated, "results": results or {}}).save(sdir)
+             evaluated_stage=evaluated, results=results or {}).save(sdir)
     write_json_atomic(sdir / "status.json", {"state": "done", "elapsed": 3.0})
     link = f"{len(info['stages']) + 1:02d}-{name}"
     (run_dir / link).symlink_to(sdir)
@@ -70,7 +70,7 @@ def test_medcare_da_curve_shows_the_loss_parts(tmp_path):
     MKA (CE only) keeps one panel."""
     import matplotlib.image
 
-    from medpipe.report import draw_curves
+    from medpipe.commands.report import draw_curves
 
     rows = [{"step": s, "loss": 100 / s + 7, "ce_loss": 7 + 1 / s, "orth_loss": 100 / s} for s in range(1, 6)]
     da = draw_curves({"name": "da", "kind": "medcare_da", "history": rows}, tmp_path / "da.png")

@@ -28,7 +28,7 @@ stages:
 def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path):
     recipe = tmp_path / "resumable.yaml"
     recipe.write_text(CPT_ONLY)
-    args = [sys.executable, "-m", "medpipe.cli", "run", f"recipe={recipe}", f"run.root={tmp_path}/runs",
+    args = [sys.executable, "-m", "medpipe.commands.cli", "run", f"recipe={recipe}", f"run.root={tmp_path}/runs",
             f"run.dir={tmp_path}/runs/r"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -104,7 +104,7 @@ def test_missing_model_path_and_template_less_tokenizer(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from medpipe.stages.tiny import ensure_tiny
+    from medpipe.stages.models.tiny import ensure_tiny
 
     model_dir = tmp_path / "no_template"
     import shutil

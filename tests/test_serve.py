@@ -12,8 +12,8 @@ import pytest
 
 from _evalrun import fake_run, samples, tiny_artifact
 from conftest import REPO, medpipe
-from medpipe.chat import EndpointError, LocalModel, OpenAIClient, endpoint_base
-from medpipe.serve import build_app, free_port, serving
+from medpipe.stages.inference.runtime import EndpointError, LocalModel, OpenAIClient, endpoint_base
+from medpipe.commands.serve import build_app, free_port, serving
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_streaming_and_bad_requests(server, tiny_model):
 
 
 def test_rag_prepends_passages_to_the_last_user_turn():
-    from medpipe.chat import Completion
+    from medpipe.stages.inference.runtime import Completion
 
     class Recorder:
         rendered = []
@@ -117,7 +117,7 @@ class ScriptedJudge:
 
 
 def test_pairwise_verdicts_both_orders_and_summary_line():
-    from medpipe.stages.judge import judge_pair, pairwise_line, pairwise_summary
+    from medpipe.stages.evaluation.judge import judge_pair, pairwise_line, pairwise_summary
 
     conv = [{"role": "user", "content": "q"}]
     results = [judge_pair(ScriptedJudge(r), conv, "a", "b") for r in (
@@ -140,7 +140,7 @@ def test_chat_one_shot_and_interactive(tmp_path, server):
     assert r.code == 0, r.out
     r = medpipe("chat", "--url", server, "-m", "hi", "--max-new-tokens", "4")
     assert r.code == 0, r.out
-    from medpipe.chat import chat_loop
+    from medpipe.commands.chat import chat_loop
 
     said, typed = [], iter(["hello", "/reset", "again", "/exit"])
     chat_loop(str(run_dir), "sft", None, True, None, None, "You are a doctor.", 4, 0.0,
@@ -167,7 +167,7 @@ def test_medpipe_serve_is_the_judge_endpoint(tmp_path):
     its replies are not valid verdicts, so they are counted as malformed, never guessed."""
     run_dir = fake_run(tmp_path)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "medpipe.cli", "serve", str(run_dir), "--stage", "sft",
+    proc = subprocess.Popen([sys.executable, "-m", "medpipe.commands.cli", "serve", str(run_dir), "--stage", "sft",
                              "--port", str(port), "--stop-after", "240"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from medpipe.stages.sft import encode_chat, encode_dataset
-from medpipe.stages.tiny import ensure_tiny
+from medpipe.stages.training.chat_data import encode_chat, encode_dataset
+from medpipe.stages.models.tiny import ensure_tiny
 
 CONVO = [
     {"role": "system", "content": "You are a careful physician."},

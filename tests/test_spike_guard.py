@@ -10,9 +10,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from medpipe.errors import MedpipeError
-from medpipe.stages import common
-from medpipe.stages.params import SpikeGuardParams
-from medpipe.stages.tiny import ensure_tiny
+from medpipe.stages.training import common
+from medpipe.stages.training.params import SpikeGuardParams
+from medpipe.stages.models.tiny import ensure_tiny
 
 
 class SpikyTrainer(Trainer):

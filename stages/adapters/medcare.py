@@ -31,17 +31,19 @@ any module with a `base_layer` attribute as one of its own tuner layers.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medpipe.stages.params import Checked
+from medpipe.params import Checked
 
 # FFN and attention linears per `model.config.model_type`.
 FFN_NAMES: dict[str, tuple[str, ...]] = {
@@ -520,3 +522,50 @@ def merge_medcare(model: nn.Module, fold_ka: bool = True) -> nn.Module:
         W.copy_((W.to(torch.promote_types(W.dtype, torch.float32)) + m.delta_weight(fold_ka)).to(W.dtype))
         _set_module(model, name, m.linear)
     return model
+
+
+@dataclass
+class MedCareHandoff:
+    """What an MKA/DA stage hands on (stored as `Artifact.handoff`): the attention-merged base DA
+    trains on, the KA weights, the full adapter (routers included, for ablations) and the model it
+    applies to, and whether inference keeps the routed experts (the keep-NA ablation)."""
+
+    base: str | None = None
+    ka: str | None = None
+    adapter: str | None = None
+    adapter_base: str | None = None
+    keep_na: bool = False
+
+    def record(self) -> dict:
+        return {"medcare": dataclasses.asdict(self)}
+
+    @classmethod
+    def of(cls, art: Any) -> "MedCareHandoff | None":
+        data = (getattr(art, "handoff", None) or {}).get("medcare")
+        return cls(**data) if data else None
+
+
+def load_for_inference(art: Any):
+    """The keep-NA ablation evaluates MKA with its routed experts: base + the full adapter, NA kept.
+    None when the artifact's plain model is what inference should load."""
+    from medpipe.stages.models import loader
+
+    h = MedCareHandoff.of(art)
+    if h is None or not h.keep_na:
+        return None
+    base = loader.load_causal_lm(h.adapter_base, dtype=loader.pick_dtype("auto", training=False),
+                                 trust_remote_code=art.trust_remote_code, device="auto")
+    model = load_medcare(base, h.adapter)
+    for _, layer in medcare_modules(model):
+        layer.cfg.keep_na = True
+    return model.eval()
+
+
+def check_settings(build: Any, kind: str) -> None:
+    """The adapter settings, checked before any training: one error naming every bad field."""
+    from medpipe.errors import ConfigError
+
+    try:
+        build()
+    except ValueError as e:
+        raise ConfigError(f"{kind}: {e}") from None

@@ -27,7 +27,7 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    from medpipe.chat import augment
+    from medpipe.commands.chat import augment
 
     app = FastAPI(title="medpipe", version="1")
     created = int(time.time())
@@ -146,7 +146,9 @@ def serving(app: Any, host: str = "127.0.0.1", port: int | None = None, timeout:
 def serve(run_dir: str, stage: str | None = None, host: str = "127.0.0.1", port: int = 8000, rag: bool = False,
           rag_corpus: str | None = None, stop_after: float | None = None, say=print) -> None:
     """Load the stage's model and serve it until interrupted (or `stop_after` seconds)."""
-    from medpipe.chat import LocalModel, rag_retriever, stage_artifact
+    from medpipe.commands.chat import rag_retriever
+    from medpipe.commands.rundir import stage_artifact
+    from medpipe.stages.inference.runtime import LocalModel
 
     name, art = stage_artifact(run_dir, stage)
     model = LocalModel.from_artifact(art, name=name)

@@ -268,7 +268,7 @@ def cblue_structure(dataset: str, text: str, choices: Sequence[str] | None = Non
     if dataset == "CMedCausal":
         return _cmedcausal(lines)
     if dataset == "Text2DT":
-        from medpipe.stages.text2dt import parse_text2dt
+        from medpipe.stages.evaluation.text2dt import parse_text2dt
 
         return parse_text2dt(text)
     if dataset == "CHIP-STS":
@@ -367,7 +367,7 @@ def promptcblue_scores(records: Sequence[dict], outputs: Sequence[str]) -> dict:
         if kind == "extraction":
             tasks[name] = {"metric": "micro_f1", "score": _micro_f1(gold, pred), "n": len(idx)}
         elif kind == "tree":
-            from medpipe.stages.text2dt import tree_edit_ratio
+            from medpipe.stages.evaluation.text2dt import tree_edit_ratio
 
             tasks[name] = {"metric": "tree_lenv_ratio", "score": tree_edit_ratio(gold, pred), "n": len(idx)}
         elif kind.startswith("cls"):

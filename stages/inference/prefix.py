@@ -72,7 +72,7 @@ def last_token_logits(model: Any, enc: Sequence[Sequence[int]], batch_size: int,
     """Yield (prompt indices, float32 CPU logits [rows, vocab] at each prompt's last token)."""
     import torch
 
-    from medpipe.chat import left_padded_batches
+    from medpipe.stages.inference.runtime import left_padded_batches
 
     device = next(model.parameters()).device
     groups = prefix_groups(enc) if share_prefix and supports_prefix_cache(model) else [(0, list(range(len(enc))))]

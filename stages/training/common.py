@@ -8,76 +8,47 @@ import json
 import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 
 from medpipe.artifact import Artifact
 from medpipe.errors import MedpipeError
+from medpipe.stages.models import loader
 
 
 def data_cache_dir(ctx: Any) -> Path:
     """Where tokenised/packed data is cached (data.cache_dir, default $MEDPIPE_CACHE/data): a stage
     rerun with a changed hyperparameter does not re-tokenise."""
-    from medpipe.stages.tiny import cache_root
+    from medpipe.paths import cache_root
 
     return Path(ctx.data.get("cache_dir") or cache_root() / "data").expanduser()
 
 
 def load_tokenizer(ctx: Any, path: str | None = None):
-    tok = AutoTokenizer.from_pretrained(path or ctx.input.tokenizer_path,
-                                        trust_remote_code=bool(ctx.model.get("trust_remote_code", False)))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def model_dtype(ctx: Any, params: Any) -> torch.dtype:
-    name = ctx.model.get("dtype") or "auto"
-    if name != "auto":
-        return getattr(torch, name)
-    # LoRA keeps the frozen base in bf16 on GPUs that have it; full training keeps fp32 master weights.
-    if torch.cuda.is_available() and getattr(params, "peft", None) is not None and use_bf16(params):
-        return torch.bfloat16
-    return torch.float32
+    return loader.load_tokenizer(path or ctx.input.tokenizer_path, bool(ctx.model.get("trust_remote_code", False)))
 
 
 def use_bf16(params: Any) -> bool:
-    p = getattr(params, "precision", "auto")
-    if p == "bf16":
-        return True
-    return p == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return loader.use_bf16(getattr(params, "precision", "auto"))
 
 
 def load_model(ctx: Any, params: Any, path: str | None = None):
-    kwargs = {"dtype": model_dtype(ctx, params), "trust_remote_code": bool(ctx.model.get("trust_remote_code", False))}
-    if ctx.model.get("attn_implementation"):
-        kwargs["attn_implementation"] = ctx.model["attn_implementation"]
-    model = AutoModelForCausalLM.from_pretrained(path or ctx.input.model_path, **kwargs)
+    """The stage's input model for training (dtype policy: medpipe.stages.models.loader)."""
+    dtype = loader.pick_dtype(ctx.model.get("dtype"), training=True, lora=getattr(params, "peft", None) is not None,
+                              precision=getattr(params, "precision", "auto"))
+    model = loader.load_causal_lm(path or ctx.input.model_path, dtype=dtype,
+                                  trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
+                                  attn_implementation=ctx.model.get("attn_implementation"))
     if getattr(params, "gradient_checkpointing", False):
         model.config.use_cache = False
     return model
 
 
-def lora_config(lora: Any):
-    from peft import LoraConfig
-
-    targets = lora.target_modules
-    targets = "all-linear" if list(targets) == ["all-linear"] else list(targets)
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", bias="none")
-
-
-def apply_lora(model, lora: Any):
-    if lora is None:
-        return model
-    if lora.type != "lora":
-        raise MedpipeError(f"peft.type '{lora.type}' is not supported here (lora)")
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(lora))
+apply_lora = loader.apply_lora
 
 
 def training_kwargs(ctx: Any, p: Any) -> dict:
@@ -209,7 +180,10 @@ def train(trainer, ctx: Any) -> dict:
     last = last_complete_checkpoint(ctx.output_dir / "checkpoints")
     if last:
         ctx.say(f"resuming from {Path(last).name}")
-    result = trainer.train(resume_from_checkpoint=last)
+    with warnings.catch_warnings():
+        # transformers 5 renamed gradient_* to activation_*; TRL still calls the old names every step
+        warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
+        result = trainer.train(resume_from_checkpoint=last)
     metrics: dict = loss_metrics(trainer.state.log_history)
     metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     metrics["steps"] = trainer.state.global_step
@@ -269,15 +243,21 @@ def loss_metrics(history: list[dict]) -> dict:
     return out
 
 
-def save_result(ctx: Any, trainer, tokenizer, params: Any, metrics: dict, extras: dict | None = None) -> Artifact:
-    """Save the trained model (LoRA: the adapter; else the full model) and describe it."""
+def save_result(ctx: Any, trainer, tokenizer, params: Any, metrics: dict, **fields: Any) -> Artifact:
+    """Save the trained model (LoRA: the adapter, merged once into `merged/` for the next stage
+    and for inference; else the full model) and describe it. `fields`: typed Artifact fields."""
     adapter = getattr(params, "peft", None) is not None
     out = ctx.output_dir / ("adapter" if adapter else "model")
     trainer.save_model(str(out))
+    trust = bool(ctx.model.get("trust_remote_code", False))
+    merged = None
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
+        if adapter:
+            merged = str(loader.merge_lora(out, ctx.input.model_path, out, ctx.output_dir / "merged", trust))
     trainer.accelerator.wait_for_everyone()
-    extras = {"trust_remote_code": bool(ctx.model.get("trust_remote_code", False)), **(extras or {})}
+    if adapter:
+        merged = str(ctx.output_dir / "merged")
     return Artifact(stage=ctx.name, kind=ctx.kind, format="adapter" if adapter else "full", model_path=str(out),
                     tokenizer_path=str(out), base_model_path=ctx.input.model_path if adapter else None,
-                    metrics=metrics, extras=extras)
+                    metrics=metrics, trust_remote_code=trust, merged_path=merged, **fields)

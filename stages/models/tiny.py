@@ -38,8 +38,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("MEDPIPE_CACHE", Path.home() / ".cache" / "medpipe")).expanduser()
+from medpipe.paths import cache_root  # noqa: E402  (re-exported: the tiny model lives in the cache)
 
 
 def corpus_files() -> list[Path]:
@@ -158,3 +157,13 @@ def build(spec: dict, out: Path) -> None:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+class TinySource:
+    """The `tiny` model source (entry point `medpipe.models: tiny`): `model.tiny` is the spec."""
+
+    def identity(self, opts: dict) -> str:
+        return tiny_spec_hash(opts.get("tiny") or {})
+
+    def materialize(self, opts: dict) -> str:
+        return str(ensure_tiny(opts.get("tiny") or {}))

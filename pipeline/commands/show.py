@@ -6,9 +6,10 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from . import launch
-from .compose import StagePlan
-from .run import base_identity, is_done, plan_keys, read_status, stage_dir_name
+from medpipe import launch
+from medpipe.compose import StagePlan
+from medpipe.entry import STAGE_FILE
+from medpipe.run import base_identity, is_done, plan_keys, read_status, stage_dir_name
 
 
 def describe(cfg: Any, plans: list[StagePlan]) -> list[str]:
@@ -30,6 +31,6 @@ def describe(cfg: Any, plans: list[StagePlan]) -> list[str]:
                 else f"train → {k.store_dir}"
         lines.append(f"#  {stage_dir_name(p)} [{p.kind}] input: {source}{adapter}; {state}")
         if launcher["name"] != "local" and getattr(p.cls, "trains", True):
-            cmd = launch.command(launcher, Path(k.store_dir) / "stage.json")
+            cmd = launch.command(launcher, Path(k.store_dir) / STAGE_FILE)
             lines.append(f"#     launch: {shlex.join(cmd)}")
     return lines

@@ -488,7 +488,7 @@ def generate_texts(model: Any, tok: Any, prompts: Sequence[str], *, max_new_toke
     to the first eos with special tokens skipped and surrounding whitespace stripped."""
     import torch
 
-    from medpipe.chat import left_padded_batches
+    from medpipe.stages.inference.runtime import left_padded_batches
 
     enc = [_encode(tok, p, special=add_special_tokens) for p in prompts]
     if max_length is not None:

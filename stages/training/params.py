@@ -4,21 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional
 
-
-class Checked:
-    """Range checks on construction (binding a stage's params runs them before anything trains):
-    `_rules()` yields (field, holds, what is required); a failure names every bad field."""
-
-    def _rules(self) -> list[tuple[str, bool, str]]:
-        return []
-
-    _where: ClassVar[str] = ""  # the field a nested params class sits in (peft., spike_guard.)
-
-    def __post_init__(self) -> None:
-        bad = [f"{self._where}{name} must be {want}, got {getattr(self, name)!r}"
-               for name, ok, want in self._rules() if not ok]
-        if bad:
-            raise ValueError("; ".join(bad))
+from medpipe.params import Checked
 
 
 @dataclass

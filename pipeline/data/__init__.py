@@ -1,4 +1,4 @@
-"""medpipe.stages.data — read the public medical datasets as they are, validate every record
+"""medpipe.data — read the public medical datasets as they are, validate every record
 before training, mix, dedup, split and pack.
 
 Public API (see docs in each module):

@@ -25,12 +25,12 @@ def _console():
 
 
 def _split(args: list[str] | None) -> tuple[str, list[str]]:
-    from .errors import ConfigError
+    from medpipe.errors import ConfigError
 
     args = list(args or [])
     recipes = [a for a in args if a.startswith("recipe=")]
     if not recipes:
-        from .compose import bundled_recipes
+        from medpipe.compose import bundled_recipes
 
         raise ConfigError(f"missing recipe=NAME (available: {', '.join(bundled_recipes())}, or recipe=path/to.yaml)")
     return recipes[-1].split("=", 1)[1], [a for a in args if not a.startswith("recipe=")]
@@ -38,8 +38,8 @@ def _split(args: list[str] | None) -> tuple[str, list[str]]:
 
 def _user_errors() -> tuple[type, ...]:
     """Errors a user can fix: printed as one line, exit code 2, no traceback."""
-    from .errors import MedpipeError
-    from medpipe.stages.data import DataError
+    from medpipe.errors import MedpipeError
+    from medpipe.data import DataError
 
     return (MedpipeError, DataError)
 
@@ -50,7 +50,7 @@ def _fail(e: Exception) -> None:
 
 
 def _load(args: list[str] | None):
-    from .compose import bind_stages, compose
+    from medpipe.compose import bind_stages, compose
 
     recipe, overrides = _split(args)
     cfg, choices = compose(recipe, overrides)
@@ -68,7 +68,7 @@ def run(
     """Run every stage of a recipe in order, skipping stages already done."""
     try:
         recipe, overrides = _split(args)
-        from .sweep import expand
+        from medpipe.sweep import expand
 
         sweeps = expand(overrides) if multirun else [overrides]
         console = _console()
@@ -81,8 +81,8 @@ def run(
 
 
 def _run_one(recipe, overrides, console, force, from_stage, only) -> None:
-    from .compose import bind_stages, compose
-    from .run import Pipeline
+    from medpipe.compose import bind_stages, compose
+    from medpipe.run import Pipeline
 
     cfg, _ = compose(recipe, overrides)
     Pipeline(cfg, bind_stages(cfg), recipe, console).run(force=force, from_stage=from_stage, only=only)
@@ -93,8 +93,8 @@ def list_() -> None:
     """Recipes, stage kinds with their parameters, models, datasets, launchers."""
     import dataclasses
 
-    from . import registry
-    from .compose import bundled_recipes, group_options
+    from medpipe import registry
+    from medpipe.compose import bundled_recipes, group_options
 
     out = [f"recipes:   {', '.join(bundled_recipes())}"]
     for group in ("model", "data", "launcher", "deepspeed"):
@@ -139,7 +139,7 @@ def show(args: Overrides = None) -> None:
 @app.command()
 def validate(args: Overrides = None) -> None:
     """Check config, model path and every record of every stage's data; no training."""
-    from .run import Pipeline, base_artifact
+    from medpipe.run import Pipeline, base_artifact
 
     try:
         recipe, _, cfg, _, plans = _load(args)
@@ -160,7 +160,7 @@ def status(run_dir: Annotated[str, typer.Argument(help="a run directory (runs/<r
 
     from rich.table import Table
 
-    from .run import RUN_FILE, stage_table
+    from medpipe.run import RUN_FILE, stage_table
 
     if not (Path(run_dir) / RUN_FILE).is_file():
         _fail(FileNotFoundError(f"{run_dir} is not a medpipe run dir (no {RUN_FILE})"))
@@ -185,7 +185,7 @@ def eval_(
 ) -> None:
     """Evaluate a done stage's model; results go to RUN_DIR/eval/<stage>.json (and the report)."""
     try:
-        from medpipe.stages.eval import evaluate_run_stage
+        from medpipe.commands.evaluate import evaluate_run_stage
 
         evaluate_run_stage(run_dir, stage, list(args or []))
     except _user_errors() as e:
@@ -238,7 +238,7 @@ def chat(
 ) -> None:
     """Talk to a stage's model, interactively or one-shot (-m)."""
     try:
-        from .chat import chat_loop
+        from medpipe.commands.chat import chat_loop
 
         if run_dir is None and url is None:
             raise typer.BadParameter("give RUN_DIR or --url")
@@ -263,7 +263,7 @@ def compare(
 ) -> None:
     """Pairwise judging (Win/Tie/Lose, both orders) of two stages' answers to the same questions."""
     try:
-        from medpipe.stages.eval import compare_run_stages
+        from medpipe.commands.evaluate import compare_run_stages
 
         compare_run_stages(run_dir, a, b, judge_url, list(args or []), judge_model, api_key_env,
                            max_new_tokens=max_new_tokens)

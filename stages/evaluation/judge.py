@@ -40,9 +40,9 @@ def _dialogue(conv: list[dict]) -> str:
 
 
 def judge_client(j: JudgeParams):
-    from medpipe.chat import OpenAIClient, api_key_from_env
+    from medpipe.stages.inference.runtime import OpenAIClient, api_key_from_env
 
-    from medpipe.chat import EndpointError
+    from medpipe.stages.inference.runtime import EndpointError
 
     client = OpenAIClient(j.url, model=j.model, api_key=api_key_from_env(j.api_key_env), timeout=j.timeout)
     try:
@@ -56,7 +56,7 @@ def judge_client(j: JudgeParams):
 def judge_pointwise(client: Any, convs: list[list[dict]], answers: list[str], refs: list[str],
                     max_tokens: int = 256) -> dict:
     """MedCare-style 1–5 scores per aspect; malformed replies are counted and left out of the means."""
-    from medpipe.stages.metrics import JUDGE_ASPECTS, parse_judge_scores
+    from medpipe.stages.evaluation.metrics import JUDGE_ASPECTS, parse_judge_scores
 
     items = []
     for conv, ans, ref in zip(convs, answers, refs):
@@ -77,7 +77,7 @@ _FLIP = {"win": "lose", "lose": "win", "tie": "tie"}
 def judge_pair(client: Any, conv: list[dict], a: str, b: str, max_tokens: int = 16) -> dict:
     """Judge (a, b) in both orders. The verdict is for a: when the two orders agree, theirs; when
     they disagree, 'tie' and counted inconsistent; a malformed reply leaves the pair unjudged."""
-    from medpipe.stages.metrics import parse_pairwise
+    from medpipe.stages.evaluation.metrics import parse_pairwise
 
     def ask(x: str, y: str) -> tuple[str | None, str]:
         msgs = [{"role": "system", "content": PAIR_SYSTEM},

@@ -6,7 +6,7 @@ per-subject accuracy of mcq sets, pairwise judge verdicts, loss curves per train
 and held-out loss; for DPO also the reward margin and accuracy), and the resolved config.
 
 Where the metrics come from (stages/eval.py documents the shapes):
-* eval stages of the run: the artifact's `metrics` join the row of `extras.evaluated_stage`;
+* eval stages of the run: the artifact's `metrics` join the row of `evaluated_stage`;
 * `medpipe eval` results: `<run_dir>/eval/<stage>.json` (`evaluated_stage`, `metrics`, `results`);
 * `medpipe compare` results: `<run_dir>/eval/pairwise-*.json` (`line`, `summary`).
 Ratios (accuracy, F1, BLEU, ROUGE, PromptCBLUE scores) are shown in percent; judge scores on
@@ -43,14 +43,22 @@ def _history(sdir: Path) -> list[dict]:
     return rows
 
 
+def evaluates(kind: str) -> bool:
+    """Whether a stage kind scores another stage's model (class attribute `evaluates`, eval's hook)
+    rather than training one: its metrics join the evaluated stage's row, it has no curves."""
+    from medpipe import registry
+
+    return kind in registry.kinds() and bool(getattr(registry.load(kind), "evaluates", False))
+
+
 def collect(run_dir: Path) -> dict:
     """Everything the report shows, as plain data."""
-    from .artifact import Artifact
-    from .run import RUN_FILE, stage_table
+    from medpipe.artifact import Artifact
+    from medpipe.run import RUN_FILE, stage_table
 
     info = _read_json(run_dir / RUN_FILE)
     if not info:
-        from .errors import MedpipeError
+        from medpipe.errors import MedpipeError
 
         raise MedpipeError(f"{run_dir} is not a medpipe run dir (no {RUN_FILE})")
     table = {r["stage"]: r for r in stage_table(run_dir)}
@@ -60,14 +68,14 @@ def collect(run_dir: Path) -> dict:
         sdir = Path(s["store_dir"])
         art = Artifact.load(sdir) if Artifact.exists(sdir) else None
         row = {**s, **table.get(s["name"], {}), "dir": sdir, "artifact_obj": art,
-               "history": _history(sdir) if s["kind"] != "eval" else []}
+               "history": [] if evaluates(s["kind"]) else _history(sdir)}
         stages.append(row)
-        if s["kind"] != "eval":
+        if not evaluates(s["kind"]):
             order.append(s["name"])
         elif art is not None:
-            target = art.extras.get("evaluated_stage") or s["name"]
+            target = art.evaluated_stage or s["name"]
             evals.setdefault(target, {}).update(art.metrics)
-            for set_name, res in (art.extras.get("results") or {}).items():
+            for set_name, res in (art.results or {}).items():
                 results.setdefault(target, {})[set_name] = res
     pairwise = []
     for path in sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []:
@@ -197,14 +205,14 @@ def _columns(data: dict) -> list[str]:
 
 def build(run_dir: str | Path) -> tuple[Path, Path]:
     """Write report.md, report.html and report_files/*.png into the run dir."""
-    from .artifact import write_text_atomic
+    from medpipe.artifact import write_text_atomic
 
     run_dir = Path(run_dir)
     data = collect(run_dir)
     files = run_dir / "report_files"
     curves = {}
     for s in data["stages"]:
-        if s["kind"] != "eval":
+        if not evaluates(s["kind"]):
             png = draw_curves(s, files / f"{s['link']}.png")
             if png:
                 curves[s["name"]] = png.relative_to(run_dir).as_posix()
@@ -221,8 +229,8 @@ def _stage_rows(data: dict) -> list[list[str]]:
         elapsed = f"{s['elapsed']:.0f}s" if s.get("elapsed") else ""
         if art is None:
             what = ""
-        elif s["kind"] == "eval":
-            what = f"evaluates {art.extras.get('evaluated_stage', '?')}"
+        elif art.evaluated_stage:
+            what = f"evaluates {art.evaluated_stage or '?'}"
         else:
             what = f"{art.format}: {art.model_path}"
         train = ", ".join(f"{k} {_fmt_num(m[k])}" for k in TRAIN_KEYS if isinstance(m.get(k), (int, float)))

@@ -22,45 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from .errors import MedpipeError
+from medpipe.errors import MedpipeError
 
 STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
 
 
 class EndpointError(MedpipeError):
     """An OpenAI-compatible endpoint could not be reached or answered an error."""
-
-
-# --- runs and stages ----------------------------------------------------------------------------
-def run_info(run_dir: str | Path) -> dict:
-    from .run import RUN_FILE
-
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise MedpipeError(f"{run_dir} is not a medpipe run dir (no {RUN_FILE})")
-    return json.loads(path.read_text())
-
-
-def stage_artifact(run_dir: str | Path, stage: str | None = None, merged: bool = True):
-    """(stage name, Artifact) of a done stage; `stage=None`: the last done stage that is not an eval."""
-    from .artifact import Artifact, merged_view
-
-    info = run_info(run_dir)
-    names = [s["name"] for s in info["stages"]]
-    done = [s for s in info["stages"] if Artifact.exists(s["store_dir"])]
-    if stage is None:
-        cands = [s for s in done if s["kind"] != "eval"]
-        if not cands:
-            raise MedpipeError(f"{run_dir}: no stage is done yet")
-        entry = cands[-1]
-    else:
-        entry = next((s for s in info["stages"] if s["name"] == stage), None)
-        if entry is None:
-            raise MedpipeError(f"{run_dir}: no stage '{stage}' (stages: {', '.join(names)})")
-        if not Artifact.exists(entry["store_dir"]):
-            raise MedpipeError(f"{run_dir}: stage '{stage}' is not done (no artifact.json)")
-    art = Artifact.load(entry["store_dir"])
-    return entry["name"], (merged_view(art) if merged else art)
 
 
 # --- a local model ------------------------------------------------------------------------------
@@ -94,29 +62,13 @@ class LocalModel:
 
     def __init__(self, model_path: str, tokenizer_path: str | None = None, trust_remote_code: bool = False,
                  dtype: str = "auto", name: str | None = None, model: Any = None, tokenizer: Any = None):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from medpipe.stages.models import loader
 
         self.path = str(model_path)
         self.name = name or Path(self.path).name
-        tok = tokenizer or AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        self.tok = tok
+        self.tok = tok = tokenizer or loader.load_tokenizer(tokenizer_path or model_path, trust_remote_code)
         if model is None:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # no "Loading weights" bar in eval / chat / serve output
-            kw: dict = {"trust_remote_code": trust_remote_code}
-            if dtype and dtype != "auto":
-                kw["dtype"] = getattr(torch, dtype)
-            elif torch.cuda.is_available():
-                kw["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            else:
-                kw["dtype"] = torch.float32
-            model = AutoModelForCausalLM.from_pretrained(self.path, **kw)
-            if torch.cuda.is_available():
-                model = model.to("cuda")
+            model = loader.load_for_inference(self.path, trust_remote_code=trust_remote_code, dtype=dtype)
         self.model = model.eval()
         self.device = next(model.parameters()).device
         vocab = tok.get_vocab()
@@ -128,17 +80,16 @@ class LocalModel:
 
     @classmethod
     def from_artifact(cls, art: Any, name: str | None = None) -> "LocalModel":
-        trust = bool(art.extras.get("trust_remote_code", False))
-        model = None
-        if art.extras.get("medcare_keep_na"):  # MedCare ablation: evaluate MKA with its routed experts
-            from medpipe.stages.adapters import medcare
-            from transformers import AutoModelForCausalLM
+        """A stage's model; its kind may load it its own way (`load_for_inference(art)` hook on the
+        stage class, e.g. MedCare's keep-NA ablation keeps the routed experts)."""
+        from medpipe import registry
 
-            base = AutoModelForCausalLM.from_pretrained(art.extras["medcare_adapter_base"], trust_remote_code=trust)
-            model = medcare.load_medcare(base, art.extras["medcare_adapter"])
-            for _, layer in medcare.medcare_modules(model):
-                layer.cfg.keep_na = True
-        return cls(art.model_path, art.tokenizer_path, trust_remote_code=trust, name=name or art.stage, model=model)
+        model = None
+        if art.kind in registry.kinds():
+            hook = getattr(registry.load(art.kind), "load_for_inference", None)
+            model = hook(art) if hook else None
+        return cls(art.model_path, art.tokenizer_path, trust_remote_code=art.trust_remote_code,
+                   name=name or art.stage, model=model)
 
     @property
     def has_template(self) -> bool:
@@ -306,104 +257,3 @@ class OpenAIClient:
 
 def api_key_from_env(name: Optional[str]) -> Optional[str]:
     return os.environ.get(name) if name else None
-
-
-# --- medpipe chat -------------------------------------------------------------------------------
-def chat_loop(run_dir: str, stage: str | None, message: str | None, rag: bool, rag_corpus: str | None,
-              url: str | None, system: str | None, max_new_tokens: int, temperature: float,
-              input_fn=input, print_fn=print, stream_to: Any = None, seed: int | None = None) -> None:
-    """One-shot (`message`) or interactive chat with a stage's model (or an endpoint with `url`).
-    Interactive commands: /reset (forget the dialogue), /exit. With `stream_to` (a text stream,
-    e.g. sys.stdout) a local model's interactive answers are written there as they are decoded."""
-    retriever = None
-    if url:
-        client = OpenAIClient(url)
-        client.check()
-        name = f"{client.model} @ {client.base}"
-
-        def answer(msgs):
-            return client.chat(msgs, max_tokens=max_new_tokens, temperature=temperature)
-    else:
-        stage_name, art = stage_artifact(run_dir, stage)
-        model = LocalModel.from_artifact(art, name=stage_name)
-        name = f"{stage_name} ({art.model_path})"
-
-        def answer(msgs):
-            kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-            if stream_to is None or message is not None:
-                return model.chat(msgs, **kw).text
-            stream_to.write("model> ")  # interactive terminal: the answer appears as it is decoded
-            done = None
-            for piece in model.stream(model.render(msgs), **kw):
-                if isinstance(piece, str):
-                    stream_to.write(piece)
-                    stream_to.flush()
-                else:
-                    done = piece
-            stream_to.write("\n")
-            return done.text
-    if rag:
-        retriever = rag_retriever(run_dir, rag_corpus, say=lambda m: print_fn(m))
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-
-    def turn(text: str) -> str:
-        msgs = history + [{"role": "user", "content": augment(text, retriever)}]
-        reply = answer(msgs)
-        history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
-        return reply
-
-    if message is not None:
-        print_fn(turn(message))
-        return
-    print_fn(f"medpipe chat with {name}{' + RAG' if retriever else ''}. /reset clears the dialogue, /exit quits.")
-    while True:
-        try:
-            text = input_fn("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print_fn("")
-            return
-        if text.strip() in ("/exit", "/quit"):
-            return
-        if text.strip() == "/reset":
-            del history[1 if system else 0:]
-            continue
-        if text.strip():
-            reply = turn(text)
-            if stream_to is None or url:
-                print_fn(f"model> {reply}")
-
-
-def rag_retriever(run_dir: str | None, corpus: str | None, say=print, k: int = 5):
-    """A KnowledgeIndex for chat/serve: `corpus` (a data spec) or the run's first cpt stage's data."""
-    from medpipe.stages.rag import RagParams, build_or_load
-
-    if corpus is None:
-        corpus = run_corpus(run_dir)
-    idx = build_or_load(RagParams(index=corpus, k=k), say=say)
-    idx.k = k  # type: ignore[attr-defined]
-    return idx
-
-
-def run_corpus(run_dir: str | None) -> Any:
-    """The pretraining corpus of a run: the `data` of its first `cpt` stage (config.yaml)."""
-    if run_dir is None:
-        raise MedpipeError("--rag needs a corpus: give --rag-corpus PATH")
-    import yaml
-
-    cfg_path = Path(run_dir) / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    for name, body in (cfg.get("stages") or {}).items():
-        if isinstance(body, dict) and body.get("kind") == "cpt" and body.get("data"):
-            return body["data"]
-    raise MedpipeError(f"{run_dir} has no cpt stage whose corpus could be indexed; give --rag-corpus PATH")
-
-
-def augment(text: str, retriever: Any) -> str:
-    """The user's message with the top-k passages before it (RAG), or unchanged."""
-    if retriever is None:
-        return text
-    from medpipe.stages.mcq import detect_lang
-    from medpipe.stages.rag import passages_block
-
-    passages = retriever.search([text], getattr(retriever, "k", 5))[0]
-    return passages_block(passages, detect_lang(text)) + "\n\n" + text

@@ -4,7 +4,7 @@ top-k passages prepended to the prompt. Used by the eval stage (`rag: {index: ..
 
 Index
   The corpus (any `text` data spec: path, conf/data name, source dict, list) is read with
-  `medpipe.stages.data.load_records(spec, "text")`; each document is cut into chunks of
+  `medpipe.data.load_records(spec, "text")`; each document is cut into chunks of
   `chunk_size` characters, consecutive chunks overlapping by `chunk_overlap` characters (a
   document shorter than `chunk_size` is one chunk).
   * `retriever: bm25` (default): bm25s (Lucene BM25, k1=1.5, b=0.75). Tokens (`tokenize`):
@@ -108,10 +108,10 @@ def index_dir(p: RagParams, base_dir: Any = None) -> Path:
     if p.dir:
         return Path(p.dir).expanduser()
     from medpipe.artifact import stable_hash
-    from medpipe.stages.data import parse_spec
+    from medpipe.data import parse_spec
 
     paths = [s.path for s in parse_spec(p.index, base_dir=base_dir)]
-    from medpipe.stages.tiny import cache_root
+    from medpipe.paths import cache_root
 
     return cache_root() / "rag" / stable_hash({"paths": paths, "retriever": p.retriever, "tokenize": p.tokenize,
                                                 "chunk": [p.chunk_size, p.chunk_overlap],
@@ -158,7 +158,7 @@ def build_or_load(p: RagParams, say: Callable[[str], None] = print, base_dir: An
     """The index of `p.index`, loaded from its directory when its corpus fingerprint and options
     match, else (re)built there (and said why)."""
     from medpipe.errors import ConfigError
-    from medpipe.stages.data import fingerprint
+    from medpipe.data import fingerprint
 
     if p.index is None:
         raise ConfigError("rag.index: no corpus given")
@@ -224,7 +224,7 @@ def _embedder(path: Any):
 
 def _build(p: RagParams, directory: Path, corpus_fp: str, opts: dict, say, base_dir, data_opts) -> KnowledgeIndex:
     from medpipe.artifact import atomic_dir, write_json_atomic
-    from medpipe.stages.data import load_records
+    from medpipe.data import load_records
 
     t0 = time.monotonic()
     loaded = load_records(p.index, "text", base_dir=base_dir, on_error=data_opts.get("on_error") or "fail",
