@@ -6,6 +6,8 @@ from typing import Any, Optional
 
 from medpipe.stages.training.params import TrainParams
 
+OVERLENGTH = ("truncate", "drop", "error")
+
 
 @dataclass
 class SFTParams(TrainParams):
@@ -14,7 +16,20 @@ class SFTParams(TrainParams):
     warmup: float = 0.05
     weight_decay: float = 0.05
     max_length: int = 2048
+    # each prompt run (the text before an answer) and each answer cut separately (Qilin-Med: 256 / 256);
+    # the prompt loses the end of its user text (the template's turn markers stay), the answer its end
+    max_prompt_length: Optional[int] = None
+    max_response_length: Optional[int] = None
+    # a conversation still longer than max_length: truncate (keep its start; counted) | drop (counted) | error
+    # (null: the recipe's data.overlength, else truncate)
+    overlength: Optional[str] = None
     chat_template: Optional[str] = None  # Jinja template for tokenizers that have none
+
+    def _rules(self):
+        return super()._rules() + [
+            ("max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, ">= 1 or null"),
+            ("max_response_length", self.max_response_length is None or self.max_response_length >= 1, ">= 1 or null"),
+            ("overlength", self.overlength in (None, *OVERLENGTH), "one of " + ", ".join(OVERLENGTH) + " or null")]
 
 
 class SFTStage:
@@ -30,27 +45,26 @@ class SFTStage:
     def run(self, ctx: Any):
         from trl import SFTConfig, SFTTrainer
 
-        from medpipe.data import load_records
         from medpipe.stages.training import common
-        from medpipe.stages.training.chat_data import encode_dataset
-        from medpipe.stages.training.params import data_options
+        from medpipe.stages.training.chat_data import prepare_chat_data
 
         p: SFTParams = ctx.params
         tok = common.load_tokenizer(ctx)
         if p.chat_template:
             tok.chat_template = p.chat_template
-        loaded = load_records(p.data, "chat", heldout=p.heldout, **data_options(p, ctx.data))
-        cache = common.data_cache_dir(ctx)
-        train_ds = encode_dataset(loaded.records, tok, p.max_length, cache)
-        eval_ds = encode_dataset(loaded.heldout, tok, p.max_length, cache) if loaded.heldout else None
-        ctx.say(f"{len(train_ds)} training conversations" + (f", {len(eval_ds)} held out" if eval_ds else ""))
-        model = common.apply_lora(common.load_model(ctx, p), p.peft)
         args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length, packing=False,
                          dataset_num_proc=p.num_proc)
+        # prepared once per node: local rank 0 encodes (or finds the cache), the others wait, then memory-map it
+        with args.main_process_first(local=True, desc="SFT data"):
+            data = prepare_chat_data(p, ctx.data, tok, common.data_cache_dir(ctx), log=ctx.log)
+        train_ds, eval_ds = data.train, data.heldout
+        ctx.say(f"{len(train_ds)} training conversations" + (f", {len(eval_ds)} held out" if eval_ds else ""))
+        model = common.apply_lora(common.load_model(ctx, p), p.peft)
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok, callbacks=common.callbacks(ctx, p))
         metrics = common.train(trainer, ctx)
-        multi = sum(1 for r in loaded.records if sum(m["role"] == "assistant" for m in r["messages"]) > 1)
-        metrics.update(conversations=len(train_ds), conversations_multi_turn=multi,
-                       heldout=len(eval_ds) if eval_ds else 0)
+        metrics.update(conversations=len(train_ds), conversations_multi_turn=data.stats.multi_turn,
+                       heldout=len(eval_ds) if eval_ds else 0, prompt_cut=data.stats.prompt_cut,
+                       response_cut=data.stats.response_cut, truncated=data.stats.truncated,
+                       overlength_dropped=data.stats.overlength_dropped)
         return common.save_result(ctx, trainer, tok, p, metrics)
