@@ -306,29 +306,33 @@ def assistant_spans(text: str, messages: list[dict], shape: TemplateShape, folde
     return out
 
 
-def _token_classes(offsets, spans) -> list[int]:
-    """Per token: 2 trained (answer), 1 user content (prompt text), 0 template."""
-    cls = []
-    trained = [(s, e) for s, e, _, _ in spans if s >= 0]
-    prompt = [(s, e) for a, _, s, e in spans if a < 0]
-    ti = pi = 0
-    for a, b in offsets:
-        while ti < len(trained) and trained[ti][1] <= a:
-            ti += 1
-        while pi < len(prompt) and prompt[pi][1] <= a:
-            pi += 1
-        if b > a and ti < len(trained) and trained[ti][0] < b:
-            cls.append(2)
-        elif b > a and pi < len(prompt) and prompt[pi][0] < b:
-            cls.append(1)
-        else:
-            cls.append(0)
+def _token_classes(offsets, spans):
+    """Per token (numpy int8): 2 trained (answer), 1 user content (prompt text), 0 template. A
+    token belongs to a span when their characters overlap."""
+    import numpy as np
+
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    a, b = off[:, 0], off[:, 1]
+    cls = np.zeros(len(off), dtype=np.int8)
+    for value, pairs in ((1, [(s, e) for x, _, s, e in spans if x < 0]), (2, [(s, e) for s, e, _, _ in spans if s >= 0])):
+        if not pairs:
+            continue
+        starts = np.fromiter((p[0] for p in pairs), np.int64, len(pairs))
+        ends = np.fromiter((p[1] for p in pairs), np.int64, len(pairs))
+        k = np.searchsorted(ends, a, side="right")  # first span ending after the token starts
+        inside = k < len(pairs)
+        hit = inside & (b > a)
+        hit[inside] &= starts[k[inside]] < b[inside]
+        cls[hit] = value
     return cls
 
 
-def _cut_runs(ids: list[int], cls: list[int], limits: Limits) -> tuple[list[int], list[int], bool, bool]:
+def _cut_runs(ids: list[int], cls, limits: Limits) -> tuple[list[int], list[int], bool, bool]:
     """Cut every prompt run (tokens between answers) to max_prompt_length by dropping the end of
     its user text, and every answer to max_response_length by dropping its end."""
+    if not limits.max_prompt_length and not limits.max_response_length:
+        return list(ids), (cls == 2).astype("int8").tolist(), False, False
+    cls = cls.tolist()
     out_ids, out_mask = [], []
     p_cut = r_cut = False
     i, n = 0, len(ids)
@@ -370,6 +374,21 @@ def encode_chat(messages: list[dict], tok: Any, max_length: int, *, limits: Limi
     return {"input_ids": row["input_ids"], "assistant_masks": row["assistant_masks"]}
 
 
+def _tokenize(texts: list[str], tok: Any) -> list[tuple[list[int], list]]:
+    """(ids, char offsets) per text, no special tokens added (the template prints its own); the
+    Rust backend directly when the tokenizer is a fast one."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+              return_token_type_ids=False)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
 def _encode_many(convs: list[list[dict]], tok: Any, shape: TemplateShape, limits: Limits) -> list[dict]:
     texts, spans, folded, errors = [], [], [], []
     for msgs in convs:
@@ -384,11 +403,10 @@ def _encode_many(convs: list[list[dict]], tok: Any, shape: TemplateShape, limits
             spans.append([])
             folded.append(False)
             errors.append(str(e))
-    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
-              return_token_type_ids=False)
+    encoded = _tokenize(texts, tok)
     rows = []
     for k in range(len(convs)):
-        ids, offs = enc["input_ids"][k], enc["offset_mapping"][k]
+        ids, offs = encoded[k]
         cls = _token_classes(offs, spans[k])
         ids, mask, p_cut, r_cut = _cut_runs(ids, cls, limits)
         over = len(ids) > limits.max_length
