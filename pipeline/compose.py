@@ -87,13 +87,106 @@ def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
             cfg = hydra_compose(config_name=name, overrides=[search, *overrides], return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain(e, recipe)) from None
+    except Exception as e:  # noqa: BLE001 - a YAML syntax error surfaces as yaml's own error types
+        yaml_error = _yaml_error(e)
+        if yaml_error is None:
+            raise
+        raise ConfigError(yaml_error) from None
     choices = dict(cfg.hydra.runtime.choices)
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]
     OmegaConf.set_struct(cfg, True)
     if OmegaConf.is_missing(cfg, "name") or "stages" not in cfg or not cfg.stages:
         raise ConfigError(f"recipe '{recipe}' must set `name` and at least one entry under `stages`")
+    check_recipe_keys(cfg)
     return cfg, {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+
+
+def _yaml_error(e: Exception) -> str | None:
+    """`file:line:column: YAML syntax: problem` for a YAML error (Hydra lets them through)."""
+    import yaml
+
+    if not isinstance(e, yaml.YAMLError):
+        return None
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if mark is None:
+        return f"YAML syntax: {problem}"
+    return f"{mark.name}:{mark.line + 1}:{mark.column + 1}: YAML syntax: {problem}"
+
+
+# ---- strict recipe keys ------------------------------------------------------------------------
+TOP_KEYS = ("name", "seed", "run", "model", "data", "stages", "launcher", "deepspeed")
+MODEL_KEYS = ("name", "path", "source", "trust_remote_code", "dtype", "attn_implementation", "allow_hub", "revision")
+DATA_OPTIONS = ("on_error", "seed", "cache_dir", "overlength")  # the rest of `data:` are named sources
+
+
+def _group_keys(group: str) -> set[str]:
+    """Every top-level key some conf/<group>/*.yaml declares (a model source's own block, e.g. `tiny:`)."""
+    import yaml
+
+    keys: set[str] = set()
+    for p in (package_dir("conf") / group).glob("*.yaml"):
+        try:
+            body = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            continue
+        keys.update(str(k) for k in body if isinstance(body, dict))
+    return keys
+
+
+def _base_yaml() -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((package_dir("conf") / "base.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _reject(where: str, unknown: str, allowed) -> None:
+    import difflib
+
+    allowed = sorted(set(allowed))
+    near = difflib.get_close_matches(unknown, allowed, n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    raise ConfigError(f"{where}{unknown}: unknown key{hint}. Allowed: {', '.join(allowed)}")
+
+
+def check_recipe_keys(cfg: Any) -> None:
+    """Unknown keys at the top level and in model / data / run / launcher / deepspeed are errors
+    naming the key and what is allowed (stage keys are checked by bind_params)."""
+    import difflib
+
+    base = _base_yaml()
+    top = set(TOP_KEYS) | {str(k) for k in base if k != "defaults"}
+    for key in cfg:
+        if key not in top:
+            _reject("", str(key), top)
+    run_keys = {"root", "dir", "store"} | set((base.get("run") or {}).keys())
+    sections = {"model": set(MODEL_KEYS) | _group_keys("model"), "run": run_keys,
+                "launcher": _group_keys("launcher"), "deepspeed": _group_keys("deepspeed")}
+    for section, allowed in sections.items():
+        body = cfg.get(section)
+        if body is None or not hasattr(body, "keys"):
+            continue
+        for key in body.keys():
+            if key not in allowed:
+                _reject(f"{section}.", str(key), allowed)
+    data = cfg.get("data")
+    if data is not None and hasattr(data, "keys"):
+        for key in data.keys():
+            key = str(key)
+            if key in DATA_OPTIONS:
+                continue
+            value = data._get_node(key)._value() if hasattr(data, "_get_node") else data[key]
+            if isinstance(value, (bool, int, float)) or value is None or \
+                    difflib.get_close_matches(key, DATA_OPTIONS, n=1, cutoff=0.75):
+                _reject("data.", key, [*DATA_OPTIONS, "<name>: a data source (path, {path: ...} or a list)"])
+    run = cfg.get("run")
+    run_dir = run.get("dir") if run is not None else None
+    if run_dir and Path(str(run_dir)).expanduser().exists() and not Path(str(run_dir)).expanduser().is_dir():
+        raise ConfigError(f"run.dir: '{run_dir}' is a file, not a directory; choose another run.dir")
 
 
 def _explain(e: Exception, recipe: str) -> str:
