@@ -27,7 +27,8 @@ def main() -> None:
 
     from medpipe.stages.inference.runtime import LocalModel
     from medpipe.compose import package_dir
-    from medpipe.stages.eval import EvalParams, plan_sets
+    from medpipe.stages.eval import EvalParams
+    from medpipe.stages.evaluation.sets import plan_sets
     from medpipe.stages.models.tiny import ensure_tiny
 
     torch.set_num_threads(args.threads)

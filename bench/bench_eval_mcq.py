@@ -9,10 +9,10 @@ bundled mcq sample (CMExam, MedQA, MedMCQA, PubMedQA with contexts, C-Eval val: 
 Rows (scoring only; prompts are built once, the model is loaded once):
   cue loop         - one item at a time, written plainly: tokenize, model(ids) with full logits,
                      the valid letters' logits at the last position (what batching replaces);
-  cue  bs=1 / bs=N - `medpipe.stages.eval.letter_logits` (answer-cue letter logits, sorted by
+  cue  bs=1 / bs=N - `medpipe.stages.evaluation.scoring.letter_logits` (answer-cue letter logits, sorted by
                      length, left padding, last-position logits only), 1 vs N prompts per forward;
   ppl  bs=1 / bs=N - option perplexity as the eval stage runs it
-                     (`medpipe.stages.evaluation.mcq.score_options_ppl`), one item per call vs N rows.
+                     (`medpipe.stages.evaluation.scoring.score_options_ppl`), one item per call vs N rows.
 RESULT lines: cue bs=N against the plain loop and against bs=1, ppl bs=N against bs=1;
 predictions must be identical across variants.
 
@@ -40,8 +40,11 @@ def main() -> None:
     import torch
 
     from medpipe.compose import package_dir
-    from medpipe.stages.eval import EvalParams, _Runner, cue_prompt, letter_logits, plan_sets
-    from medpipe.stages.evaluation.mcq import score_options_ppl
+    from medpipe.stages.eval import EvalParams
+    from medpipe.stages.evaluation.prompts import cue_prompt, pick_shots
+    from medpipe.stages.evaluation.scoring import letter_logits, letter_token_ids, score_options_ppl
+    from medpipe.stages.evaluation.sets import plan_sets
+    from medpipe.stages.inference.backends import open_backend
     from medpipe.artifact import Artifact
     from medpipe.stages.models.tiny import ensure_tiny
 
@@ -53,14 +56,11 @@ def main() -> None:
             {"path": f"{s}/pubmedqa.json", "format": "pubmedqa"}, {"path": f"{s}/ceval_val.csv", "format": "ceval"}]
     items = [r for st in plan_sets(EvalParams(data=data)) for r in st.records]
     tiny = str(ensure_tiny())
-    runner = _Runner(Artifact(stage="base", kind="model", format="full", model_path=tiny, tokenizer_path=tiny),
-                     EvalParams())
-    model, tok = runner.local.model, runner.tok
+    runner = open_backend(Artifact(stage="base", kind="model", format="full", model_path=tiny, tokenizer_path=tiny))
+    model, tok = runner.model, runner.tok
     prompts = [cue_prompt(it, "auto", []) for it in items]
     letters = [list(it["options"]) for it in items]
     ntok = [len(tok(p)["input_ids"]) for p in prompts]
-
-    from medpipe.stages.evaluation.mcq import letter_token_ids
 
     cand = letter_token_ids(tok, sorted({x for ls in letters for x in ls}))
 
@@ -81,8 +81,6 @@ def main() -> None:
         if bs == 1:
             return [score_options_ppl([it], model, tok, batch_size=len(it["options"]))[0]["pred"] for it in items]
         return [r["pred"] for r in score_options_ppl(items, model, tok, batch_size=bs)]
-
-    from medpipe.stages.eval import pick_shots
 
     pool = plan_sets(EvalParams(data={"path": f"{s}/ceval_dev.csv", "format": "ceval"}))[0].records
     ceval = plan_sets(EvalParams(data={"path": f"{s}/ceval_val.csv", "format": "ceval"}))[0].records

@@ -1,4 +1,4 @@
-"""Batched option-perplexity scoring (medpipe.stages.evaluation.mcq.score_options_ppl) vs one forward per
+"""Batched option-perplexity scoring (medpipe.stages.evaluation.scoring.score_options_ppl) vs one forward per
 option (issue 8). Small random Qwen2 (hidden 256, 4 layers) + an in-memory word tokenizer,
 64 items x 4 options. Same process, interleaved reps, median after a warm-up pass.
 
@@ -59,7 +59,7 @@ def make_items(words: list[str], n: int, seed: int) -> list[dict]:
 
 
 def naive_loop(items, model, tok):
-    from medpipe.stages.evaluation.mcq import build_ppl_prompt
+    from medpipe.stages.evaluation.prompts import build_ppl_prompt
 
     out = []
     with torch.no_grad():
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from medpipe.stages.evaluation.mcq import score_options_ppl
+    from medpipe.stages.evaluation.scoring import score_options_ppl
 
     tok, model, words = build(args.vocab, 0)
     items = make_items(words, args.items, 1)
@@ -127,7 +127,7 @@ def main() -> None:
 
 
 def build_ppl_prompt_text(item: dict) -> str:
-    from medpipe.stages.evaluation.mcq import build_ppl_prompt
+    from medpipe.stages.evaluation.prompts import build_ppl_prompt
 
     return build_ppl_prompt(item)[0]
 

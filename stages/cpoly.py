@@ -9,7 +9,7 @@ Verification-of-Choice), those records are added (`input_dataset: auto`; `requir
 one, `ignore` never reads it).
 
 Training text (`text_format`):
-* `ppl` (default): exactly the option-perplexity scoring format (`medpipe.stages.evaluation.mcq.build_ppl_prompt`:
+* `ppl` (default): exactly the option-perplexity scoring format (`medpipe.stages.evaluation.prompts.build_ppl_prompt`:
   "[Context: ...]\nQuestion: ...\nAnswer:" then " <correct option text>" + EOS), loss on the answer
   tokens only; prompt and answer are tokenised separately, as the scorer does, and the prompt is
   cut from the left when too long. Multi-answer items have no single option continuation: dropped,
@@ -187,7 +187,7 @@ def check_exports(p: CPolyParams, tasks: list[str], where: str) -> None:
 
 def encode_ppl(records: list[dict], tok: Any, max_length: int, lang: str) -> list[dict]:
     """Prompt as the option-perplexity scorer builds it, then the correct option + EOS (labelled)."""
-    from medpipe.stages.evaluation.mcq import build_ppl_prompt
+    from medpipe.stages.evaluation.prompts import build_ppl_prompt
 
     prompts, answers = [], []
     for r in records:

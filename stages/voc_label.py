@@ -1,6 +1,6 @@
 """`voc_label` — pseudo-label unlabeled PubMedQA-style items (PQA-U) with Verification-of-Choice.
 
-The input model (the previous stage's, merged) runs VoC (`medpipe.stages.evaluation.mcq.voc_label`) on every
+The input model (the previous stage's, merged) runs VoC (`medpipe.stages.evaluation.voc.voc_label`) on every
 item of `data` that has no answer: (1) plan, one justification per option; (2) execute, which
 justification is logically complete and consistent with the context (the item's long answer is
 appended to the context); (3) final response "Answer: X", parsed strictly. An unparseable final
@@ -85,7 +85,7 @@ class VocLabelStage:
         from medpipe.stages.training import common
         from medpipe.stages.training.params import data_options
         from medpipe.data import load_records
-        from medpipe.stages.evaluation.mcq import voc_label
+        from medpipe.stages.evaluation.voc import voc_label
 
         p: VocLabelParams = ctx.params
         records = load_records(p.data, "mcq", **data_options(p, ctx.data)).records

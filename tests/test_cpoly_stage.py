@@ -47,7 +47,7 @@ def tiny_tokenizer():
 
 def test_ppl_encoding_labels_only_the_answer_and_collator_emits_task_ids():
     from medpipe.stages.cpoly import CPolyParams, TaskCollator, encode
-    from medpipe.stages.evaluation.mcq import build_ppl_prompt
+    from medpipe.stages.evaluation.prompts import build_ppl_prompt
 
     tok = tiny_tokenizer()
     recs = [{"id": "1", "question": "Is X useful?", "context": "X helps.", "options": {"A": "yes", "B": "no"},
@@ -197,9 +197,9 @@ stages:
 
 @pytest.mark.slow
 def test_voc_label_counts_and_hands_its_dataset_to_cpoly(tmp_path, monkeypatch):
-    from medpipe.stages.evaluation import mcq
+    from medpipe.stages.evaluation import voc
 
-    monkeypatch.setattr(mcq, "generate_texts", lambda model, tok, prompts, **kw: stub_generate(prompts, model, tok))
+    monkeypatch.setattr(voc, "generate_texts", lambda model, tok, prompts, **kw: stub_generate(prompts, model, tok))
     write_pqa_u(tmp_path / "pqa_u.parquet")
     recipe = tmp_path / "voc.yaml"
     recipe.write_text(VOC_RECIPE % (tmp_path / "pqa_u.parquet"))
@@ -228,10 +228,10 @@ def test_voc_label_counts_and_hands_its_dataset_to_cpoly(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_voc_label_relabel_reports_agreement_and_refuses_an_empty_job(tmp_path, monkeypatch):
-    from medpipe.stages.evaluation import mcq
+    from medpipe.stages.evaluation import voc
     from medpipe.data import load_records
 
-    monkeypatch.setattr(mcq, "generate_texts",
+    monkeypatch.setattr(voc, "generate_texts",
                         lambda model, tok, prompts, **kw: ["Answer: A" if "final response" in p else "so" for p in prompts])
     recipe = tmp_path / "voc.yaml"
     recipe.write_text("defaults: [base, model: tiny, data: sample, stage/voc_label@stages.voc, _self_]\nname: v\n"

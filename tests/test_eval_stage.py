@@ -8,7 +8,11 @@ import pytest
 
 from _evalrun import fake_run, samples, tiny_artifact
 from conftest import medpipe
-from medpipe.stages.eval import EvalParams, EvalSet, cue_prompt, eval_mcq, evaluate, pick_shots, plan_sets
+from medpipe.stages.eval import EvalParams
+from medpipe.stages.evaluation.prompts import cue_prompt, pick_shots, with_context
+from medpipe.stages.evaluation.runner import eval_mcq, evaluate
+from medpipe.stages.evaluation.scoring import letter_logits
+from medpipe.stages.evaluation.sets import EvalSet, plan_sets
 
 QUIET = dict(say=lambda m: None)
 
@@ -19,21 +23,19 @@ def cmexam(limit=12):
 
 @pytest.fixture(scope="module")
 def runner():
-    from medpipe.stages.eval import _Runner
+    from medpipe.stages.inference.backends import open_backend
 
-    return _Runner(tiny_artifact(), EvalParams())
+    return open_backend(tiny_artifact())
 
 
 def test_cue_scoring_batched_equals_one_at_a_time(runner):
-    from medpipe.stages.eval import letter_logits
-
     items = plan_sets(EvalParams(data=[cmexam(10), {"path": f"{samples()}/mcq_medqa.jsonl", "format": "medqa",
                                                     "limit": 10}]))
     items = items[0].records + items[1].records  # different lengths, 4 and 5 options, zh and en
     prompts = [cue_prompt(it, "auto", []) for it in items]
     letters = [list(it["options"]) for it in items]
-    batched = letter_logits(runner.local.model, runner.tok, prompts, letters, batch_size=8)
-    single = letter_logits(runner.local.model, runner.tok, prompts, letters, batch_size=1)
+    batched = letter_logits(runner.model, runner.tok, prompts, letters, batch_size=8)
+    single = letter_logits(runner.model, runner.tok, prompts, letters, batch_size=1)
     for b, s in zip(batched, single):
         assert b.keys() == s.keys()
         for k in b:
@@ -62,7 +64,6 @@ def test_prefix_groups_split_on_shared_tokens_only():
 def test_kshot_shared_prefix_equals_independent_rows(runner):
     """k-shot prompts: the shared shots run once through the KV cache; the letters' logits equal
     scoring each prompt on its own (zero-shot prompts mixed in take the plain path)."""
-    from medpipe.stages.eval import letter_logits
     from medpipe.stages.inference.prefix import prefix_groups
 
     ceval = plan_sets(EvalParams(data={"path": f"{samples()}/ceval_val.csv", "format": "ceval", "limit": 12}))
@@ -70,7 +71,7 @@ def test_kshot_shared_prefix_equals_independent_rows(runner):
     items = ceval[0].records + plan_sets(EvalParams(data=cmexam(5)))[0].records
     prompts = [cue_prompt(it, "auto", pick_shots(it, pool, 3) if i < 12 else []) for i, it in enumerate(items)]
     letters = [list(it["options"]) for it in items]
-    tok, model = runner.tok, runner.local.model
+    tok, model = runner.tok, runner.model
     groups = prefix_groups([tok(p)["input_ids"] for p in prompts])
     assert groups[0][0] > 100 and len(groups[0][1]) == 12 and groups[-1] == (0, groups[-1][1])
     shared = letter_logits(model, tok, prompts, letters, batch_size=5)       # the group spans 3 batches
@@ -86,17 +87,25 @@ def test_each_mcq_method_scores_the_set(method, tmp_path):
     p = EvalParams(data=cmexam(8), method=method, mcq_max_new_tokens=4)
     metrics, results = evaluate(p, tiny_artifact(), tmp_path, **QUIET)
     r = results["cmexam"]
-    assert r["n"] == 8 and r["method"] == method and 0 <= metrics["cmexam/acc"] <= 1
-    assert "cmexam/f1_weighted" in metrics and r["subjects"]
+    assert r["n"] == 8 and r["method"] == method and r["protocol"] == "native"
     rows = [json.loads(x) for x in (tmp_path / "details" / "cmexam.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(x["_loc"].startswith(f"{samples()}/mcq_cmexam.csv:") for x in rows)
+    # accuracy is the share of items whose predicted letter set is the gold set
+    assert all(x["correct"] == (x["pred"] is not None and sorted(x["pred"]) == sorted(x["gold"])) for x in rows)
+    assert metrics["cmexam/acc"] == sum(x["correct"] for x in rows) / 8
+    assert sum(s["n"] for s in r["subjects"].values()) == 8
+    assert all(len(x["prompt_sha"]) == 16 and x["protocol"] == "native" for x in rows)
     if method == "generate":
         assert metrics["cmexam/invalid"] == sum(x["pred"] is None for x in rows)
+    else:  # every option's score, token count and characters; the prediction is the best score
+        best = min if method == "ppl" else max
+        assert all(x["pred"] == [best(x["scores"], key=x["scores"].get)] for x in rows)
+        assert all(x["scores"].keys() == x["n_tokens"].keys() == x["chars"].keys() for x in rows)
 
 
 class CannedRunner:
-    """Stands in for the model: generate() returns given texts (method=generate)."""
-    local = None
+    """Stands in for the eval backend: generate() returns given texts (method=generate)."""
+    model = None
     tok = None
     has_template = False
 
@@ -135,14 +144,14 @@ def test_kshot_examples_come_from_the_dev_split_same_subject_first():
 def test_ceval_five_shot_runs(tmp_path):
     p = EvalParams(data=f"{samples()}/ceval_val.csv", shots=5, fewshot_data=f"{samples()}/ceval_dev.csv", limit=6)
     metrics, results = evaluate(p, tiny_artifact(), tmp_path, **QUIET)
-    assert results["ceval"]["shots"] == 5 and "ceval/acc" in metrics
+    assert results["ceval"]["shots"] == 5 and results["ceval"]["n"] == 6
+    rows = [json.loads(x) for x in (tmp_path / "details" / "ceval.jsonl").read_text().splitlines()]
+    assert metrics["ceval/acc"] == sum(x["correct"] for x in rows) / 6
 
 
 def test_rag_passages_go_into_the_prompt():
-    from medpipe.stages.eval import _with_context
-
     item = {"question": "偏头痛怎么治疗？", "options": {"A": "x", "B": "y"}, "answer": ["A"]}
-    prompt = cue_prompt(_with_context(item, "参考资料：\n[1] 偏头痛用曲普坦。"), "auto", [])
+    prompt = cue_prompt(with_context(item, "参考资料：\n[1] 偏头痛用曲普坦。"), "auto", [])
     assert prompt.startswith("背景：参考资料：\n[1] 偏头痛用曲普坦。\n问题：偏头痛怎么治疗？")
 
 
@@ -170,7 +179,6 @@ def test_promptcblue_set(tmp_path):
 
 # --- bad input ----------------------------------------------------------------------------------
 def test_bad_input_is_refused_with_a_clear_error(tmp_path):
-    from medpipe.errors import ConfigError
     from medpipe.data import DataError
 
     noref = tmp_path / "noref.jsonl"
@@ -188,10 +196,15 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path):
         plan_sets(EvalParams(data={"path": str(bad_letter), "format": "medqa"}))
     with pytest.raises(DataError, match="cannot be evaluated"):
         plan_sets(EvalParams(data=f"{samples()}/pretrain.jsonl"))
-    with pytest.raises(ConfigError, match="method"):
-        evaluate(EvalParams(data=cmexam(), method="vote"), tiny_artifact(), tmp_path, **QUIET)
-    with pytest.raises(ConfigError, match="fewshot_data"):
-        evaluate(EvalParams(data=cmexam(), shots=5), tiny_artifact(), tmp_path, **QUIET)
+    # params are checked when they are made (binding a recipe or `medpipe eval` overrides)
+    with pytest.raises(ValueError, match="method must be one of ppl, cue, generate, got 'vote'"):
+        EvalParams(data=cmexam(), method="vote")
+    with pytest.raises(ValueError, match="fewshot_data must be set when shots=5"):
+        EvalParams(data=cmexam(), shots=5)
+    from medpipe.stages.evaluation.rag import RagParams
+
+    with pytest.raises(ValueError, match="rag.k must be >= 1, got 0"):
+        RagParams(k=0)
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):
@@ -264,9 +277,9 @@ def test_vllm_backend_plumbing_with_a_stand_in_engine(tmp_path, monkeypatch):
         assert [r["pred"] for r in rows(tmp_path / f"v{method}")] == [r["pred"] for r in rows(tmp_path / f"t{method}")]
         assert got["cmexam"]["metrics"]["acc"] == want["cmexam"]["metrics"]["acc"]
     items = plan_sets(EvalParams(data=cmexam(5)))[0].records
-    from medpipe.stages.eval import _Runner
+    from medpipe.stages.models.loader import load_tokenizer
 
-    tok = _Runner(tiny_artifact(), EvalParams()).tok
+    tok = load_tokenizer(tiny_artifact().tokenizer_path)
     first = tok(cue_prompt(items[0], "auto", []))["input_ids"]
     assert FakeVLLM.LLM.requests[0][:-1] == first  # the prompt's own tokens + one candidate letter
 
@@ -290,11 +303,18 @@ def test_eval_params_compose_and_reject_unknown_keys():
 
     recipe = "tests/recipes/qilin_eval.yaml"
     cfg, _ = compose(recipe, [])
+    from medpipe.stages.evaluation.rag import RagParams
+
     plans = {p.name: p for p in bind_stages(cfg)}
-    assert plans["eval_sft"].source == "sft" and plans["eval_sft"].params.method == "cue"
-    assert plans["eval_sft"].params.rag.k == 5 and plans["eval_sft"].cls.trains is False
+    assert plans["eval_sft"].source == "sft" and isinstance(plans["eval_sft"].params, EvalParams)
+    assert isinstance(plans["eval_sft"].params.rag, RagParams) and plans["eval_sft"].cls.trains is False
     with pytest.raises(ConfigError, match="bogus"):
         bind_stages(compose(recipe, ["+stages.eval_sft.bogus=1"])[0])
+    # range checks at bind time, by the mechanism the training params use, nested ones named
+    with pytest.raises(ConfigError, match=r"stages.eval_sft: method must be one of ppl, cue, generate, got 'vote'"):
+        bind_stages(compose(recipe, ["stages.eval_sft.method=vote"])[0])
+    with pytest.raises(ConfigError, match=r"rag.chunk_overlap must be in \[0, chunk_size\), got 300"):
+        bind_stages(compose(recipe, ["stages.eval_sft.rag.chunk_overlap=300"])[0])
 
 
 def test_medpipe_eval_writes_and_merges_results_for_a_stage(tmp_path):
@@ -303,6 +323,7 @@ def test_medpipe_eval_writes_and_merges_results_for_a_stage(tmp_path):
     assert r.code == 0, r.out
     rec = json.loads((run_dir / "eval" / "sft.json").read_text())
     assert rec["evaluated_stage"] == "sft" and set(rec["metrics"]) == {"cmexam/acc", "cmexam/f1_weighted"}
+    assert rec["params"]["cmexam"]["limit"] == 6 and rec["results"]["cmexam"]["n"] == 6
     r = medpipe("eval", str(run_dir), "--stage", "sft", "data=${data.cmexam}", "limit=6", "method=ppl",
                 "rag.index=pretrain")
     assert r.code == 0, r.out

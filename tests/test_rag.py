@@ -96,7 +96,8 @@ def test_dense_needs_a_local_model(corpus):
 
 
 def test_rag_eval_on_the_sample_mcq_set_runs_end_to_end(tmp_path, monkeypatch):
-    from medpipe.stages.eval import EvalParams, evaluate
+    from medpipe.stages.eval import EvalParams
+    from medpipe.stages.evaluation.runner import evaluate
 
     monkeypatch.setenv("MEDPIPE_CACHE", str(tmp_path / "cache"))
     p = EvalParams(data={"path": f"{samples()}/mcq_cmexam.csv", "format": "cmexam"}, limit=12,

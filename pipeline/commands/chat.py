@@ -108,7 +108,7 @@ def augment(text: str, retriever: Any) -> str:
     """The user's message with the top-k passages before it (RAG), or unchanged."""
     if retriever is None:
         return text
-    from medpipe.stages.evaluation.mcq import detect_lang
+    from medpipe.data.lang import detect_lang
     from medpipe.stages.evaluation.rag import passages_block
 
     passages = retriever.search([text], getattr(retriever, "k", 5))[0]

@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medpipe.stages.eval import EvalParams, evaluate
+from medpipe.stages.eval import EvalParams
+from medpipe.stages.evaluation.runner import evaluate
 from medpipe.stages.evaluation.judge import JudgeParams, judge_client
 
 from .rundir import stage_artifact

@@ -1,6 +1,6 @@
 """Conversions between record kinds: mcq → chat / text, Huatuo QA → chat / text.
 
-Templates follow the question's language (any CJK character → Chinese template).
+Templates follow the question's language (medpipe.data.lang.detect_lang, the one detector eval uses too).
 
 mcq → chat:  user   "<instruction>\n\n[<context>\n\n]<question>\nA. ...\nB. ..."
              assistant "答案：A. <option text>\n解析：<explanation>"  /
@@ -10,9 +10,7 @@ qa  → chat:  user question / assistant answer;  qa → text: "问：...\n答�
 """
 from __future__ import annotations
 
-import re
-
-_CJK = re.compile(r"[\u3400-\u9fff]")
+from .lang import detect_lang
 
 ZH = {"instr": "以下是一道医学考试选择题，请给出正确答案。", "ctx": "背景：", "ans": "答案：",
       "expl": "解析：", "q": "问：", "a": "答：", "sep": "；"}
@@ -21,7 +19,7 @@ EN = {"instr": "Answer the following medical multiple-choice question.", "ctx": 
 
 
 def lang_of(text: str) -> dict:
-    return ZH if _CJK.search(text) else EN
+    return ZH if detect_lang(text) == "zh" else EN
 
 
 def mcq_prompt(rec: dict, with_instruction: bool = True) -> str:

@@ -5,20 +5,26 @@ Used by the eval stage (`judge.url`) and by `medpipe compare`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
+
+from medpipe.params import Checked, param
 
 
 @dataclass
-class JudgeParams:
+class JudgeParams(Checked):
     """LLM-as-judge through an OpenAI-compatible endpoint (null url = no judge)."""
 
-    url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
-    model: Optional[str] = None  # model name to ask for (default: the endpoint's first model)
-    api_key_env: Optional[str] = None  # name of the env var holding the API key
-    timeout: float = 120.0
-    max_tokens: int = 256
-    limit: Optional[int] = None  # items judged per set (null = all)
+    _where: ClassVar[str] = "judge."
+    url: Optional[str] = param(None, "endpoint, e.g. http://127.0.0.1:8000/v1; null = no judge")
+    model: Optional[str] = param(None, "model name to ask for (default: the endpoint's first model)")
+    api_key_env: Optional[str] = param(None, "name of the env var holding the API key")
+    timeout: float = param(120.0, "seconds per request")
+    max_tokens: int = param(256, "judge reply tokens")
+    limit: Optional[int] = param(None, "items judged per set (null = all)")
 
+    def _rules(self):
+        return [("timeout", self.timeout > 0, "> 0"), ("max_tokens", self.max_tokens >= 1, ">= 1"),
+                ("limit", self.limit is None or self.limit >= 1, ">= 1 or null")]
 
 
 JUDGE_SYSTEM = ("You are a senior physician grading an AI assistant's answer to a medical question. "

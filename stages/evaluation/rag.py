@@ -29,24 +29,33 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
+
+from medpipe.params import Checked, param
 
 INDEX_VERSION = 1
 RETRIEVERS = ("bm25", "dense")
 
 
 @dataclass
-class RagParams:
+class RagParams(Checked):
     """Retrieval-augmented prompts: `index` is the corpus to index (null = no RAG)."""
 
-    index: Any = None  # corpus data spec (path | conf/data name | source dict | list); null = off
-    k: int = 5  # passages prepended to each prompt
-    retriever: str = "bm25"  # bm25 | dense
-    embedding_model: Optional[str] = None  # local model dir for retriever=dense
-    chunk_size: int = 256  # characters per chunk
-    chunk_overlap: int = 32  # characters shared by consecutive chunks
-    tokenize: str = "char"  # bm25 tokens: char (CJK chars + bigrams, Latin words) | jieba
-    dir: Optional[str] = None  # index directory (default: $MEDPIPE_CACHE/rag/<hash>)
+    _where: ClassVar[str] = "rag."
+    index: Any = param(None, "corpus data spec (path | conf/data name | source dict | list); null = off")
+    k: int = param(5, "passages prepended to each prompt")
+    retriever: str = param("bm25", "bm25 | dense")
+    embedding_model: Optional[str] = param(None, "local model dir for retriever=dense")
+    chunk_size: int = param(256, "characters per chunk")
+    chunk_overlap: int = param(32, "characters shared by consecutive chunks")
+    tokenize: str = param("char", "bm25 tokens: char (CJK chars + bigrams, Latin words) | jieba")
+    dir: Optional[str] = param(None, "index directory (default: $MEDPIPE_CACHE/rag/<hash>)")
+
+    def _rules(self):
+        return [("k", self.k >= 1, ">= 1"), ("retriever", self.retriever in RETRIEVERS, "one of " + ", ".join(RETRIEVERS)),
+                ("chunk_size", self.chunk_size >= 1, ">= 1"),
+                ("chunk_overlap", 0 <= self.chunk_overlap < self.chunk_size, "in [0, chunk_size)"),
+                ("tokenize", self.tokenize in ("char", "jieba"), "char or jieba")]
 
 
 _CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
@@ -162,8 +171,6 @@ def build_or_load(p: RagParams, say: Callable[[str], None] = print, base_dir: An
 
     if p.index is None:
         raise ConfigError("rag.index: no corpus given")
-    if p.retriever not in RETRIEVERS:
-        raise ConfigError(f"rag.retriever must be one of {RETRIEVERS}, got {p.retriever!r}")
     if p.retriever == "dense" and not p.embedding_model:
         raise ConfigError("rag.retriever=dense needs rag.embedding_model (a local model directory)")
     if p.retriever == "dense" and not Path(str(p.embedding_model)).expanduser().is_dir():

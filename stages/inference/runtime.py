@@ -8,7 +8,10 @@ Light at import: torch/transformers/httpx are imported inside the functions that
 * `LocalModel.generate(prompts, ...)` is batched, left-padded, greedy by default (temperature 0),
   sampling with temperature/top_p otherwise; generation stops at the tokenizer's eos or an
   end-of-turn token (<|im_end|>, <|eot_id|>, <|end|>) and reports finish_reason "stop"/"length"
-  and token counts, as the OpenAI API does.
+  and token counts, as the OpenAI API does. It is medpipe's one generate loop: chat, serve, the
+  eval backends and VoC (`LocalModel.wrap(model, tok)` around an in-memory model, C-Poly task ids
+  through `tasks=`) all generate through `generate_ids`.
+* `encode_prompts(tok, prompts, ...)`: batch tokenisation + left cut, what every backend scores.
 * `OpenAIClient(url).chat(messages)` posts to `<url>/chat/completions`; `url` may be the server
   root, its `/v1`, or the full `/v1/chat/completions`. Connection failures raise
   `EndpointError` (a MedpipeError) naming the URL.
@@ -38,6 +41,21 @@ class Completion:
     finish_reason: str  # stop | length
     prompt_tokens: int
     completion_tokens: int
+
+
+def encode_prompts(tok: Any, prompts: Sequence[str], add_special_tokens: bool, max_length: int | None) -> list[list[int]]:
+    """Token ids of every prompt, cut from the left to max_length: what both eval backends score.
+    One batch call: the fast tokenizer encodes the list in parallel (per-prompt calls cost ~10 %)."""
+    enc = tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
+    return [list(e)[-max_length:] if max_length else list(e) for e in enc]
+
+
+def pad_id(tok: Any) -> int:
+    """The padding id: the tokenizer's pad token, else its eos (left padding is masked anyway)."""
+    pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pid is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    return int(pid)
 
 
 def left_padded_batches(enc: Sequence[Sequence[int]], batch_size: int, pad: int):
@@ -79,6 +97,11 @@ class LocalModel:
         self.lock = threading.Lock()  # one generate at a time (serving)
 
     @classmethod
+    def wrap(cls, model: Any, tok: Any, name: str = "model") -> "LocalModel":
+        """An in-memory model + tokenizer (VoC, tests, benchmarks): nothing is loaded."""
+        return cls(name, name=name, model=model, tokenizer=tok)
+
+    @classmethod
     def from_artifact(cls, art: Any, name: str | None = None) -> "LocalModel":
         """A stage's model; its kind may load it its own way (`load_for_inference(art)` hook on the
         stage class, e.g. MedCare's keep-NA ablation keeps the routed experts)."""
@@ -112,21 +135,24 @@ class LocalModel:
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
                  add_special_tokens: bool | None = None, seed: int | None = None,
-                 ignore_eos: bool = False) -> list[Completion]:
+                 ignore_eos: bool = False, tasks: Sequence[Any] | None = None) -> list[Completion]:
         """Batched generation (sorted by length, left padding); greedy when temperature == 0.
         `ignore_eos` generates exactly `max_new_tokens` (benchmarks)."""
         enc = [self.encode(p, add_special_tokens) for p in prompts]
         return self.generate_ids(enc, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 batch_size=batch_size, max_length=max_length, seed=seed, ignore_eos=ignore_eos)
+                                 batch_size=batch_size, max_length=max_length, seed=seed, ignore_eos=ignore_eos,
+                                 tasks=tasks)
 
     def generate_ids(self, enc: Sequence[list[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
-                     seed: int | None = None, ignore_eos: bool = False, streamer: Any = None) -> list[Completion]:
+                     seed: int | None = None, ignore_eos: bool = False, streamer: Any = None,
+                     tasks: Sequence[Any] | None = None) -> list[Completion]:
+        """The generate loop. `tasks`: one task per prompt for models that take task ids (C-Poly)."""
         import torch
 
         if max_length is not None:
             enc = [e[-max_length:] for e in enc]
-        pad = self.tok.pad_token_id
+        pad = pad_id(self.tok)
         stops = set(self.stop_ids)
         out: list[Completion | None] = [None] * len(enc)
         with self.lock, torch.no_grad():
@@ -137,6 +163,8 @@ class LocalModel:
                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids or None)
                 if ignore_eos:
                     kw["min_new_tokens"] = max_new_tokens
+                if tasks is not None:
+                    kw["task_ids"] = [tasks[k] for k in chunk]
                 if streamer is not None:  # one prompt (transformers streams batch size 1 only)
                     kw["streamer"] = streamer
                 if temperature and temperature > 0:

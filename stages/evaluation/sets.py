@@ -1,0 +1,113 @@
+"""Reading and planning eval sets: every source of `data` is one set, its kind follows its format
+(mcq formats → multiple choice; chat formats → generation; promptcblue → PromptCBLUE), records in
+file order with `limit` applied, refused with a file:line error when they cannot be scored."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MCQ_FORMATS = ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval")
+GEN_FORMATS = ("alpaca", "sharegpt", "messages", "huatuo")
+
+
+@dataclass
+class EvalSet:
+    name: str
+    kind: str  # mcq | generation | promptcblue
+    fmt: str
+    records: list
+    source: Any = None
+
+
+def _source_format(src: Any) -> str:
+    from medpipe.data import detect_format
+    from medpipe.data.sources import expand_paths
+
+    if src.format and src.format != "auto":
+        from medpipe.data.formats import FORMAT_ALIASES
+
+        return FORMAT_ALIASES.get(src.format, src.format)
+    return detect_format(expand_paths(src)[0], src.columns)[0]
+
+
+def plan_sets(p: Any, data_opts: dict | None = None) -> list[EvalSet]:
+    """Read and validate every eval set (records in file order, `limit` applied)."""
+    from medpipe.errors import ConfigError
+    from medpipe.data import DataError, parse_spec
+    from medpipe.data.validate import read_source
+
+    if p.data is None:
+        raise ConfigError("eval: `data` is required (one eval set per source: mcq, chat or PromptCBLUE data)")
+    on_error = p.on_error or (data_opts or {}).get("on_error") or "fail"
+    sets: list[EvalSet] = []
+    seen: dict[str, int] = {}
+    suffix = "+rag" if p.rag.index is not None else ""
+    for src in parse_spec(p.data):
+        fmt = _source_format(src)
+        if fmt in MCQ_FORMATS:
+            kind, want = "mcq", "mcq"
+        elif fmt == "promptcblue":
+            kind, want = "promptcblue", "chat"
+        elif fmt in GEN_FORMATS:
+            kind, want = "generation", "chat"
+        else:
+            raise DataError(f"format '{fmt}' cannot be evaluated (mcq: {', '.join(MCQ_FORMATS)}; generation: "
+                            f"{', '.join(GEN_FORMATS)}; promptcblue)", src.path, None, "format", reason="format")
+        if kind == "promptcblue":
+            records = read_promptcblue(src, on_error)
+        else:
+            records, _ = read_source(src, want, on_error)
+        if p.limit:
+            records = records[: p.limit]
+        if not records:
+            raise DataError("no records to evaluate", src.path, None, None, reason="empty_dataset")
+        if kind == "generation":
+            for r in records:
+                msgs = r["messages"]
+                if msgs[-1]["role"] != "assistant" or not str(msgs[-1]["content"]).strip():
+                    raise DataError("no reference answer: a generation eval set needs each conversation to end "
+                                    "with a non-empty assistant turn", r.get("_loc", src.path), None, "messages",
+                                    reason="no_reference")
+        if kind == "mcq" and not any(r.get("answer") for r in records):
+            raise DataError("no reference answers: every item is unlabeled, accuracy cannot be computed",
+                            src.path, None, "answer", reason="no_reference")
+        name = src.task or (fmt if kind == "mcq" else Path(src.path).stem)
+        name = re.sub(r"[^\w.+-]+", "_", name) + suffix
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}-{seen[name]}"
+        sets.append(EvalSet(name, kind, fmt, records, src))
+    return sets
+
+
+def read_promptcblue(src: Any, on_error: str) -> list[dict]:
+    """Raw PromptCBLUE rows (input, target, answer_choices, task_type, task_dataset, sample_id),
+    validated through the data layer first (so errors name path:line)."""
+    from medpipe.data.readers import RawReader
+    from medpipe.data.sources import expand_paths
+    from medpipe.data.validate import read_source
+
+    read_source(src, "chat", on_error)  # validation only
+    rows = []
+    for path in expand_paths(src):
+        reader = RawReader(path, on_error)
+        for line, raw in reader:
+            if not isinstance(raw, dict) or not str(raw.get("input") or "").strip() or raw.get("target") is None:
+                continue
+            rows.append({**raw, "_loc": f"{path}:{line}"})
+            if src.limit and len(rows) >= src.limit:
+                return rows
+    return rows
+
+
+def read_pool(spec: Any, on_error: str) -> list[dict]:
+    """The k-shot example pool (`fewshot_data`): mcq records of every source, file order."""
+    from medpipe.data import parse_spec
+    from medpipe.data.validate import read_source
+
+    pool: list[dict] = []
+    for src in parse_spec(spec):
+        pool += read_source(src, "mcq", on_error)[0]
+    return pool
