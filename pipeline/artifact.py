@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import MedpipeError
 
 ARTIFACT_FILE = "artifact.json"
 FORMATS = ("full", "adapter", "merged")
@@ -41,6 +42,11 @@ class Artifact:
     # A kind's own typed record (e.g. MedCare's KA weights), written and read by that kind's library
     # through a dataclass of its own; the engine only stores it.
     handoff: dict = dataclasses.field(default_factory=dict)
+    # Size and sha256 of every file the stage hands on, relative to its store entry ({path: {size,
+    # sha256}}), and one digest of that content: reuse checks the files against `files`, and the
+    # next stage's inputs hash is this digest (other weights under the same key rerun what follows).
+    files: dict = dataclasses.field(default_factory=dict)
+    content_digest: str = ""
     created: str = ""
     medpipe_version: str = __version__
 
@@ -60,13 +66,96 @@ class Artifact:
 
     @classmethod
     def load(cls, directory: str | Path) -> "Artifact":
-        data = json.loads((Path(directory) / ARTIFACT_FILE).read_text())
+        """The artifact in `directory`; a file that is not a readable artifact raises ArtifactError
+        naming it (a torn or hand-edited artifact.json is never taken for a finished stage)."""
+        path = Path(directory) / ARTIFACT_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ArtifactError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+        except OSError as e:
+            raise ArtifactError(f"{path}: cannot be read ({e.strerror})") from None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{path}: not a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+        missing = [k for k in required if not isinstance(data.get(k), str)]
+        if missing:
+            raise ArtifactError(f"{path}: field {missing[0]!r} missing or not a string")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: {e}") from None
 
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
         return (Path(directory) / ARTIFACT_FILE).is_file()
+
+
+class ArtifactError(MedpipeError):
+    """An artifact.json that cannot be trusted: unreadable, or its files differ from what it records."""
+
+
+# Files a trainer writes beside the weights that differ between identical runs (pickled arguments
+# with paths and times): recorded and size-checked, but left out of the content digest.
+RUN_METADATA = ("training_args.bin",)
+
+
+def handed_on_paths(art: "Artifact") -> list[str]:
+    """The paths a stage hands to later stages and to inference."""
+    paths = [art.model_path, art.tokenizer_path, art.merged_path, art.dataset_path, *art.task_models.values()]
+    return [p for p in dict.fromkeys(paths) if p]
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def record_files(art: "Artifact", directory: str | Path, input_digest: str = "") -> None:
+    """Fill `art.files` (size + sha256 of every handed-on file inside `directory`, the stage's store
+    entry) and `art.content_digest`. Paths outside the entry (a pass-through stage's input model)
+    are another stage's files: for them the digest takes `input_digest`, the stage input's digest."""
+    root = Path(directory).resolve()
+    files: dict[str, dict] = {}
+    outside = False
+    for ref in handed_on_paths(art):
+        p = Path(ref).resolve()
+        if not p.exists():
+            continue
+        if root != p and root not in p.parents:
+            outside = True
+            continue
+        for f in sorted([p] if p.is_file() else (q for q in p.rglob("*") if q.is_file())):
+            rel = f.relative_to(root).as_posix()
+            if rel not in files and not f.name.startswith("."):
+                files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    art.files = files
+    content = {rel: v["sha256"] for rel, v in files.items() if Path(rel).name not in RUN_METADATA}
+    art.content_digest = stable_hash({"format": art.format, "files": content, "input": input_digest if outside else "",
+                                      "handoff": art.handoff, "dataset_records": art.dataset_records}, length=32)
+
+
+def check_files(art: "Artifact", directory: str | Path, full: bool = False) -> list[str]:
+    """What differs between the entry's files and what its artifact.json records, one line per file
+    ("PATH: why"); sizes always, sha256 too when `full`. Empty: the files are the ones written."""
+    root = Path(directory)
+    problems = []
+    for rel, want in sorted(art.files.items()):
+        path = root / rel
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+            continue
+        if size != want.get("size"):
+            problems.append(f"{path}: {size} bytes, artifact.json recorded {want.get('size')}")
+        elif full and file_sha256(path) != want.get("sha256"):
+            problems.append(f"{path}: sha256 differs from the one artifact.json recorded")
+    return problems
 
 
 def stage_key(config_hash: str, inputs_hash: str) -> str:
@@ -105,7 +194,8 @@ def atomic_dir(out: Path):
     so readers never see half a directory and a failure leaves the old one untouched."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    remove_stale_temp_dirs(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-{os.getpid()}-"))
     try:
         yield tmp
         if out.exists():
@@ -114,6 +204,25 @@ def atomic_dir(out: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temp_dirs(out: Path) -> None:
+    """Temp dirs of earlier `atomic_dir(out)` blocks whose process died (kill -9 mid-merge): a temp
+    dir is named `.<name>-<pid>-<random>`; one whose pid is not alive on this host is removed."""
+    for tmp in out.parent.glob(f".{out.name}-*"):
+        pid = tmp.name[len(out.name) + 2:].split("-", 1)[0]
+        if tmp.is_dir() and not (pid.isdigit() and _pid_alive(int(pid))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def model_fingerprint(path: str | Path) -> str:

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import Artifact
+from .artifact import Artifact, record_files, write_text_atomic
 from .compose import bind_params
 from . import registry
 
 STAGE_FILE = "stage.json"
+HISTORY_FILE = "log_history.jsonl"
 
 
 def rank() -> int:
@@ -61,12 +62,20 @@ class StageContext:
             print(f"  [{self.index + 1}/{self.total} {self.name}] {message}", flush=True)
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """A stage log that cannot be written (disk full) is not worth a traceback on the terminal:
+    the stage's own error says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _setup_log(output_dir: Path) -> logging.Logger:
     log = logging.getLogger(f"medpipe.stage.{output_dir.name}.{rank()}")
     log.setLevel(logging.INFO)
     if not log.handlers:
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(output_dir / "logs" / f"rank{rank()}.log", encoding="utf-8")
+        handler = _QuietFileHandler(output_dir / "logs" / f"rank{rank()}.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
     return log
@@ -95,10 +104,14 @@ def run_stage_file(path: str | Path) -> Artifact:
         log=log,
     )
     log.info("stage %s (%s) rank %d/%d starting", ctx.name, ctx.kind, rank(), world_size())
+    kept_lines = trim_history(output_dir, checkpoint_step(output_dir)) if ctx.is_main else 0
     try:
         artifact = cls().run(ctx)
-    except BaseException:
-        log.exception("stage %s failed on rank %d", ctx.name, rank())
+    except BaseException as e:
+        if isinstance(e, OSError) or "No space left" in str(e):  # the trace would not fit a full disk
+            log.error("stage %s failed on rank %d: %s", ctx.name, rank(), e)
+        else:
+            log.exception("stage %s failed on rank %d", ctx.name, rank())
         raise
     finally:
         if previous_tb is None:
@@ -109,9 +122,79 @@ def run_stage_file(path: str | Path) -> Artifact:
         artifact.config_hash = spec["config_hash"]
         artifact.inputs_hash = spec["inputs_hash"]
         artifact.metrics.setdefault("world_size", world_size())
+        resumed = artifact.metrics.get("resumed_from")
+        if resumed:  # the checkpoint the trainer actually took may be older than the newest one
+            trim_history(output_dir, _step(resumed), only_first=kept_lines)
+            _resumed_train_loss(artifact.metrics, output_dir)
+        import time
+
+        t0 = time.monotonic()
+        record_files(artifact, output_dir, ctx.input.content_digest)
+        log.info("recorded %d files (%.1f MB) in %.2fs", len(artifact.files),
+                 sum(f["size"] for f in artifact.files.values()) / 1e6, time.monotonic() - t0)
         artifact.save(output_dir)
         log.info("artifact written to %s", output_dir)
     return artifact
+
+
+def _step(checkpoint_name: str) -> int:
+    tail = str(checkpoint_name).rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def checkpoint_step(output_dir: Path) -> int:
+    """Step of the newest checkpoint whose trainer state reads back (what a resume starts from);
+    0 when there is none."""
+    ckpts = output_dir / "checkpoints"
+    found = sorted((_step(p.name) for p in ckpts.glob("checkpoint-*")), reverse=True) if ckpts.is_dir() else []
+    for step in found:
+        try:
+            json.loads((ckpts / f"checkpoint-{step}" / "trainer_state.json").read_text())
+            return step
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def trim_history(output_dir: Path, step: int, only_first: int | None = None) -> int:
+    """Drop the lines an abandoned attempt logged past `step`, the step this attempt resumes from,
+    so a resumed stage's curve does not double back. `only_first`: trim only the first N lines
+    (those from before this attempt). Returns how many lines are left from before."""
+    path = output_dir / HISTORY_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    old, new = (lines, []) if only_first is None else (lines[:only_first], lines[only_first:])
+    kept = []
+    for line in old:
+        try:
+            row_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # a line torn by a kill
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line)
+    if len(kept) != len(old):
+        write_text_atomic(path, "".join(x + "\n" for x in kept + new))
+    return len(kept)
+
+
+def _resumed_train_loss(metrics: dict, output_dir: Path) -> None:
+    """After a resume the trainer's `train_loss` covers only this attempt's steps (0.0 when it
+    resumed at the last checkpoint): take the mean logged loss of the whole stage instead."""
+    losses = []
+    path = output_dir / HISTORY_FILE
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            loss = json.loads(line).get("loss")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(loss, (int, float)) and loss == loss:
+            losses.append(float(loss))
+    if "train_loss" in metrics:
+        if losses:
+            metrics["train_loss"] = sum(losses) / len(losses)
+        else:
+            metrics.pop("train_loss")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import launch
-from .artifact import (Artifact, merged_view, model_fingerprint, stable_hash, stage_key, write_json_atomic,
-                       write_text_atomic)
+from .artifact import (Artifact, ArtifactError, check_files, merged_view, model_fingerprint, stable_hash, stage_key,
+                       write_json_atomic, write_text_atomic)
 from .compose import StagePlan
 from .entry import STAGE_FILE
 from .errors import ConfigError, MedpipeError
@@ -40,10 +40,15 @@ class Keyed:
     config_hash: str
     inputs_hash: str
     store_dir: Path
+    data: dict = dataclasses.field(default_factory=dict)  # data fingerprints (part of the inputs hash)
 
     @property
     def key(self) -> str:
         return stage_key(self.config_hash, self.inputs_hash)
+
+
+def keyed_by(keyed: list[Keyed], name: str) -> Keyed:
+    return next(k for k in keyed if k.plan.name == name)
 
 
 def runs_root(cfg: Any) -> Path:
@@ -77,30 +82,81 @@ def plan_keys(cfg: Any, plans: list[StagePlan], base_id: str) -> list[Keyed]:
     out = []
     for plan in plans:
         config_hash = stable_hash({"kind": plan.kind, "params": plan.raw, "seed": cfg.seed, "model": model_opts})
-        source = keyed[plan.source].key if plan.source else base_id
         data = {name: fingerprint_data(spec) for name, spec in data_specs(plan.params).items()}
-        inputs_hash = stable_hash({"input": source, "data": data})
-        k = Keyed(plan, config_hash, inputs_hash, Path())
-        k.store_dir = store_root(cfg) / f"{plan.kind}-{k.key}"
+        k = Keyed(plan, config_hash, "", Path(), data)
+        source = base_id
+        if plan.source:  # the upstream's content if it is done, else its key (rekeyed once it is)
+            up = keyed[plan.source]
+            source = upstream_identity(_loaded(up.store_dir) if is_done(up) else None) or f"key:{up.key}"
+        rekey(cfg, k, source)
         keyed[plan.name] = k
         out.append(k)
     return out
 
 
-def is_done(k: Keyed) -> bool:
+def upstream_identity(art: Artifact | None) -> str | None:
+    """What a stage's inputs hash says about the stage it reads from: the digest of the files that
+    stage handed on, so other weights under the same upstream key (a forced, non-reproducing
+    rerun) give other keys downstream, and reproduced weights the same ones."""
+    return f"content:{art.content_digest}" if art is not None and art.content_digest else None
+
+
+def rekey(cfg: Any, k: Keyed, source: str) -> None:
+    k.inputs_hash = stable_hash({"input": source, "data": k.data})
+    k.store_dir = store_root(cfg) / f"{k.plan.kind}-{k.key}"
+
+
+def _loaded(sdir: Path) -> Artifact | None:
+    try:
+        return Artifact.load(sdir)
+    except ArtifactError:
+        return None
+
+
+def reuse_problem(k: Keyed, full: bool = False) -> str | None:
+    """Why the finished entry at k.store_dir cannot be reused ("FILE: why"), or None when it can.
+    An entry without artifact.json is simply not done (None too; check is_done)."""
     if not Artifact.exists(k.store_dir):
-        return False
-    art = Artifact.load(k.store_dir)
-    return art.config_hash == k.config_hash and art.inputs_hash == k.inputs_hash
+        return None
+    try:
+        art = Artifact.load(k.store_dir)
+    except ArtifactError as e:
+        return str(e)
+    if art.config_hash != k.config_hash or art.inputs_hash != k.inputs_hash:
+        return f"{k.store_dir / 'artifact.json'}: records another config or inputs than this stage's"
+    problems = check_files(art, k.store_dir, full=full)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return problems[0] + more
+    return None
+
+
+def is_done(k: Keyed, full: bool = False) -> bool:
+    return Artifact.exists(k.store_dir) and reuse_problem(k, full) is None
 
 
 def read_status(stage_dir: Path) -> dict:
+    """The stage's state: done only when its artifact reads back and its files have the sizes it
+    recorded; a torn status.json or artifact.json is `broken`, with `error` naming the file."""
+    path = stage_dir / STATUS_FILE
     try:
-        status = json.loads((stage_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {"state": "pending"}
+        status = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(status, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        status = {"state": "pending"}
+    except (OSError, ValueError) as e:
+        status = {"state": "broken", "error": f"{path}: not a readable status ({e})"}
     if Artifact.exists(stage_dir):
-        status["state"] = "done"
+        try:
+            art = Artifact.load(stage_dir)
+            problems = check_files(art, stage_dir)
+        except ArtifactError as e:
+            problems = [str(e)]
+        if problems:
+            status.update(state="broken", error=problems[0])
+        else:
+            status["state"] = "done"
     elif status.get("state") == "running" and not _alive(status.get("pid"), status.get("host")):
         status["state"] = "interrupted"
     return status
@@ -231,8 +287,9 @@ def base_artifact(cfg: Any) -> Artifact:
 class Pipeline:
     """Runs the stages of one composed recipe, in order, in this (driver) process."""
 
-    def __init__(self, cfg: Any, plans: list[StagePlan], recipe: str, console: Any):
+    def __init__(self, cfg: Any, plans: list[StagePlan], recipe: str, console: Any, overrides: list[str] | None = None):
         self.cfg, self.plans, self.recipe, self.console = cfg, plans, recipe, console
+        self.overrides = list(overrides or [])  # for the resume command printed after Ctrl-C
 
     def selected(self, force: bool, from_stage: str | None, only: str | None) -> set[str]:
         """Names of stages that must (re)train even if a matching artifact exists."""
@@ -260,30 +317,66 @@ class Pipeline:
         self.write_run_file(run_dir, keyed)
         self.console.print(f"[bold]medpipe[/] run [cyan]{self.cfg.name}[/] → {run_dir}")
         done: dict[str, Artifact] = {}
+        broken: dict[str, str] = {}
+        verify = str(self.cfg.run.get("verify") or "size")
+        if verify not in ("size", "full"):
+            raise ConfigError(f"run.verify: must be size or full, got {verify!r}")
+        full = verify == "full"
         total = len(keyed)
-        for k in keyed:
-            plan = k.plan
-            if only is not None and plan.name != only:
-                if is_done(k):
+        current = None
+        try:
+            for k in keyed:
+                plan = current = k.plan
+                if plan.source and plan.source in done:  # inputs = the content the upstream really handed on
+                    rekey(self.cfg, k, upstream_identity(done[plan.source]) or f"key:{keyed_by(keyed, plan.source).key}")
+                    self.write_run_file(run_dir, keyed)
+                problem = reuse_problem(k, full)
+                if only is not None and plan.name != only:
+                    if Artifact.exists(k.store_dir) and problem is None:
+                        done[plan.name] = self.use(k, run_dir)
+                    elif problem:
+                        broken[plan.name] = problem
+                    continue
+                started = time.monotonic()
+                self.console.rule(f"Stage {plan.index + 1}/{total} · {plan.name} ({plan.kind})")
+                if Artifact.exists(k.store_dir) and problem is None and plan.name not in rerun:
+                    self.console.print(f"  [green]✓ reused[/] (same config and inputs) {k.store_dir}", soft_wrap=True)
                     done[plan.name] = self.use(k, run_dir)
-                continue
-            started = time.monotonic()
-            self.console.rule(f"Stage {plan.index + 1}/{total} · {plan.name} ({plan.kind})")
-            if is_done(k) and plan.name not in rerun:
-                self.console.print(f"  [green]✓ reused[/] (same config and inputs) {k.store_dir}", soft_wrap=True)
-                done[plan.name] = self.use(k, run_dir)
-                continue
-            else:
+                    continue
+                if problem:
+                    self.console.print(f"  [red]✗ not reusable:[/] {problem}; retraining", soft_wrap=True)
                 source = done.get(plan.source) if plan.source else base
                 if source is None:
-                    raise MedpipeError(f"stage {plan.name} needs the output of '{plan.source}', which is not done; "
+                    why = f" ({broken[plan.source]})" if plan.source in broken else ""
+                    raise MedpipeError(f"stage {plan.name} needs the output of '{plan.source}', which is not done{why}; "
                                        f"run without --only first")
                 self.train(k, source, run_dir)
-            done[plan.name] = self.use(k, run_dir)
-            self.console.print(f"  [green]✓[/] {plan.name} finished in {_fmt(time.monotonic() - started)}"
-                               f"  {_metrics_line(done[plan.name].metrics)}", soft_wrap=True)
+                done[plan.name] = self.use(k, run_dir)
+                self.console.print(f"  [green]✓[/] {plan.name} finished in {_fmt(time.monotonic() - started)}"
+                                   f"  {_metrics_line(done[plan.name].metrics)}", soft_wrap=True)
+        except KeyboardInterrupt:
+            if current is not None:
+                self.console.print(f"\n[yellow]stage {current.name} interrupted[/]; its checkpoints are kept. Resume with:\n"
+                                   f"  {self.resume_command(run_dir, current, force, from_stage, only)}", soft_wrap=True)
+            raise
         self.console.print(f"[bold green]Pipeline {self.cfg.name} complete[/] → {run_dir}")
         return run_dir
+
+    def resume_command(self, run_dir: Path, stage: StagePlan, force: bool, from_stage: str | None,
+                       only: str | None) -> str:
+        """The command that carries on where Ctrl-C stopped: the same recipe and overrides in the same
+        run dir, the interrupted stage resuming from its checkpoints (so never --force on it)."""
+        import shlex
+
+        args = [f"recipe={self.recipe}"] + [o for o in self.overrides if not o.startswith("run.dir=")]
+        args.append(f"run.dir={run_dir}")
+        names = [p.name for p in self.plans]
+        later = names[names.index(stage.name) + 1:]
+        if only is not None:
+            args += ["--only", only]
+        elif (force or from_stage is not None) and later:
+            args += ["--from", later[0]]  # the stages after it still retrain, as asked
+        return "medpipe run " + shlex.join(args)
 
     @staticmethod
     def use(k: Keyed, run_dir: Path) -> Artifact:
@@ -320,8 +413,11 @@ class Pipeline:
 
         plan = k.plan
         sdir = k.store_dir
-        if Artifact.exists(sdir):  # forced rerun: keep the previous result beside, never delete it
-            kept = sdir.with_name(f"{sdir.name}.replaced-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        if Artifact.exists(sdir):  # forced rerun or a broken entry: keep it beside, never delete it
+            kept = stem = sdir.with_name(f"{sdir.name}.replaced-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+            n = 1
+            while kept.exists():
+                kept, n = stem.with_name(f"{stem.name}-{n}"), n + 1
             os.replace(sdir, kept)
             self.console.print(f"  previous result kept at {kept}")
         sdir.mkdir(parents=True, exist_ok=True)
@@ -346,24 +442,43 @@ class Pipeline:
         })
         link(run_dir, stage_dir_name(plan), sdir)
         with StageLock(sdir):
-            resumed = read_status(sdir).get("state") in ("interrupted", "failed")
-            if resumed:
+            for tmp in sdir.glob(".*.tmp"):  # half-written files of an attempt killed mid-write
+                tmp.unlink(missing_ok=True)
+            previous = read_status(sdir)
+            if previous.get("state") in ("interrupted", "failed", "broken"):
                 self.console.print("  resuming an interrupted stage from its last checkpoint")
-            write_status(sdir, state="running", pid=os.getpid(), host=socket.gethostname(), started=now(),
-                         ended=None, error=None, run_dir=str(run_dir))
+            earlier = _earlier_attempts(sdir, previous)
+            try:
+                write_status(sdir, state="running", pid=os.getpid(), host=socket.gethostname(), started=now(),
+                             ended=None, error=None, run_dir=str(run_dir), attempts=earlier,
+                             elapsed=sum(earlier))
+                reserve = _reserve_space(sdir)
+            except OSError as e:
+                raise MedpipeError(os_error_message(plan.name, sdir, e)) from None
             t0 = time.monotonic()
+
+            def ended(state: str, **fields: Any) -> None:
+                took = time.monotonic() - t0
+                write_status(sdir, state=state, ended=now(), attempts=earlier + [took], elapsed=sum(earlier) + took,
+                             **fields)
+
             try:
                 launch.run(launcher, stage_file, sdir / "launcher.log")
                 if not Artifact.exists(sdir):
                     raise MedpipeError(f"stage {plan.name} ended without writing {sdir}/artifact.json")
             except KeyboardInterrupt:
-                write_status(sdir, state="interrupted", ended=now(), elapsed=time.monotonic() - t0)
+                reserve.unlink(missing_ok=True)
+                ended("interrupted")
                 raise
             except BaseException as e:
-                write_status(sdir, state="failed", ended=now(), elapsed=time.monotonic() - t0,
-                             error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+                reserve.unlink(missing_ok=True)  # room for the status on a full disk
+                message = os_error_message(plan.name, sdir, e)
+                ended("failed", error=(message or str(e) or type(e).__name__).splitlines()[0])
+                if message:
+                    raise MedpipeError(message) from None
                 raise
-            write_status(sdir, state="done", ended=now(), elapsed=time.monotonic() - t0)
+            reserve.unlink(missing_ok=True)
+            ended("done")
 
     def write_run_file(self, run_dir: Path, keyed: list[Keyed]) -> None:
         write_json_atomic(run_dir / RUN_FILE, {
@@ -371,6 +486,58 @@ class Pipeline:
             "stages": [{"name": k.plan.name, "kind": k.plan.kind, "link": stage_dir_name(k.plan),
                         "store_dir": str(k.store_dir.resolve()), "key": k.key} for k in keyed],
         })
+
+
+RESERVE_FILE = ".space-reserve"
+
+
+def _reserve_space(sdir: Path, size: int = 256 << 10) -> Path:
+    """A small file deleted when the stage fails, so that on a full disk the `failed` status (and
+    the message saying why) can still be written."""
+    path = sdir / RESERVE_FILE
+    with open(path, "wb") as f:
+        f.write(b"\0" * size)
+    return path
+
+
+def _earlier_attempts(sdir: Path, status: dict) -> list[float]:
+    """Seconds of the stage's earlier attempts (status/report show their sum). An attempt killed
+    with no chance to record its end counts until the last file it wrote in the entry."""
+    attempts = [float(a) for a in status.get("attempts") or [] if isinstance(a, (int, float))]
+    if status.get("state") == "interrupted" and status.get("ended") is None and status.get("started"):
+        try:
+            start = datetime.fromisoformat(status["started"]).timestamp()
+        except (TypeError, ValueError):
+            return attempts
+        last = max((p.stat().st_mtime for p in sdir.rglob("*") if p.is_file()), default=start)
+        attempts.append(max(0.0, last - start))
+    return attempts
+
+
+def os_error_message(stage: str, sdir: Path, error: BaseException) -> str | None:
+    """One line for an operating-system error anywhere in the error's chain (a full disk under
+    torch's or safetensors' own exception types too), or None when it is not one."""
+    import errno
+    import shutil
+
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        no_space = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text
+        if no_space:
+            where = getattr(e, "filename", None) or sdir
+            try:
+                free = f"{shutil.disk_usage(sdir).free / 2**20:.0f} MiB free there"
+            except OSError:
+                free = "free space unknown"
+            return (f"stage {stage}: no space left on the device writing {where} ({free}); free some space and "
+                    f"rerun the same command to resume from the last checkpoint")
+        if isinstance(e, OSError) and e.errno is not None:
+            where = f" {e.filename}" if getattr(e, "filename", None) else ""
+            return f"stage {stage}: {e.strerror or text}:{where} (errno {errno.errorcode.get(e.errno, e.errno)})"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _no_cuda() -> bool:
@@ -395,15 +562,28 @@ def _metrics_line(metrics: dict) -> str:
     return " ".join(shown)
 
 
+def read_run_file(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MedpipeError(f"{run_dir} is not a medpipe run dir (no {RUN_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise MedpipeError(f"{path}: not a readable run file ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("stages"), list):
+        raise MedpipeError(f"{path}: not a medpipe run file (no 'stages' list)")
+    return info
+
+
 def stage_table(run_dir: Path) -> list[dict]:
-    """Per stage: state, elapsed, artifact path (for `medpipe status`)."""
-    info = json.loads((run_dir / RUN_FILE).read_text())
+    """Per stage: state, elapsed (all attempts), artifact path (for `medpipe status`)."""
+    info = read_run_file(run_dir)
     rows = []
     for s in info["stages"]:
         sdir = Path(s["store_dir"])
         st = read_status(sdir) if sdir.exists() else {"state": "pending"}
         rows.append({"stage": s["name"], "kind": s["kind"], "state": st.get("state", "pending"),
-                     "elapsed": st.get("elapsed"), "started": st.get("started"),
-                     "artifact": str(sdir / "artifact.json") if Artifact.exists(sdir) else "",
+                     "elapsed": st.get("elapsed"), "started": st.get("started"), "attempts": len(st.get("attempts") or []),
+                     "artifact": str(sdir / "artifact.json") if st.get("state") == "done" else "",
                      "error": st.get("error")})
     return rows

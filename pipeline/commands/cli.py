@@ -85,7 +85,7 @@ def _run_one(recipe, overrides, console, force, from_stage, only) -> None:
     from medpipe.run import Pipeline
 
     cfg, _ = compose(recipe, overrides)
-    Pipeline(cfg, bind_stages(cfg), recipe, console).run(force=force, from_stage=from_stage, only=only)
+    Pipeline(cfg, bind_stages(cfg), recipe, console, overrides).run(force=force, from_stage=from_stage, only=only)
 
 
 @app.command("list")
@@ -160,17 +160,35 @@ def status(run_dir: Annotated[str, typer.Argument(help="a run directory (runs/<r
 
     from rich.table import Table
 
-    from medpipe.run import RUN_FILE, stage_table
+    from medpipe.run import stage_table
 
-    if not (Path(run_dir) / RUN_FILE).is_file():
-        _fail(FileNotFoundError(f"{run_dir} is not a medpipe run dir (no {RUN_FILE})"))
+    try:
+        rows = stage_table(Path(run_dir))
+    except _user_errors() as e:
+        _fail(e)
     table = Table("stage", "kind", "state", "time")
     table.add_column("artifact", overflow="fold")
-    for row in stage_table(Path(run_dir)):
+    for row in rows:
         elapsed = f"{row['elapsed']:.0f}s" if row.get("elapsed") else ""
-        state = row["state"] + (f" ({row['error']})" if row.get("error") and row["state"] == "failed" else "")
+        if row.get("attempts", 0) > 1:
+            elapsed += f" ({row['attempts']} attempts)"
+        state = row["state"] + (f" ({row['error']})" if row.get("error") and row["state"] in ("failed", "broken") else "")
         table.add_row(row["stage"], row["kind"], state, elapsed, row["artifact"])
     _console().print(table)
+
+
+@app.command()
+def verify(run_dir: Annotated[str, typer.Argument(help="a run directory (runs/<recipe>-<time>)")]) -> None:
+    """Check every done stage's files against the sizes and sha256 its artifact.json recorded."""
+    try:
+        from .rundir import verify_run
+
+        lines, ok = verify_run(run_dir)
+    except _user_errors() as e:
+        _fail(e)
+    print("\n".join(lines))
+    if not ok:
+        raise typer.Exit(1)
 
 
 RunDir = Annotated[str, typer.Argument(help="a run directory (runs/<recipe>-<time>)")]

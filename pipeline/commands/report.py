@@ -53,20 +53,19 @@ def evaluates(kind: str) -> bool:
 
 def collect(run_dir: Path) -> dict:
     """Everything the report shows, as plain data."""
-    from medpipe.artifact import Artifact
-    from medpipe.run import RUN_FILE, stage_table
+    from medpipe.artifact import Artifact, ArtifactError
+    from medpipe.run import read_run_file, stage_table
 
-    info = _read_json(run_dir / RUN_FILE)
-    if not info:
-        from medpipe.errors import MedpipeError
-
-        raise MedpipeError(f"{run_dir} is not a medpipe run dir (no {RUN_FILE})")
+    info = read_run_file(Path(run_dir))  # a torn run.json is an error naming it
     table = {r["stage"]: r for r in stage_table(run_dir)}
     stages, evals, results = [], {}, {}
     order = ["base"]
     for s in info["stages"]:
         sdir = Path(s["store_dir"])
-        art = Artifact.load(sdir) if Artifact.exists(sdir) else None
+        try:  # a torn artifact.json: the stage shows as broken (stage_table says why), no metrics
+            art = Artifact.load(sdir) if Artifact.exists(sdir) and table.get(s["name"], {}).get("state") == "done" else None
+        except ArtifactError:
+            art = None
         row = {**s, **table.get(s["name"], {}), "dir": sdir, "artifact_obj": art,
                "history": [] if evaluates(s["kind"]) else _history(sdir)}
         stages.append(row)
@@ -227,6 +226,8 @@ def _stage_rows(data: dict) -> list[list[str]]:
         art = s["artifact_obj"]
         m = art.metrics if art else {}
         elapsed = f"{s['elapsed']:.0f}s" if s.get("elapsed") else ""
+        if s.get("attempts", 0) > 1:  # elapsed is the sum over the attempts
+            elapsed += f" ({s['attempts']} attempts)"
         if art is None:
             what = ""
         elif art.evaluated_stage:
@@ -234,7 +235,7 @@ def _stage_rows(data: dict) -> list[list[str]]:
         else:
             what = f"{art.format}: {art.model_path}"
         train = ", ".join(f"{k} {_fmt_num(m[k])}" for k in TRAIN_KEYS if isinstance(m.get(k), (int, float)))
-        state = s.get("state", "pending") + (f" ({s['error']})" if s.get("error") and s.get("state") == "failed" else "")
+        state = s.get("state", "pending") + (f" ({s['error']})" if s.get("error") and s.get("state") in ("failed", "broken") else "")
         rows.append([s["name"], s["kind"], state, elapsed, _fmt_num(m.get("tokens_seen")) if m.get("tokens_seen") else "",
                      train, what])
     return rows

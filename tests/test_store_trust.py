@@ -1,0 +1,248 @@
+"""Trusting the store: reuse verifies the files an artifact recorded, the next stage's key follows
+the content its upstream handed on, torn JSON is named (never a traceback, never "done"), OS
+errors and Ctrl-C end a stage with one message, resumed stages keep a clean history and time."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import medpipe
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture
+def kinds(monkeypatch, tmp_path):
+    """The test stage kinds of tests/plugins/store_stages.py, registered as a plugin would be."""
+    from importlib.metadata import EntryPoint
+
+    from medpipe import registry
+
+    real = registry._entry_points
+    extra = {name: EntryPoint(name=name, value=f"store_stages:{cls}", group=registry.GROUP)
+             for name, cls in (("weights", "WeightsStage"), ("consume", "ConsumeStage"), ("fail", "FailStage"))}
+    monkeypatch.setattr(registry, "_entry_points",
+                        lambda group=registry.GROUP: {**real(group), **extra} if group == registry.GROUP else real(group))
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.setenv("MEDPIPE_TEST_COUNT", str(tmp_path / "count"))
+    monkeypatch.setenv("MEDPIPE_TEST_WEIGHTS", "a")
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line in `status`
+
+
+def states(run_dir: Path) -> dict[str, tuple[str, str]]:
+    """`medpipe status` as {stage: (state column, whole line)}."""
+    r = medpipe("status", str(run_dir))
+    assert r.code == 0, r.out
+    rows = [line.split("│") for line in r.out.splitlines() if line.count("│") >= 5]
+    return {cols[1].strip(): (cols[3].strip(), "│".join(cols)) for cols in rows}
+
+
+def recipe(tmp_path: Path, stages: str) -> list[str]:
+    r = tmp_path / "trust.yaml"
+    r.write_text(textwrap.dedent("""
+        defaults: [base, model: tiny, _self_]
+        name: trust
+        stages:
+    """) + textwrap.indent(textwrap.dedent(stages), "  "))
+    return [f"recipe={r}", f"run.root={tmp_path}/runs", f"run.dir={tmp_path}/runs/r"]
+
+
+TWO = """
+w: {kind: weights}
+c: {kind: consume}
+"""
+
+
+def runs_of_consume(tmp_path: Path) -> int:
+    path = tmp_path / "count"
+    return int(path.read_text()) if path.exists() else 0
+
+
+def entry(tmp_path: Path, link: str) -> Path:
+    return (tmp_path / "runs" / "r" / link).resolve()
+
+
+def test_artifact_records_size_and_sha256_of_what_it_hands_on(kinds, tmp_path):
+    import hashlib
+
+    r = medpipe("run", *recipe(tmp_path, TWO))
+    assert r.code == 0, r.out
+    sdir = entry(tmp_path, "01-w")
+    art = json.loads((sdir / "artifact.json").read_text())
+    weights = (sdir / "model" / "weights.bin").read_bytes()
+    assert art["files"]["model/weights.bin"] == {"size": 1000, "sha256": hashlib.sha256(weights).hexdigest()}
+    assert sorted(art["files"]) == ["model/config.json", "model/weights.bin"]
+    assert len(art["content_digest"]) == 32
+
+
+def test_upstream_rerun_with_other_weights_reruns_downstream_same_weights_does_not(kinds, tmp_path, monkeypatch):
+    args = recipe(tmp_path, TWO)
+    assert medpipe("run", *args).code == 0
+    assert runs_of_consume(tmp_path) == 1
+    first_c = entry(tmp_path, "02-c")
+
+    r = medpipe("run", *args, "--only", "w", "--force")  # same weights again ("a")
+    assert r.code == 0, r.out
+    r = medpipe("run", *args)
+    assert r.code == 0 and r.out.count("✓ reused") == 2, r.out
+    assert runs_of_consume(tmp_path) == 1 and entry(tmp_path, "02-c") == first_c
+
+    monkeypatch.setenv("MEDPIPE_TEST_WEIGHTS", "b")  # same key, other weights
+    assert medpipe("run", *args, "--only", "w", "--force").code == 0
+    r = medpipe("run", *args)
+    assert r.code == 0, r.out
+    assert runs_of_consume(tmp_path) == 2  # the consumer of the old weights is not reused
+    second_c = entry(tmp_path, "02-c")
+    assert second_c != first_c and (second_c / "model" / "seen.bin").read_bytes() == b"b" * 1000
+    run_file = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    assert run_file["stages"][1]["store_dir"] == str(second_c)  # run.json follows the rekeyed entry
+
+
+def test_truncated_model_file_is_named_kept_aside_and_retrained(kinds, tmp_path):
+    args = recipe(tmp_path, TWO)
+    assert medpipe("run", *args).code == 0
+    sdir = entry(tmp_path, "01-w")
+    weights = sdir / "model" / "weights.bin"
+    os.truncate(weights, 10)
+    st = states(tmp_path / "runs" / "r")
+    assert st["w"][0] == f"broken ({weights}: 10 bytes, artifact.json recorded 1000)" and st["c"][0] == "done"
+    serve_err = medpipe("chat", str(tmp_path / "runs" / "r"), "--stage", "w", "-m", "hi")
+    assert serve_err.code == 2 and f"{weights}: 10 bytes, artifact.json recorded 1000" in serve_err.out
+
+    r = medpipe("run", *args)
+    assert r.code == 0, r.out
+    assert f"✗ not reusable: {weights}: 10 bytes, artifact.json recorded 1000; retraining" in r.out.replace("\n", "")
+    kept = list(sdir.parent.glob(f"{sdir.name}.replaced-*"))
+    assert len(kept) == 1 and (kept[0] / "model" / "weights.bin").stat().st_size == 10
+    assert weights.stat().st_size == 1000
+    assert runs_of_consume(tmp_path) == 1  # same weights again: the consumer is still reused
+
+
+def test_same_size_corruption_is_found_by_verify_and_by_run_verify_full(kinds, tmp_path):
+    args = recipe(tmp_path, TWO)
+    assert medpipe("run", *args).code == 0
+    weights = entry(tmp_path, "01-w") / "model" / "weights.bin"
+    weights.write_bytes(b"z" * 1000)
+    ok = medpipe("verify", str(tmp_path / "runs" / "r"))
+    assert ok.code == 1
+    assert f"✗ w: {weights}: sha256 differs from the one artifact.json recorded" in ok.out
+    assert "✓ c: 1 files" in ok.out
+    assert "✓ reused" in medpipe("run", *args).out  # size check only by default
+    r = medpipe("run", *args, "run.verify=full")
+    assert r.code == 0 and f"✗ not reusable: {weights}: sha256 differs" in r.out.replace("\n", ""), r.out
+    assert medpipe("verify", str(tmp_path / "runs" / "r")).code == 0
+    bad = medpipe("run", *args, "run.verify=sometimes")
+    assert bad.code == 2 and "run.verify: must be size or full, got 'sometimes'" in bad.out
+
+
+def test_torn_artifact_status_and_run_files_are_named_never_done(kinds, tmp_path):
+    args = recipe(tmp_path, TWO)
+    assert medpipe("run", *args).code == 0
+    run_dir = tmp_path / "runs" / "r"
+    art_file = entry(tmp_path, "01-w") / "artifact.json"
+    text = art_file.read_text()
+    art_file.write_text(text[: len(text) // 2])
+    state = states(run_dir)["w"][0]
+    assert state.startswith(f"broken ({art_file}: not valid JSON (line "), state
+    rep = medpipe("report", str(run_dir))
+    assert rep.code == 0, rep.out
+    assert "broken (" in (run_dir / "report.md").read_text()
+    r = medpipe("run", *args)
+    assert r.code == 0 and "not valid JSON (line" in r.out and "retraining" in r.out, r.out
+
+    status_file = entry(tmp_path, "02-c") / "status.json"
+    (entry(tmp_path, "02-c") / "artifact.json").unlink()
+    status_file.write_text('{"state": "do')
+    assert states(run_dir)["c"][0].startswith(f"broken ({status_file}: not a readable status (")
+
+    (run_dir / "run.json").write_text("{")
+    for cmd in ("status", "report", "verify"):
+        r = medpipe(cmd, str(run_dir))
+        assert r.code == 2 and f"{run_dir / 'run.json'}: not a readable run file" in r.out, (cmd, r.out)
+
+
+@pytest.mark.parametrize("what, needle", [
+    ("enospc", "no space left on the device writing {target} ("),
+    ("wrapped", "no space left on the device writing {sdir} ("),
+    ("eacces", "Permission denied: {target} (errno EACCES)"),
+])
+def test_os_errors_end_the_stage_with_one_line_and_a_failed_status(kinds, tmp_path, monkeypatch, what, needle):
+    monkeypatch.setenv("MEDPIPE_TEST_RAISE", what)
+    r = medpipe("run", *recipe(tmp_path, "f: {kind: fail}\n"))
+    sdir = entry(tmp_path, "01-f")
+    want = needle.format(target=sdir / "model" / "model.safetensors", sdir=sdir)
+    assert r.code == 2 and "Traceback" not in r.out, r.out
+    error_lines = [line for line in r.out.splitlines() if line.startswith("medpipe: error:")]
+    assert len(error_lines) == 1 and want in error_lines[0], r.out
+    status = json.loads((sdir / "status.json").read_text())
+    assert status["state"] == "failed" and want in status["error"]
+    assert not (sdir / ".space-reserve").exists()
+
+
+def test_ctrl_c_says_which_stage_and_how_to_resume(kinds, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDPIPE_TEST_RAISE", "interrupt")
+    args = recipe(tmp_path, TWO + "f: {kind: fail}\n")
+    r = medpipe("run", *args, "--force")
+    assert r.code == 130, r.out
+    flat = r.out.replace("\n", " ")
+    assert "stage f interrupted; its checkpoints are kept. Resume with:" in flat
+    assert f"medpipe run {args[0]} {args[1]} run.dir={tmp_path}/runs/r" in flat
+    assert json.loads((entry(tmp_path, "03-f") / "status.json").read_text())["state"] == "interrupted"
+
+
+def test_history_of_a_resumed_attempt_drops_the_abandoned_lines(tmp_path):
+    from medpipe.entry import _resumed_train_loss, checkpoint_step, trim_history
+
+    sdir = tmp_path
+    for step in (2, 4, 6):
+        ck = sdir / "checkpoints" / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        (ck / "trainer_state.json").write_text("{}" if step < 6 else "{torn")
+    rows = [{"step": s, "loss": float(10 - s)} for s in range(1, 8)] + [{"step": 3, "eval_loss": 1.0}]
+    (sdir / "log_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')
+    assert checkpoint_step(sdir) == 4  # checkpoint-6's state is torn
+    kept = trim_history(sdir, checkpoint_step(sdir))
+    steps = [json.loads(line)["step"] for line in (sdir / "log_history.jsonl").read_text().splitlines()]
+    assert kept == 5 and steps == [1, 2, 3, 4, 3]
+    with open(sdir / "log_history.jsonl", "a") as f:  # this attempt logs on from step 5 ...
+        f.write(json.dumps({"step": 5, "loss": 4.5}) + "\n")
+    trim_history(sdir, 2, only_first=kept)  # ... but the trainer took checkpoint-2
+    steps = [json.loads(line)["step"] for line in (sdir / "log_history.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 5]
+    metrics = {"train_loss": 0.0}
+    _resumed_train_loss(metrics, sdir)
+    assert metrics["train_loss"] == pytest.approx((9.0 + 8.0 + 4.5) / 3)
+
+
+def test_status_time_sums_the_attempts_including_a_killed_one(tmp_path):
+    import time as _time
+    from datetime import datetime, timezone
+
+    from medpipe.run import _earlier_attempts
+
+    started = datetime.fromtimestamp(_time.time() - 100, timezone.utc).isoformat(timespec="seconds")
+    (tmp_path / "log_history.jsonl").write_text("{}\n")
+    os.utime(tmp_path / "log_history.jsonl", (_time.time() - 40, _time.time() - 40))
+    attempts = _earlier_attempts(tmp_path, {"state": "interrupted", "started": started, "ended": None,
+                                            "attempts": [12.0]})
+    assert attempts[0] == 12.0 and attempts[1] == pytest.approx(60, abs=2)
+    assert _earlier_attempts(tmp_path, {"state": "failed", "ended": "x", "attempts": [3.0, 4.0]}) == [3.0, 4.0]
+
+
+def test_atomic_dir_removes_temp_dirs_of_dead_processes(tmp_path):
+    from medpipe.artifact import atomic_dir
+
+    out = tmp_path / "merged"
+    dead = tmp_path / ".merged-999999999-abcd"
+    old_style = tmp_path / ".merged-k2j4h5"
+    live = tmp_path / f".merged-{os.getpid()}-other"
+    for d in (dead, old_style, live):
+        d.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert (out / "x").read_text() == "1"
+    assert not dead.exists() and not old_style.exists() and live.exists()
