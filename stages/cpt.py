@@ -47,7 +47,9 @@ class CPTStage:
 
     def check(self, params: CPTParams, base: Any, data_opts: dict) -> list[str]:
         from medpipe.data import load_records
+        from medpipe.stages.training.chat_data import require_model_dir
 
+        require_model_dir(base.model_path)
         result = load_records(params.data, "text", **data_options(params, data_opts))
         _, excluded = drop_eval_overlap(result.records, params, data_opts)
         lines = result.summary_table().splitlines()

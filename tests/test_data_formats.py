@@ -155,7 +155,7 @@ def test_columns_rename_and_error_names_file_field(tmp_path):
 
 def test_every_registered_format_has_a_fixture():
     covered = {"text", "huatuo", "alpaca", "sharegpt", "messages", "promptcblue", "preference",
-               "cmexam", "medqa", "medmcqa", "pubmedqa", "ceval"}
+               "cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "chatmed", "huatuogpt_eval", "paragraphs"}
     assert set(FORMATS) == covered
 
 
@@ -194,3 +194,64 @@ def test_pubmedqa_pqau_as_published_reads_as_unlabeled(tmp_path):
         assert "final_decision" in str(e) and "[2]" in str(e)
     else:
         raise AssertionError("missing final_decision in a PQA-L record was accepted")
+
+
+def test_chatmed_query_response_with_and_without_the_wrapper():
+    assert detect_format(str(F / "chatmed.jsonl"))[0] == "chatmed"
+    r = recs(F / "chatmed.jsonl", "chat")
+    assert r["1"]["messages"][0]["content"] == "你好,视神经萎缩,黄斑变性。怎样缓解,及日常注意事项。谢谢。"
+    assert r["2"]["messages"] == [{"role": "user", "content": "孩子发烧38.5度怎么办？"},
+                                  {"role": "assistant", "content": "可以先物理降温，多喝水，超过38.5度可服用退烧药。"}]
+
+
+def test_huatuogpt_eval_files():
+    assert detect_format(str(F / "Med-dialog_100.json"))[0] == "huatuogpt_eval"
+    r = recs(F / "Med-dialog_100.json", "chat")
+    assert r["[1]"]["messages"][1]["content"].startswith("病情摘要及初步印象：\n表皮痣")
+    assert r["[0]"]["subject"] == "皮肤科"
+    assert detect_format(str(F / "KUAKE-QIC_100.json"))[0] == "huatuogpt_eval"
+    with pytest.raises(DataError) as e:
+        load_records(str(F / "KUAKE-QIC_100.json"), "chat")
+    assert (e.value.line, e.value.field, e.value.reason) == ("[0]", "query", "unlabeled")
+    assert "unlabeled split" in str(e.value)
+
+
+def test_huatuo26m_test_lists_in_the_singular_keys():
+    r = recs_spec({"path": str(F / "huatuo26m_test.jsonl"), "format": "huatuo"}, "chat")
+    assert r["2"]["messages"][0]["content"] == "糖尿病人能吃水果吗？"  # the first of the paraphrases
+    assert r["1"]["messages"][1]["content"] == "可能是偏头痛，也可能是颅内压增高，建议就医。"
+
+
+def test_hard_wrapped_text_is_one_document_per_paragraph():
+    assert detect_format(str(F / "wrapped.txt"))[0] == "paragraphs"
+    r = recs(F / "wrapped.txt", "text")
+    assert set(r) == {"1", "4", "9"}  # each paragraph's first line
+    assert r["4"]["text"] == ("Metformin is the first-line medication for the\ntreatment of type 2 diabetes,\n"
+                              "particularly in people who are overweight.")
+    assert detect_format(str(F / "pretrain.txt"))[0] == "text"  # one document per line stays that
+
+
+def test_cmexam_skipped_option_letters_keep_their_letters():
+    [r] = recs(F / "cmexam_skipped_letter.csv", "mcq").values()
+    assert r["options"] == {"A": "心电图", "B": "胸片", "D": "冠脉造影", "E": "超声心动图"}
+    assert r["answer"] == ["D"]
+
+
+def test_promptcblue_test_split_without_targets_says_unlabeled(tmp_path):
+    p = tmp_path / "test.json"
+    p.write_text('{"input": "判断句子的意图：头痛怎么办", "target": "", "answer_choices": ["治疗方案"], '
+                 '"task_type": "cls", "task_dataset": "KUAKE-QIC", "sample_id": "t1"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_records(str(p), "chat")
+    assert (e.value.line, e.value.field, e.value.reason) == (1, "target", "unlabeled")
+    assert "unlabeled split" in str(e.value)
+
+
+def test_ids_filter_keeps_the_listed_items(tmp_path):
+    truth = tmp_path / "test_ground_truth.json"
+    truth.write_text(json.dumps({"21645374": "yes"}))  # PubMedQA's test_ground_truth.json shape
+    res = load_records({"path": str(F / "ori_pqal.json"), "ids": str(truth)}, "mcq")
+    assert [r["id"] for r in res.records] == ["21645374"]
+    assert res.reports[0].dropped_by_reason == {"not_in_ids": res.reports[0].records - 1}
+    res = load_records({"path": str(F / "ori_pqal.json"), "ids": ["21645374", "999"]}, "mcq")
+    assert res.reports[0].ids_missing == 1 and "1 id(s) listed in ids: match no record" in res.summary_table()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .errors import DataError
 from .formats import FORMATS, SHAPES
-from .readers import container_of, first_record
+from .readers import container_of, first_record, looks_like_paragraphs
 
 
 def detect_from_keys(keys: set, path: str, loc=None) -> tuple[str, str]:
@@ -28,6 +28,8 @@ def detect_format(path: str, columns: dict | None = None) -> tuple[str, str]:
     nothing, or they match several formats (then ``format:`` must be given)."""
     kind = container_of(path)
     if kind == "txt":
+        if looks_like_paragraphs(path):
+            return "paragraphs", "extension .txt with blank-line-separated paragraphs: one document each"
         return "text", "extension .txt: one document per non-empty line"
     loc, rec, file_keys = first_record(path)
     if rec is None:

@@ -38,6 +38,8 @@ def fingerprint(spec, base_dir=None, **options) -> str:
         opts = src.options()
         opts.pop("path")
         h.update(json.dumps(opts, sort_keys=True, default=str).encode())
+        if isinstance(src.ids, str) and os.path.isfile(src.ids):
+            h.update(b"ids\0" + file_digest(src.ids).encode())
         for p in expand_paths(src):
             h.update(os.path.basename(p).encode() + b"\0")
             h.update(file_digest(p).encode())

@@ -131,8 +131,14 @@ def fmt_huatuo(r, ctx):
             flat.append(_first_str(a, ctx, f"answers[{i}]"))
         a = "\n".join(flat)
     else:
-        q = req_str(r, "question", ctx)
-        a = req_str(r, "answer", ctx)
+        # the Huatuo-26M test files hold lists in the singular keys too ({"question": ["..."]})
+        q = _first_str(r["question"], ctx, "question") if isinstance(r.get("question"), list) \
+            else req_str(r, "question", ctx)
+        if isinstance(r.get("answer"), list):
+            a = "\n".join(_first_str(x, ctx, f"answer[{i}]") for i, x in enumerate(r["answer"])) \
+                if r["answer"] else _first_str(r["answer"], ctx, "answer")
+        else:
+            a = req_str(r, "answer", ctx)
     out = {"question": q.strip(), "answer": a.strip()}
     lab = r.get("label")
     if isinstance(lab, str) and lab.strip():
@@ -243,11 +249,47 @@ def fmt_messages(r, ctx):
 def fmt_promptcblue(r, ctx):
     # PromptCBLUE: {"input", "target", "answer_choices", "task_type", "task_dataset", "sample_id"}
     inp = req_str(r, "input", ctx)
+    if r.get("target") is None or (isinstance(r.get("target"), str) and not r["target"].strip()):
+        raise ctx.err("no target: an unlabeled split (PromptCBLUE's test.json has no answers); "
+                      "use the labeled dev/train files", "target", "unlabeled")
     tgt = req_str(r, "target", ctx)
     task = ctx.task or opt_str(r, "task_dataset", ctx) or opt_str(r, "task_type", ctx) \
         or "promptcblue"
     return {"messages": [{"role": "user", "content": inp}, {"role": "assistant", "content": tgt}],
             "task": task}
+
+
+_CHATMED_Q = re.compile(r"^\s*(?:<s>)?\s*(?:问[：:])?\s*")
+_CHATMED_Q_END = re.compile(r"\s*(?:答[：:])?\s*$")
+_CHATMED_A = re.compile(r"^\s*(?:答[：:])?\s*")
+_CHATMED_A_END = re.compile(r"\s*(?:</s>)?\s*$")
+
+
+def fmt_chatmed(r, ctx):
+    # ChatMed_Consult_Dataset / ChatMed_TCM: {"query", "response"}; some copies wrap the query as
+    # "<s>问：...答：" (the prompt it was trained with) and end the response with "</s>": stripped
+    q = _CHATMED_Q_END.sub("", _CHATMED_Q.sub("", req_str(r, "query", ctx), count=1), count=1)
+    a = _CHATMED_A_END.sub("", _CHATMED_A.sub("", req_str(r, "response", ctx), count=1), count=1)
+    if not q:
+        raise ctx.err("empty (only the 问：/答： wrapper)", "query", "empty_field")
+    if not a:
+        raise ctx.err("empty (only the wrapper)", "response", "empty_field")
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "task": ctx.task}
+
+
+def fmt_huatuogpt_eval(r, ctx):
+    # HuatuoGPT eval/ files: Med-dialog_100.json {id, medical_case, doctor_diagnosis, Department}
+    # (a case and the doctor's answer) and KUAKE-QIC_100.json {id, label, query} (questions only)
+    if "medical_case" in r:
+        q = req_str(r, "medical_case", ctx)
+        a = req_str(r, "doctor_diagnosis", ctx)
+        return {"messages": [{"role": "user", "content": q.strip()},
+                             {"role": "assistant", "content": a.strip()}],
+                "task": ctx.task or "med-dialog", "subject": opt_str(r, "Department", ctx)}
+    req_str(r, "query", ctx)
+    raise ctx.err("no answer: an unlabeled split (questions only, e.g. HuatuoGPT's KUAKE-QIC eval "
+                  "file); only evaluation by a judge can use it", "query", "unlabeled")
 
 
 # ---- preference ----------------------------------------------------------------------------
@@ -374,8 +416,9 @@ def parse_cmexam_options(s: str, ctx, key="Options") -> dict:
         if not raw.strip():
             continue
         m = _OPT_LINE.match(raw)
-        if m and (m.group(1) not in opts) and (last is None or ord(m.group(1)) == ord(last) + 1
-                                               or not opts):
+        # an option line's letter comes after the previous one; letters may be skipped (A, B, D,
+        # E): D stays D (folding it into B would change which option is the answer)
+        if m and (m.group(1) not in opts) and (last is None or ord(m.group(1)) > ord(last)):
             last = m.group(1)
             opts[last] = m.group(2).strip()
         elif last is not None:
@@ -573,6 +616,11 @@ _ALL = [
     *_f("alpaca", "chat", fmt_alpaca, {"instruction", "output"}, doc="instruction/input/output"),
     *_f("sharegpt", "chat", fmt_sharegpt, {"conversations"}, doc="conversations from/value"),
     *_f("messages", "chat", fmt_messages, {"messages"}, doc="OpenAI messages role/content"),
+    *_f("chatmed", "chat", fmt_chatmed, {"query", "response"}, doc="ChatMed query/response"),
+    *_f("huatuogpt_eval", "chat", fmt_huatuogpt_eval, {"medical_case", "doctor_diagnosis"},
+        {"id", "label", "query"}, doc="HuatuoGPT eval/ files (Med-dialog, KUAKE-QIC)"),
+    *_f("paragraphs", "text", fmt_text, {"\0paragraphs"},
+        doc="hard-wrapped .txt: one document per blank-line-separated paragraph"),
     *_f("promptcblue", "chat", fmt_promptcblue, {"input", "target", "task_type"},
         {"input", "target", "answer_choices"}, doc="PromptCBLUE input/target"),
     *_f("preference", "preference", fmt_preference, {"prompt", "chosen", "rejected"},

@@ -41,12 +41,40 @@ def container_of(path: str) -> str:
                     path, None, None, reason="unknown_format")
 
 
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKey(k)
+            seen.add(k)
+    return d
+
+
+def loads_strict(text: str):
+    """json.loads that refuses an object with the same key twice (json keeps the last silently)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def _duplicate(path, line, key) -> DataError:
+    return DataError("duplicate key in one object (the last value would silently win)", path, line, key,
+                     reason="duplicate_key")
+
+
 class RawReader:
     """Iterates one file. ``errors`` collects DataErrors that were skippable (bad JSONL lines),
     only used when ``on_error='skip'``; otherwise they raise."""
 
-    def __init__(self, path: str, on_error: str = "fail"):
+    def __init__(self, path: str, on_error: str = "fail", paragraphs: bool = False):
         self.path = path
+        self.paragraphs = paragraphs  # txt: one document per blank-line-separated paragraph
         self.on_error = on_error
         self.kind = container_of(path)
         self.file_keys: set | None = None   # CSV header / parquet schema (known for all rows)
@@ -99,7 +127,9 @@ class RawReader:
             return
         try:
             with open(self.path, encoding="utf-8-sig") as f:
-                obj = json.load(f)
+                obj = json.load(f, object_pairs_hook=_no_duplicates)
+        except DuplicateKey as e:
+            raise _duplicate(self.path, _locate_duplicate(self.path), e.key) from None
         except json.JSONDecodeError as e:
             raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", self.path, e.lineno,
                             None, reason="invalid_json") from None
@@ -116,10 +146,14 @@ class RawReader:
                 if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 try:
-                    yield n, raw.decode("utf-8")
+                    text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"not UTF-8: {e.reason} at byte {e.start}", self.path, n,
                                     None, reason="encoding") from None
+                if "\x00" in text:
+                    raise DataError("NUL byte (a binary or UTF-16 file?)", self.path, n, None,
+                                    reason="encoding")
+                yield n, text
 
     def _iter_jsonl(self):
         loads = json.loads
@@ -127,7 +161,10 @@ class RawReader:
             if not line.strip():
                 continue
             try:
-                rec = loads(line)
+                rec = loads(line, object_pairs_hook=_no_duplicates)
+            except DuplicateKey as e:
+                self._bad(_duplicate(self.path, n, e.key))
+                continue
             except json.JSONDecodeError as e:
                 self._bad(DataError(f"invalid JSON: {e.msg} (column {e.colno})", self.path, n,
                                     None, reason="invalid_json"))
@@ -139,10 +176,25 @@ class RawReader:
             yield n, rec
 
     # ---- CSV ----------------------------------------------------------------------------
+    def _decoded(self, f):
+        """Physical lines decoded one by one, so a non-UTF-8 byte (a GBK/GB18030 export) or a NUL
+        byte is reported on the line it is on, not where a decoding buffer happened to end."""
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not UTF-8: {e.reason} at byte {e.start} (a GBK/GB18030 file? re-save it as "
+                                f"UTF-8)", self.path, n, None, reason="encoding") from None
+            if "\x00" in text:
+                raise DataError("NUL byte (a binary or UTF-16 file?)", self.path, n, None, reason="encoding")
+            yield text
+
     def _iter_csv(self):
         delim = "\t" if self.path.lower().endswith(".tsv") else ","
-        with open(self.path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, delimiter=delim)
+        with open(self.path, "rb") as f:
+            reader = csv.reader(self._decoded(f), delimiter=delim)
             try:
                 header = next(reader)
             except StopIteration:
@@ -193,10 +245,66 @@ class RawReader:
     # ---- txt ----------------------------------------------------------------------------
     def _iter_txt(self):
         self.file_keys = {"text"}
+        if self.paragraphs:
+            yield from self._iter_paragraphs()
+            return
         for n, line in self._lines():
             t = line.rstrip("\r\n")
             if t.strip():
                 yield n, {"text": t}
+
+
+    def _iter_paragraphs(self):
+        """Hard-wrapped text: a document is a run of non-blank lines; its place is its first line."""
+        start, buf = None, []
+        for n, line in self._lines():
+            t = line.rstrip("\r\n")
+            if t.strip():
+                if start is None:
+                    start = n
+                buf.append(t)
+            elif buf:
+                yield start, {"text": "\n".join(buf)}
+                start, buf = None, []
+        if buf:
+            yield start, {"text": "\n".join(buf)}
+
+
+def _locate_duplicate(path: str):
+    """The element ("[i]") of a JSON array that holds an object with a duplicate key (slow path,
+    only after one was found)."""
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    dec = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+    i = len(text) - len(text.lstrip())
+    if not text.startswith("[", i):
+        return None
+    i, k = i + 1, 0
+    while i < len(text):
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return None
+        try:
+            _, i = dec.raw_decode(text, i)
+        except DuplicateKey:
+            return f"[{k}]"
+        except json.JSONDecodeError:
+            return None
+        k += 1
+    return None
+
+
+def looks_like_paragraphs(path: str, sample: int = 1 << 18) -> bool:
+    """A .txt whose documents are blank-line-separated paragraphs of several lines each (hard-
+    wrapped text) rather than one document per line."""
+    with open(path, "rb") as f:
+        head = f.read(sample).decode("utf-8", "replace").replace("\r\n", "\n")
+    blocks = [b for b in head.split("\n\n") if b.strip()]
+    if len(blocks) < 2:
+        return False
+    lines = sum(len([x for x in b.split("\n") if x.strip()]) for b in blocks)
+    return lines / len(blocks) >= 2
 
 
 def _is_keyed_or_wrapped(obj: dict) -> bool:

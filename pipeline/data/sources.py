@@ -38,6 +38,8 @@ class SourceSpec:
               or 0 (the Hub's parquet copy, 0-3). Required for parquet: never guessed.
     heldout   fraction of this source carved out as held-out (duplicate clusters never straddle)
     dedup     ``none`` | ``exact`` (normalised text hash) | ``near`` (exact + MinHash LSH)
+    ids       keep only records whose id is listed: a list, or a file (a JSON list, a JSON object
+              whose keys are the ids such as PubMedQA's test_ground_truth.json, or one id a line)
     """
 
     path: str
@@ -50,6 +52,7 @@ class SourceSpec:
     cop_base: int | None = None
     heldout: float = 0.0
     dedup: str = "none"
+    ids: Any = None
     # where the spec came from (recipe / conf file) for error messages; not part of the hash
     origin: str | None = field(default=None, compare=False, repr=False)
 
@@ -153,6 +156,15 @@ def _from_dict(d: dict, base_dir, origin: str | None) -> SourceSpec:
     except (TypeError, ValueError) as e:
         raise DataError(f"bad number: {e}", where, None, "weight/heldout/limit",
                         reason="type") from None
+    if lim is not None and lim < 1:
+        raise DataError(f"limit must be >= 1 (how many records to read), got {lim}", where, None,
+                        "limit", reason="type")
+    ids = d.get("ids")
+    if ids is not None and not isinstance(ids, (str, list, tuple)):
+        raise DataError("ids must be a list of ids or a file of them", where, None, "ids",
+                        reason="type")
+    if isinstance(ids, str):
+        ids = resolve_path(ids, base_dir)
     if w is not None and w < 0:
         raise DataError("weight must be >= 0", where, None, "weight", reason="type")
     if not 0.0 <= h < 1.0:
@@ -161,7 +173,7 @@ def _from_dict(d: dict, base_dir, origin: str | None) -> SourceSpec:
     return SourceSpec(path=resolve_path(d["path"], base_dir), format=fmt, columns=cols,
                       split=d.get("split"), limit=lim, weight=w, task=d.get("task"),
                       cop_base=None if cb is None else int(cb), heldout=h, dedup=dd,
-                      origin=origin)
+                      ids=list(ids) if isinstance(ids, tuple) else ids, origin=origin)
 
 
 def _load_named(name: str) -> tuple[Any, str]:
@@ -208,6 +220,32 @@ def parse_spec(spec: Any, base_dir: str | os.PathLike | None = None,
                     f"got {type(spec).__name__}", _origin or "data", None, None, reason="type")
 
 
+def load_ids(src: SourceSpec) -> set[str] | None:
+    """The ids of ``src.ids`` as strings (None when the source keeps every record)."""
+    v = src.ids
+    if v is None:
+        return None
+    if isinstance(v, list):
+        return {str(x).strip() for x in v}
+    if not os.path.isfile(v):
+        raise DataError("ids file not found", v, None, "ids", reason="missing_file")
+    with open(v, encoding="utf-8-sig") as f:
+        text = f.read()
+    if v.lower().endswith(".json"):
+        import json
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON: {e.msg}", v, e.lineno, "ids", reason="invalid_json") from None
+        if isinstance(obj, dict):
+            return {str(k).strip() for k in obj}
+        if isinstance(obj, list):
+            return {str(x).strip() for x in obj}
+        raise DataError("expected a JSON list of ids or an object keyed by id", v, None, "ids",
+                        reason="type")
+    return {ln.strip() for ln in text.splitlines() if ln.strip()}
+
+
 def expand_paths(src: SourceSpec) -> list[str]:
     """Files of a source: the file itself, or a directory's / glob's files filtered by split."""
     p = src.path
@@ -218,6 +256,15 @@ def expand_paths(src: SourceSpec) -> list[str]:
         files = sorted(glob.glob(p))
     elif os.path.exists(p):
         return [p]
+    elif os.path.islink(p):
+        try:
+            os.stat(p)
+        except OSError as e:
+            import errno
+            why = "symlink loop" if e.errno == errno.ELOOP else \
+                f"broken symlink (to {os.readlink(p)})"
+            raise DataError(why, p, None, None, reason="missing_file") from None
+        raise DataError("file not found", p, None, None, reason="missing_file")
     else:
         raise DataError("file not found", p, None, None, reason="missing_file")
     if src.split:

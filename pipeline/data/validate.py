@@ -43,6 +43,8 @@ class SourceReport:
     token_max: int | None = None
     token_sample: int = 0            # records tokenized for the statistics (see token_stats)
     heldout: int = 0
+    identical_pairs: int = 0         # preference pairs with chosen == rejected (DPO drops them)
+    ids_missing: int = 0             # ids listed in `ids:` that no record has
     mixed: int = 0                   # records this source contributes to the mixed train set
     weight: float | None = None
     examples: list = field(default_factory=list)   # first few error messages (skip mode)
@@ -99,6 +101,15 @@ def summary_table(reports) -> str:
     w = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h) for i, h in enumerate(hdr)]
     line = lambda cells: "  ".join(c.ljust(w[i]) for i, c in enumerate(cells)).rstrip()  # noqa
     out = [line(hdr), line(["-" * x for x in w])] + [line(x) for x in rows]
+    for r in reports:
+        if r.identical_pairs:
+            out.append(f"{_short(r.path)}: {r.identical_pairs} preference pair(s) with chosen == rejected "
+                       f"(the DPO stage drops them)")
+        if r.ids_missing:
+            out.append(f"{_short(r.path)}: {r.ids_missing} id(s) listed in ids: match no record")
+        if r.overlength:
+            out.append(f"{_short(r.path)}: {r.overlength} record(s) longer than max_length tokens "
+                       f"({'dropped' if r.dropped_by_reason.get('overlength') else 'truncated'})")
     return "\n".join(out)
 
 
@@ -128,7 +139,7 @@ def _converter(kind: str, want: str, task):
 
 
 def _read_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, report,
-               out: list, budget: list):
+               out: list, budget: list, ids_cache: dict | None = None):
     spec = FORMATS[fmt]
     conv = _converter(spec.kind, want, src.task)
     needs_answer = spec.kind == "mcq" and want != "mcq"
@@ -139,7 +150,8 @@ def _read_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, r
                             "cop 0-3) or 1 (original JSON, 1-4); it is never guessed", path,
                             None, "cop_base", reason="cop_base")
         cop_base = 1   # the original JSON(-lines) files number cop 1-4
-    reader = RawReader(path, on_error=on_error)
+    reader = RawReader(path, on_error=on_error, paragraphs=fmt == "paragraphs")
+    ids = ids_cache.get(id(src)) if ids_cache is not None else None
     ctx = Ctx(path=path, rev={v: k for k, v in (src.columns or {}).items()},
               task=src.task, cop_base=cop_base, container=reader.kind)
     cols = src.columns
@@ -172,6 +184,17 @@ def _read_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, r
                 raise
             _count_error(report, e)
             continue
+        if ids is not None:
+            rid = rec.get("id")
+            if rid is None:
+                raise DataError(f"ids: format '{fmt}' records carry no id to filter on", src.path, None,
+                                "ids", reason="type")
+            if str(rid).strip() not in ids:
+                report.drop("not_in_ids")
+                continue
+            ids_cache["seen"].add(str(rid).strip())
+        if spec.kind == "preference" and rec["chosen"].strip() == rec["rejected"].strip():
+            report.identical_pairs += 1
         rec["_loc"] = f"{path}:{line}"
         out.append(rec)
     _flush_unreadable(reader, n_skipped, report, budget)
@@ -206,6 +229,9 @@ def read_source(src: SourceSpec, want: str, on_error: str = "fail") -> tuple[lis
     fmts, reasons = [], []
     out: list = []
     budget = [src.limit]
+    from .sources import load_ids
+    wanted = load_ids(src)
+    ids_cache = {id(src): wanted, "seen": set()} if wanted is not None else None
     for path in files:
         if src.format == "auto":
             fmt, why = detect_format(path, src.columns)
@@ -220,7 +246,7 @@ def read_source(src: SourceSpec, want: str, on_error: str = "fail") -> tuple[lis
         if fmt not in fmts:
             fmts.append(fmt)
             reasons.append(why)
-        _read_file(path, fmt, src, want, on_error, report, out, budget)
+        _read_file(path, fmt, src, want, on_error, report, out, budget, ids_cache)
         if budget[0] is not None and budget[0] <= 0:
             break
     report.format = "+".join(fmts)
@@ -228,6 +254,11 @@ def read_source(src: SourceSpec, want: str, on_error: str = "fail") -> tuple[lis
     if report.records == 0:
         raise DataError("no records (empty dataset)", src.path, None, None,
                         reason="empty_dataset")
+    if wanted is not None:
+        report.ids_missing = len(wanted - ids_cache["seen"])
+    if out and want == "preference" and report.identical_pairs == len(out):
+        raise DataError(f"no usable preference pairs: all {len(out)} have chosen == rejected",
+                        src.path, None, "chosen", reason="identical_pair")
     if not out:
         raise DataError(f"no usable records: all {report.records} dropped "
                         f"({report.dropped_by_reason}); first: "

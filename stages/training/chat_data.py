@@ -113,11 +113,27 @@ def _default_cache() -> Path:
     return cache_root() / "data"
 
 
+def require_model_dir(model_path: str) -> None:
+    """A local model directory the loader can build a model from: not empty, has config.json
+    (a tokenizer alone passes AutoTokenizer and then fails at training as "Unrecognized model")."""
+    from medpipe.errors import MedpipeError
+
+    p = Path(model_path)
+    if not p.is_dir():
+        return  # a Hub id (allow_hub) or a model source's output: the loader decides
+    if not any(p.iterdir()):
+        raise MedpipeError(f"model.path {model_path}: the directory is empty (no model was saved there)")
+    if not (p / "config.json").is_file():
+        raise MedpipeError(f"model.path {model_path}: no config.json (a tokenizer alone is not a model; point "
+                           f"model.path at the checkpoint directory)")
+
+
 def load_stage_tokenizer(tokenizer_path: str, params: Any, trust_remote_code: bool):
     """The stage's tokenizer with the template it will train with; one line when there is none."""
     from medpipe.errors import MedpipeError
     from medpipe.stages.models.loader import load_tokenizer
 
+    require_model_dir(tokenizer_path)
     try:
         tok = load_tokenizer(tokenizer_path, trust_remote_code)
     except (OSError, ValueError, KeyError) as e:

@@ -1,0 +1,249 @@
+"""Bad input, table-driven: each case is a recipe (or overrides) and a file that is broken in one
+way; `medpipe validate` (and, for the marked cases, `medpipe run`) exits 2 with ONE line that names
+the file:line and field (or the key), no traceback, and nothing is trained or written to the store."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import medpipe
+
+SFT = "sft: {{kind: sft, data: {data}, max_length: 256, max_steps: 1{extra}}}"
+CPT = "cpt: {{kind: cpt, data: {data}, block_size: 16, max_steps: 1{extra}}}"
+DPO = "dpo: {{kind: dpo, data: {data}, max_length: 256, max_steps: 1{extra}}}"
+
+
+def recipe(tmp: Path, stage: str, top: str = "") -> Path:
+    p = tmp / "bad.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        defaults: [base, model: tiny, _self_]
+        name: bad
+        {top}
+        stages:
+          {stage}
+        """), encoding="utf-8")
+    return p
+
+
+def write(tmp: Path, name: str, content) -> str:
+    p = tmp / name
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    else:
+        p.write_text(content, encoding="utf-8")
+    return str(p)
+
+
+ALPACA_OK = '{"instruction": "发热怎么办？", "output": "多饮水，必要时就医。"}\n'
+
+
+# each builder: tmp -> (recipe path, extra overrides, [substrings the one line must contain])
+def c_bad_json_line(t):
+    d = write(t, "a.jsonl", ALPACA_OK * 2 + '{"instruction": "x", "output": \n')
+    return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:3:", "invalid JSON"]
+
+
+def c_missing_field(t):
+    d = write(t, "a.jsonl", ALPACA_OK + '{"instruction": "咳嗽"}\n')
+    return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:2:", "field 'output'"]
+
+
+def c_gbk_csv(t):
+    head = "Question,Options,Answer\n".encode()
+    ok = '"头痛首选？","A 休息\nB 吃药",A\n'.encode("utf-8")
+    bad = '"发热首选？","A 退热\nB 补液",B\n'.encode("gbk")
+    d = write(t, "exam.csv", head + ok + bad)
+    return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:4:", "not UTF-8", "GBK"]
+
+
+def c_nul_csv(t):
+    d = write(t, "exam.csv", b"Question,Options,Answer\n" + '"a\x00b","A x\nB y",A\n'.encode())
+    return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:2:", "NUL byte"]
+
+
+def c_duplicate_key_jsonl(t):
+    d = write(t, "a.jsonl", ALPACA_OK + '{"instruction": "a", "output": "b", "output": "c"}\n')
+    return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:2:", "field 'output'", "duplicate key"]
+
+
+def c_duplicate_key_json_array(t):
+    d = write(t, "a.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "a", "instruction": "c", '
+                           '"output": "d"}]')
+    return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:[1]:", "field 'instruction'", "duplicate key"]
+
+
+def c_symlink_loop(t):
+    a, b = t / "loop1.jsonl", t / "loop2.jsonl"
+    os.symlink(b, a)
+    os.symlink(a, b)
+    return recipe(t, SFT.format(data=str(a), extra="")), [], [f"{a}:", "symlink loop"]
+
+
+def c_missing_file(t):
+    return recipe(t, SFT.format(data=str(t / "nope.jsonl"), extra="")), [], [f"{t / 'nope.jsonl'}:", "file not found"]
+
+
+def c_empty_file(t):
+    d = write(t, "a.jsonl", "")
+    return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:", "no records"]
+
+
+def c_negative_limit(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=f"{{path: {d}, limit: -5}}", extra="")), [], ["field 'limit'", "got -5"]
+
+
+def c_unknown_source_key(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=f"{{path: {d}, formt: alpaca}}", extra="")), [], ["field 'formt'", "allowed"]
+
+
+def c_ids_file_missing(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=f"{{path: {d}, ids: {t}/pmids.json}}", extra="")), [], ["pmids.json", "ids file"]
+
+
+def c_promptcblue_test(t):
+    d = write(t, "test.json", '{"input": "判断意图：头痛怎么办", "target": "", "answer_choices": ["治疗方案"], '
+                              '"task_type": "cls", "task_dataset": "KUAKE-QIC", "sample_id": "1"}\n')
+    return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:1:", "field 'target'", "unlabeled split"]
+
+
+def c_all_identical_pairs(t):
+    row = '{"prompt": "发热怎么办？", "chosen": "多饮水。", "rejected": "多饮水。"}\n'
+    d = write(t, "pref.jsonl", row * 3)
+    return recipe(t, DPO.format(data=d, extra="")), [], [f"{d}:", "field 'chosen'", "chosen == rejected"]
+
+
+def c_overlength_error(t):
+    d = write(t, "a.jsonl", ALPACA_OK + json.dumps({"instruction": "头痛 " * 400, "output": "休息。"},
+                                                   ensure_ascii=False) + "\n")
+    return recipe(t, SFT.format(data=d, extra=", overlength: error")), [], [f"{d}:2:", "field 'messages'",
+                                                                            "longer than max_length=256"]
+
+
+def c_nothing_left_after_truncation(t):
+    d = write(t, "a.jsonl", ALPACA_OK * 3)
+    return recipe(t, SFT.format(data=d, extra="").replace("max_length: 256", "max_length: 8")), [], [
+        "stages.sft", "no conversation keeps an assistant token", "max_length=8"]
+
+
+def c_span_not_found(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    tmpl = ("\"{% for m in messages %}<|im_start|>{{ m['role'] }}\\n{{ m['content'] | replace('水', '汤') }}"
+            "<|im_end|>\\n{% endfor %}\"")
+    return recipe(t, SFT.format(data=d, extra=f", chat_template: {tmpl}")), [], [
+        f"{d}:1:", "field 'messages'", "messages[1] (assistant)", "not in the rendering"]
+
+
+def c_bad_overlength_value(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=d, extra=", overlength: cut")), [], ["stages.sft", "overlength"]
+
+
+def c_unknown_stage_param(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=d, extra=", lrr: 1")), [], ["stages.sft", "unknown parameter 'lrr'"]
+
+
+def c_recipe_typo_top(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=d, extra=""), top="modle: {path: /models/x}"), [], ["modle: unknown key",
+                                                                                          "'model'"]
+
+
+def c_recipe_typo_data(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=d, extra=""), top="data: {on_eror: skip}"), [], ["data.on_eror", "on_error"]
+
+
+def c_recipe_typo_run(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=d, extra=""), top="run: {dri: /tmp/x}"), [], ["run.dri: unknown key", "dir"]
+
+
+def c_recipe_typo_stages(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    p = recipe(t, SFT.format(data=d, extra=""))
+    p.write_text(p.read_text().replace("stages:", "stagess:\n  x: 1\nstages:"))
+    return p, [], ["stagess: unknown key", "'stages'"]
+
+
+def c_recipe_typo_launcher(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=d, extra=""), top="launcher: {num_gpu: 2}"), [], ["launcher.num_gpu", "num_gpus"]
+
+
+def c_yaml_syntax(t):
+    p = recipe(t, SFT.format(data="x.jsonl", extra=""))
+    p.write_text(p.read_text().rstrip("}\n") + "\n")
+    return p, [], [f"{p}:", "YAML syntax"]
+
+
+def c_run_dir_is_a_file(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    f = write(t, "not_a_dir", "x")
+    return recipe(t, SFT.format(data=d, extra="")), [f"run.dir={f}"], ["run.dir", "is a file"]
+
+
+def c_empty_model_dir(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    (t / "empty_model").mkdir()
+    return recipe(t, SFT.format(data=d, extra="")), [f"model.path={t}/empty_model"], ["model.path", "empty"]
+
+
+def c_model_dir_without_config(t):
+    from transformers import AutoTokenizer
+
+    from medpipe.stages.models.tiny import ensure_tiny
+
+    d = write(t, "a.jsonl", ALPACA_OK)
+    AutoTokenizer.from_pretrained(ensure_tiny()).save_pretrained(t / "tok_only")
+    return recipe(t, SFT.format(data=d, extra="")), [f"model.path={t}/tok_only"], ["model.path", "no config.json"]
+
+
+def c_cpt_model_dir_without_config(t):
+    d = write(t, "a.txt", "hello world\n" * 5)
+    (t / "m").mkdir()
+    (t / "m" / "tokenizer.json").write_text("{}")
+    return recipe(t, CPT.format(data=d, extra="")), [f"model.path={t}/m"], ["model.path", "no config.json"]
+
+
+CASES = {name[2:]: fn for name, fn in globals().items() if name.startswith("c_")}
+ALSO_RUN = {"bad_json_line", "gbk_csv", "duplicate_key_jsonl", "overlength_error", "span_not_found",
+            "recipe_typo_top", "model_dir_without_config", "nothing_left_after_truncation"}
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_nothing_trained(tmp_path, case, command):
+    if command == "run" and case not in ALSO_RUN:
+        pytest.skip("validate is enough: run performs the same check first")
+    recipe_path, overrides, expect = CASES[case](tmp_path)
+    runs = tmp_path / "runs"
+    r = medpipe(command, f"recipe={recipe_path}", f"run.root={runs}", *overrides)
+    assert r.code == 2, r.out
+    errors = [ln for ln in r.out.splitlines() if ln.startswith("medpipe: error:")]
+    assert len(errors) == 1, r.out
+    assert "Traceback" not in r.out
+    for piece in expect:
+        assert piece in errors[0], (piece, errors[0])
+    assert not (runs / ".store").exists() or not list((runs / ".store").glob("*/artifact.json"))
+    assert not [p for p in runs.glob("bad-*")] if runs.exists() else True  # no run dir either
+
+
+def test_the_suite_size():
+    """The number quoted in the README's reliability line."""
+    assert len(CASES) == 29, len(CASES)
+
+
+def test_cmexam_skipped_letters_and_mistral_system_turns_validate(tmp_path):
+    """Cases that used to be misread or crash, now read correctly: validate passes."""
+    d = write(tmp_path, "exam.csv", 'Question,Options,Answer\n"首选检查？","A 心电图\nB 胸片\nD 冠脉造影\nE 超声",D\n')
+    r = medpipe("validate", f"recipe={recipe(tmp_path, SFT.format(data=d, extra=''))}", f"run.root={tmp_path}/runs")
+    assert r.code == 0, r.out
+    assert "encoded: 1/1 conversations kept" in r.out
