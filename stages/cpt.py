@@ -49,8 +49,11 @@ class CPTStage:
         from medpipe.data import load_records
         from medpipe.stages.training.chat_data import require_model_dir
 
+        from medpipe.stages.models.loader import load_tokenizer
+
         require_model_dir(base.model_path)
-        result = load_records(params.data, "text", **data_options(params, data_opts))
+        tok = load_tokenizer(base.tokenizer_path, base.trust_remote_code)  # token-length columns per source
+        result = load_records(params.data, "text", tokenizer=tok, **data_options(params, data_opts))
         _, excluded = drop_eval_overlap(result.records, params, data_opts)
         lines = result.summary_table().splitlines()
         return lines + ([f"{excluded} document(s) overlap exclude_data: dropped"] if params.exclude_data else [])

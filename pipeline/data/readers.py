@@ -79,6 +79,7 @@ class RawReader:
         self.kind = container_of(path)
         self.file_keys: set | None = None   # CSV header / parquet schema (known for all rows)
         self.skipped: list[DataError] = []
+        self.bytes_read = 0          # for progress on long files (line-read containers)
 
     def _bad(self, err: DataError):
         if self.on_error == "skip":
@@ -143,6 +144,7 @@ class RawReader:
         non-UTF-8 byte is reported on its own line; a leading BOM is dropped."""
         with open(self.path, "rb") as f:
             for n, raw in enumerate(f, 1):
+                self.bytes_read += len(raw)
                 if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 try:
@@ -180,6 +182,7 @@ class RawReader:
         """Physical lines decoded one by one, so a non-UTF-8 byte (a GBK/GB18030 export) or a NUL
         byte is reported on the line it is on, not where a decoding buffer happened to end."""
         for n, raw in enumerate(f, 1):
+            self.bytes_read += len(raw)
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:

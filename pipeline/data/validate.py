@@ -158,7 +158,10 @@ def _read_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, r
     fn = spec.fn
     first = True
     n_skipped = 0
+    progress = Progress(path)
     for line, raw in reader:
+        if report.records & 4095 == 0:
+            progress.tick(report.records, reader.bytes_read)
         if first:
             ctx.file_keys = reader.file_keys
             first = False
@@ -197,7 +200,47 @@ def _read_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, r
             report.identical_pairs += 1
         rec["_loc"] = f"{path}:{line}"
         out.append(rec)
+    progress.done(report.records)
     _flush_unreadable(reader, n_skipped, report, budget)
+
+
+class Progress:
+    """records/s and ETA on stderr while a long file is read (from the bytes read so far); silent
+    for files read in under 3 s, and when MEDPIPE_PROGRESS=0."""
+
+    def __init__(self, path: str, every: float = 3.0):
+        import os
+        import sys
+        import time
+
+        self.path, self.every, self.t0, self.last = path, every, time.monotonic(), time.monotonic()
+        self.size = os.path.getsize(path) if os.path.isfile(path) else 0
+        self.out = sys.stderr
+        self.on = os.environ.get("MEDPIPE_PROGRESS", "1") != "0"
+        self.shown = False
+
+    def tick(self, n: int, nbytes: int):
+        import time
+
+        now = time.monotonic()
+        if not self.on or now - self.last < self.every:
+            return
+        self.last = now
+        rate = n / max(now - self.t0, 1e-9)
+        frac = nbytes / self.size if self.size and nbytes else 0.0
+        eta = (now - self.t0) * (1 - frac) / frac if frac > 0 else None
+        eta_s = "" if eta is None else f", {100 * frac:.0f}%, ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        print(f"  reading {_short(self.path)}: {n:,} records, {rate:,.0f} records/s{eta_s}",
+              file=self.out, flush=True)
+        self.shown = True
+
+    def done(self, n: int):
+        import time
+
+        if self.shown:
+            dt = time.monotonic() - self.t0
+            print(f"  read {_short(self.path)}: {n:,} records in {dt:.0f} s ({n / max(dt, 1e-9):,.0f} records/s)",
+                  file=self.out, flush=True)
 
 
 def _answer_field(fmt):

@@ -83,11 +83,13 @@ def prepare_chat_data(params: Any, data_opts: dict, tok: Any, cache_dir: Path, *
         heldout = encode_dataset([], tok, limits.max_length, cache_dir, limits=limits,
                                  fingerprint=fps["heldout"]) if held else None
     else:
-        result = load_records(params.data, "chat", tokenizer=tok if table else None, max_length=limits.max_length,
-                              heldout=getattr(params, "heldout", 0.0), **opts)
-        lines = result.summary_table().splitlines() if table else []
+        result = load_records(params.data, "chat", heldout=getattr(params, "heldout", 0.0), **opts)
+        _tag_sources(params.data, result.records)
         train = encode_dataset(result.records, tok, limits.max_length, cache_dir, limits=limits, fingerprint=fps["train"],
                                num_proc=num_proc, on_error=opts["on_error"], stats=stats)
+        if table:
+            _token_columns(result.reports, stats.lengths, limits.max_length)
+            lines = result.summary_table().splitlines()
         heldout = encode_dataset(result.heldout, tok, limits.max_length, cache_dir, limits=limits,
                                  fingerprint=fps["heldout"], num_proc=num_proc,
                                  on_error=opts["on_error"]) if held and result.heldout else None
@@ -101,6 +103,31 @@ def prepare_chat_data(params: Any, data_opts: dict, tok: Any, cache_dir: Path, *
         log.info("chat data %s: %d conversations (%s)", "prepared by this process" if stats.prepared_by ==
                  "this process" else "memory-mapped from the cache", len(train), cache_dir)
     return Prepared(train, heldout, stats, lines)
+
+
+def _tag_sources(spec: Any, records: list[dict]) -> None:
+    """records[i]["_src"] = index of the source its file belongs to (for per-source lengths)."""
+    from medpipe.data import parse_spec
+    from medpipe.data.sources import expand_paths
+
+    of = {f: i for i, src in enumerate(parse_spec(spec)) for f in expand_paths(src)}
+    for r in records:
+        r["_src"] = of.get(str(r.get("_loc", "")).rpartition(":")[0], 0)
+
+
+def _token_columns(reports, lengths: dict, max_length: int) -> None:
+    """p50/p90/p99/max token length per source from the encoding itself (every record, exact,
+    after the prompt/answer cuts, before the max_length cut) and how many are over max_length."""
+    import numpy as np
+
+    for i, rep in enumerate(reports):
+        n = np.sort(np.asarray(lengths.get(i, []), dtype=np.int64))
+        if not len(n):
+            continue
+        pick = lambda q: int(n[min(len(n) - 1, max(0, int(round(q / 100 * (len(n) - 1)))))])  # noqa: E731
+        rep.token_p50, rep.token_p90, rep.token_p99, rep.token_max = pick(50), pick(90), pick(99), int(n[-1])
+        rep.token_sample = len(n)
+        rep.overlength = int((n > max_length).sum())
 
 
 def _cached(cache_dir: Path, fp: str, tok: Any, limits: "Limits") -> bool:
@@ -186,6 +213,7 @@ class EncodeStats:
     failed: int = 0            # on_error=skip: template/span errors dropped
     prepared_by: str = ""      # "this process" or "cache" (memory-mapped)
     errors: list = field(default_factory=list)
+    lengths: dict = field(default_factory=dict, repr=False)  # source index -> token lengths (this run only)
 
     def lines(self) -> list[str]:
         out = [f"encoded: {self.kept}/{self.read} conversations kept"
@@ -429,7 +457,7 @@ def _encode_many(convs: list[list[dict]], tok: Any, shape: TemplateShape, limits
         rows.append({"input_ids": ids[:limits.max_length], "assistant_masks": mask[:limits.max_length],
                      "error": errors[k], "prompt_cut": p_cut, "response_cut": r_cut, "overlength": over,
                      "folded": folded[k], "has_answer": any(mask[:limits.max_length]),
-                     "answers": sum(1 for a, *_ in spans[k] if a >= 0)})
+                     "answers": sum(1 for a, *_ in spans[k] if a >= 0), "n_tokens": len(ids)})
     return rows
 
 
@@ -464,7 +492,7 @@ def default_num_proc(n_records: int) -> int | None:
 def _map_batch(batch, tok, shape, limits):
     rows = _encode_many(batch["messages"], tok, shape, limits)
     out = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
-    out["_loc"] = batch["_loc"]
+    out["_loc"], out["_src"] = batch["_loc"], batch["_src"]
     return out
 
 
@@ -495,7 +523,8 @@ def encode_dataset(records: list[dict], tok: Any, max_length: int, cache_dir=Non
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     ds.save_to_disk(str(tmp))
     (tmp / "medpipe_stats.json").write_text(json.dumps({k: v for k, v in stats.__dict__.items()
-                                                        if k not in ("prepared_by",)}))
+                                                        if k not in ("prepared_by", "lengths")}))
+    _save_lengths(tmp, stats.lengths)
     try:
         tmp.rename(path)
     except OSError:  # another process cached it first
@@ -505,12 +534,29 @@ def encode_dataset(records: list[dict], tok: Any, max_length: int, cache_dir=Non
     return _load_cached(path, stats, prepared=True)
 
 
+def _save_lengths(path: Path, lengths: dict) -> None:
+    import numpy as np
+
+    np.savez_compressed(path / "medpipe_lengths.npz", **{str(k): np.asarray(v, dtype=np.int32) for k, v in lengths.items()})
+
+
+def _load_lengths(path: Path) -> dict:
+    import numpy as np
+
+    f = path / "medpipe_lengths.npz"
+    if not f.is_file():
+        return {}
+    with np.load(f) as z:
+        return {int(k): z[k].tolist() for k in z.files}
+
+
 def _load_cached(path: Path, stats: EncodeStats, prepared: bool = False):
     from datasets import load_from_disk
 
     saved = path / "medpipe_stats.json"
     if saved.is_file() and not prepared:
         stats.__dict__.update(json.loads(saved.read_text()))
+        stats.lengths = _load_lengths(path)
     stats.prepared_by = "this process" if prepared else "cache"
     return load_from_disk(str(path))  # memory-mapped Arrow files
 
@@ -522,7 +568,8 @@ def _encode(records: list[dict], tok: Any, limits: Limits, num_proc: int | None)
     shape = template_shape(tok)
     base = Dataset.from_dict({"messages": [[{"role": m["role"], "content": m["content"]} for m in r["messages"]]
                                            for r in records],
-                              "_loc": [r.get("_loc") or f"record[{i}]" for i, r in enumerate(records)]})
+                              "_loc": [r.get("_loc") or f"record[{i}]" for i, r in enumerate(records)],
+                              "_src": [r.get("_src", 0) for r in records]})
     if num_proc is None:
         num_proc = default_num_proc(len(records))
     if not records:
@@ -532,13 +579,16 @@ def _encode(records: list[dict], tok: Any, limits: Limits, num_proc: int | None)
 
 
 def _apply_policy(ds, limits: Limits, on_error: str, stats: EncodeStats, DataError):
-    names = ["error", "prompt_cut", "response_cut", "overlength", "folded", "has_answer", "answers", "_loc"]
+    names = ["error", "prompt_cut", "response_cut", "overlength", "folded", "has_answer", "answers", "_loc", "_src",
+             "n_tokens"]
     if not len(ds):
         return _empty()
     cols = {n: ds.data.column(n).to_pylist() for n in names}
     keep = []
     for i in range(len(ds)):
         loc = cols["_loc"][i]
+        if not cols["error"][i]:
+            stats.lengths.setdefault(cols["_src"][i], []).append(cols["n_tokens"][i])
         if cols["error"][i]:
             if on_error != "skip":
                 raise _located(DataError, loc, cols["error"][i])
