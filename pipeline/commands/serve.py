@@ -7,101 +7,348 @@ FastAPI app served by uvicorn on 127.0.0.1 (default port 8000):
   "stream"}` → `{"id", "object": "chat.completion", "created", "model", "choices": [{"index": 0,
   "message": {"role": "assistant", "content"}, "finish_reason": "stop"|"length"}], "usage"}`.
   `stream: true` is answered as server-sent events (`chat.completion.chunk`s: the role, the
-  text piece by piece as it is decoded, the finish reason; then `[DONE]`). `n` > 1 is refused (400).
-  Errors use OpenAI's shape `{"error": {"message", "type", "code"}}`.
-* `GET /health` → `{"status": "ok"}`.
+  text piece by piece as it is decoded, the finish reason; then `[DONE]`); an error after the
+  stream began is sent as a `data: {"error": ...}` event before `[DONE]`.
+* `GET /health` → `{"status": "ok"}` (no API key needed).
+
+Limits (`Limits`): a body over `max_body_bytes` → 413; a prompt longer than the model's context
+minus max_tokens → 400 (or, with `truncate="left"`, its oldest tokens dropped); max_tokens is capped
+to the context; a request not answered within `timeout` s → 503, as is one arriving to a full queue.
+With an API key (`--api-key` or $MEDPIPE_API_KEY), /v1/* needs `Authorization: Bearer KEY` (401).
+Every error has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 a request
+that cannot be served (not JSON, bad messages, prompt too long, n > 1), 401, 404 unknown model or
+path, 413, 422 a parameter of the wrong type or out of range (max_tokens 0, NaN temperature,
+1e400, seed 2^70, n "two"), 503.
+
+Batching: requests wait in one queue; a worker thread takes every request waiting when the model
+frees up and generates them as one batch per setting (same max_tokens, greedy) through
+`LocalModel.generate(prompts=[...])`, instead of one request at a time. Sampled requests
+(temperature > 0) run alone, so a seed gives the same text as it does sequentially. Streams
+generate one at a time (the transformers streamer is batch-size 1).
 With `--rag` the last user message gets the top-k passages of the run's knowledge index
 (the first cpt stage's corpus, or `--rag-corpus`) prepended, as in `medpipe chat --rag`.
-Requests are served one generation at a time (the model is shared; a lock serialises them).
+`--engine vllm` starts vLLM's own OpenAI server on the stage's merged model instead.
 """
 import contextlib
 import json
+import math
+import os
+import queue
 import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+API_KEY_ENV = "MEDPIPE_API_KEY"
+MAX_CHARS_PER_TOKEN = 128  # no tokenizer's tokens average more: longer prompts are refused untokenised
 
-def build_app(model: Any, model_id: str, retriever: Any = None, default_max_tokens: int = 256):
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 2 << 20
+    timeout: float = 120.0  # seconds from arrival to answer (queue wait included)
+    truncate: str = "none"  # none: refuse a too-long prompt (400); left: drop its oldest tokens
+    context: int | None = None  # default: the model's max_position_embeddings
+    max_batch: int = 32
+    max_queue: int = 256
+    api_key: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    @property
+    def type(self) -> str:
+        return {401: "authentication_error", 503: "server_error", 500: "server_error"}.get(self.status,
+                                                                                          "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- request checking -----------------------------------------------------------------------------
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(422, f"'{name}' must be a finite number, got {json.dumps(value)[:40]}", "invalid_type", name)
+    if value < low or value > high or (low_open and value == low):
+        raise ApiError(422, f"'{name}' must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value:g}",
+                       "invalid_value", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(422, f"'{name}' must be an integer, got {json.dumps(value)[:40]}", "invalid_type", name)
+    if not low <= value <= high:
+        raise ApiError(422, f"'{name}' must be between {low} and {high}, got {value}", "invalid_value", name)
+    return value
+
+
+def parse_request(body: Any, model_id: str) -> dict:
+    """The checked request: messages, generation settings, stream flag. Raises ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", "invalid_json")
+    name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(422, "'model' must be a string", "invalid_type", "model")
+    if name not in (None, "", model_id):
+        raise ApiError(404, f"the model '{name}' does not exist; this server serves '{model_id}'", "model_not_found", "model")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages", "messages")
+    messages = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}]: role must be system, user or assistant", "invalid_messages", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+                              and isinstance(p.get("text", ""), str))
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}]: content must be a string", "invalid_messages", "messages")
+        messages.append({"role": m["role"], "content": content})
+    n = _integer(body, "n", 1, 128)
+    if n not in (None, 1):
+        raise ApiError(400, "n > 1 is not supported", "unsupported_value", "n")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise ApiError(422, "'stream' must be true or false", "invalid_type", "stream")
+    return {"messages": messages, "max_tokens": _integer(body, key, 1, 2**31), "max_tokens_param": key,
+            "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
+            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+            "seed": _integer(body, "seed", 0, 2**63 - 1), "stream": bool(stream)}
+
+
+def model_context(model: Any) -> int | None:
+    config = getattr(getattr(model, "model", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def fit_to_context(prompt: str, encode: Any, context: int | None, max_tokens: int | None, default: int,
+                   truncate: str, param: str) -> tuple[int, int | None]:
+    """(max_tokens, max_length for generate): max_tokens capped to the context; a prompt longer
+    than context − max_tokens refused (ApiError 400) or, with truncate="left", cut to fit."""
+    if context is None or encode is None:
+        return (max_tokens or default), None
+    max_tokens = min(max_tokens or default, context) if max_tokens else None
+    if len(prompt) > context * MAX_CHARS_PER_TOKEN and truncate != "left":
+        n = f"over {context * MAX_CHARS_PER_TOKEN:,} characters"
+    else:
+        tokens = len(encode(prompt))
+        if max_tokens is None:  # no max_tokens asked for: the default, within what the context leaves
+            max_tokens = max(1, min(default, context - tokens))
+        if tokens + max_tokens <= context:
+            return max_tokens, None
+        if truncate == "left":
+            if context - max_tokens < 1:
+                raise ApiError(400, f"{param}={max_tokens} leaves no room for the prompt in the model's context of "
+                                    f"{context} tokens", "context_length_exceeded", param)
+            return max_tokens, context - max_tokens
+        n = f"{tokens:,} tokens"
+    raise ApiError(400, f"the prompt is {n}; with {param}={max_tokens or default} it exceeds the model's context "
+                        f"of {context} tokens: shorten the messages or lower {param}", "context_length_exceeded", "messages")
+
+
+# --- the batching worker --------------------------------------------------------------------------
+@dataclass
+class Job:
+    prompt: str
+    gen: dict
+    deadline: float
+    future: Future = field(default_factory=Future)
+
+    @property
+    def group(self) -> tuple:
+        """Jobs with one group key can share a batch: greedy with the same settings. A sampled job
+        is a group of its own (a shared batch would share its random stream)."""
+        if self.gen["temperature"] > 0:
+            return ("sampled", id(self))
+        return ("greedy", self.gen["max_new_tokens"], self.gen.get("max_length"))
+
+
+class Batcher:
+    """One worker thread owns the model: it takes every waiting job and generates each group of them
+    as one batch (micro-batching), so N concurrent requests cost about one batched generate."""
+
+    def __init__(self, model: Any, max_batch: int = 32, max_queue: int = 256):
+        self.model, self.max_batch = model, max(1, max_batch)
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, max_queue))
+        self.batches = 0
+        threading.Thread(target=self._work, name="medpipe-batcher", daemon=True).start()
+
+    def submit(self, prompt: str, gen: dict, timeout: float) -> Job:
+        job = Job(prompt, gen, time.monotonic() + timeout)
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(503, f"the server is busy ({self.jobs.maxsize} requests waiting); retry later",
+                           "server_busy") from None
+        return job
+
+    def _work(self) -> None:
+        while True:
+            jobs = [self.jobs.get()]
+            while len(jobs) < self.max_batch * 4:
+                try:
+                    jobs.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            now = time.monotonic()
+            live = []
+            for job in jobs:
+                if job.future.cancelled() or not job.future.set_running_or_notify_cancel():
+                    continue
+                if now > job.deadline:  # waited out its timeout in the queue: do not generate it
+                    job.future.set_exception(ApiError(503, "the request timed out waiting for the model", "timeout"))
+                    continue
+                live.append(job)
+            groups: dict[tuple, list[Job]] = {}
+            for job in live:
+                groups.setdefault(job.group, []).append(job)
+            for group in groups.values():
+                for b0 in range(0, len(group), self.max_batch):
+                    self._generate(group[b0:b0 + self.max_batch])
+
+    def _generate(self, batch: list[Job]) -> None:
+        gen = dict(batch[0].gen)
+        if gen.get("max_length") is None:
+            gen.pop("max_length", None)
+        try:
+            out = self.model.generate([j.prompt for j in batch], batch_size=len(batch), **gen)
+            self.batches += 1
+        except BaseException as e:  # every waiting request learns of it
+            for j in batch:
+                j.future.set_exception(e)
+            return
+        for j, c in zip(batch, out):
+            j.future.set_result(c)
+
+
+# --- the app --------------------------------------------------------------------------------------
+def build_app(model: Any, model_id: str, retriever: Any = None, default_max_tokens: int = 256,
+              limits: Limits | None = None):
+    import asyncio
+    import hmac
+
+    import anyio
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     from medpipe.commands.chat import augment
 
+    limits = limits or Limits()
+    context = limits.context or model_context(model)
+    encode = getattr(model, "encode", None)
+    batcher = Batcher(model, limits.max_batch, limits.max_queue)
     app = FastAPI(title="medpipe", version="1")
+    app.state.batcher = batcher
     created = int(time.time())
 
-    def error(status: int, message: str, code: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": {"message": message, "type": code, "code": status}})
+    def reply(e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(status_code=e.status, content=e.body(), headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # unknown paths (404), wrong methods (405)
+        return reply(ApiError(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return reply(ApiError(422, str(exc), "invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):
+        return reply(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error"))
+
+    def authorise(request: Request) -> None:
+        if not limits.api_key:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), limits.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "invalid_api_key")
+
+    async def read_body(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise ApiError(413, f"the body is {int(declared):,} bytes; this server takes at most "
+                                f"{limits.max_body_bytes:,}", "request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise ApiError(413, f"the body is over {limits.max_body_bytes:,} bytes, the most this server takes",
+                               "request_too_large")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, RecursionError):
+            raise ApiError(400, "the body is not JSON", "invalid_json") from None
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    def models() -> dict:
+    def models(request: Request):
+        try:
+            authorise(request)
+        except ApiError as e:
+            return reply(e)
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "medpipe"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        import anyio
+        arrived = time.monotonic()
+        try:
+            authorise(request)
+            req = parse_request(await read_body(request), model_id)
+            messages = req["messages"]
+            if retriever is not None:
+                last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+                if last is not None:
+                    messages[last] = {"role": "user", "content": augment(messages[last]["content"], retriever)}
 
-        try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "the body is not JSON")
-        if not isinstance(body, dict):
-            return error(400, "the body must be a JSON object")
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            return error(400, "'messages' must be a non-empty list")
-        messages = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                return error(400, f"messages[{i}]: role must be system, user or assistant")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-            if not isinstance(content, str):
-                return error(400, f"messages[{i}]: content must be a string")
-            messages.append({"role": m["role"], "content": content})
-        if int(body.get("n") or 1) != 1:
-            return error(400, "n > 1 is not supported")
-        try:
-            max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens)
-            temperature = float(body.get("temperature") or 0.0)
-            top_p = float(body.get("top_p") if body.get("top_p") is not None else 1.0)
-            seed = body.get("seed")
-            seed = int(seed) if seed is not None else None
-        except (TypeError, ValueError):
-            return error(400, "max_tokens, temperature, top_p and seed must be numbers")
-        if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-            return error(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
-        if retriever is not None:
-            last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-            if last is not None:
-                messages[last] = {"role": "user", "content": augment(messages[last]["content"], retriever)}
-        prompt = model.render(messages)
-        gen = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+            def prepare() -> tuple[str, int, int | None]:  # template + tokenising: off the event loop
+                prompt = model.render(messages)
+                return (prompt, *fit_to_context(prompt, encode, context, req["max_tokens"], default_max_tokens,
+                                                limits.truncate, req["max_tokens_param"]))
+
+            prompt, max_tokens, max_length = await anyio.to_thread.run_sync(prepare)
+        except ApiError as e:
+            return reply(e)
+        gen = dict(max_new_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"], seed=req["seed"],
+                   max_length=max_length)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
-        if body.get("stream"):
-            def events() -> Iterator[str]:  # a sync generator: Starlette iterates it in a worker thread
-                base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id}
-
-                def chunk(delta: dict, finish: str | None = None) -> str:
-                    return "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta,
-                                                                       "finish_reason": finish}]},
-                                                 ensure_ascii=False) + "\n\n"
-
-                yield chunk({"role": "assistant"})
-                for piece in model.stream(prompt, **gen):  # text pieces as decoded, then the Completion
-                    yield chunk({"content": piece}) if isinstance(piece, str) else chunk({}, piece.finish_reason)
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        c = await anyio.to_thread.run_sync(lambda: model.generate([prompt], **gen)[0])
+        if req["stream"]:
+            return StreamingResponse(stream_events(model, model_id, cid, now, prompt, gen), media_type="text/event-stream")
+        job = None
+        try:
+            job = batcher.submit(prompt, gen, limits.timeout - (time.monotonic() - arrived))
+            left = max(0.001, job.deadline - time.monotonic())
+            c = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=left)
+        except ApiError as e:
+            return reply(e)
+        except asyncio.TimeoutError:
+            return reply(ApiError(503, f"the request was not answered within {limits.timeout:g} s", "timeout"))
         usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                  "total_tokens": c.prompt_tokens + c.completion_tokens}
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,
@@ -111,6 +358,27 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
     return app
 
 
+def stream_events(model: Any, model_id: str, cid: str, now: int, prompt: str, gen: dict) -> Iterator[str]:
+    """Server-sent events of one streamed completion; a sync generator (Starlette iterates it in a
+    worker thread). A failure after the first event is sent as an error event, then [DONE]."""
+    base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id}
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]},
+                                     ensure_ascii=False) + "\n\n"
+
+    yield chunk({"role": "assistant"})
+    kw = {k: v for k, v in gen.items() if not (k == "max_length" and v is None)}
+    try:
+        for piece in model.stream(prompt, **kw):  # text pieces as decoded, then the Completion
+            yield chunk({"content": piece}) if isinstance(piece, str) else chunk({}, piece.finish_reason)
+    except Exception as e:
+        err = ApiError(500, f"generation failed: {type(e).__name__}: {e}", "internal_error")
+        yield "data: " + json.dumps(err.body(), ensure_ascii=False) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# --- running it -----------------------------------------------------------------------------------
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -143,22 +411,66 @@ def serving(app: Any, host: str = "127.0.0.1", port: int | None = None, timeout:
         thread.join(timeout=10)
 
 
+def vllm_command(model_path: str, name: str, host: str, port: int, api_key: str | None,
+                 trust_remote_code: bool) -> list[str]:
+    import sys
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+           "--served-model-name", name, "--host", host, "--port", str(port)]
+    if trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd
+
+
+def serve_vllm(art: Any, name: str, host: str, port: int, api_key: str | None, say=print) -> int:
+    """vLLM's own OpenAI server on the stage's merged model (production throughput)."""
+    import importlib.util
+    import subprocess
+
+    from medpipe.errors import MedpipeError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise MedpipeError("--engine vllm: vLLM is not installed here (pip install vllm, on a CUDA machine); "
+                           "the default --engine transformers serves without it")
+    cmd = vllm_command(art.model_path, name, host, port, api_key, art.trust_remote_code)
+    shown = [("***" if i and cmd[i - 1] == "--api-key" else a) for i, a in enumerate(cmd)]
+    say("$ " + " ".join(shown))
+    return subprocess.call(cmd)
+
+
 def serve(run_dir: str, stage: str | None = None, host: str = "127.0.0.1", port: int = 8000, rag: bool = False,
-          rag_corpus: str | None = None, stop_after: float | None = None, say=print) -> None:
+          rag_corpus: str | None = None, stop_after: float | None = None, say=print, engine: str = "transformers",
+          limits: Limits | None = None) -> int:
     """Load the stage's model and serve it until interrupted (or `stop_after` seconds)."""
-    from medpipe.commands.chat import rag_retriever
     from medpipe.commands.rundir import stage_artifact
+    from medpipe.errors import MedpipeError
+
+    limits = limits or Limits()
+    limits.api_key = limits.api_key or os.environ.get(API_KEY_ENV) or None
+    if limits.truncate not in ("none", "left"):
+        raise MedpipeError(f"--truncate must be none or left, got {limits.truncate!r}")
+    name, art = stage_artifact(run_dir, stage)
+    if engine == "vllm":
+        if rag:
+            raise MedpipeError("--rag is served by --engine transformers only")
+        return serve_vllm(art, name, host, port, limits.api_key, say)
+    if engine != "transformers":
+        raise MedpipeError(f"--engine must be transformers or vllm, got {engine!r}")
+    from medpipe.commands.chat import rag_retriever
     from medpipe.stages.inference.runtime import LocalModel
 
-    name, art = stage_artifact(run_dir, stage)
     model = LocalModel.from_artifact(art, name=name)
     retriever = rag_retriever(run_dir, rag_corpus, say=say) if rag else None
-    app = build_app(model, name, retriever)
+    app = build_app(model, name, retriever, limits=limits)
     server = make_server(app, host, port)
     if stop_after:
         timer = threading.Timer(stop_after, lambda: setattr(server, "should_exit", True))
         timer.daemon = True
         timer.start()
     say(f"serving {name} ({art.model_path}){' + RAG' if retriever else ''} at http://{host}:{port}/v1 "
-        f"(OpenAI-compatible: /v1/models, /v1/chat/completions); Ctrl-C stops")
+        f"(OpenAI-compatible: /v1/models, /v1/chat/completions){'; API key required' if limits.api_key else ''}; "
+        f"Ctrl-C stops")
     server.run()
+    return 0
