@@ -30,6 +30,13 @@ def _bin(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
+def world_size(launcher: dict) -> int:
+    """Ranks a training stage runs on under this launcher (local: one process)."""
+    if launcher.get("name", "local") == "local":
+        return 1
+    return int(launcher.get("num_gpus", 1)) * int(launcher.get("num_nodes", 1))
+
+
 def command(launcher: dict, stage_file: Path) -> list[str] | None:
     """The exact command that starts the stage, or None for in-process."""
     name = launcher["name"]

@@ -18,9 +18,10 @@ Training text (`text_format`):
   through the tokenizer's chat template, loss on the assistant turn (`medpipe.stages.training.chat_data.encode_chat`).
 
 Adapter (`adapter`):
-* `cpoly` (default): `medpipe.stages.adapters.cpoly` layers on `target_modules` — `n_shared_skills`
-  (A=4) shared LoRA skills + `n_task_skills` (B=1) task-specific skills per task, rank `r` (4),
-  Gumbel-sigmoid routing at temperature `tau`. Each example's task index travels in the batch
+* `cpoly` (default): `medpipe.stages.adapters.cpoly` layers, settings in the `cpoly:` block
+  (`medpipe.stages.adapters.settings.CPolyConfig`, the one copy of their defaults) — on
+  `cpoly.target_modules`, `n_shared_skills` (A=4) shared LoRA skills + `n_task_skills` (B=1)
+  task-specific skills per task, rank `r` (4), Gumbel-sigmoid routing at temperature `tau`. Each example's task index travels in the batch
   (`task_ids`, emitted by the collator) into `CPolyModel.forward`, which routes it to every layer
   for that call: mixed-task batches, and safe under DDP/DeepSpeed (no global state is set outside
   forward).
@@ -44,10 +45,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
+
+from medpipe.params import param
+from medpipe.stages.adapters.settings import CPolyConfig
 from medpipe.stages.training.params import TrainParams
 
 ADAPTERS = ("cpoly", "lora")
@@ -57,63 +61,36 @@ INPUT_DATASET = ("auto", "require", "ignore")
 
 @dataclass
 class CPolyParams(TrainParams):
-    # AntGLM-Med stage 3 (METHODS.md): 10 epochs, batch 12, AdamW lr 5e-5, linear decay, wd 0.01,
+    # AntGLM-Med stage 3 (§3.3 / Table 8): 10 epochs, batch 12, AdamW lr 5e-5, linear decay, wd 0.01,
     # warmup 0.06. Recipes override per run.
-    lr: float = 5e-5
-    epochs: float = 10.0
-    batch_size: int = 12
-    scheduler: str = "linear"
-    weight_decay: float = 0.01
-    warmup: float = 0.06
-    max_length: int = 1024
-    adapter: str = "cpoly"  # cpoly | lora (the LoRA baseline: settings in `peft`, default r=8 alpha=16)
-    n_shared_skills: int = 4  # A: LoRA skills shared by all tasks
-    n_task_skills: int = 1  # B: task-specific skills per task (0 = Poly)
-    r: int = 4  # rank of every skill
-    alpha: Optional[float] = None  # skill scale alpha/r; null = r (scale 1)
-    dropout: float = 0.0  # dropout on the adapter input
-    tau: float = 1.0  # Gumbel-sigmoid temperature of the shared routing (training)
-    normalize: bool = True  # divide the shared weights by their sum (PEFT Poly)
-    straight_through: bool = False  # hard 0/1 shared weights forward, soft gradient
-    task_block: str = "diagonal"  # diagonal (task t uses only its own skills) | full
-    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])  # as the LoRA baseline; or module names (q_proj, ...)
-    tasks: Optional[List[str]] = None  # null = the data's tasks, sorted
-    default_task: Optional[str] = None  # whose merged model is the artifact's model_path; null = first task
-    export_tasks: Optional[List[str]] = None  # tasks given a merged model; null = all
-    export_shared: bool = False  # also merge the shared skills only (merged/_shared)
-    text_format: str = "ppl"  # ppl (option-perplexity prompt + answer) | chat (chat template)
-    lang: str = "auto"  # ppl prompt language: auto (per item) | en | zh
-    input_dataset: str = "auto"  # auto | require | ignore: records from the input artifact's dataset_path
+    lr: float = param(5e-5, "peak learning rate")
+    epochs: float = param(10.0, "passes over the data")
+    batch_size: int = param(12, "GLOBAL batch: samples per optimizer step over all ranks")
+    scheduler: str = param("linear", "transformers scheduler name")
+    weight_decay: float = param(0.01, "AdamW weight decay")
+    warmup: float = param(0.06, "< 1: fraction of the total steps; >= 1: steps")
+    max_length: int = param(1024, "tokens per example (the ppl prompt is cut from the left)")
+    adapter: str = param("cpoly", "cpoly | lora (the LoRA baseline: settings in `peft`, default r=8 alpha=16)")
+    cpoly: CPolyConfig = param(help="C-Poly layer settings (adapter=cpoly)", factory=CPolyConfig)
+    tasks: Optional[List[str]] = param(None, "task names; null = the data's tasks, sorted")
+    default_task: Optional[str] = param(None, "whose merged model is the artifact's model_path; null = first task")
+    export_tasks: Optional[List[str]] = param(None, "tasks given a merged model; null = all")
+    export_shared: bool = param(False, "also merge the shared skills only (merged/_shared)")
+    text_format: str = param("ppl", "ppl (option-perplexity prompt + answer) | chat (chat template)")
+    lang: str = param("auto", "ppl prompt language: auto (per item) | en | zh")
+    input_dataset: str = param("auto", "auto | require | ignore: records from the input artifact's dataset_path")
+    samples_per_task: Optional[int] = param(None, "train on N records per task drawn at random (seed: data.seed), "
+                                                  "AntGLM-Med Table 8: 500; null = all")
 
-
-def validate_params(p: CPolyParams) -> None:
-    from medpipe.errors import ConfigError
-
-    for name, value, allowed in (("adapter", p.adapter, ADAPTERS), ("text_format", p.text_format, TEXT_FORMATS),
-                                 ("input_dataset", p.input_dataset, INPUT_DATASET),
-                                 ("task_block", p.task_block, ("diagonal", "full")),
-                                 ("lang", p.lang, ("auto", "en", "zh"))):
-        if value not in allowed:
-            raise ConfigError(f"cpoly.{name} must be one of {', '.join(allowed)}, got '{value}'")
-    if p.adapter == "cpoly" and p.peft is not None:
-        raise ConfigError("cpoly: `peft` configures the LoRA baseline (adapter=lora); with adapter=cpoly "
-                          "set n_shared_skills / n_task_skills / r / alpha instead")
-    if p.adapter == "cpoly":
-        from medpipe.stages.adapters.cpoly import CPolyConfig
-
-        try:
-            CPolyConfig(**cpoly_config(p))
-        except ValueError as e:
-            raise ConfigError(f"cpoly: {e}") from None
-
-
-def cpoly_config(p: CPolyParams) -> dict:
-    targets: Any = list(p.target_modules)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    return dict(n_shared_skills=p.n_shared_skills, n_task_skills=p.n_task_skills, r=p.r, alpha=p.alpha,
-                dropout=p.dropout, tau=p.tau, normalize=p.normalize, straight_through=p.straight_through,
-                task_block=p.task_block, target_modules=targets)
+    def _rules(self):
+        return super()._rules() + [
+            ("adapter", self.adapter in ADAPTERS, "one of " + ", ".join(ADAPTERS)),
+            ("text_format", self.text_format in TEXT_FORMATS, "one of " + ", ".join(TEXT_FORMATS)),
+            ("input_dataset", self.input_dataset in INPUT_DATASET, "one of " + ", ".join(INPUT_DATASET)),
+            ("lang", self.lang in ("auto", "en", "zh"), "one of auto, en, zh"),
+            ("samples_per_task", self.samples_per_task is None or self.samples_per_task >= 1, ">= 1 or null"),
+            ("peft", self.adapter == "lora" or self.peft is None,
+             "null with adapter=cpoly (`peft` configures the LoRA baseline, adapter=lora; C-Poly's settings are `cpoly:`)")]
 
 
 def safe_name(task: str) -> str:
@@ -157,6 +134,24 @@ def select_records(records: list[dict], p: CPolyParams) -> tuple[list[dict], dic
         else:
             keep.append(r)
     return keep, dropped
+
+
+def sample_per_task(records: list[dict], n: int | None, seed: int) -> list[dict]:
+    """At most n records of every task, drawn at random (the same draw for the same seed and data);
+    the records keep their order."""
+    if n is None:
+        return records
+    import random
+
+    by_task: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_task.setdefault(str(r.get("task")), []).append(i)
+    rng = random.Random(seed)
+    keep = set()
+    for task in sorted(by_task):
+        idx = by_task[task]
+        keep.update(idx if len(idx) <= n else rng.sample(idx, n))
+    return [r for i, r in enumerate(records) if i in keep]
 
 
 def task_list(records: list[dict], p: CPolyParams, where: str) -> list[str]:
@@ -229,122 +224,6 @@ def encode(records: list[dict], tasks: list[str], tok: Any, p: CPolyParams):
     return Dataset.from_list(out)
 
 
-class TaskCollator:
-    """Right-pads input_ids/labels, adds attention_mask, and (C-Poly) the per-example `task_ids`.
-    Counts batches holding more than one task (mixed-task batches)."""
-
-    def __init__(self, pad_id: int, with_task_ids: bool):
-        self.pad_id, self.with_task_ids = pad_id, with_task_ids
-        self.batches = 0
-        self.mixed = 0
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        n, L = len(features), max(len(f["input_ids"]) for f in features)
-        ids = torch.full((n, L), self.pad_id, dtype=torch.long)
-        labels = torch.full((n, L), -100, dtype=torch.long)
-        mask = torch.zeros((n, L), dtype=torch.long)
-        for i, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[i, :k] = torch.tensor(f["input_ids"])
-            labels[i, :k] = torch.tensor(f["labels"])
-            mask[i, :k] = 1
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        tids = [int(f["task_id"]) for f in features]
-        self.batches += 1
-        self.mixed += len(set(tids)) > 1
-        if self.with_task_ids:
-            batch["task_ids"] = torch.tensor(tids, dtype=torch.long)
-        return batch
-
-
-# --- trainer --------------------------------------------------------------------------------------
-def _cpoly_keys(state_dict: dict) -> dict:
-    """Adapter tensors of a CPolyModel state dict, keyed as save_cpoly keys them (inner layer paths)."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.rsplit(".", 1)[-1] in ("cpoly_A", "cpoly_B", "cpoly_logits", "cpoly_task_w"):
-            out[k[len("model."):] if k.startswith("model.") else k] = v
-    return out
-
-
-def load_adapter_tensors(model: Any, directory: str | Path) -> None:
-    """Copy the tensors of a saved C-Poly adapter into an existing CPolyModel (resume, best model)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from medpipe.stages.adapters.cpoly import WEIGHTS_NAME
-
-    tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
-    own = model.adapter_state_dict()
-    if set(tensors) != set(own):
-        raise ValueError(f"{directory}: C-Poly checkpoint tensors do not match the model")
-    with torch.no_grad():
-        for name, layer in model.cpoly_layers().items():
-            for pname in ("cpoly_A", "cpoly_B", "cpoly_logits", "cpoly_task_w"):
-                param = getattr(layer, pname)
-                if param is not None:
-                    param.copy_(tensors[f"{name}.{pname}"].to(param.dtype))
-
-
-_TRAINER = None
-
-
-def trainer_class():
-    """transformers.Trainer that saves/loads a CPolyModel as its adapter (cpoly_adapter.safetensors +
-    cpoly_config.json) in checkpoints and the final save, instead of a full state dict; PEFT and
-    plain models go through the stock paths."""
-    global _TRAINER
-    if _TRAINER is not None:
-        return _TRAINER
-    import os
-
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Trainer
-
-    from medpipe.stages.adapters.cpoly import CPolyModel, WEIGHTS_NAME, save_cpoly
-
-    class CPolyTrainer(Trainer):
-        def _cpoly(self):
-            model = self.accelerator.unwrap_model(self.model)
-            return model if isinstance(model, CPolyModel) else None
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            cm = self._cpoly()
-            if cm is None:
-                return super()._save(output_dir, state_dict)
-            if not self.args.should_save:
-                return
-            output_dir = output_dir or self.args.output_dir
-            save_cpoly(cm, output_dir)  # config + the live tensors
-            if state_dict is not None:  # DeepSpeed: the engine's (possibly gathered) weights win
-                tensors = _cpoly_keys(state_dict)
-                if tensors and set(tensors) == set(cm.adapter_state_dict()):
-                    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                              os.path.join(output_dir, WEIGHTS_NAME), metadata={"format": "pt"})
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            cm = self._cpoly()
-            if cm is None or not os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            load_adapter_tensors(cm, resume_from_checkpoint)
-
-        def _load_best_model(self) -> None:
-            cm = self._cpoly()
-            best = self.state.best_model_checkpoint
-            if cm is None or self.is_deepspeed_enabled or not os.path.isfile(os.path.join(best, WEIGHTS_NAME)):
-                return super()._load_best_model()
-            load_adapter_tensors(cm, best)
-
-    _TRAINER = CPolyTrainer
-    return CPolyTrainer
-
-
 # --- stage ----------------------------------------------------------------------------------------
 class CPolyStage:
     """Multi-task multiple-choice adaptation: C-Poly (shared + task-specific LoRA skills) or a LoRA baseline."""
@@ -352,10 +231,9 @@ class CPolyStage:
     Params = CPolyParams
 
     def check(self, params: CPolyParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.training.params import data_options
         from medpipe.data import load_records
+        from medpipe.stages.training.params import data_options
 
-        validate_params(params)
         if params.text_format == "chat":
             from medpipe.stages.training.chat_data import require_chat_template
 
@@ -376,17 +254,18 @@ class CPolyStage:
 
         from transformers import TrainingArguments
 
-        from medpipe.errors import MedpipeError
-        from medpipe.stages.training import common
-        from medpipe.stages.adapters.cpoly import inject_adapter
-        from medpipe.stages.training.params import data_options
         from medpipe.data import load_records
-        from medpipe.stages.training.params import LoraParams
+        from medpipe.errors import MedpipeError
+        from medpipe.stages.adapters.cpoly import inject_cpoly
+        from medpipe.stages.training.args import training_kwargs
+        from medpipe.stages.training.callbacks import callbacks
+        from medpipe.stages.training.cpoly import CPolyTrainer, TaskCollator
+        from medpipe.stages.training.loop import apply_lora, load_model, load_tokenizer, train as train_loop
+        from medpipe.stages.training.params import LoraParams, data_options
 
         p: CPolyParams = ctx.params
-        validate_params(p)
         where = f"stages.{ctx.name}"
-        tok = common.load_tokenizer(ctx)
+        tok = load_tokenizer(ctx)
         loaded = load_records(p.data, "mcq", heldout=p.heldout, **data_options(p, ctx.data))
         train, dropped = select_records(loaded.records, p)
         heldout, _ = select_records(loaded.heldout, p)
@@ -403,6 +282,10 @@ class CPolyStage:
             train = train + extra
         tasks = task_list(train, p, where)
         check_exports(p, tasks, where)
+        if p.samples_per_task is not None:
+            before = len(train)
+            train = sample_per_task(train, p.samples_per_task, int(ctx.data.get("seed", 0)))
+            ctx.say(f"{len(train)} of {before} records kept: at most {p.samples_per_task} per task, drawn at random")
         train_ds = encode(train, tasks, tok, p)
         eval_ds = encode(heldout, tasks, tok, p) if heldout else None
         if len(train_ds) == 0:
@@ -414,11 +297,11 @@ class CPolyStage:
 
         # the frozen base loads like a LoRA base (bf16 on GPUs that have it); adapters train in fp32
         base_view = dataclasses.replace(p, peft=p.peft or LoraParams())
-        model = common.load_model(ctx, base_view)
+        model = load_model(ctx, base_view)  # seeds: the adapter's init below is the same in any process
         if p.adapter == "cpoly":
-            model = inject_adapter(model, "cpoly", tasks=tasks, **cpoly_config(p))
+            model = inject_cpoly(model, tasks, p.cpoly)
         else:
-            model = common.apply_lora(model, p.peft or LoraParams())
+            model = apply_lora(model, p.peft or LoraParams())
         if p.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks backprop
         trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
@@ -426,10 +309,10 @@ class CPolyStage:
 
         collator = TaskCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                                 with_task_ids=p.adapter == "cpoly")
-        args = TrainingArguments(**common.training_kwargs(ctx, p), remove_unused_columns=False)
-        trainer = trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  data_collator=collator, processing_class=tok, callbacks=common.callbacks(ctx, p))
-        metrics = common.train(trainer, ctx)
+        args = TrainingArguments(**training_kwargs(ctx, p), remove_unused_columns=False)
+        trainer = CPolyTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                               data_collator=collator, processing_class=tok, callbacks=callbacks(ctx, p))
+        metrics = train_loop(trainer, ctx)
         metrics.update(examples=len(train_ds), tasks=len(tasks), trainable_params=trainable,
                        input_dataset_records=len(extra), heldout=len(eval_ds) if eval_ds else 0, **dropped,
                        mixed_task_batches=collator.mixed, batches=collator.batches)
@@ -475,10 +358,10 @@ def export_merged(ctx: Any, params: Any, adapter_dir: Path, tok: Any, task: str 
     """Fold one task's eval-mode C-Poly delta (task None: shared skills only) into a fresh copy of the
     base and save it as a plain model (written to a temp dir, then renamed)."""
     from medpipe.artifact import atomic_dir
-    from medpipe.stages.training import common
     from medpipe.stages.adapters.cpoly import load_cpoly, merge_cpoly
+    from medpipe.stages.training.loop import load_model
 
-    base = common.load_model(ctx, params, ctx.input.model_path)
+    base = load_model(ctx, params, ctx.input.model_path)
     plain = merge_cpoly(load_cpoly(base, adapter_dir), task, shared_only=task is None)
     with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)

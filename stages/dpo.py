@@ -8,27 +8,56 @@ a few pairs (`ref_probe`) so the choice of reference is checkable from outside.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
+from medpipe.params import param
 from medpipe.stages.training.params import TrainParams
 
 
 @dataclass
 class DPOParams(TrainParams):
-    lr: float = 2e-5
-    epochs: float = 1.0
-    warmup: float = 0.05
-    weight_decay: float = 0.05
-    max_length: int = 512
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # any TRL DPO loss_type (sigmoid, ipo, hinge, robust, ...)
-    truncation_mode: str = "keep_start"  # TRL's default (its keep_end is deprecated)
-    ref_probe: int = 4  # pairs whose reference log-probs are saved to ref_probe.pt (0 = off)
-    reward_eval_pairs: int = 64  # training pairs whose rewards are re-evaluated after training (0 = off)
+    lr: float = param(2e-5, "peak learning rate")
+    epochs: float = param(1.0, "passes over the pairs")
+    warmup: float = param(0.05, "< 1: fraction of the total steps; >= 1: steps")
+    weight_decay: float = param(0.05, "AdamW weight decay")
+    max_length: int = param(512, "tokens of prompt + response (TRL cuts the rest, see truncation_mode)")
+    max_prompt_length: Optional[int] = param(None, "prompt tokens kept (its END, nearest the answer, as TRL < 0.20 "
+                                                   "did); null = no separate prompt limit")
+    max_response_length: Optional[int] = param(None, "tokens kept of each response (chosen, rejected; the start); "
+                                                       "null = no separate limit")
+    beta: float = param(0.1, "DPO β: strength of the KL penalty to the reference")
+    loss_type: str = param("sigmoid", "any TRL DPO loss_type (sigmoid, ipo, hinge, robust, ...)")
+    truncation_mode: str = param("keep_start", "how TRL cuts prompt+response beyond max_length (its keep_end is deprecated)")
+    ref_probe: int = param(4, "pairs whose reference log-probs are saved to ref_probe.pt (0 = off)")
+    reward_eval_pairs: int = param(64, "training pairs whose rewards are re-evaluated after training (0 = off)")
 
     def _rules(self):
         return super()._rules() + [("beta", self.beta > 0, "> 0"), ("ref_probe", self.ref_probe >= 0, ">= 0"),
-                                   ("reward_eval_pairs", self.reward_eval_pairs >= 0, ">= 0")]
+                                   ("reward_eval_pairs", self.reward_eval_pairs >= 0, ">= 0"),
+                                   ("max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1,
+                                    ">= 1 or null"),
+                                   ("max_response_length",
+                                    self.max_response_length is None or self.max_response_length >= 1, ">= 1 or null"),
+                                   ("truncation_mode", self.truncation_mode in ("keep_start", "keep_end"),
+                                    "keep_start or keep_end")]
+
+
+def cut_lengths(dataset: Any, max_prompt: int | None, max_response: int | None) -> Any:
+    """TRL's tokenised pairs with the prompt and each response limited separately (Qilin-Med: source
+    256, target 256): the prompt keeps its last `max_prompt` tokens, chosen/rejected their first
+    `max_response`. TRL 1.16's DPOConfig has one max_length only."""
+    if dataset is None or (max_prompt is None and max_response is None):
+        return dataset
+
+    def cut(row: dict) -> dict:
+        if max_prompt is not None:
+            row["prompt_ids"] = row["prompt_ids"][-max_prompt:]
+        if max_response is not None:
+            row["chosen_ids"] = row["chosen_ids"][:max_response]
+            row["rejected_ids"] = row["rejected_ids"][:max_response]
+        return row
+
+    return dataset.map(cut, desc="prompt/response lengths")
 
 
 def preference_rows(records: list[dict], say) -> list[dict]:
@@ -51,8 +80,8 @@ class DPOStage:
     Params = DPOParams
 
     def check(self, params: DPOParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.training.params import data_options
         from medpipe.data import load_records
+        from medpipe.stages.training.params import data_options
 
         return load_records(params.data, "preference", **data_options(params, data_opts)).summary_table().splitlines()
 
@@ -60,36 +89,40 @@ class DPOStage:
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
-        from medpipe.errors import MedpipeError
-        from medpipe.stages.training import common
-        from medpipe.stages.training.params import data_options
         from medpipe.data import load_records
+        from medpipe.errors import MedpipeError
+        from medpipe.stages.training.args import training_kwargs
+        from medpipe.stages.training.callbacks import callbacks
+        from medpipe.stages.training.loop import apply_lora, load_model, load_tokenizer, save_result, train
+        from medpipe.stages.training.params import data_options
 
         p: DPOParams = ctx.params
         if ctx.index == 0:
             ctx.say(f"DPO is the first stage: the reference policy is the given model {ctx.input.model_path}")
-        tok = common.load_tokenizer(ctx)
+        tok = load_tokenizer(ctx)
         loaded = load_records(p.data, "preference", heldout=p.heldout, **data_options(p, ctx.data))
         rows = preference_rows(loaded.records, ctx.say)
         if not rows:
             raise MedpipeError(f"stages.{ctx.name}: no usable preference pairs in {p.data}")
         train_ds = Dataset.from_list(rows)
         eval_ds = Dataset.from_list(preference_rows(loaded.heldout, ctx.say)) if loaded.heldout else None
-        model = common.apply_lora(common.load_model(ctx, p), p.peft)
-        args = DPOConfig(**common.training_kwargs(ctx, p), beta=p.beta, loss_type=[p.loss_type],
+        model = apply_lora(load_model(ctx, p), p.peft)  # load_model seeds: the same LoRA init in any process
+        args = DPOConfig(**training_kwargs(ctx, p), beta=p.beta, loss_type=[p.loss_type],
                          max_length=p.max_length, truncation_mode=p.truncation_mode)
         trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok, callbacks=common.callbacks(ctx, p))
+                             processing_class=tok, callbacks=callbacks(ctx, p))
+        trainer.train_dataset = cut_lengths(trainer.train_dataset, p.max_prompt_length, p.max_response_length)
+        trainer.eval_dataset = cut_lengths(trainer.eval_dataset, p.max_prompt_length, p.max_response_length)
         if p.ref_probe > 0 and trainer.is_world_process_zero():
             save_ref_probe(trainer, trainer.train_dataset, p.ref_probe, ctx.output_dir / "ref_probe.pt")
-        metrics = common.train(trainer, ctx)
+        metrics = train(trainer, ctx)
         if p.reward_eval_pairs > 0:
             metrics.update(reward_metrics(trainer, trainer.train_dataset, p.reward_eval_pairs))
             ctx.say(f"reward accuracy on the training pairs {metrics['reward_accuracy']:.3f}, "
                     f"margin {metrics['reward_margin']:.3f}")
         metrics["pairs"] = len(train_ds)
         metrics["identical_pairs_dropped"] = len(loaded.records) - len(rows)
-        return common.save_result(ctx, trainer, tok, p, metrics)
+        return save_result(ctx, trainer, tok, p, metrics)
 
 
 def save_ref_probe(trainer, dataset, n: int, path) -> None:

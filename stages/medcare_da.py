@@ -11,31 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from medpipe.params import param
+from medpipe.stages.adapters.settings import MedCareConfig
 from medpipe.stages.training.params import TrainParams
 
 
 @dataclass
 class MedCareDAParams(TrainParams):
-    lr: float = 2e-4
-    epochs: float = 3.0
-    warmup: float = 0.03
-    scheduler: str = "cosine"
-    max_length: int = 3072
-    orth_lambda: float = 1.0
-    train_ka: bool = True
-    r: int = 16  # must match MKA's (checked against the saved KA)
-    alpha: float = 32.0
-    s: int = 2
-    align_rank: Optional[int] = None  # default s·r, like KA
-    align_dropout: float = 0.05
-    chat_template: Optional[str] = None
+    # MedCare Appendix (training details): lr 2e-4, warmup_ratio 0.03, cosine, max length 3072, DA 3 epochs, λ = 1
+    lr: float = param(2e-4, "peak learning rate")
+    epochs: float = param(3.0, "passes over the data")
+    warmup: float = param(0.03, "< 1: fraction of the total steps; >= 1: steps")
+    scheduler: str = param("cosine", "transformers scheduler name")
+    max_length: int = param(3072, "tokens per conversation")
+    orth_lambda: float = param(1.0, "λ of the orthogonal loss λ·Σ|A_KA A_Alignᵀ| (0 = the ablation without it)")
+    medcare: MedCareConfig = param(help="MedCare layer settings (r, alpha, s must match MKA's: checked against "
+                                        "the saved KA)", factory=MedCareConfig)
+    chat_template: Optional[str] = param(None, "Jinja template for tokenizers that have none")
 
-
-def da_config(p: MedCareDAParams):
-    from medpipe.stages.adapters.medcare import MedCareConfig
-
-    return MedCareConfig(r=p.r, alpha=p.alpha, s=p.s, align_rank=p.align_rank, align_dropout=p.align_dropout,
-                         train_ka=p.train_ka)
+    def _rules(self):
+        return super()._rules() + [("orth_lambda", self.orth_lambda >= 0, ">= 0 (0 = no orthogonal loss)")]
 
 
 class MedCareDAStage:
@@ -44,25 +39,22 @@ class MedCareDAStage:
     Params = MedCareDAParams
 
     def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.errors import ConfigError
-        from medpipe.stages.adapters.medcare import check_settings
         from medpipe.stages.training.chat_data import check_chat_data
 
-        if params.orth_lambda < 0:
-            raise ConfigError(f"medcare_da: orth_lambda must be >= 0 (0 = no orthogonal loss), got {params.orth_lambda}")
-        check_settings(lambda: da_config(params), "medcare_da")
         return check_chat_data(params, base, data_opts)
 
     def run(self, ctx: Any):
         from trl import SFTConfig
 
         from medpipe.artifact import Artifact
-        from medpipe.stages.training import common
-        from medpipe.stages.adapters import medcare
-        from medpipe.stages.training.params import data_options
         from medpipe.data import load_records
-        from medpipe.stages.training.medcare import MedCareTrainer, first_last
+        from medpipe.stages.adapters import medcare
+        from medpipe.stages.training.args import training_kwargs
+        from medpipe.stages.training.callbacks import callbacks
         from medpipe.stages.training.chat_data import encode_dataset
+        from medpipe.stages.training.loop import data_cache_dir, load_model, load_tokenizer, train
+        from medpipe.stages.training.medcare import MedCareTrainer, first_last
+        from medpipe.stages.training.params import data_options
 
         p: MedCareDAParams = ctx.params
         handed = medcare.MedCareHandoff.of(ctx.input) or medcare.MedCareHandoff()
@@ -70,16 +62,16 @@ class MedCareDAStage:
         ka = handed.ka
         if ka is None:
             ctx.say("no MKA before this stage: KA starts from scratch (the 'DA without MKA' ablation)")
-        tok = common.load_tokenizer(ctx, base_path)
+        tok = load_tokenizer(ctx, base_path)
         if p.chat_template:
             tok.chat_template = p.chat_template
         loaded = load_records(p.data, "chat", **data_options(p, ctx.data))
-        train_ds = encode_dataset(loaded.records, tok, p.max_length, common.data_cache_dir(ctx))
-        model = medcare.inject_da(common.load_model(ctx, p, base_path), da_config(p), ka=ka)
-        args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length)
+        train_ds = encode_dataset(loaded.records, tok, p.max_length, data_cache_dir(ctx))
+        model = medcare.inject_da(load_model(ctx, p, base_path), p.medcare, ka=ka)  # seeded: same Align init
+        args = SFTConfig(**training_kwargs(ctx, p), max_length=p.max_length)
         trainer = MedCareTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
-                                 callbacks=common.callbacks(ctx, p), orth_lambda=p.orth_lambda)
-        metrics = common.train(trainer, ctx)
+                                 callbacks=callbacks(ctx, p), orth_lambda=p.orth_lambda)
+        metrics = train(trainer, ctx)
         metrics.update(first_last(trainer.state.log_history, "orth_loss"))
         metrics.update(first_last(trainer.state.log_history, "ce_loss"))
         out = ctx.output_dir

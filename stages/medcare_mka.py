@@ -9,38 +9,33 @@ for the keep-NA ablation (`medpipe.stages.adapters.medcare.load_medcare`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from medpipe.params import param
+from medpipe.stages.adapters.settings import MedCareConfig
 from medpipe.stages.training.params import TrainParams
 
 
 @dataclass
 class MedCareMKAParams(TrainParams):
-    lr: float = 2e-4
-    epochs: float = 1.0
-    warmup: float = 0.03
-    scheduler: str = "cosine"
-    max_length: int = 3072
-    r: int = 16  # rank of each routed expert; KA has rank s·r
-    alpha: float = 32.0  # every LoRA in the layer is scaled by alpha / r
-    s: int = 2
-    n_experts: int = 8
-    top_k: int = 2
-    renormalize: bool = True  # renormalise the K selected gate weights to sum 1
-    balance_coef: float = 0.0  # load-balancing aux loss (0 = off, as published)
-    expert_dropout: float = 0.0  # no dropout on the MoLoRA path (published choice)
-    attn_dropout: float = 0.05
-    keep_na_at_inference: bool = False  # ablation: evaluate/serve MKA with NA (default: base + KA only)
-    chat_template: Optional[str] = None
+    # MedCare Appendix (training details): lr 2e-4, warmup_ratio 0.03, cosine, max length 3072, MKA 1 epoch
+    lr: float = param(2e-4, "peak learning rate")
+    epochs: float = param(1.0, "passes over the data")
+    warmup: float = param(0.03, "< 1: fraction of the total steps; >= 1: steps")
+    scheduler: str = param("cosine", "transformers scheduler name")
+    max_length: int = param(3072, "tokens per conversation")
+    medcare: MedCareConfig = param(help="MedCare layer settings (KA, NA experts, routers, attention LoRA)",
+                                   factory=MedCareConfig)
+    keep_na_at_inference: bool = param(False, "ablation: evaluate/serve MKA with NA (default: base + KA only)")
+    chat_template: Optional[str] = param(None, "Jinja template for tokenizers that have none")
 
 
-def medcare_config(p: Any):
-    from medpipe.stages.adapters.medcare import MedCareConfig
-
-    return MedCareConfig(r=p.r, alpha=p.alpha, s=p.s, n_experts=p.n_experts, top_k=p.top_k,
-                         renormalize=p.renormalize, balance_coef=p.balance_coef, expert_dropout=p.expert_dropout,
-                         attn_dropout=p.attn_dropout, keep_na=False)
+def training_config(p: MedCareMKAParams) -> MedCareConfig:
+    """The layer settings MKA trains with: NA is used in training, never in an eval-mode forward
+    (held-out loss is that of base + KA, what MKA hands on)."""
+    return dataclasses.replace(p.medcare, keep_na=False)
 
 
 class MedCareMKAStage:
@@ -56,34 +51,35 @@ class MedCareMKAStage:
         return medcare.load_for_inference(art)
 
     def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.adapters.medcare import check_settings
         from medpipe.stages.training.chat_data import check_chat_data
 
-        check_settings(lambda: medcare_config(params), "medcare_mka")
         return check_chat_data(params, base, data_opts)
 
     def run(self, ctx: Any):
         from trl import SFTConfig
 
         from medpipe.artifact import Artifact
-        from medpipe.stages.training import common
-        from medpipe.stages.adapters import medcare
-        from medpipe.stages.training.params import data_options
         from medpipe.data import load_records
-        from medpipe.stages.training.medcare import MedCareTrainer, first_last
+        from medpipe.stages.adapters import medcare
+        from medpipe.stages.training.args import training_kwargs
+        from medpipe.stages.training.callbacks import callbacks
         from medpipe.stages.training.chat_data import encode_dataset
+        from medpipe.stages.training.loop import data_cache_dir, load_model, load_tokenizer, train
+        from medpipe.stages.training.medcare import MedCareTrainer, first_last
+        from medpipe.stages.training.params import data_options
 
         p: MedCareMKAParams = ctx.params
-        tok = common.load_tokenizer(ctx)
+        cfg = training_config(p)
+        tok = load_tokenizer(ctx)
         if p.chat_template:
             tok.chat_template = p.chat_template
         loaded = load_records(p.data, "chat", **data_options(p, ctx.data))
-        train_ds = encode_dataset(loaded.records, tok, p.max_length, common.data_cache_dir(ctx))
-        model = medcare.inject_mka(common.load_model(ctx, p), medcare_config(p))
-        args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length)
+        train_ds = encode_dataset(loaded.records, tok, p.max_length, data_cache_dir(ctx))
+        model = medcare.inject_mka(load_model(ctx, p), cfg)  # load_model seeds: same init in any process
+        args = SFTConfig(**training_kwargs(ctx, p), max_length=p.max_length)
         trainer = MedCareTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
-                                 callbacks=common.callbacks(ctx, p))
-        metrics = common.train(trainer, ctx)
+                                 callbacks=callbacks(ctx, p))
+        metrics = train(trainer, ctx)
         metrics.update(first_last(trainer.state.log_history, "balance_loss"), conversations=len(train_ds))
         out = ctx.output_dir
         if trainer.is_world_process_zero():
@@ -93,7 +89,7 @@ class MedCareMKAStage:
             base = medcare.merge_medcare(model, fold_ka=False)  # attention merged, KA and NA dropped
             base.save_pretrained(out / "base")
             tok.save_pretrained(out / "base")
-            with_ka = medcare.merge_medcare(medcare.inject_da(base, medcare_config(p), ka=out / "ka"), fold_ka=True)
+            with_ka = medcare.merge_medcare(medcare.inject_da(base, cfg, ka=out / "ka"), fold_ka=True)
             with_ka.save_pretrained(out / "model")  # base + KA, NA dropped: what MKA is evaluated as
             tok.save_pretrained(out / "model")
         trainer.accelerator.wait_for_everyone()

@@ -19,7 +19,8 @@ def plans(recipe="qilin", *overrides):
 def test_overrides_reach_the_typed_params():
     cfg, _, ps = plans("qilin", "stages.sft.lr=1e-4", "stages.cpt.epochs=1", "stages.dpo.adam_beta2=0.95")
     by = {p.name: p for p in ps}
-    assert [p.name for p in ps] == ["cpt", "sft", "dpo", "eval"]
+    assert [p.name for p in ps] == ["cpt", "cmexam_cpt", "ceval_cpt", "sft", "cmexam_sft", "ceval_sft", "dpo", "eval"]
+    assert [(p.name, p.source) for p in ps if p.kind != "eval"] == [("cpt", None), ("sft", "cpt"), ("dpo", "sft")]
     assert by["sft"].params.lr == 1e-4 and isinstance(by["sft"].params.lr, float)
     assert by["cpt"].params.epochs == 1.0
     assert by["dpo"].params.adam_beta2 == 0.95  # a default not written in the recipe is overridable
@@ -37,10 +38,11 @@ def test_tiny_profile_is_applied_and_named():
 
 
 def test_drop_a_stage_and_add_a_param_with_hydra_grammar():
-    _, _, ps = plans("qilin", "~stages.dpo", "~stages.eval")
+    _, _, ps = plans("qilin", "~stages.dpo", "~stages.eval", "~stages.cmexam_cpt", "~stages.ceval_cpt",
+                     "~stages.cmexam_sft", "~stages.ceval_sft")
     assert [p.name for p in ps] == ["cpt", "sft"]
     _, _, ps = plans("qilin", "+stages.sft.scheduler_kwargs.min_lr_rate=0.1")
-    assert ps[1].params.scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert {p.name: p for p in ps}["sft"].params.scheduler_kwargs == {"min_lr_rate": 0.1}
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -50,7 +52,7 @@ def test_drop_a_stage_and_add_a_param_with_hydra_grammar():
     ("stages.sft.peft.rank=4", "unknown key 'stages.sft.peft.rank'"),
     ("+stages.sft.peft.rank=4", "stages.sft.peft.rank: unknown parameter. Allowed: type, r, alpha, dropout, target_modules"),
     ("model=nope", "available model options: baichuan-7b"),
-    ("stages.sft.from=dpo", "stages.sft.from: 'dpo' is not an earlier stage (earlier stages: cpt)"),
+    ("stages.sft.from=dpo", "stages.sft.from: 'dpo' is not an earlier stage (earlier stages: cpt, cmexam_cpt, ceval_cpt)"),
     ("stages.cpt.kind=nokind", "unknown stage kind 'nokind'. Available kinds: "),
     # values of the right type but impossible: every bad field named, before anything trains
     ("stages.sft.lr=-1", "stages.sft: lr must be > 0, got -1.0"),
@@ -59,6 +61,9 @@ def test_drop_a_stage_and_add_a_param_with_hydra_grammar():
     ("stages.sft.peft.dropout=1", "stages.sft: peft.dropout must be in [0, 1), got 1.0"),
     ("stages.sft.spike_guard.lr_factor=2", "stages.sft: spike_guard.lr_factor must be in (0, 1], got 2.0"),
     ("stages.sft.precision=fp8", "precision must be one of auto, bf16, fp16, fp32, got 'fp8'"),
+    ("stages.sft.micro_batch_size=0", "stages.sft: micro_batch_size must be between 1 and batch_size (8), or null, got 0"),
+    ("stages.sft.spike_guard.mode=halve", "stages.sft: spike_guard.mode must be one of skip, halve_loss, got 'halve'"),
+    ("stages.dpo.max_prompt_length=0", "stages.dpo: max_prompt_length must be >= 1 or null, got 0"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -129,8 +134,95 @@ def test_from_only_and_force_select_the_stages_to_retrain():
     cfg, _, ps = plans("qilin")
     pipe = Pipeline(cfg, ps, "qilin", console=None)
     assert pipe.selected(False, None, None) == set()
-    assert pipe.selected(False, "sft", None) == {"sft", "dpo", "eval"}
+    assert pipe.selected(False, "dpo", None) == {"dpo", "eval"}
     assert pipe.selected(False, None, "sft") == {"sft"}
-    assert pipe.selected(True, None, None) == {"cpt", "sft", "dpo", "eval"}
+    assert pipe.selected(True, None, None) == {p.name for p in ps}
     with pytest.raises(ConfigError, match="--from nope: no such stage"):
         pipe.selected(False, "nope", None)
+
+
+# -- global batch: batch_size is the papers' global figure, accumulation from the world size --------
+def test_batch_layout_from_the_world_size():
+    from medpipe.stages.training.params import TrainParams
+
+    assert TrainParams(batch_size=512, micro_batch_size=64).batch_layout(8) == (64, 1)
+    assert TrainParams(batch_size=512, micro_batch_size=64).batch_layout(1) == (64, 8)
+    assert TrainParams(batch_size=128, micro_batch_size=4).batch_layout(8) == (4, 4)
+    assert TrainParams(batch_size=8).batch_layout(2) == (4, 1)  # no micro batch: split over the ranks
+    with pytest.raises(ValueError, match=r"batch_size 32 \(global\) is not micro_batch_size 8 × 8 rank\(s\) × a whole "
+                                         r"number of accumulation steps; choose batch_size a multiple of 64"):
+        TrainParams(batch_size=32, micro_batch_size=8).batch_layout(8)
+    with pytest.raises(ValueError, match=r"batch_size 12 \(global\) does not divide over 8 ranks"):
+        TrainParams(batch_size=12).batch_layout(8)
+
+
+# the papers' global batches (issue 16 / notes: Qilin §4.2, MedCare App. B.1, AntGLM §3.4.1-2 and §4.1;
+# IIMedGPT states none), as `medpipe show` makes them on 8 GPUs
+PAPER_BATCHES = {
+    "qilin": {"cpt": "global batch 8 = 1 per device × 1 accumulation × 8 rank(s)",
+              "sft": "global batch 512 = 64 per device × 1 accumulation × 8 rank(s)",
+              "dpo": "global batch 32 = 4 per device × 1 accumulation × 8 rank(s)"},
+    "medcare": {"mka": "global batch 128 = 4 per device × 4 accumulation × 8 rank(s)",
+                "da": "global batch 128 = 4 per device × 4 accumulation × 8 rank(s)"},
+    "antglm": {"cpt": "global batch 256 = 4 per device × 8 accumulation × 8 rank(s)",
+               "sft": "global batch 360 = 9 per device × 5 accumulation × 8 rank(s)",
+               "cpoly": "global batch 12 CANNOT run on this launcher: batch_size 12 (global) does not divide over 8 ranks"},
+    "iimedgpt": {"sft": "global batch 32 = 2 per device × 2 accumulation × 8 rank(s)",
+                 "dpo": "global batch 32 = 2 per device × 2 accumulation × 8 rank(s)"},
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PAPER_BATCHES))
+def test_show_prints_the_papers_global_batch_of_every_training_stage(recipe):
+    from conftest import medpipe
+
+    r = medpipe("show", f"recipe={recipe}", "model=qwen1.5-7b", "model.path=/models/q", "launcher=deepspeed",
+                "launcher.num_gpus=8")
+    assert r.code == 0, r.out
+    lines = r.out.splitlines()
+    for stage, want in PAPER_BATCHES[recipe].items():
+        at = next(i for i, line in enumerate(lines) if line.startswith("#  ") and f"-{stage} [" in line)
+        assert lines[at + 1].startswith(f"#     batch: {want}"), (stage, lines[at:at + 2])
+
+
+def test_run_refuses_a_batch_that_does_not_divide_before_training(tmp_path):
+    from conftest import medpipe
+
+    r = medpipe("run", "recipe=qilin", f"run.root={tmp_path}/runs", "launcher=torchrun", "launcher.num_gpus=3")
+    assert r.code == 2 and r.out.strip().splitlines()[-1] == (
+        "medpipe: error: stages.cpt: batch_size 8 (global) does not divide over 3 ranks; set batch_size to a "
+        "multiple of 3 (or set micro_batch_size)"), r.out
+    assert not (tmp_path / "runs" / ".store").exists() or not list((tmp_path / "runs" / ".store").glob("*/artifact.json"))
+
+
+def test_list_params_prints_each_default_with_its_help():
+    from conftest import medpipe
+
+    r = medpipe("list", "--params", "medcare_da")
+    assert r.code == 0, r.out
+    lines = [" ".join(x.split()) for x in r.out.splitlines()]
+    assert lines[0] == "medcare_da:"
+    assert "lr=0.0002 peak learning rate" in lines
+    assert "batch_size=4 GLOBAL batch: samples per optimizer step over all ranks (the papers' figure)" in lines
+    assert "orth_lambda=1.0 λ of the orthogonal loss λ·Σ|A_KA A_Alignᵀ| (0 = the ablation without it)" in lines
+    assert "medcare.variant='code' " + "code: the authors' code (α/r for every LoRA, top-K gates renormalised, " \
+        "Kaiming A) | paper: Eq. 4/5/13 (α/r for NA, α/r' for KA and Align, softmax gates not renormalised, " \
+        "Gaussian A)" in lines
+    assert "spike_guard.mode='skip' skip (drop the update) | halve_loss (IIMedGPT: apply it with the loss halved)" in lines
+    every = medpipe("list", "--params")
+    kinds = [x[:-1] for x in every.out.splitlines() if x and not x.startswith(" ")]
+    assert kinds == ["cpoly", "cpt", "dpo", "eval", "medcare_da", "medcare_mka", "sft", "voc_label"]
+    bad = medpipe("list", "--params", "nope")
+    assert bad.code == 2 and "unknown stage kind 'nope'" in bad.out
+
+
+def test_every_training_param_has_help():
+    import dataclasses
+
+    from medpipe import registry
+    from medpipe.commands.listing import param_rows
+
+    for kind in ("cpoly", "dpo", "medcare_mka", "medcare_da", "voc_label"):
+        missing = [name for name, _, text in param_rows(registry.load(kind).Params) if not text]
+        assert not missing, (kind, missing)
+    assert dataclasses.fields(registry.load("cpoly").Params)  # the kinds load without torch (checked above too)

@@ -46,7 +46,8 @@ def tiny_tokenizer():
 
 
 def test_ppl_encoding_labels_only_the_answer_and_collator_emits_task_ids():
-    from medpipe.stages.cpoly import CPolyParams, TaskCollator, encode
+    from medpipe.stages.cpoly import CPolyParams, encode
+    from medpipe.stages.training.cpoly import TaskCollator
     from medpipe.stages.evaluation.prompts import build_ppl_prompt
 
     tok = tiny_tokenizer()
@@ -80,7 +81,7 @@ def test_bad_params_are_refused_before_training(tmp_path):
                           ("stages.cpoly.default_task=mmlu", "'mmlu'"),
                           ("stages.cpoly.tasks=[pubmedqa]", "not in tasks")):
         r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", override)
-        assert r.code != 0 and msg in r.out, (override, r.out)
+        assert r.code == 2 and msg in r.out, (override, r.out)
 
 
 # --- cpoly end to end (slow) -------------------------------------------------------------------------
@@ -237,7 +238,7 @@ def test_voc_label_relabel_reports_agreement_and_refuses_an_empty_job(tmp_path, 
     recipe.write_text("defaults: [base, model: tiny, data: sample, stage/voc_label@stages.voc, _self_]\nname: v\n"
                       "stages:\n  voc: {data: '${data.pubmedqa}', max_new_tokens: 4}\n")
     r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs")  # labelled data, relabel off
-    assert r.code != 0 and "nothing to label" in r.out
+    assert r.code == 2 and "nothing to label" in r.out
     r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={tmp_path}/runs/x",
                 "stages.voc.relabel=true", "stages.voc.limit=10")
     assert r.code == 0, r.out

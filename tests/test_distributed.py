@@ -14,8 +14,8 @@ RECIPE = """
 defaults: [base, model: tiny, data: sample, stage/sft@stages.sft, stage/dpo@stages.dpo, _self_]
 name: ds
 stages:
-  sft: {data: "${data.dialogue}", lr: 5e-3, max_steps: 4, logging_steps: 1, batch_size: 2, max_length: 128, peft: {r: 4, alpha: 8}}
-  dpo: {data: "${data.preference}", lr: 5e-4, max_steps: 3, logging_steps: 1, batch_size: 2, max_length: 128, peft: {r: 4, alpha: 8}, reward_eval_pairs: 8}
+  sft: {data: "${data.dialogue}", lr: 5e-3, max_steps: 4, logging_steps: 1, batch_size: 4, max_length: 128, peft: {r: 4, alpha: 8}}
+  dpo: {data: "${data.preference}", lr: 5e-4, max_steps: 3, logging_steps: 1, batch_size: 4, max_length: 128, peft: {r: 4, alpha: 8}, reward_eval_pairs: 8}
 """
 
 
@@ -26,6 +26,44 @@ def test_sft_and_dpo_under_deepspeed_zero2_on_two_processes(tmp_path):
     sft = zero2_stage(run_dir, "01-sft")
     zero2_stage(run_dir, "02-dpo")
     assert sft["metrics"]["last_loss"] < sft["metrics"]["first_loss"]
+
+
+BATCH = """
+defaults: [base, model: tiny, data: sample, stage/sft@stages.sft, _self_]
+name: batch
+stages:
+  sft: {data: "${data.dialogue}", lr: 5e-3, max_steps: 3, logging_steps: 1, batch_size: 4, micro_batch_size: 1,
+        max_length: 64, peft: {r: 4, alpha: 8}, save_steps: 50}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_optimizer_sees_the_global_batch_on_one_and_on_two_ranks(tmp_path):
+    """batch_size 4 = micro 1 × accumulation 4 × 1 rank = micro 1 × accumulation 2 × 2 ranks: each
+    optimizer step consumes 4 samples either way (the epoch advances by 4 / dataset size per step)."""
+    import json
+
+    import torch
+
+    recipe = tmp_path / "batch.yaml"
+    recipe.write_text(BATCH)
+    one_dir = tmp_path / "runs" / "one"
+    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={one_dir}")
+    assert r.code == 0, r.out
+    two_dir = run_on_two_ranks(tmp_path, BATCH, port=29547)
+    seen = {}
+    for name, run_dir in (("one", one_dir), ("two", two_dir)):
+        sdir = (run_dir / "01-sft").resolve()
+        art = json.loads((sdir / "artifact.json").read_text())
+        args = torch.load(Path(art["model_path"]) / "training_args.bin", weights_only=False)
+        epochs = [h["epoch"] for h in map(json.loads, (sdir / "log_history.jsonl").read_text().splitlines())
+                  if "loss" in h]
+        n = art["metrics"]["conversations"]
+        seen[name] = (art["metrics"]["global_batch"], args.per_device_train_batch_size,
+                      args.gradient_accumulation_steps, art["metrics"]["world_size"], epochs)
+    assert seen["one"] == (4, 1, 4, 1, [pytest.approx(4 * k / n) for k in (1, 2, 3)])
+    assert seen["two"] == (4, 1, 2, 2, [pytest.approx(4 * k / n) for k in (1, 2, 3)])
 
 
 def launcher(**kw) -> dict:

@@ -61,7 +61,7 @@ def naive_forward(m: MedCareLinear, x: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(F.linear(x2, m.router.weight, m.router.bias), dim=-1)
     mask = torch.zeros_like(probs).scatter(1, probs.topk(c.top_k, dim=-1).indices, 1.0)
     w = probs * mask
-    if c.renormalize:
+    if c.renormalized:
         w = w / w.sum(dim=-1, keepdim=True)
     lora = lambda A, B: (xd @ A.t()) @ B.t() * m.scale
     stack = torch.stack([lora(m.na_A[e * c.r:(e + 1) * c.r], m.na_B[:, e * c.r:(e + 1) * c.r])
@@ -161,6 +161,72 @@ def test_efficient_equals_naive_outputs_and_grads(renorm, dropout):
     for n in gp1:
         assert gp1[n] is not None and gp1[n].abs().sum() > 0, n
         torch.testing.assert_close(gp1[n], gp2[n], atol=1e-5, rtol=0, msg=n)
+
+
+# -- variant paper: Eq. 4/5 (MKA), Eq. 9/13 (DA), Gaussian A -------------------------------------
+PAPER = MedCareConfig(variant="paper", r=2, alpha=8, s=2, n_experts=4, top_k=2)
+
+
+def test_variant_paper_mka_equals_eq4_eq5_by_hand():
+    m = layer("mka", PAPER, d_in=3, d_out=2).eval()
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]], dtype=torch.float64)
+    got = m(x)
+    r, rk, alpha = 2, 4, 8.0  # NA rank r; KA rank r' = s·r
+    for t in range(2):
+        xt = x[t]
+        logits = (m.router.weight @ xt + m.router.bias).detach()
+        g = torch.exp(logits) / torch.exp(logits).sum()  # Eq. 4: G(x) = softmax(x W_r)
+        top = sorted(range(4), key=lambda e: -float(g[e]))[:2]
+        h = m.linear.weight @ xt + m.linear.bias
+        h = h + alpha / rk * (m.ka_B @ (m.ka_A @ xt))  # KA = LoRA of rank r' (Eq. 1 with r')
+        for e in top:  # Eq. 5: (α/r) Σ_{i∈topK} w_i · B_i A_i x, w_i = G(x)_i (not renormalised)
+            h = h + alpha / r * g[e] * (m.na_B[:, e * r:(e + 1) * r] @ (m.na_A[e * r:(e + 1) * r] @ xt))
+        torch.testing.assert_close(got[t], h, atol=1e-12, rtol=0)
+    code = MedCareLinear(m.linear, MedCareConfig(r=2, alpha=8, s=2, n_experts=4, top_k=2), "mka").eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if not n.startswith("linear."):
+                code.get_parameter(n).copy_(p)
+    assert (code(x) - got).abs().max() > 1e-3  # the code variant (α/r, renormalised) differs
+
+
+def test_variant_paper_da_and_merge_equal_eq9_eq13_by_hand():
+    m = layer("da", PAPER, d_in=3, d_out=2).eval()
+    with torch.no_grad():
+        m.ka_B.copy_(torch.randn(m.ka_B.shape, dtype=torch.float64))
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]], dtype=torch.float64)
+    rk, ra, alpha = 4, 4, 8.0  # KA rank r' = s·r; Align rank s·r by default
+    W = m.linear.weight.clone()
+    eq13 = W + alpha / rk * (m.ka_B @ m.ka_A) + alpha / ra * (m.align_B @ m.align_A)
+    torch.testing.assert_close(m(x), x @ eq13.t() + m.linear.bias, atol=1e-12, rtol=0)  # Eq. 9
+    torch.testing.assert_close(W + m.delta_weight(), eq13, atol=1e-12, rtol=0)  # Eq. 13, the export
+
+
+def test_variant_paper_inits_a_gaussian_and_code_a_kaiming_uniform():
+    torch.manual_seed(0)
+    d_in = 4096
+    paper = MedCareLinear(nn.Linear(d_in, 8), MedCareConfig(variant="paper"), "mka")
+    code = MedCareLinear(nn.Linear(d_in, 8), MedCareConfig(), "mka")
+    # Gaussian, std 1/rank of each LoRA (PEFT's `gaussian`): KA rank 32, each NA expert rank 16
+    assert abs(paper.ka_A.std().item() - 1 / 32) < 1e-3 and abs(paper.na_A.std().item() - 1 / 16) < 1e-3
+    assert paper.ka_A.abs().max() > 1 / math.sqrt(d_in)  # unbounded tails, unlike Kaiming-uniform
+    assert code.ka_A.abs().max() <= 1 / math.sqrt(d_in)
+    assert not paper.ka_B.any() and not paper.na_B.any()  # B zero: a fresh layer equals the base
+
+
+def test_da_applies_one_dropout_to_ka_and_align_input():
+    # the authors' DA: x = lora_dropout(x) once, then KA and Align (medpipe's own code had KA undropped)
+    cfg = MedCareConfig(r=2, alpha=4, s=2, align_dropout=0.5)
+    m = layer("da", cfg, d_in=8, d_out=3)
+    with torch.no_grad():
+        m.ka_B.copy_(torch.randn(m.ka_B.shape, dtype=torch.float64))
+    x = torch.randn(6, 8, dtype=torch.float64)
+    torch.manual_seed(3)
+    got = m(x)
+    torch.manual_seed(3)
+    xd = F.dropout(x, 0.5, training=True)
+    want = m.linear(x) + ((xd @ m.ka_A.t()) @ m.ka_B.t() + (xd @ m.align_A.t()) @ m.align_B.t()) * m.scale
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 def test_keep_na_false_uses_ka_only_at_inference():

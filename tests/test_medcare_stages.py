@@ -169,10 +169,11 @@ def test_mka_balance_loss_counts_real_tokens_only(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("stages.mka.top_k=9", "top_k must be between 1 and n_experts (8), got 9"),
-    ("stages.mka.expert_dropout=1.5", "expert_dropout must be in [0, 1), got 1.5"),
-    ("stages.da.orth_lambda=-1", "orth_lambda must be >= 0"),
-    ("stages.da.align_rank=0", "align_rank must be >= 1 or null, got 0"),
+    ("stages.mka.medcare.top_k=9", "stages.mka: medcare.top_k must be between 1 and n_experts (8), got 9"),
+    ("stages.mka.medcare.expert_dropout=1.5", "stages.mka: medcare.expert_dropout must be in [0, 1), got 1.5"),
+    ("stages.mka.medcare.variant=both", "stages.mka: medcare.variant must be one of code, paper, got 'both'"),
+    ("stages.da.orth_lambda=-1", "stages.da: orth_lambda must be >= 0 (0 = no orthogonal loss), got -1.0"),
+    ("stages.da.medcare.align_rank=0", "medcare.align_rank must be >= 1 or null, got 0"),
 ])
 def test_bad_medcare_settings_are_refused_before_training(tmp_path, override, needle):
     r = medpipe("validate", "recipe=medcare", override)
@@ -184,8 +185,8 @@ DA_ZERO2 = """
 defaults: [base, model: tiny, data: sample, stage/medcare_da@stages.da, _self_]
 name: da_zero2
 stages:
-  da: {data: "${data.dialogue}", r: 4, alpha: 8, s: 2, lr: 5e-3, max_steps: 4, logging_steps: 1, batch_size: 2,
-       max_length: 128, orth_lambda: 1.0}
+  da: {data: "${data.dialogue}", medcare: {r: 4, alpha: 8, s: 2}, lr: 5e-3, max_steps: 4, logging_steps: 1,
+       batch_size: 4, max_length: 128, orth_lambda: 1.0}
 """
 
 

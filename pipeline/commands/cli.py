@@ -89,13 +89,27 @@ def _run_one(recipe, overrides, console, force, from_stage, only) -> None:
 
 
 @app.command("list")
-def list_() -> None:
+def list_(
+    params: Annotated[bool, typer.Option("--params", help="every parameter of each kind (or of KIND) with its default and help")] = False,
+    kind: Annotated[Optional[str], typer.Argument(help="with --params: one stage kind")] = None,
+) -> None:
     """Recipes, stage kinds with their parameters, models, datasets, launchers."""
     import dataclasses
 
     from medpipe import registry
     from medpipe.compose import bundled_recipes, group_options
 
+    if params:
+        from medpipe.errors import ConfigError
+
+        from .listing import params_lines
+
+        try:
+            chosen = [kind] if kind else registry.kinds()
+            print("\n\n".join("\n".join(params_lines(k, registry.load(k).Params)) for k in chosen))
+        except ConfigError as e:
+            _fail(e)
+        return
     out = [f"recipes:   {', '.join(bundled_recipes())}"]
     for group in ("model", "data", "launcher", "deepspeed"):
         out.append(f"{group + ':':<10} {', '.join(group_options(group))}")

@@ -30,6 +30,11 @@ def describe(cfg: Any, plans: list[StagePlan]) -> list[str]:
             state = "resume from last checkpoint in " + str(k.store_dir) if st in ("interrupted", "failed") \
                 else f"train → {k.store_dir}"
         lines.append(f"#  {stage_dir_name(p)} [{p.kind}] input: {source}{adapter}; {state}")
+        if hasattr(p.params, "describe_batch") and getattr(p.cls, "trains", True):
+            try:
+                lines.append(f"#     batch: {p.params.describe_batch(launch.world_size(launcher))}")
+            except ValueError as e:  # `run` refuses this before anything trains; show says why
+                lines.append(f"#     batch: global batch {p.params.batch_size} CANNOT run on this launcher: {e}")
         if launcher["name"] != "local" and getattr(p.cls, "trains", True):
             cmd = launch.command(launcher, Path(k.store_dir) / STAGE_FILE)
             lines.append(f"#     launch: {shlex.join(cmd)}")

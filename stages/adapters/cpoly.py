@@ -35,7 +35,7 @@ Relation to PEFT's Poly tuner (``peft.tuners.poly``), decided after reading its 
   has no task-specific skills, no tau, no straight-through, no merge, and PEFT's PeftType enum is
   closed, so a new tuner type cannot be registered without patching PEFT. C-Poly is therefore its
   own small module (``CPolyLinear`` + ``CPolyModel``) with its own save/load; the plain LoRA
-  baseline stays 100 % PEFT (``inject_adapter(model, "lora")``).
+  baseline stays 100 % PEFT (the stage's ``peft`` block through the model loader).
 
 Efficiency (measured in bench/bench_cpoly_layer.py, see BENCHMARKS.md): all skills' A matrices
 are one ``[(A+T*B)*r, d_in]`` parameter and all B matrices one ``[d_out, (A+T*B)*r]`` parameter, so a
@@ -69,31 +69,28 @@ import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medpipe.stages.adapters.settings import CPolyConfig
+
 __all__ = [
-    "ADAPTER_KINDS",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "CPolyConfig",
     "CPolyLinear",
     "CPolyModel",
     "UnknownTaskError",
-    "inject_adapter",
     "inject_cpoly",
     "load_cpoly",
-    "merge_adapter",
     "merge_cpoly",
     "save_cpoly",
-    "uses_task_ids",
 ]
 
-ADAPTER_KINDS = ("cpoly", "lora")
 CONFIG_NAME = "cpoly_config.json"
 WEIGHTS_NAME = "cpoly_adapter.safetensors"
 FORMAT = "medpipe.cpoly"
@@ -106,65 +103,15 @@ class UnknownTaskError(ValueError):
     """A task name/index with no row in the allocation matrix."""
 
 
-@dataclass
-class CPolyConfig:
-    """C-Poly hyper-parameters (defaults = AntGLM-Med: A=4 shared, B=1 task-specific, rank 4)."""
-
-    n_shared_skills: int = 4          # A
-    n_task_skills: int = 1            # B (per task); 0 -> Poly (shared skills only)
-    r: int = 4                        # rank of every skill
-    alpha: float | None = None        # scale alpha / r; None -> alpha = r (scale 1)
-    dropout: float = 0.0              # dropout on the adapter input (training only)
-    tau: float = 1.0                  # Gumbel-sigmoid temperature (training)
-    normalize: bool = True            # divide shared weights by their sum (PEFT Poly)
-    straight_through: bool = False    # hard 1[w>0.5] forward, soft gradient
-    task_block: str = "diagonal"      # "diagonal" | "full": which task-specific entries learn
-    target_modules: list[str] | str | None = None  # None: PEFT LoRA default for the model type
-    unknown_task: str = "error"       # "error" | "shared"
-    init_logit_range: float = 1e-3    # shared logits ~ U(-x, x)
-    adapter_dtype: str = "float32"    # "float32" | "base" (dtype of the base weight)
-
-    def __post_init__(self) -> None:
-        if self.n_shared_skills < 0 or self.n_task_skills < 0:
-            raise ValueError("n_shared_skills and n_task_skills must be >= 0")
-        if self.n_shared_skills + self.n_task_skills == 0:
-            raise ValueError("C-Poly needs at least one skill (n_shared_skills + n_task_skills > 0)")
-        if self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r}")
-        if self.tau <= 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
-        if self.task_block not in ("diagonal", "full"):
-            raise ValueError(f"task_block must be 'diagonal' or 'full', got {self.task_block!r}")
-        if self.unknown_task not in ("error", "shared"):
-            raise ValueError(f"unknown_task must be 'error' or 'shared', got {self.unknown_task!r}")
-        if self.adapter_dtype not in ("float32", "base"):
-            raise ValueError(f"adapter_dtype must be 'float32' or 'base', got {self.adapter_dtype!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scaling(self) -> float:
-        return (self.r if self.alpha is None else float(self.alpha)) / self.r
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CPolyConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown C-Poly config keys: {sorted(unknown)}")
-        return cls(**d)
-
-
 class _TaskState:
     """Shared by every layer of one CPolyModel: the per-example task indices of the current call.
 
     Index >= 0: a trained task; -1: shared skills only."""
 
-    __slots__ = ("task_ids", "disabled")
+    __slots__ = ("task_ids",)
 
     def __init__(self) -> None:
         self.task_ids: torch.Tensor | None = None
-        self.disabled = False
 
 
 class CPolyLinear(nn.Module):
@@ -261,22 +208,10 @@ class CPolyLinear(nn.Module):
             parts.append(tw)
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
-    def allocation_matrix(self) -> torch.Tensor:
-        """Eval-mode T x (A + T*B) allocation matrix (no noise), for inspection."""
-        was = self.training
-        self.train(False)
-        try:
-            return self.allocation(torch.arange(self.n_tasks, device=self.cpoly_logits.device))
-        finally:
-            self.train(was)
-
     # -- forward / merge ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        state = self._state
-        if state.disabled:
-            return result
-        task_ids = state.task_ids
+        task_ids = self._state.task_ids
         if task_ids is None:
             raise RuntimeError(
                 "C-Poly layer called without task ids: call the CPolyModel with task_ids=... "
@@ -337,8 +272,8 @@ def _resolve_targets(model: nn.Module, target_modules: list[str] | str | None) -
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or isinstance(mod, CPolyLinear) or not name:
             continue
-        if isinstance(target_modules, str):
-            if target_modules == "all-linear":
+        if isinstance(target_modules, str) or list(target_modules) == ["all-linear"]:
+            if target_modules in ("all-linear", ["all-linear"]):
                 ok = mod is not out_emb
             else:
                 ok = re.fullmatch(target_modules, name) is not None
@@ -437,16 +372,6 @@ class CPolyModel(nn.Module):
             if not sticky:
                 self._state.task_ids = prev
 
-    @contextmanager
-    def disable_adapter(self):
-        """Run the base model (no C-Poly delta) inside the block."""
-        prev = self._state.disabled
-        self._state.disabled = True
-        try:
-            yield
-        finally:
-            self._state.disabled = prev
-
     def _device(self):
         for p in self.parameters():
             return p.device
@@ -499,26 +424,9 @@ class CPolyModel(nn.Module):
                     out[f"{name}.{pname}"] = p.detach().contiguous()
         return out
 
-    def num_parameters_cpoly(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
-    def save_adapter(self, path: str | os.PathLike) -> None:
-        save_cpoly(self, path)
-
     def save_pretrained(self, path: str | os.PathLike, **_: Any) -> None:
         """Like PeftModel: saves the adapter only (merge_cpoly(...).save_pretrained for a full model)."""
         save_cpoly(self, path)
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.num_parameters_cpoly()
-        print(f"trainable params: {trainable:,} || all params: {total:,} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
-
-    def merge(self, task: str | int | None, *, shared_only: bool = False) -> nn.Module:
-        return merge_cpoly(self, task, shared_only=shared_only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,8 +492,7 @@ def load_cpoly(model: nn.Module, path: str | os.PathLike, *, is_trainable: bool 
         raise ValueError(f"{path}: not a medpipe C-Poly adapter (format={meta.get('format')!r})")
     config = CPolyConfig.from_dict(meta["config"])
     names = list(meta["layers"])  # inject on exactly the saved layers
-    config_for_layers = CPolyConfig(**{**asdict(config),
-                                       "target_modules": "|".join(re.escape(n) for n in names)})
+    config_for_layers = CPolyConfig(**{**asdict(config), "target_modules": names})
     cm = inject_cpoly(model, meta["tasks"], config_for_layers)
     cm.cpoly_config = config
     tensors = load_file(os.path.join(path, WEIGHTS_NAME))
@@ -634,46 +541,3 @@ def merge_cpoly(model: CPolyModel, task: str | int | None, *, shared_only: bool 
         p.requires_grad_(model._base_requires_grad.get(n, True))
     model.layer_names = []
     return inner
-
-
-# ----------------------------------------------------------------------------------------------
-def inject_adapter(model: nn.Module, adapter: str = "cpoly", *, tasks: Sequence[str] | None = None,
-                   **params: Any) -> nn.Module:
-    """One entry point for a stage's ``adapter: cpoly|lora``.
-
-    cpoly: ``inject_cpoly(model, tasks, CPolyConfig(**params))`` (tasks required).
-    lora:  PEFT ``get_peft_model`` with LoraConfig(r=8, lora_alpha=params.get('alpha', 16)...)
-           (keys: r, alpha, dropout, target_modules; PEFT's defaults otherwise); tasks ignored.
-           ``uses_task_ids(model)`` is False for it: do not pass task_ids."""
-    if adapter == "cpoly":
-        if not tasks:
-            raise ValueError("adapter 'cpoly' needs the list of task names")
-        return inject_cpoly(model, tasks, CPolyConfig(**params))
-    if adapter == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        p = dict(params)
-        cfg = LoraConfig(
-            r=int(p.pop("r", 8)),
-            lora_alpha=float(p.pop("alpha", p.pop("lora_alpha", 16))),
-            lora_dropout=float(p.pop("dropout", p.pop("lora_dropout", 0.0))),
-            target_modules=p.pop("target_modules", None),
-            task_type="CAUSAL_LM",
-            **p,
-        )
-        return get_peft_model(model, cfg)
-    raise ValueError(f"unknown adapter {adapter!r}: expected one of {ADAPTER_KINDS}")
-
-
-def merge_adapter(model: nn.Module, task: str | int | None = None) -> nn.Module:
-    """Plain model from an adapted one: C-Poly -> merge_cpoly(task); PEFT -> merge_and_unload()."""
-    if isinstance(model, CPolyModel):
-        return merge_cpoly(model, task)
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    raise TypeError(f"{type(model).__name__} has no adapter to merge")
-
-
-def uses_task_ids(model: Any) -> bool:
-    """True when ``model(..., task_ids=...)`` / ``generate(..., task_ids=...)`` are accepted."""
-    return bool(getattr(model, "accepts_task_ids", False))

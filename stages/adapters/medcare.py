@@ -11,8 +11,13 @@ Per FFN linear (gate/up/down), see /work/shared/METHODS.md, MedCare:
           g(x)  = softmax(router(x)) restricted to the top-K (renormalised to sum 1 by default)
     DA:   y = x Wᵀ + KA(x) + Align(x),  L_orth = Σ_layers Σ |A_ka A_alignᵀ|
 
-Every LoRA uses the scale α/r with the per-expert r (KA and Align included), every A is
-Kaiming-uniform(a=√5) and every B is zero, so a freshly injected model equals the base model.
+Two variants (`MedCareConfig.variant`), where the paper and the authors' code differ:
+* `code` (default, the published implementation): every LoRA scaled by α/r with the per-expert r
+  (KA and Align included), the top-K gates renormalised to sum 1, every A Kaiming-uniform(a=√5).
+* `paper`: Eq. 5 — NA experts at α/r with the plain softmax weights of the top-K (no
+  renormalisation); Eq. 13 — KA and Align at α/r′ (r′ their rank, s·r by default); A Gaussian (§2).
+Every B is zero in both, so a freshly injected model equals the base model. In DA one dropout
+(`align_dropout`) is applied to the input of KA and Align, as the authors' code does.
 
 Weight layout: all A and B are stored in nn.Linear weight layout, A: [rank, d_in], B: [d_out, rank].
 The NA experts are stored concatenated: rows e·r … (e+1)·r−1 of `na_A` (and the same columns of
@@ -32,10 +37,9 @@ any module with a `base_layer` attribute as one of its own tuner layers.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medpipe.params import Checked
+from medpipe.stages.adapters.settings import MedCareConfig
 
 # FFN and attention linears per `model.config.model_type`.
 FFN_NAMES: dict[str, tuple[str, ...]] = {
@@ -64,63 +68,16 @@ KA_FILE, KA_CONFIG_FILE = "medcare_ka.safetensors", "medcare_ka.json"
 KA_PARAMS = ("ka_A", "ka_B")
 
 
-@dataclass
-class MedCareConfig(Checked):
-    """Defaults follow the published implementation (METHODS.md, MedCare)."""
-
-    r: int = 16                     # rank of each routed expert
-    alpha: float = 32.0             # every LoRA in the layer is scaled by alpha / r
-    s: int = 2                      # shared experts: KA rank = s·r
-    n_experts: int = 8              # E routed experts (NA)
-    top_k: int = 2                  # K experts per token
-    renormalize: bool = True        # divide the K selected probabilities by their sum
-    balance_coef: float = 0.0       # Switch-style load-balancing aux loss weight (0 = off)
-    expert_dropout: float = 0.0     # dropout on the input of KA and the NA experts
-    keep_na: bool = True            # use NA in eval mode (False: KA only at inference)
-    attn_lora: bool = True          # MKA: plain PEFT LoRA on q/k/v/o
-    attn_dropout: float = 0.05
-    align_rank: int | None = None   # DA: rank of Align (None = s·r, like KA)
-    align_dropout: float = 0.05
-    train_ka: bool = True           # KA trainable (DA default; False freezes the loaded KA)
-    ffn_modules: tuple[str, ...] | None = None   # override FFN_NAMES
-    attn_modules: tuple[str, ...] | None = None  # override ATTN_NAMES
-
-    def _rules(self):
-        return [("r", self.r >= 1, ">= 1"), ("s", self.s >= 1, ">= 1 (KA has rank s·r)"),
-                ("alpha", self.alpha > 0, "> 0"), ("n_experts", self.n_experts >= 1, ">= 1"),
-                ("top_k", 1 <= self.top_k <= max(self.n_experts, 1), f"between 1 and n_experts ({self.n_experts})"),
-                ("balance_coef", self.balance_coef >= 0, ">= 0"),
-                ("align_rank", self.align_rank is None or self.align_rank >= 1, ">= 1 or null"),
-                *((d, 0 <= getattr(self, d) < 1, "in [0, 1)") for d in ("expert_dropout", "attn_dropout", "align_dropout"))]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
-
-    @property
-    def ka_rank(self) -> int:
-        return self.s * self.r
-
-    @property
-    def align_r(self) -> int:
-        return self.align_rank or self.ka_rank
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MedCareConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        for k in ("ffn_modules", "attn_modules"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-
-def _kaiming_A(rank: int, d_in: int, **kw) -> nn.Parameter:
+def _init_A(rank: int, d_in: int, variant: str, block: int | None = None, **kw) -> nn.Parameter:
+    """A LoRA A of `rank` rows (`block` rows per expert when several are stacked). variant code:
+    Kaiming-uniform(a=√5) as PEFT's default (fan_in = d_in, same bound per expert block); variant
+    paper: Gaussian ("A uses Gaussian initialization", §2), with PEFT's `gaussian` std 1/rank of
+    each LoRA (the paper gives no std)."""
     a = torch.empty(rank, d_in, **kw)
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # fan_in = d_in, same bound per expert block
+    if variant == "paper":
+        nn.init.normal_(a, std=1.0 / (block or rank))
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
     return nn.Parameter(a)
 
 
@@ -144,15 +101,16 @@ class MedCareLinear(nn.Module):
         self.scale = cfg.scale
         d_in, d_out = linear.in_features, linear.out_features
         kw = dict(device=linear.weight.device, dtype=_adapter_dtype(linear.weight.dtype))
-        self.ka_A, self.ka_B = _kaiming_A(cfg.ka_rank, d_in, **kw), _zero_B(d_out, cfg.ka_rank, **kw)
+        v = cfg.variant
+        self.ka_A, self.ka_B = _init_A(cfg.ka_rank, d_in, v, **kw), _zero_B(d_out, cfg.ka_rank, **kw)
         self.expert_dropout = nn.Dropout(cfg.expert_dropout)
         if mode == "mka":
             er = cfg.n_experts * cfg.r
-            self.na_A, self.na_B = _kaiming_A(er, d_in, **kw), _zero_B(d_out, er, **kw)
+            self.na_A, self.na_B = _init_A(er, d_in, v, block=cfg.r, **kw), _zero_B(d_out, er, **kw)
             self.router = nn.Linear(d_in, cfg.n_experts, bias=True, **kw)  # default init
         else:
             ra = cfg.align_r
-            self.align_A, self.align_B = _kaiming_A(ra, d_in, **kw), _zero_B(d_out, ra, **kw)
+            self.align_A, self.align_B = _init_A(ra, d_in, v, **kw), _zero_B(d_out, ra, **kw)
             self.align_dropout = nn.Dropout(cfg.align_dropout)
         # Aux-loss terms of the latest grad-enabled forward, read (and cleared) by
         # orthogonal_loss / balance_loss so the terms come from the live parameters.
@@ -194,7 +152,7 @@ class MedCareLinear(nn.Module):
     def _gates(self, logits: torch.Tensor) -> torch.Tensor:
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # fp32+ softmax
         w, idx = probs.topk(self.cfg.top_k, dim=-1)
-        if self.cfg.renormalize:
+        if self.cfg.renormalized:  # variant code; the paper's Eq. 4/5 use the softmax weights as they are
             w = w / w.sum(dim=-1, keepdim=True)
         self._balance = self._balance_term(probs, idx) if self._wants_aux() and self.cfg.balance_coef > 0 else None
         return torch.zeros_like(probs).scatter(1, idx, w).to(logits.dtype)
@@ -220,7 +178,7 @@ class MedCareLinear(nn.Module):
     def _mka_lowrank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xe = self.expert_dropout(x)
         if not (self.training or self.cfg.keep_na):  # inference without NA: KA only
-            return F.linear(xe, self.ka_A) * self.scale, self.ka_B
+            return F.linear(xe, self.ka_A) * self.cfg.ka_scale, self.ka_B
         T, E, r = x.shape[0], self.cfg.n_experts, self.cfg.r
         # KA and all experts as one rank-(s+E)·r product; the gates zero the unselected blocks.
         if xe is x:  # no expert dropout active (p=0 or eval): the router rides in the same GEMM
@@ -231,14 +189,22 @@ class MedCareLinear(nn.Module):
             gates = self.route(x)
             h_ka, h_na = F.linear(xe, torch.cat([self.ka_A, self.na_A])).split([self.cfg.ka_rank, E * r], dim=1)
         h_na = (h_na.view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
-        h = torch.cat([h_ka, h_na], dim=1) * self.scale  # scale on the narrow side: cheaper
+        h = self._scaled(h_ka, self.cfg.ka_scale, h_na)  # scale on the narrow side: cheaper
         return h, torch.cat([self.ka_B, self.na_B], dim=1)
+
+    def _scaled(self, h_ka: torch.Tensor, ka_scale: float, h_other: torch.Tensor, other_scale: float | None = None):
+        """[h_ka·ka_scale, h_other·other_scale] (other: NA at α/r, or Align); one multiply when equal (variant code)."""
+        other_scale = self.scale if other_scale is None else other_scale
+        if ka_scale == other_scale:
+            return torch.cat([h_ka, h_other], dim=1) * ka_scale
+        return torch.cat([h_ka * ka_scale, h_other * other_scale], dim=1)
 
     def _da_lowrank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._orth = self.orth_term() if self._wants_aux() and not self._zero3() else None
-        h_ka = F.linear(self.expert_dropout(x), self.ka_A)
-        h_al = F.linear(self.align_dropout(x), self.align_A)
-        h = torch.cat([h_ka, h_al], dim=1) * self.scale
+        # one dropout on the input of KA and Align, as the authors' DA code (LoRA dropout 0.05 on both)
+        h_ka, h_al = F.linear(self.align_dropout(x), torch.cat([self.ka_A, self.align_A])).split(
+            [self.cfg.ka_rank, self.cfg.align_r], dim=1)
+        h = self._scaled(h_ka, self.cfg.ka_scale, h_al, self.cfg.align_scale)
         return h, torch.cat([self.ka_B, self.align_B], dim=1)
 
     def orth_term(self) -> torch.Tensor:
@@ -250,15 +216,16 @@ class MedCareLinear(nn.Module):
     # -- merge -----------------------------------------------------------------------------
     @torch.no_grad()
     def delta_weight(self, fold_ka: bool = True) -> torch.Tensor:
-        """(α/r)(B_ka A_ka + B_align A_align) in [d_out, d_in]; NA is never folded."""
+        """s_ka·B_ka A_ka + s_align·B_align A_align in [d_out, d_in] (Eq. 13; the scales: see
+        MedCareConfig.ka_scale / align_scale); NA is never folded."""
         W = self.linear.weight
         dt = torch.promote_types(W.dtype, torch.float32)
         d = torch.zeros(W.shape, dtype=dt, device=W.device)
         if fold_ka:
-            d += self.ka_B.to(dt) @ self.ka_A.to(dt)
+            d += self.cfg.ka_scale * (self.ka_B.to(dt) @ self.ka_A.to(dt))
         if self.mode == "da":
-            d += self.align_B.to(dt) @ self.align_A.to(dt)
-        return d * self.scale
+            d += self.cfg.align_scale * (self.align_B.to(dt) @ self.align_A.to(dt))
+        return d
 
 
 # -- model-level helpers -------------------------------------------------------------------
@@ -480,7 +447,7 @@ def save_ka(model: nn.Module, directory: str | Path) -> Path:
     state = {f"{n}.{k}": getattr(m, k) for n, m in medcare_modules(model) for k in KA_PARAMS}
     _save_tensors(state, d / KA_FILE)
     meta = {"format": FORMAT, "r": cfg.r, "alpha": cfg.alpha, "s": cfg.s, "ka_rank": cfg.ka_rank,
-            "model_type": getattr(_core(model).config, "model_type", None)}
+            "variant": cfg.variant, "model_type": getattr(_core(model).config, "model_type", None)}
     (d / KA_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return d
 
@@ -493,9 +460,10 @@ def load_ka(model: nn.Module, ka: str | Path | dict) -> nn.Module:
         d = Path(ka)
         meta = json.loads((d / KA_CONFIG_FILE).read_text())
         cfg, _ = _config_of(model)
-        if (meta["ka_rank"], meta["alpha"], meta["r"]) != (cfg.ka_rank, cfg.alpha, cfg.r):
-            raise ValueError(f"{d}: KA saved with rank {meta['ka_rank']}, alpha {meta['alpha']}, r {meta['r']}; "
-                             f"model expects {cfg.ka_rank}, {cfg.alpha}, {cfg.r}")
+        saved = (meta["ka_rank"], meta["alpha"], meta["r"], meta.get("variant", "code"))
+        if saved != (cfg.ka_rank, cfg.alpha, cfg.r, cfg.variant):  # the variant sets KA's scale
+            raise ValueError(f"{d}: KA saved with rank {saved[0]}, alpha {saved[1]}, r {saved[2]}, variant {saved[3]}; "
+                             f"model expects {cfg.ka_rank}, {cfg.alpha}, {cfg.r}, {cfg.variant}")
         ka = load_file(str(d / KA_FILE))
     targets = {f"{n}.{k}": getattr(m, k) for n, m in medcare_modules(model) for k in KA_PARAMS}
     _load_into(targets, ka, "load_ka")
@@ -559,13 +527,3 @@ def load_for_inference(art: Any):
     for _, layer in medcare_modules(model):
         layer.cfg.keep_na = True
     return model.eval()
-
-
-def check_settings(build: Any, kind: str) -> None:
-    """The adapter settings, checked before any training: one error naming every bad field."""
-    from medpipe.errors import ConfigError
-
-    try:
-        build()
-    except ValueError as e:
-        raise ConfigError(f"{kind}: {e}") from None

@@ -1,10 +1,11 @@
-"""Typed parameters shared by the training stages. Light module: the CLI imports it (no torch)."""
+"""Typed parameters shared by the training stages. Light module: the CLI imports it (no torch).
+Every field carries its help text (`medpipe list --params KIND` prints it)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
-from medpipe.params import Checked
+from medpipe.params import Checked, param
 
 
 @dataclass
@@ -12,32 +13,40 @@ class LoraParams(Checked):
     """LoRA through PEFT. `target_modules: [all-linear]` adapts every linear layer but the LM head."""
 
     _where: ClassVar[str] = "peft."
-    type: str = "lora"
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    type: str = param("lora", "adapter type (PEFT LoRA)")
+    r: int = param(8, "LoRA rank")
+    alpha: int = param(16, "LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = param(0.05, "dropout on the LoRA input")
+    target_modules: List[str] = param(help="module names to adapt, or [all-linear]", factory=lambda: ["all-linear"])
 
     def _rules(self):
         return [("r", self.r >= 1, ">= 1"), ("alpha", self.alpha > 0, "> 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)")]
 
 
+SPIKE_MODES = ("skip", "halve_loss")
+
+
 @dataclass
 class SpikeGuardParams(Checked):
-    """IIMedGPT-style loss-spike guard: a non-finite gradient norm, or one above `factor` × the
-    median of the last `window` steps, skips that update and multiplies the learning rate by
-    `lr_factor`; more than `max_consecutive` skips in a row fail the stage."""
+    """Loss-spike guard: a non-finite gradient norm, or one above `factor` × the median of the last
+    `window` steps, is guarded (mode `skip`: the update is skipped; `halve_loss`: IIMedGPT's, the
+    update uses the loss × `loss_factor`) and the learning rate is multiplied by `lr_factor` each
+    time; more than `max_consecutive` guarded steps in a row fail the stage."""
 
     _where: ClassVar[str] = "spike_guard."
-    enabled: bool = False
-    factor: float = 10.0
-    window: int = 20
-    lr_factor: float = 0.5
-    max_consecutive: int = 5
+    enabled: bool = param(False, "guard updates whose gradient norm spikes or is non-finite")
+    mode: str = param("skip", "skip (drop the update) | halve_loss (IIMedGPT: apply it with the loss halved)")
+    factor: float = param(10.0, "a spike: grad norm > factor × the median of the last `window` norms")
+    window: int = param(20, "steps in the running median of gradient norms")
+    lr_factor: float = param(0.5, "the learning rate is multiplied by this at every guarded step")
+    loss_factor: float = param(0.5, "mode halve_loss: the guarded step's loss (its gradient) is multiplied by this")
+    max_consecutive: int = param(5, "more guarded steps in a row than this fail the stage")
 
     def _rules(self):
-        return [("factor", self.factor > 1, "> 1"), ("window", self.window >= 1, ">= 1"),
-                ("lr_factor", 0 < self.lr_factor <= 1, "in (0, 1]"), ("max_consecutive", self.max_consecutive >= 1, ">= 1")]
+        return [("mode", self.mode in SPIKE_MODES, "one of " + ", ".join(SPIKE_MODES)),
+                ("factor", self.factor > 1, "> 1"), ("window", self.window >= 1, ">= 1"),
+                ("lr_factor", 0 < self.lr_factor <= 1, "in (0, 1]"), ("loss_factor", 0 < self.loss_factor < 1, "in (0, 1)"),
+                ("max_consecutive", self.max_consecutive >= 1, ">= 1")]
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -45,38 +54,41 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 @dataclass
 class TrainParams(Checked):
-    data: Any = None  # path | conf/data entry | {path, format, columns, split, limit, weight} | list of those
-    lr: float = 2e-5
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4  # per device
-    grad_accum: int = 1
-    warmup: float = 0.0  # < 1: fraction of total steps; >= 1: steps
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"  # any transformers scheduler name (linear, cosine, cosine_with_min_lr, ...)
-    scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0
-    max_length: int = 1024
-    peft: Optional[LoraParams] = None  # null = full-parameter training
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
-    logging_steps: int = 5
-    save_steps: int = 100  # Trainer checkpoints: an interrupted stage resumes from the last one
-    save_total_limit: int = 2
-    heldout: float = 0.0  # fraction of the data held out for evaluation
-    eval_steps: Optional[int] = None  # default: save_steps
-    keep_best: bool = False  # keep the checkpoint with the lowest held-out loss (needs heldout > 0)
-    on_error: Optional[str] = None  # fail | skip; default: the recipe's data.on_error
-    num_proc: Optional[int] = None  # processes for tokenisation
-    spike_guard: SpikeGuardParams = field(default_factory=SpikeGuardParams)
+    data: Any = param(None, "path | conf/data entry | {path, format, columns, split, limit, weight} | list of those")
+    lr: float = param(2e-5, "peak learning rate")
+    epochs: float = param(1.0, "passes over the data")
+    max_steps: int = param(-1, "> 0: optimizer steps, overrides epochs")
+    batch_size: int = param(4, "GLOBAL batch: samples per optimizer step over all ranks (the papers' figure)")
+    micro_batch_size: Optional[int] = param(None, "samples per device per forward; accumulation = batch_size / "
+                                                  "(micro_batch_size × world size); null = batch_size / world size")
+    warmup: float = param(0.0, "< 1: fraction of the total steps; >= 1: steps")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    scheduler: str = param("cosine", "any transformers scheduler name (linear, cosine, cosine_with_min_lr, ...)")
+    scheduler_kwargs: Dict[str, Any] = param(help="extra scheduler arguments (e.g. {min_lr_rate: 0.1})", factory=dict)
+    adam_beta1: float = param(0.9, "AdamW beta1")
+    adam_beta2: float = param(0.999, "AdamW beta2")
+    max_grad_norm: float = param(1.0, "gradient clipping norm (0 = none)")
+    max_length: int = param(1024, "tokens per example (longer ones are cut)")
+    peft: Optional[LoraParams] = param(None, "LoRA settings; null = full-parameter training")
+    precision: str = param("auto", "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32")
+    gradient_checkpointing: bool = param(False, "recompute activations in backward (less memory, slower)")
+    logging_steps: int = param(5, "optimizer steps between log lines")
+    save_steps: int = param(100, "steps between checkpoints: an interrupted stage resumes from the last one")
+    save_total_limit: int = param(2, "checkpoints kept")
+    heldout: float = param(0.0, "fraction of the data held out for evaluation")
+    eval_steps: Optional[int] = param(None, "steps between held-out evaluations; null = save_steps")
+    keep_best: bool = param(False, "keep the checkpoint with the lowest held-out loss (needs heldout > 0)")
+    on_error: Optional[str] = param(None, "bad records: fail | skip; null = the recipe's data.on_error")
+    num_proc: Optional[int] = param(None, "processes for tokenisation")
+    spike_guard: SpikeGuardParams = param(help="loss-spike guard (IIMedGPT)", factory=SpikeGuardParams)
 
     def _rules(self):
         return [("lr", self.lr > 0, "> 0"),
                 ("epochs", self.epochs > 0 or self.max_steps > 0, "> 0 (or max_steps > 0)"),
                 ("max_steps", self.max_steps == -1 or self.max_steps > 0, "> 0, or -1 for epochs"),
-                ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
+                ("batch_size", self.batch_size >= 1, ">= 1"),
+                ("micro_batch_size", self.micro_batch_size is None or 1 <= self.micro_batch_size <= self.batch_size,
+                 f"between 1 and batch_size ({self.batch_size}), or null"),
                 ("warmup", self.warmup >= 0, ">= 0 (a fraction < 1, or steps)"),
                 ("weight_decay", self.weight_decay >= 0, ">= 0"),
                 ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"), ("adam_beta2", 0 <= self.adam_beta2 < 1, "in [0, 1)"),
@@ -87,6 +99,26 @@ class TrainParams(Checked):
                 ("heldout", 0 <= self.heldout < 1, "in [0, 1)"),
                 ("keep_best", not self.keep_best or self.heldout > 0, "false unless heldout > 0"),
                 ("on_error", self.on_error in (None, "fail", "skip"), "fail, skip or null")]
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(per-device micro batch, gradient accumulation steps) that give the global `batch_size`
+        on `world_size` ranks; ValueError naming the numbers when they do not divide."""
+        micro = self.micro_batch_size
+        if micro is None:
+            if self.batch_size % world_size:
+                raise ValueError(f"batch_size {self.batch_size} (global) does not divide over {world_size} ranks; "
+                                 f"set batch_size to a multiple of {world_size} (or set micro_batch_size)")
+            return self.batch_size // world_size, 1
+        if self.batch_size % (micro * world_size):
+            raise ValueError(f"batch_size {self.batch_size} (global) is not micro_batch_size {micro} × {world_size} "
+                             f"rank(s) × a whole number of accumulation steps; choose batch_size a multiple of "
+                             f"{micro * world_size} or another micro_batch_size")
+        return micro, self.batch_size // (micro * world_size)
+
+    def describe_batch(self, world_size: int) -> str:
+        """One line for `medpipe show`: the global batch and how it is made on `world_size` ranks."""
+        micro, accum = self.batch_layout(world_size)
+        return f"global batch {self.batch_size} = {micro} per device × {accum} accumulation × {world_size} rank(s)"
 
 
 def data_options(params: Any, data_opts: dict) -> dict:

@@ -1,0 +1,56 @@
+"""Trainer arguments from a stage's params: the TrainingArguments (and TRL config) fields every
+training kind shares, and the batch layout (global batch = micro batch × accumulation × ranks)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from medpipe.errors import ConfigError
+from medpipe.stages.models import loader
+
+
+def world_size() -> int:
+    """Ranks of this training process group (the launcher sets WORLD_SIZE on every rank)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def batch_layout(ctx: Any, p: Any) -> tuple[int, int]:
+    """(per-device micro batch, gradient accumulation steps) for this process group, checked again
+    on every rank: the driver checked the launcher's world size, but a hand-started rank may differ."""
+    try:
+        return p.batch_layout(world_size())
+    except ValueError as e:
+        raise ConfigError(f"stages.{ctx.name}: {e}") from None
+
+
+def use_bf16(params: Any) -> bool:
+    return loader.use_bf16(getattr(params, "precision", "auto"))
+
+
+def training_kwargs(ctx: Any, p: Any) -> dict:
+    """TrainingArguments (and TRL config) fields from the stage params; one place for all stages."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    micro, accum = batch_layout(ctx, p)
+    kw = dict(
+        output_dir=str(ctx.output_dir / "checkpoints"),
+        learning_rate=p.lr, num_train_epochs=p.epochs, max_steps=p.max_steps,
+        per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum, warmup_steps=p.warmup, weight_decay=p.weight_decay,
+        lr_scheduler_type=p.scheduler, lr_scheduler_kwargs=dict(p.scheduler_kwargs),
+        adam_beta1=p.adam_beta1, adam_beta2=p.adam_beta2, max_grad_norm=p.max_grad_norm,
+        logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
+        save_total_limit=p.save_total_limit, report_to=["tensorboard"], seed=ctx.seed, data_seed=ctx.seed,
+        use_cpu=not cuda, bf16=use_bf16(p), fp16=p.precision == "fp16",
+        activation_checkpointing=p.gradient_checkpointing, deepspeed=ctx.deepspeed_config,
+        disable_tqdm=True, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+    )
+    if not cuda and world_size() > 1:
+        kw["ddp_backend"] = "gloo"
+    if p.heldout > 0:
+        steps = p.eval_steps or p.save_steps
+        kw.update(eval_strategy="steps", eval_steps=steps, save_steps=steps)
+        if p.keep_best:
+            kw.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    return kw

@@ -1,0 +1,147 @@
+"""The training loop around a trainer: the stage's input model (seeded before any adapter is
+built), train with resume from the last complete checkpoint, loss and distributed facts, and the
+saved result. Imported only inside `run()` (it imports torch and transformers)."""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+from medpipe.artifact import Artifact
+from medpipe.stages.models import loader
+from medpipe.stages.training.callbacks import SpikeGuard
+
+
+def data_cache_dir(ctx: Any) -> Path:
+    """Where tokenised/packed data is cached (data.cache_dir, default $MEDPIPE_CACHE/data): a stage
+    rerun with a changed hyperparameter does not re-tokenise."""
+    from medpipe.paths import cache_root
+
+    return Path(ctx.data.get("cache_dir") or cache_root() / "data").expanduser()
+
+
+def load_tokenizer(ctx: Any, path: str | None = None):
+    return loader.load_tokenizer(path or ctx.input.tokenizer_path, bool(ctx.model.get("trust_remote_code", False)))
+
+
+def seed(ctx: Any) -> None:
+    """Seed every generator (python, numpy, torch) with the run's seed. Called after the input model
+    is loaded and before any module with random init (LoRA, MedCare/C-Poly layers, routers) is
+    built, so the same stage key gives the same initial adapter — and so the same weights — in any
+    process, whatever ran in it before (the trainer seeds again only when it is constructed)."""
+    from transformers import set_seed
+
+    set_seed(int(ctx.seed))
+
+
+def load_model(ctx: Any, params: Any, path: str | None = None):
+    """The stage's input model for training (dtype policy: medpipe.stages.models.loader), then
+    the generators seeded (`seed`): what the caller builds on it next is reproducible."""
+    dtype = loader.pick_dtype(ctx.model.get("dtype"), training=True, lora=getattr(params, "peft", None) is not None,
+                              precision=getattr(params, "precision", "auto"))
+    model = loader.load_causal_lm(path or ctx.input.model_path, dtype=dtype,
+                                  trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
+                                  attn_implementation=ctx.model.get("attn_implementation"))
+    if getattr(params, "gradient_checkpointing", False):
+        model.config.use_cache = False
+    seed(ctx)
+    return model
+
+
+apply_lora = loader.apply_lora
+
+
+def train(trainer, ctx: Any) -> dict:
+    """Train, resuming from the stage's last checkpoint if an earlier attempt was interrupted."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints a compact line instead
+    guards = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SpikeGuard)]
+    for cb in guards:
+        cb.install(trainer)
+    last = last_complete_checkpoint(ctx.output_dir / "checkpoints")
+    if last:
+        ctx.say(f"resuming from {Path(last).name}")
+    with warnings.catch_warnings():
+        # transformers 5 renamed gradient_* to activation_*; TRL still calls the old names every step
+        warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
+        result = trainer.train(resume_from_checkpoint=last)
+    metrics: dict = loss_metrics(trainer.state.log_history)
+    metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    metrics["steps"] = trainer.state.global_step
+    metrics["tokens_seen"] = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    args = trainer.args
+    metrics["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if last:
+        metrics["resumed_from"] = Path(last).name
+    metrics.update(distributed_facts(trainer, ctx))
+    for cb in guards:
+        metrics["spike_guard_skipped"] = cb.skipped
+        if cb.cfg.mode == "halve_loss":
+            metrics["spike_guard_halved"] = cb.halved
+    return metrics
+
+
+def distributed_facts(trainer, ctx: Any) -> dict:
+    """World size and ZeRO stage actually in effect, and a digest of this rank's trainable weights
+    (logged per rank, so data-parallel runs can be checked for identical replicas)."""
+    import hashlib
+    import os
+
+    facts = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    if trainer.is_deepspeed_enabled:
+        facts["zero_stage"] = int(trainer.model_wrapped.zero_optimization_stage())
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    ctx.log.info("distributed: world_size=%d zero_stage=%s weights_sha256=%s", facts["world_size"],
+                 facts.get("zero_stage", "none"), digest.hexdigest())
+    facts["weights_sha256"] = digest.hexdigest()
+    return facts
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint that was written to the end (trainer_state.json is saved last), so a
+    run killed while saving resumes from the previous one instead of failing on a torn checkpoint."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for p in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if (p / "trainer_state.json").is_file():
+            return str(p)
+    return None
+
+
+def loss_metrics(history: list[dict]) -> dict:
+    losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
+    out: dict = {}
+    if losses:
+        # mean of the first and of the last few logged losses: one batch alone is too noisy to compare
+        k = max(1, min(3, len(losses) // 3))
+        out["first_loss"], out["last_loss"] = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if evals:
+        out["best_eval_loss"], out["last_eval_loss"] = min(evals), evals[-1]
+    return out
+
+
+def save_result(ctx: Any, trainer, tokenizer, params: Any, metrics: dict, **fields: Any) -> Artifact:
+    """Save the trained model (LoRA: the adapter, merged once into `merged/` for the next stage
+    and for inference; else the full model) and describe it. `fields`: typed Artifact fields."""
+    adapter = getattr(params, "peft", None) is not None
+    out = ctx.output_dir / ("adapter" if adapter else "model")
+    trainer.save_model(str(out))
+    trust = bool(ctx.model.get("trust_remote_code", False))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+        if adapter:
+            loader.merge_lora(out, ctx.input.model_path, out, ctx.output_dir / "merged", trust)
+    trainer.accelerator.wait_for_everyone()
+    merged = str(ctx.output_dir / "merged") if adapter else None
+    return Artifact(stage=ctx.name, kind=ctx.kind, format="adapter" if adapter else "full", model_path=str(out),
+                    tokenizer_path=str(out), base_model_path=ctx.input.model_path if adapter else None,
+                    metrics=metrics, trust_remote_code=trust, merged_path=merged, **fields)
