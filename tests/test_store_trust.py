@@ -222,7 +222,7 @@ def test_status_time_sums_the_attempts_including_a_killed_one(tmp_path):
     import time as _time
     from datetime import datetime, timezone
 
-    from medpipe.run import _earlier_attempts
+    from medpipe.store import _earlier_attempts
 
     started = datetime.fromtimestamp(_time.time() - 100, timezone.utc).isoformat(timespec="seconds")
     (tmp_path / "log_history.jsonl").write_text("{}\n")

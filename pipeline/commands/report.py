@@ -54,7 +54,7 @@ def evaluates(kind: str) -> bool:
 def collect(run_dir: Path) -> dict:
     """Everything the report shows, as plain data."""
     from medpipe.artifact import Artifact, ArtifactError
-    from medpipe.run import read_run_file, stage_table
+    from medpipe.store import read_run_file, stage_table
 
     info = read_run_file(Path(run_dir))  # a torn run.json is an error naming it
     table = {r["stage"]: r for r in stage_table(run_dir)}

@@ -8,7 +8,7 @@ from medpipe.errors import MedpipeError
 
 
 def run_info(run_dir: str | Path) -> dict:
-    from medpipe.run import read_run_file
+    from medpipe.store import read_run_file
 
     return read_run_file(Path(run_dir))
 
