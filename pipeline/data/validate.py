@@ -57,7 +57,7 @@ class SourceReport:
         self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + n
 
     def to_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         d["dropped"] = self.dropped
         return d
 
@@ -140,6 +140,12 @@ def _converter(kind: str, want: str, task):
 
 def _read_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, report,
                out: list, budget: list, ids_cache: dict | None = None):
+    out.extend(_iter_file(path, fmt, src, want, on_error, report, budget, ids_cache))
+
+
+def _iter_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, report,
+               budget: list, ids_cache: dict | None = None):
+    """The records of one file, validated, one at a time (memory: one record)."""
     spec = FORMATS[fmt]
     conv = _converter(spec.kind, want, src.task)
     needs_answer = spec.kind == "mcq" and want != "mcq"
@@ -199,7 +205,7 @@ def _read_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, r
         if spec.kind == "preference" and rec["chosen"].strip() == rec["rejected"].strip():
             report.identical_pairs += 1
         rec["_loc"] = f"{path}:{line}"
-        out.append(rec)
+        yield rec
     progress.done(report.records)
     _flush_unreadable(reader, n_skipped, report, budget)
 
@@ -267,14 +273,22 @@ def _flush_unreadable(reader, n_done, report, budget) -> int:
 
 def read_source(src: SourceSpec, want: str, on_error: str = "fail") -> tuple[list, SourceReport]:
     """Read and validate one source → (normalised records with ``_loc``, report)."""
-    files = expand_paths(src)
     report = SourceReport(path=src.path, format=src.format, weight=src.weight)
+    out = list(iter_source(src, want, on_error, report))
+    check_source_result(src, report, len(out), want)
+    return out, report
+
+
+def iter_source(src: SourceSpec, want: str, on_error: str, report: SourceReport):
+    """The validated records of one source, streamed (``report`` is filled as they go); call
+    :func:`check_source_result` after the last one."""
+    files = expand_paths(src)
     fmts, reasons = [], []
-    out: list = []
     budget = [src.limit]
     from .sources import load_ids
     wanted = load_ids(src)
     ids_cache = {id(src): wanted, "seen": set()} if wanted is not None else None
+    report._ids = (wanted, ids_cache)
     for path in files:
         if src.format == "auto":
             fmt, why = detect_format(path, src.columns)
@@ -289,25 +303,28 @@ def read_source(src: SourceSpec, want: str, on_error: str = "fail") -> tuple[lis
         if fmt not in fmts:
             fmts.append(fmt)
             reasons.append(why)
-        _read_file(path, fmt, src, want, on_error, report, out, budget, ids_cache)
+        report.format = "+".join(fmts)
+        report.reason = "; ".join(reasons)
+        yield from _iter_file(path, fmt, src, want, on_error, report, budget, ids_cache)
         if budget[0] is not None and budget[0] <= 0:
             break
-    report.format = "+".join(fmts)
-    report.reason = "; ".join(reasons)
+
+
+def check_source_result(src: SourceSpec, report: SourceReport, n_out: int, want: str) -> None:
+    wanted, ids_cache = getattr(report, "_ids", (None, None))
+    if wanted is not None:
+        report.ids_missing = len(wanted - ids_cache["seen"])
+    if n_out and want == "preference" and report.identical_pairs == n_out:
+        raise DataError(f"no usable preference pairs: all {n_out} have chosen == rejected",
+                        src.path, None, "chosen", reason="identical_pair")
     if report.records == 0:
         raise DataError("no records (empty dataset)", src.path, None, None,
                         reason="empty_dataset")
-    if wanted is not None:
-        report.ids_missing = len(wanted - ids_cache["seen"])
-    if out and want == "preference" and report.identical_pairs == len(out):
-        raise DataError(f"no usable preference pairs: all {len(out)} have chosen == rejected",
-                        src.path, None, "chosen", reason="identical_pair")
-    if not out:
+    if not n_out:
         raise DataError(f"no usable records: all {report.records} dropped "
                         f"({report.dropped_by_reason}); first: "
                         f"{report.examples[0] if report.examples else '-'}", src.path, None,
                         None, reason="empty_dataset")
-    return out, report
 
 
 # ---- token lengths -----------------------------------------------------------------------

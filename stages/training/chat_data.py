@@ -67,6 +67,7 @@ def prepare_chat_data(params: Any, data_opts: dict, tok: Any, cache_dir: Path, *
     mapped without reading a record (the path of every rank but the one that prepared them, and
     of `run` after `validate`); otherwise the records are read, validated, encoded and cached."""
     from medpipe.data import load_records
+    from medpipe.data.arrow import chat_arrow, streamable
     from medpipe.errors import MedpipeError
     from medpipe.stages.training.params import data_options
 
@@ -82,6 +83,21 @@ def prepare_chat_data(params: Any, data_opts: dict, tok: Any, cache_dir: Path, *
         train = encode_dataset([], tok, limits.max_length, cache_dir, limits=limits, fingerprint=fps["train"], stats=stats)
         heldout = encode_dataset([], tok, limits.max_length, cache_dir, limits=limits,
                                  fingerprint=fps["heldout"]) if held else None
+    elif not held and streamable(params.data):
+        # records flow as memory-mapped Arrow from the reader to the encoder (bounded memory)
+        work = Path(cache_dir) / f"read-{os.getpid()}"
+        try:
+            arrow = chat_arrow(params.data, work, seed=opts["seed"], on_error=opts["on_error"])
+            train = encode_dataset(arrow.dataset, tok, limits.max_length, cache_dir, limits=limits,
+                                   fingerprint=fps["train"], num_proc=num_proc, on_error=opts["on_error"], stats=stats)
+        finally:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+        heldout = None
+        if table:
+            _token_columns(arrow.reports, stats.lengths, limits.max_length)
+            lines = arrow.summary_table().splitlines()
     else:
         result = load_records(params.data, "chat", heldout=getattr(params, "heldout", 0.0), **opts)
         _tag_sources(params.data, result.records)
@@ -566,6 +582,14 @@ def _encode(records: list[dict], tok: Any, limits: Limits, num_proc: int | None)
 
     disable_progress_bars()
     shape = template_shape(tok)
+    if not isinstance(records, list):  # already Arrow (medpipe.data.arrow): columns messages, _loc, _src
+        if num_proc is None:
+            num_proc = default_num_proc(len(records))
+        if not len(records):
+            return _empty()
+        return records.map(_map_batch, batched=True, batch_size=256, num_proc=num_proc, remove_columns=["messages"],
+                           fn_kwargs={"tok": tok, "shape": shape, "limits": limits}, load_from_cache_file=False,
+                           writer_batch_size=2000)
     base = Dataset.from_dict({"messages": [[{"role": m["role"], "content": m["content"]} for m in r["messages"]]
                                            for r in records],
                               "_loc": [r.get("_loc") or f"record[{i}]" for i, r in enumerate(records)],
@@ -579,43 +603,53 @@ def _encode(records: list[dict], tok: Any, limits: Limits, num_proc: int | None)
 
 
 def _apply_policy(ds, limits: Limits, on_error: str, stats: EncodeStats, DataError):
-    names = ["error", "prompt_cut", "response_cut", "overlength", "folded", "has_answer", "answers", "_loc", "_src",
-             "n_tokens"]
+    """Errors, over-length policy, conversations without an answer token: counted, dropped
+    (column operations: no per-row python objects for the whole set)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
     if not len(ds):
         return _empty()
-    cols = {n: ds.data.column(n).to_pylist() for n in names}
-    keep = []
-    for i in range(len(ds)):
-        loc = cols["_loc"][i]
-        if not cols["error"][i]:
-            stats.lengths.setdefault(cols["_src"][i], []).append(cols["n_tokens"][i])
-        if cols["error"][i]:
-            if on_error != "skip":
-                raise _located(DataError, loc, cols["error"][i])
-            stats.failed += 1
-            if len(stats.errors) < 5:
-                stats.errors.append(f"{loc}: {cols['error'][i]}")
-            continue
-        stats.prompt_cut += cols["prompt_cut"][i]
-        stats.response_cut += cols["response_cut"][i]
-        stats.system_folded += cols["folded"][i]
-        if cols["overlength"][i]:
-            if limits.overlength == "error":
-                raise _located(DataError, loc, f"longer than max_length={limits.max_length} tokens "
-                                               f"(overlength=error; set overlength: truncate or drop)", "overlength")
-            if limits.overlength == "drop":
-                stats.overlength_dropped += 1
-                continue
-            stats.truncated += 1
-        if not cols["has_answer"][i]:
-            stats.no_assistant += 1
-            continue
-        stats.multi_turn += cols["answers"][i] > 1
-        keep.append(i)
-    stats.kept = len(keep)
-    if not keep:
+    t = ds.data
+    col = lambda n: t.column(n).combine_chunks()  # noqa: E731
+    error = col("error")
+    bad = np.asarray(pc.not_equal(error, "").to_numpy(zero_copy_only=False), dtype=bool)
+    if bad.any():
+        first = np.nonzero(bad)[0]
+        locs = col("_loc").take(first[:5]).to_pylist()
+        msgs = error.take(first[:5]).to_pylist()
+        if on_error != "skip":
+            raise _located(DataError, locs[0], msgs[0])
+        stats.failed += int(bad.sum())
+        stats.errors += [f"{l}: {m}" for l, m in zip(locs, msgs)][: 5 - len(stats.errors)]
+    flag = lambda n: np.asarray(col(n).to_numpy(zero_copy_only=False), dtype=bool) & ~bad  # noqa: E731
+    over = flag("overlength")
+    if over.any() and limits.overlength == "error":
+        i = int(np.nonzero(over)[0][0])
+        raise _located(DataError, col("_loc")[i].as_py(), f"longer than max_length={limits.max_length} tokens "
+                                                         f"(overlength=error; set overlength: truncate or drop)", "overlength")
+    stats.prompt_cut += int(flag("prompt_cut").sum())
+    stats.response_cut += int(flag("response_cut").sum())
+    stats.system_folded += int(flag("folded").sum())
+    keep = ~bad
+    if limits.overlength == "drop":
+        stats.overlength_dropped += int(over.sum())
+        keep &= ~over
+    else:
+        stats.truncated += int(over.sum())
+    answer = flag("has_answer")
+    stats.no_assistant += int((keep & ~answer).sum())
+    keep &= answer
+    stats.multi_turn += int((keep & (col("answers").to_numpy(zero_copy_only=False) > 1)).sum())
+    src = col("_src").to_numpy(zero_copy_only=False)
+    ntok = col("n_tokens").to_numpy(zero_copy_only=False)
+    for s_ in np.unique(src[~bad]):
+        stats.lengths.setdefault(int(s_), []).extend(ntok[(src == s_) & ~bad].tolist())
+    idx = np.nonzero(keep)[0]
+    stats.kept = len(idx)
+    if not len(idx):
         return _empty()
-    ds = ds.select(keep) if len(keep) != len(ds) else ds
+    ds = ds.select(idx) if len(idx) != len(ds) else ds
     return ds.select_columns(["input_ids", "assistant_masks"])
 
 
