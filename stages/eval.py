@@ -62,7 +62,8 @@ from medpipe.params import Checked, param
 from medpipe.stages.evaluation.judge import JudgeParams
 from medpipe.stages.evaluation.rag import RagParams
 
-METHODS = ("ppl", "cue", "generate")
+METHODS = ("ppl", "cue", "generate", "generate_then_cue")
+PROTOCOLS = ("native", "lm-eval", "opencompass", "medcare", "cmexam")  # = protocols.PROTOCOLS (kept light here)
 BACKENDS = ("transformers", "vllm")
 LANGS = ("auto", "en", "zh")
 
@@ -70,7 +71,10 @@ LANGS = ("auto", "en", "zh")
 @dataclass
 class EvalParams(Checked):
     data: Any = param(None, "eval sets: path | conf/data name | source dict | list (one set per source)")
-    method: str = param("cue", "multiple choice: ppl | cue | generate")
+    protocol: str = param("native", "multiple choice as a harness does it: native (medpipe's prompts, `method`) | "
+                                    "lm-eval | opencompass | medcare | cmexam")
+    method: str = param("cue", "protocol native: ppl | cue | generate | generate_then_cue (MedCare: free answer, "
+                               "then the cue and one letter)")
     shots: int = param(0, "k-shot examples from fewshot_data")
     task_models: bool = param(True, "C-Poly artifacts: a set named after a task uses that task's merged model")
     fewshot_data: Any = param(None, "dev split for k-shot prompting")
@@ -79,18 +83,23 @@ class EvalParams(Checked):
     reduction: str = param("mean", "ppl: mean | sum NLL of the option tokens")
     tokenize: str = param("char", "BLEU/ROUGE tokens: char | jieba")
     max_new_tokens: int = param(128, "generation sets")
-    mcq_max_new_tokens: int = param(8, "method=generate")
+    mcq_max_new_tokens: int = param(8, "method=generate (the other generating methods and protocols: max_new_tokens)")
     explain: bool = param(False, "mcq sets: also generate answer + explanation, BLEU/ROUGE vs the reference explanation")
     batch_size: int = param(16, "prompts per forward / generate call (sorted by length, padded); raise on a GPU")
     max_length: Optional[int] = param(None, "prompt tokens kept (from the left); null = all")
     limit: Optional[int] = param(None, "first N items of every set")
+    data_dir: Optional[str] = param(None, "protocol lm-eval: where lm-eval task names (data=medqa_4options, "
+                                          "multimedqa, ...) find their files; default $MEDPIPE_EVAL_DATA")
     backend: str = param("transformers", "transformers | vllm")
     on_error: Optional[str] = param(None, "fail | skip; default: the recipe's data.on_error")
     rag: RagParams = param(help="retrieval-augmented prompts (rag.index = the corpus; null = off)", factory=RagParams)
     judge: JudgeParams = param(help="LLM judge for generation sets (judge.url; null = no judge)", factory=JudgeParams)
 
     def _rules(self):
-        return [("method", self.method in METHODS, "one of " + ", ".join(METHODS)),
+        return [("protocol", self.protocol in PROTOCOLS, "one of " + ", ".join(PROTOCOLS)),
+                ("method", self.method in METHODS, "one of " + ", ".join(METHODS)),
+                ("protocol", not (self.protocol in ("lm-eval", "cmexam") and self.backend == "vllm"),
+                 "native, opencompass or medcare with backend=vllm (lm-eval scores log-likelihoods, cmexam beam-searches)"),
                 ("backend", self.backend in BACKENDS, "one of " + ", ".join(BACKENDS)),
                 ("method", not (self.method == "ppl" and self.backend == "vllm"), "cue or generate with backend=vllm "
                  "(ppl needs backend=transformers)"),

@@ -197,7 +197,7 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="cannot be evaluated"):
         plan_sets(EvalParams(data=f"{samples()}/pretrain.jsonl"))
     # params are checked when they are made (binding a recipe or `medpipe eval` overrides)
-    with pytest.raises(ValueError, match="method must be one of ppl, cue, generate, got 'vote'"):
+    with pytest.raises(ValueError, match="method must be one of ppl, cue, generate, generate_then_cue, got 'vote'"):
         EvalParams(data=cmexam(), method="vote")
     with pytest.raises(ValueError, match="fewshot_data must be set when shots=5"):
         EvalParams(data=cmexam(), shots=5)
@@ -311,7 +311,7 @@ def test_eval_params_compose_and_reject_unknown_keys():
     with pytest.raises(ConfigError, match="bogus"):
         bind_stages(compose(recipe, ["+stages.eval_sft.bogus=1"])[0])
     # range checks at bind time, by the mechanism the training params use, nested ones named
-    with pytest.raises(ConfigError, match=r"stages.eval_sft: method must be one of ppl, cue, generate, got 'vote'"):
+    with pytest.raises(ConfigError, match=r"stages.eval_sft: method must be one of ppl, cue, generate, generate_then_cue, got 'vote'"):
         bind_stages(compose(recipe, ["stages.eval_sft.method=vote"])[0])
     with pytest.raises(ConfigError, match=r"rag.chunk_overlap must be in \[0, chunk_size\), got 300"):
         bind_stages(compose(recipe, ["stages.eval_sft.rag.chunk_overlap=300"])[0])

@@ -124,7 +124,8 @@ def compare_run_stages(run_dir: str | Path, a: str, b: str, judge_url: str, over
     p, data_cfg = params_from_overrides(run_dir, overrides)
     if p.data is None:
         raise ConfigError("compare: give the questions as data=... (chat data, single- or multi-turn)")
-    client = judge_client(JudgeParams(url=judge_url, model=judge_model, api_key_env=api_key_env))
+    client = judge_client(JudgeParams(url=judge_url, model=judge_model, api_key_env=api_key_env,
+                                      template=p.judge.template))
     say(f"judge: {client.model} at {client.base}")
     records: list[dict] = []
     for src in parse_spec(p.data):
@@ -135,7 +136,7 @@ def compare_run_stages(run_dir: str | Path, a: str, b: str, judge_url: str, over
     label_a, model_a = _model_ref(run_dir, a)
     label_b, model_b = _model_ref(run_dir, b)
     result = compare(model_a, model_b, label_a, label_b, records, client, max_new_tokens=max_new_tokens,
-                     batch_size=p.batch_size, say=say)
+                     batch_size=p.batch_size, say=say, template=p.judge.template)
     safe = lambda s: re.sub(r"[^\w.+-]+", "_", s)  # noqa: E731
     path = run_dir / "eval" / f"pairwise-{safe(label_a)}-vs-{safe(label_b)}.json"
     write_json_atomic(path, result)

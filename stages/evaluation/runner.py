@@ -40,6 +40,11 @@ def evaluate(p: Any, art: Any, out_dir: Path, data_opts: dict | None = None, say
     on_error = p.on_error or (data_opts or {}).get("on_error") or "fail"
     client = None
     if p.judge.url and any(s.kind == "generation" for s in sets):
+        if p.judge.template == "iimedgpt":
+            from medpipe.errors import ConfigError
+
+            raise ConfigError("eval: judge.template=iimedgpt is a pairwise prompt (medpipe compare); the eval stage "
+                              "scores answers one by one: judge.template=medpipe or medcare")
         client = judge_client(p.judge)  # reached before any generation: an unreachable judge fails fast
         say(f"judge: {client.model} at {client.base}")
     pool = read_pool(p.fewshot_data, on_error) if p.shots and p.fewshot_data is not None else []
@@ -116,11 +121,14 @@ def eval_mcq(s: EvalSet, p: Any, backend: Any, pool: list[dict], index: Any) -> 
         details = _native_mcq(items, p, backend, langs, rag_ctx, [pick_shots(it, pool, p.shots) for it in items])
     preds = []
     for d, it in zip(details, items):
-        d.update(protocol=protocol, correct=bool(d["pred"]) and sorted(d["pred"]) == sorted(it["answer"]),
-                 subject=it.get("subject"), _loc=it.get("_loc"))
+        # a harness that decides correctness itself (MedCare's, CMExam's scorer) sets `correct`
+        d.setdefault("correct", bool(d["pred"]) and sorted(d["pred"]) == sorted(it["answer"]))
+        d.update(protocol=protocol, subject=it.get("subject"), _loc=it.get("_loc"))
         preds.append(d["pred"])
     sc = mcq_scores(items, preds)
     m = {"acc": sc["acc"], "f1_weighted": sc["f1_weighted"]}
+    labeled = [d["correct"] for d, it in zip(details, items) if it.get("answer")]
+    m["acc"] = sum(labeled) / len(labeled)  # = sc["acc"] unless the harness scores correctness its own way
     if "pred_norm" in details[0]:  # lm-eval's acc_norm: argmax of log-likelihood / option characters
         m["acc_norm"] = mcq_scores(items, [d["pred_norm"] for d in details])["acc"]
     if any("invalid" in d for d in details):
@@ -166,10 +174,11 @@ def _native_mcq(items: list[dict], p: Any, backend: Any, langs: list[str], rag_c
         return [{"id": it.get("id"), "gold": it["answer"], "pred": [max(sc, key=sc.get)], "scores": sc,
                  "n_tokens": {x: 1 for x in sc}, "chars": {x: len(x) for x in sc}, "prompt_sha": prompt_hash(pr)}
                 for it, sc, pr in zip(items, scores, prompts)]
-    if p.method == "generate_then_cue":
+    if p.method == "generate_then_cue":  # MedCare's answering; correct = medpipe's exact letter set
         from .protocols import generate_then_cue
 
-        return generate_then_cue(items, p, backend, prompts=None, langs=langs, rag_ctx=rag_ctx)
+        return [{k: v for k, v in d.items() if k != "correct"}
+                for d in generate_then_cue(items, p, backend, rag_ctx, langs)]
     texts = backend.generate(prompts, p.mcq_max_new_tokens, special)
     out = []
     for it, lg, text, pr in zip(items, langs, texts, prompts):
@@ -229,7 +238,7 @@ def eval_generation(s: EvalSet, p: Any, backend: Any, index: Any, client: Any, s
            "rag": index is not None}
     if client is not None:
         n = len(refs) if p.judge.limit is None else min(len(refs), p.judge.limit)
-        judged = judge_pointwise(client, convs[:n], hyps[:n], refs[:n], p.judge.max_tokens)
+        judged = judge_pointwise(client, convs[:n], hyps[:n], refs[:n], p.judge.max_tokens, p.judge.template)
         res["judge"] = judged["summary"]
         for a, v in judged["summary"]["means"].items():
             res["metrics"][f"judge_{a}"] = v

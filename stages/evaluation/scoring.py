@@ -196,9 +196,12 @@ def _ppl_shared(prepared, results, model, tok, tasks, batch_size, reduction, sta
     order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
     chunks: list[list[int]] = []
     rows_in = 0
-    for i in order:  # items per batch: their option rows fill at most batch_size (>= 1 item)
-        n_opt = sum(1 for c in prepared[i][1].values() if c)
-        if chunks and rows_in + n_opt <= batch_size:
+    for i in order:
+        # items per batch: at most batch_size prompts, and their continuations of 2+ tokens (the rows
+        # of the second forward) at most batch_size rows (>= 1 item); one-token continuations (letter
+        # choices) are read off the prompt's last position and need no row
+        n_opt = sum(1 for c in prepared[i][1].values() if len(c) > 1)
+        if chunks and rows_in + n_opt <= batch_size and len(chunks[-1]) < batch_size:
             chunks[-1].append(i)
             rows_in += n_opt
         else:
@@ -240,17 +243,20 @@ def _ppl_shared(prepared, results, model, tok, tasks, batch_size, reduction, sta
             tgt = opt.to(first_lp.device)
             tok_nll = torch.zeros((n, Lo), device=first_lp.device)
             tok_nll[:, 0] = -first_lp[src.to(first_lp.device)].gather(1, tgt[:, :1]).squeeze(1)
-            if Lo > 1:
-                past.reorder_cache(src.to(device) if device is not None else src)
-                kw2 = _to(dict(input_ids=opt[:, :-1], attention_mask=torch.cat([mask[src], omask[:, :-1]], 1),
-                               position_ids=plen[src][:, None] + torch.arange(Lo - 1)[None, :],
+            multi = [j for j, (*_, c) in enumerate(rows) if len(c) > 1]  # rows with tokens after the first
+            if multi:
+                mj = torch.tensor(multi)
+                msrc = src[mj]
+                past.reorder_cache(msrc.to(device) if device is not None else msrc)
+                kw2 = _to(dict(input_ids=opt[mj, :-1], attention_mask=torch.cat([mask[msrc], omask[mj, :-1]], 1),
+                               position_ids=plen[msrc][:, None] + torch.arange(Lo - 1)[None, :],
                                past_key_values=past, use_cache=True), device)
                 if tasks is not None:
-                    kw2["task_ids"] = [tasks[i] for _, i, _, _ in rows]
-                logits = _forward(model, state, **kw2).logits            # [n, Lo-1, V]
-                tok_nll[:, 1:] = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1).to(logits.device),
-                    reduction="none").view(n, Lo - 1).to(tok_nll.device)
+                    kw2["task_ids"] = [tasks[rows[j][1]] for j in multi]
+                logits = _forward(model, state, **kw2).logits            # [len(multi), Lo-1, V]
+                tok_nll[mj.to(tok_nll.device), 1:] = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), tgt[mj.to(tgt.device), 1:].reshape(-1).to(logits.device),
+                    reduction="none").view(len(multi), Lo - 1).to(tok_nll.device)
             om = omask.to(tok_nll.device)
             tot = (tok_nll * om).sum(-1)
             cnt = om.sum(-1)

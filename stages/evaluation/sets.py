@@ -11,6 +11,44 @@ from typing import Any
 MCQ_FORMATS = ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval")
 GEN_FORMATS = ("alpaca", "sharegpt", "messages", "huatuo")
 
+# protocol=lm-eval: lm-eval task names → (format, file in its published shape, source options).
+# The files are the splits the tasks evaluate: MedQA US 4-option test (jind11's
+# data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl = GBaker/MedQA-USMLE-4-options-hf
+# test), MedMCQA's dev.json (original release, cop 1-4 = the task's `validation`), PubMedQA's
+# pqal_test_set.json (ori_pqal shape = bigbio pubmed_qa_labeled_fold0 test). Looked up under
+# `data_dir` (or $MEDPIPE_EVAL_DATA), directly or in a folder named after the task.
+LM_EVAL_TASKS = {"medqa_4options": ("medqa", "phrases_no_exclude_test.jsonl", {}),
+                 "medmcqa": ("medmcqa", "dev.json", {"cop_base": 1}),
+                 "pubmedqa": ("pubmedqa", "pqal_test_set.json", {})}
+# lm-eval's multimedqa group (tasks/benchmarks/multimedqa/multimedqa.yaml) minus its six MMLU
+# subjects, which have no reader here
+LM_EVAL_GROUPS = {"multimedqa": ["pubmedqa", "medmcqa", "medqa_4options"]}
+
+
+def expand_task_names(data: Any, data_dir: str | None) -> Any:
+    """lm-eval task / group names in `data` → source dicts of the local files (others unchanged)."""
+    import os
+
+    from medpipe.errors import ConfigError
+
+    items = data if isinstance(data, list) else [data]
+    out: list = []
+    for d in items:
+        names = LM_EVAL_GROUPS.get(d, [d]) if isinstance(d, str) else [d]
+        for name in names:
+            if not (isinstance(name, str) and name in LM_EVAL_TASKS):
+                out.append(name)
+                continue
+            fmt, file, opts = LM_EVAL_TASKS[name]
+            root = data_dir or os.environ.get("MEDPIPE_EVAL_DATA")
+            found = [c for c in ((Path(root) / name / file), (Path(root) / file)) if c.is_file()] if root else []
+            if not found:
+                where = f"under {root}" if root else "(set data_dir=DIR or $MEDPIPE_EVAL_DATA)"
+                raise ConfigError(f"lm-eval task {name}: no {file} {where}; or give "
+                                  f"data={{path: ..., format: {fmt}, task: {name}}}")
+            out.append({"path": str(found[0]), "format": fmt, "task": name, **opts})
+    return out if isinstance(data, list) or len(out) > 1 else out[0]
+
 
 @dataclass
 class EvalSet:
@@ -44,7 +82,8 @@ def plan_sets(p: Any, data_opts: dict | None = None) -> list[EvalSet]:
     sets: list[EvalSet] = []
     seen: dict[str, int] = {}
     suffix = "+rag" if p.rag.index is not None else ""
-    for src in parse_spec(p.data):
+    data = expand_task_names(p.data, getattr(p, "data_dir", None)) if getattr(p, "protocol", "") == "lm-eval" else p.data
+    for src in parse_spec(data):
         fmt = _source_format(src)
         if fmt in MCQ_FORMATS:
             kind, want = "mcq", "mcq"

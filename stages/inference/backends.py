@@ -29,8 +29,9 @@ class EvalBackend(Protocol):
     def render(self, messages: list[dict]) -> str:
         """The prompt for the next assistant turn (chat template or a plain transcript)."""
 
-    def generate(self, prompts: list[str], max_new_tokens: int, add_special_tokens: bool) -> list[str]:
-        """Greedy continuations, stripped."""
+    def generate(self, prompts: list[str], max_new_tokens: int, add_special_tokens: bool,
+                 num_beams: int = 1) -> list[str]:
+        """Greedy (or `num_beams` beam-search) continuations, stripped."""
 
     def next_token_scores(self, prompts: list[str], candidates: list[list[int]],
                           add_special_tokens: bool) -> list[dict[int, float]]:
@@ -70,9 +71,11 @@ class TransformersBackend:
     def render(self, messages: list[dict]) -> str:
         return self.local.render(messages)
 
-    def generate(self, prompts: list[str], max_new_tokens: int, add_special_tokens: bool) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int, add_special_tokens: bool,
+                 num_beams: int = 1) -> list[str]:
         return [c.text for c in self.local.generate(prompts, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
-                                                     max_length=self.max_length, add_special_tokens=add_special_tokens)]
+                                                     max_length=self.max_length, add_special_tokens=add_special_tokens,
+                                                     num_beams=num_beams)]
 
     def next_token_scores(self, prompts: list[str], candidates: list[list[int]],
                           add_special_tokens: bool) -> list[dict[int, float]]:
@@ -109,8 +112,14 @@ class VLLMBackend:
     def _token_prompts(self, prompts: list[str], add_special_tokens: bool) -> list[list[int]]:
         return encode_prompts(self.tok, prompts, add_special_tokens, self.max_length)
 
-    def generate(self, prompts: list[str], max_new_tokens: int, add_special_tokens: bool) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int, add_special_tokens: bool,
+                 num_beams: int = 1) -> list[str]:
         from vllm import SamplingParams
+
+        if num_beams != 1:
+            from medpipe.errors import ConfigError
+
+            raise ConfigError("beam search (protocol=cmexam) needs backend=transformers")
 
         reqs = [{"prompt_token_ids": e} for e in self._token_prompts(prompts, add_special_tokens)]
         outs = self.llm.generate(reqs, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))

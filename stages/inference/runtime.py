@@ -135,19 +135,20 @@ class LocalModel:
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
                  add_special_tokens: bool | None = None, seed: int | None = None,
-                 ignore_eos: bool = False, tasks: Sequence[Any] | None = None) -> list[Completion]:
+                 ignore_eos: bool = False, tasks: Sequence[Any] | None = None, num_beams: int = 1) -> list[Completion]:
         """Batched generation (sorted by length, left padding); greedy when temperature == 0.
         `ignore_eos` generates exactly `max_new_tokens` (benchmarks)."""
         enc = [self.encode(p, add_special_tokens) for p in prompts]
         return self.generate_ids(enc, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  batch_size=batch_size, max_length=max_length, seed=seed, ignore_eos=ignore_eos,
-                                 tasks=tasks)
+                                 tasks=tasks, num_beams=num_beams)
 
     def generate_ids(self, enc: Sequence[list[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
                      seed: int | None = None, ignore_eos: bool = False, streamer: Any = None,
-                     tasks: Sequence[Any] | None = None) -> list[Completion]:
-        """The generate loop. `tasks`: one task per prompt for models that take task ids (C-Poly)."""
+                     tasks: Sequence[Any] | None = None, num_beams: int = 1) -> list[Completion]:
+        """The generate loop. `tasks`: one task per prompt for models that take task ids (C-Poly);
+        `num_beams` > 1: beam search instead of greedy (CMExam's inference)."""
         import torch
 
         if max_length is not None:
@@ -170,7 +171,7 @@ class LocalModel:
                 if temperature and temperature > 0:
                     kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
                 else:
-                    kw.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+                    kw.update(do_sample=False, num_beams=num_beams, temperature=None, top_p=None, top_k=None)
                 gen = self.model.generate(**kw)[:, ids.shape[1]:].tolist()
                 for r, k in enumerate(chunk):
                     toks, reason = gen[r], "length"
