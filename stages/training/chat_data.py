@@ -390,9 +390,10 @@ def _token_classes(offsets, spans):
 def _cut_runs(ids: list[int], cls, limits: Limits) -> tuple[list[int], list[int], bool, bool]:
     """Cut every prompt run (tokens between answers) to max_prompt_length by dropping the end of
     its user text, and every answer to max_response_length by dropping its end."""
+    if not isinstance(cls, list):
+        cls = cls.tolist()
     if not limits.max_prompt_length and not limits.max_response_length:
-        return list(ids), (cls == 2).astype("int8").tolist(), False, False
-    cls = cls.tolist()
+        return list(ids), [int(c == 2) for c in cls], False, False
     out_ids, out_mask = [], []
     p_cut = r_cut = False
     i, n = 0, len(ids)
@@ -434,16 +435,39 @@ def encode_chat(messages: list[dict], tok: Any, max_length: int, *, limits: Limi
     return {"input_ids": row["input_ids"], "assistant_masks": row["assistant_masks"]}
 
 
-def _tokenize(texts: list[str], tok: Any) -> list[tuple[list[int], list]]:
-    """(ids, char offsets) per text, no special tokens added (the template prints its own); the
-    Rust backend directly when the tokenizer is a fast one."""
+def _span_classes(enc, n: int, spans) -> list[int]:
+    """Token classes from a Rust Encoding without materialising its offsets: each span's first
+    and last token by char_to_token (a token belongs to a span when it covers one of its chars)."""
+    cls = [0] * n
+
+    def token_at(pos, end, step):
+        while pos != end:
+            t = enc.char_to_token(pos)
+            if t is not None:
+                return t
+            pos += step
+        return None
+
+    for value, pairs in ((1, [(s, e) for x, _, s, e in spans if x < 0]), (2, [(s, e) for s, e, _, _ in spans if s >= 0])):
+        for s, e in pairs:
+            if e <= s:
+                continue
+            t0, t1 = token_at(s, e, 1), token_at(e - 1, s - 1, -1)
+            if t0 is not None and t1 is not None and t1 >= t0:
+                cls[t0:t1 + 1] = [value] * (t1 - t0 + 1)
+    return cls
+
+
+def _tokenize(texts: list[str], tok: Any) -> list[tuple[list[int], Any]]:
+    """(ids, Rust Encoding or char offsets) per text, no special tokens added (the template
+    prints its own); the Rust backend directly when the tokenizer is a fast one."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
         if backend.truncation is not None:
             backend.no_truncation()
         if backend.padding is not None:
             backend.no_padding()
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [(e.ids, e) for e in backend.encode_batch(texts, add_special_tokens=False)]
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
               return_token_type_ids=False)
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
@@ -467,7 +491,7 @@ def _encode_many(convs: list[list[dict]], tok: Any, shape: TemplateShape, limits
     rows = []
     for k in range(len(convs)):
         ids, offs = encoded[k]
-        cls = _token_classes(offs, spans[k])
+        cls = _token_classes(offs, spans[k]) if isinstance(offs, list) else _span_classes(offs, len(ids), spans[k])
         ids, mask, p_cut, r_cut = _cut_runs(ids, cls, limits)
         over = len(ids) > limits.max_length
         rows.append({"input_ids": ids[:limits.max_length], "assistant_masks": mask[:limits.max_length],
