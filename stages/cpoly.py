@@ -249,8 +249,8 @@ class CPolyStage:
         return lines
 
     def run(self, ctx: Any):
-        import dataclasses
         from collections import Counter
+        from types import SimpleNamespace
 
         from transformers import TrainingArguments
 
@@ -296,7 +296,9 @@ class CPolyStage:
                 + (f"; {len(eval_ds)} held out" if eval_ds else ""))
 
         # the frozen base loads like a LoRA base (bf16 on GPUs that have it); adapters train in fp32
-        base_view = dataclasses.replace(p, peft=p.peft or LoraParams())
+        # (load_model reads only these three; a C-Poly params object with `peft` set would not bind)
+        base_view = SimpleNamespace(peft=p.peft or LoraParams(), precision=p.precision,
+                                    gradient_checkpointing=p.gradient_checkpointing)
         model = load_model(ctx, base_view)  # seeds: the adapter's init below is the same in any process
         if p.adapter == "cpoly":
             model = inject_cpoly(model, tasks, p.cpoly)

@@ -3,8 +3,10 @@
 Input: MKA's hand-off (attention LoRA merged, frozen) + its KA weights (trainable by default).
 Adds an Align LoRA (rank s·r) on the same FFN linears; loss = CE + λ·Σ|A_KA A_Alignᵀ|, scaled for
 gradient accumulation like the CE. Output: KA and Align folded into W — a plain model that loads
-with `from_pretrained` and needs no medpipe code. Ablations: `orth_lambda=0` (DA without the
-orthogonal loss); a recipe without MKA before DA trains KA from scratch (said in the log).
+with `from_pretrained` and needs no medpipe code. Ablations (Table 3): `orth_lambda=0` (DA without
+the orthogonal loss); `keep_na: true` (DA with NA kept: MKA's routed experts train on and are used
+at inference, through the `load_for_inference` hook; the plain model has them dropped); a recipe
+without MKA before DA trains KA from scratch (said in the log).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class MedCareDAParams(TrainParams):
     orth_lambda: float = param(1.0, "λ of the orthogonal loss λ·Σ|A_KA A_Alignᵀ| (0 = the ablation without it)")
     medcare: MedCareConfig = param(help="MedCare layer settings (r, alpha, s must match MKA's: checked against "
                                         "the saved KA)", factory=MedCareConfig)
+    keep_na: bool = param(False, "ablation (Table 3, 'DA with NA kept'): MKA's routed NA experts and routers stay in "
+                                 "the FFN through DA (trained) and at inference")
     chat_template: Optional[str] = param(None, "Jinja template for tokenizers that have none")
 
     def _rules(self):
@@ -38,6 +42,13 @@ class MedCareDAStage:
 
     Params = MedCareDAParams
 
+    @staticmethod
+    def load_for_inference(art: Any):
+        """Inference hook: the keep-NA ablation loads base + KA + NA + Align; else the plain model."""
+        from medpipe.stages.adapters import medcare_io
+
+        return medcare_io.load_for_inference(art)
+
     def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
         from medpipe.stages.training.chat_data import check_chat_data
 
@@ -48,7 +59,7 @@ class MedCareDAStage:
 
         from medpipe.artifact import Artifact
         from medpipe.data import load_records
-        from medpipe.stages.adapters import medcare
+        from medpipe.stages.adapters import medcare, medcare_io
         from medpipe.stages.training.args import training_kwargs
         from medpipe.stages.training.callbacks import callbacks
         from medpipe.stages.training.chat_data import encode_dataset
@@ -57,17 +68,25 @@ class MedCareDAStage:
         from medpipe.stages.training.params import data_options
 
         p: MedCareDAParams = ctx.params
-        handed = medcare.MedCareHandoff.of(ctx.input) or medcare.MedCareHandoff()
+        handed = medcare_io.MedCareHandoff.of(ctx.input) or medcare_io.MedCareHandoff()
         base_path = handed.base or ctx.input.model_path
         ka = handed.ka
+        if p.keep_na and not (handed.adapter and handed.ka):
+            from medpipe.errors import MedpipeError
+
+            raise MedpipeError(f"stages.{ctx.name}.keep_na: needs an MKA stage right before (its routed experts "
+                               f"are kept); the input {ctx.input.stage} hands on none")
         if ka is None:
             ctx.say("no MKA before this stage: KA starts from scratch (the 'DA without MKA' ablation)")
+        if p.keep_na:
+            ctx.say("NA kept: MKA's routed experts and routers train on through DA (the Table 3 ablation)")
         tok = load_tokenizer(ctx, base_path)
         if p.chat_template:
             tok.chat_template = p.chat_template
         loaded = load_records(p.data, "chat", **data_options(p, ctx.data))
         train_ds = encode_dataset(loaded.records, tok, p.max_length, data_cache_dir(ctx))
-        model = medcare.inject_da(load_model(ctx, p, base_path), p.medcare, ka=ka)  # seeded: same Align init
+        model = medcare.inject_da(load_model(ctx, p, base_path), p.medcare, ka=ka,  # seeded: same Align init
+                                  keep_na=handed.adapter if p.keep_na else None)
         args = SFTConfig(**training_kwargs(ctx, p), max_length=p.max_length)
         trainer = MedCareTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                                  callbacks=callbacks(ctx, p), orth_lambda=p.orth_lambda)
@@ -77,13 +96,13 @@ class MedCareDAStage:
         out = ctx.output_dir
         if trainer.is_world_process_zero():
             model = trainer.accelerator.unwrap_model(trainer.model)
-            medcare.save_medcare(model, out / "medcare_adapter")  # KA + Align, unmerged
-            merged = medcare.merge_medcare(model, fold_ka=True)
+            medcare_io.save_medcare(model, out / "medcare_adapter")  # KA + Align (+ NA), unmerged
+            merged = medcare_io.merge_medcare(model, fold_ka=True)  # NA (keep_na) is never folded: dropped here
             merged.save_pretrained(out / "model")
             tok.save_pretrained(out / "model")
         trainer.accelerator.wait_for_everyone()
         return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=str(out / "model"),
                         tokenizer_path=str(out / "model"), metrics=metrics,
                         trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
-                        handoff=medcare.MedCareHandoff(base=base_path, adapter=str(out / "medcare_adapter"),
-                                                       adapter_base=base_path).record())
+                        handoff=medcare_io.MedCareHandoff(base=base_path, adapter=str(out / "medcare_adapter"),
+                                                       adapter_base=base_path, keep_na=p.keep_na).record())

@@ -5,7 +5,7 @@ of rank r, top-K) + routers, and plain LoRA on the attention projections. Hands 
 LoRA merged into W (a full model, handoff `medcare.base`, what DA trains on), the KA weights
 (handoff `medcare.ka`), and as the artifact's model base + KA folded in — MKA is evaluated with
 NA dropped, as in the paper; the whole adapter (routers included) is kept in `medcare_adapter/`
-for the keep-NA ablation (`medpipe.stages.adapters.medcare.load_medcare`).
+for the keep-NA ablation (`medpipe.stages.adapters.medcare_io.load_medcare`).
 """
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ class MedCareMKAStage:
     @staticmethod
     def load_for_inference(art: Any):
         """Inference hook: the keep-NA ablation loads base + routed experts; else the plain model."""
-        from medpipe.stages.adapters import medcare
+        from medpipe.stages.adapters import medcare_io
 
-        return medcare.load_for_inference(art)
+        return medcare_io.load_for_inference(art)
 
     def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
         from medpipe.stages.training.chat_data import check_chat_data
@@ -60,7 +60,7 @@ class MedCareMKAStage:
 
         from medpipe.artifact import Artifact
         from medpipe.data import load_records
-        from medpipe.stages.adapters import medcare
+        from medpipe.stages.adapters import medcare, medcare_io
         from medpipe.stages.training.args import training_kwargs
         from medpipe.stages.training.callbacks import callbacks
         from medpipe.stages.training.chat_data import encode_dataset
@@ -84,12 +84,12 @@ class MedCareMKAStage:
         out = ctx.output_dir
         if trainer.is_world_process_zero():
             model = trainer.accelerator.unwrap_model(trainer.model)
-            medcare.save_medcare(model, out / "medcare_adapter")  # everything, routers included (ablations)
-            medcare.save_ka(model, out / "ka")
-            base = medcare.merge_medcare(model, fold_ka=False)  # attention merged, KA and NA dropped
+            medcare_io.save_medcare(model, out / "medcare_adapter")  # everything, routers included (ablations)
+            medcare_io.save_ka(model, out / "ka")
+            base = medcare_io.merge_medcare(model, fold_ka=False)  # attention merged, KA and NA dropped
             base.save_pretrained(out / "base")
             tok.save_pretrained(out / "base")
-            with_ka = medcare.merge_medcare(medcare.inject_da(base, cfg, ka=out / "ka"), fold_ka=True)
+            with_ka = medcare_io.merge_medcare(medcare.inject_da(base, cfg, ka=out / "ka"), fold_ka=True)
             with_ka.save_pretrained(out / "model")  # base + KA, NA dropped: what MKA is evaluated as
             tok.save_pretrained(out / "model")
         trainer.accelerator.wait_for_everyone()
@@ -97,6 +97,6 @@ class MedCareMKAStage:
         return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=str(out / "model"),
                         tokenizer_path=str(out / "model"), metrics=metrics,
                         trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
-                        handoff=medcare.MedCareHandoff(
+                        handoff=medcare_io.MedCareHandoff(
                             base=str(out / "base"), ka=str(out / "ka"), adapter=str(out / "medcare_adapter"),
                             adapter_base=ctx.input.model_path, keep_na=p.keep_na_at_inference).record())

@@ -158,7 +158,11 @@ def test_lora_baseline_is_one_override_away(cpoly_run):
     cfg = json.loads((Path(art["model_path"]) / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
     assert art["metrics"]["trainable_params"] < artifact(cpoly_run[1], "01-cpoly")["metrics"]["trainable_params"]
-    assert AutoModelForCausalLM.from_pretrained(art["model_path"]) is not None
+    ids = torch.tensor([[5, 9, 13, 2]])
+    with torch.no_grad():  # the adapter loads through PEFT onto its base and changed the model
+        trained = AutoModelForCausalLM.from_pretrained(art["model_path"]).eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(art["base_model_path"]).eval()(input_ids=ids).logits
+    assert torch.isfinite(trained).all() and (trained - base).abs().max() > 1e-4
 
 
 # --- voc_label (stub generation) ---------------------------------------------------------------------
@@ -246,6 +250,38 @@ def test_voc_label_relabel_reports_agreement_and_refuses_an_empty_job(tmp_path, 
     gold = load_records({"path": "pubmedqa.json", "format": "pubmedqa"}, "mcq").records[:10]
     assert m["labeled"] == 10 and m["agreement_n"] == 10
     assert m["agreement"] == pytest.approx(sum(g["answer"] == ["A"] for g in gold) / 10)
+
+
+@pytest.mark.slow
+def test_long_answer_labelling_is_one_step_without_voc(tmp_path, monkeypatch):
+    """AntGLM-Med Table 7's baseline: PQA-U labelled from the long answer alone (no plan/verify)."""
+    from medpipe.stages.evaluation import voc
+
+    asked = []
+
+    def one_step(model, tok, prompts, **kw):
+        asked.extend(prompts)
+        return [{0: "Answer: B", 1: "Answer: C"}.get(int(re.findall(r"treatment (\d+)", p)[0]), "unsure") for p in prompts]
+
+    monkeypatch.setattr(voc, "generate_texts", one_step)
+    write_pqa_u(tmp_path / "pqa_u.parquet", n=3)
+    recipe = tmp_path / "voc.yaml"
+    recipe.write_text("defaults: [base, model: tiny, data: sample, stage/voc_label@stages.voc, _self_]\nname: v\n"
+                      "stages:\n  voc: {data: {path: '%s', format: pubmedqa}, method: long_answer}\n"
+                      % (tmp_path / "pqa_u.parquet"))
+    run_dir = tmp_path / "runs" / "la"
+    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}")
+    assert r.code == 0, r.out
+    assert len(asked) == 3  # one generation per item: no per-option plan, no verification
+    assert asked[0] == ("Context: We studied treatment 0 in 100 patients.\nOutcomes were measured.\n"
+                        "Long answer: Treatment 0 improved condition 0 in most patients.\n"
+                        "Question: Does treatment 0 help condition 0?\nOptions:\nA. yes\nB. no\nC. maybe\n"
+                        'Give the final response in the form "Answer: X", where X is one of A, B, C.\n')
+    art = artifact(run_dir, "01-voc")
+    assert (art["metrics"]["labeled"], art["metrics"]["unparseable"]) == (2, 1)
+    rows = [json.loads(x) for x in Path(art["dataset_path"]).read_text().splitlines()]
+    assert [(r["id"], r["answer"], r["label_source"]) for r in rows] == [("1000", ["B"], "long_answer"),
+                                                                        ("1001", ["C"], "long_answer")]
 
 
 # --- DeepSpeed (2 processes) -------------------------------------------------------------------------

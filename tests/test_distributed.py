@@ -51,7 +51,7 @@ def test_the_optimizer_sees_the_global_batch_on_one_and_on_two_ranks(tmp_path):
     one_dir = tmp_path / "runs" / "one"
     r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={one_dir}")
     assert r.code == 0, r.out
-    two_dir = run_on_two_ranks(tmp_path, BATCH, port=29547)
+    two_dir = run_on_two_ranks(tmp_path, BATCH, port=29549)
     seen = {}
     for name, run_dir in (("one", one_dir), ("two", two_dir)):
         sdir = (run_dir / "01-sft").resolve()

@@ -1,16 +1,42 @@
-"""IIMedGPT recipe end to end: 1:1 single/multi-turn mix, held-out best checkpoint, spike guard, DPO."""
+"""IIMedGPT recipe: the SFT mix (instructions + single-turn : multi-turn dialogue = 1 : 1, §3.1.2),
+and end to end: held-out best checkpoint, the halve-the-loss spike guard, DPO."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
 from conftest import medpipe
 
-pytestmark = pytest.mark.slow
+
+def sft_mix() -> tuple[list[dict], list[dict]]:
+    from medpipe.compose import bind_stages, compose
+    from medpipe.data import load_records
+
+    cfg, _ = compose("iimedgpt", [])
+    sft = {p.name: p for p in bind_stages(cfg)}["sft"].params
+    loaded = load_records(sft.data, "chat", heldout=sft.heldout)
+    return loaded.records, loaded.heldout
 
 
+def answers(record: dict) -> int:
+    return sum(m["role"] == "assistant" for m in record["messages"])
+
+
+def test_sft_mix_is_one_to_one_between_single_and_multi_turn_dialogue():
+    train, heldout = sft_mix()
+    by = Counter(r["task"] for r in train)
+    assert set(by) == {"instructions", "single_turn_dialogue", "multi_turn_dialogue"}
+    assert by["single_turn_dialogue"] == by["multi_turn_dialogue"]  # the paper's 1 : 1 (training split)
+    assert all(answers(r) == 1 for r in train if r["task"] == "single_turn_dialogue")
+    assert all(answers(r) > 1 for r in train if r["task"] == "multi_turn_dialogue")
+    assert len(heldout) == round(0.1 * (len(train) + len(heldout)))  # §4.1 "approximately 10%"
+
+
+@pytest.mark.slow
 def test_iimedgpt_runs_end_to_end(tmp_path):
+    import torch
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "runs" / "ii"
@@ -21,11 +47,15 @@ def test_iimedgpt_runs_end_to_end(tmp_path):
     sft = json.loads((run_dir / "01-sft" / "artifact.json").read_text())
     dpo = json.loads((run_dir / "02-dpo" / "artifact.json").read_text())
     m = sft["metrics"]
-    assert m["heldout"] > 0 and "best_eval_loss" in m  # 10 % held out, evaluated
-    assert m["spike_guard_skipped"] == 0  # guard on, nothing to skip on clean data
+    assert m["heldout"] > 0 and m["best_eval_loss"] <= m["last_eval_loss"]  # 10 % held out, best kept
+    assert (m["spike_guard_skipped"], m["spike_guard_halved"]) == (0, 0)  # guard on, nothing to guard on clean data
     assert m["last_loss"] < m["first_loss"]
-    # 1:1 single/multi-turn: 200 alpaca + 100 sharegpt → 150 + 150 before the held-out split
-    assert 0.4 < m["conversations_multi_turn"] / (m["conversations"]) < 0.6
+    train, _ = sft_mix()
+    assert m["conversations_multi_turn"] == sum(answers(r) > 1 for r in train)
     assert dpo["metrics"]["reward_margin"] > 0
-    for art in (sft, dpo):
-        assert AutoModelForCausalLM.from_pretrained(art["model_path"]) is not None
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        logits = {name: AutoModelForCausalLM.from_pretrained(path).eval()(input_ids=ids).logits
+                  for name, path in (("base", sft["base_model_path"]), ("sft", sft["model_path"]),
+                                     ("dpo", dpo["model_path"]))}
+    assert (logits["sft"] - logits["base"]).abs().max() > 1e-3 and (logits["dpo"] - logits["sft"]).abs().max() > 1e-5

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM  # at collection: the lazy import costs ~2 s
 
 from medpipe.stages.adapters import medcare as mc
+from medpipe.stages.adapters import medcare_io
 from medpipe.stages.adapters.medcare import MedCareConfig, MedCareLinear
 
 
@@ -229,6 +230,39 @@ def test_da_applies_one_dropout_to_ka_and_align_input():
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+def test_da_with_na_kept_starts_as_mka_trains_na_and_round_trips(tmp_path):
+    """Table 3's "DA with NA kept": the DA layers carry MKA's KA, NA experts and routers (mode
+    da_na) + a fresh Align: at the start the model computes exactly what MKA did; NA trains on;
+    the saved adapter reloads; the merged export folds KA + Align and drops NA."""
+    cfg = MedCareConfig(r=2, alpha=4, s=2, n_experts=4, top_k=2, attn_lora=False)
+    mka = mc.inject_mka(tiny_qwen2(), cfg)
+    randomize_B(mka)
+    medcare_io.save_medcare(mka, tmp_path / "mka")
+    with torch.no_grad():
+        want = mka.eval()(input_ids=IDS).logits
+    da = mc.inject_da(tiny_qwen2(), cfg, keep_na=tmp_path / "mka").eval()
+    layers = [m for _, m in mc.medcare_modules(da)]
+    assert layers and all(m.mode == "da_na" and m.has_na and m.has_align for m in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(da(input_ids=IDS).logits, want, atol=1e-6, rtol=0)  # Align B = 0
+    trainable = {n.rsplit(".", 1)[-1] for n, p in da.named_parameters() if p.requires_grad}
+    assert {"na_A", "na_B", "ka_A", "ka_B", "align_A", "align_B", "weight", "bias"} == trainable  # router weight/bias
+    with torch.no_grad():
+        for m in layers:
+            m.align_B.normal_()
+        trained = da(input_ids=IDS).logits
+    medcare_io.save_medcare(da, tmp_path / "da")
+    again = medcare_io.load_medcare(tiny_qwen2(), tmp_path / "da").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=IDS).logits, trained, atol=1e-6, rtol=0)
+        for m in [m for _, m in mc.medcare_modules(again)]:
+            m.cfg.keep_na = False  # what the plain export computes: KA + Align, no NA
+        without_na = again(input_ids=IDS).logits
+        merged = medcare_io.merge_medcare(da)(input_ids=IDS).logits
+    torch.testing.assert_close(merged, without_na, atol=1e-5, rtol=0)
+    assert (merged - trained).abs().max() > 1e-4  # NA mattered, and the export dropped it
+
+
 def test_keep_na_false_uses_ka_only_at_inference():
     m = layer("mka", MedCareConfig(r=2, alpha=4, n_experts=3, top_k=1, keep_na=False)).eval()
     x = torch.randn(5, 6, dtype=torch.float64)
@@ -363,9 +397,9 @@ def test_mka_to_da_merge_equals_unmerged(tmp_path):
 
     model = mc.inject_mka(tiny_qwen2(), SMALL)
     randomize_B(model)
-    mc.save_ka(model, tmp_path / "ka")
+    medcare_io.save_ka(model, tmp_path / "ka")
     ka_ref = {n: m.ka_B.detach().clone() for n, m in mc.medcare_modules(model)}
-    handed = mc.merge_medcare(model, fold_ka=False)  # MKA hand-off: attention merged, NA/KA dropped
+    handed = medcare_io.merge_medcare(model, fold_ka=False)  # MKA hand-off: attention merged, NA/KA dropped
     assert not list(mc.medcare_modules(handed)) and "lora" not in str(handed)
 
     da = mc.inject_da(handed, SMALL, ka=tmp_path / "ka")
@@ -374,7 +408,7 @@ def test_mka_to_da_merge_equals_unmerged(tmp_path):
     randomize_B(da, seed=3)  # a trained Align (and KA moved on)
     da.eval()
     unmerged = da(input_ids=IDS).logits
-    merged = mc.merge_medcare(da)
+    merged = medcare_io.merge_medcare(da)
     assert type(merged.model.layers[0].mlp.up_proj) is nn.Linear
     torch.testing.assert_close(merged(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
     merged.save_pretrained(tmp_path / "final")
@@ -387,8 +421,8 @@ def test_save_load_roundtrip(tmp_path):
     randomize_B(model)
     model.eval()
     ref = model(input_ids=IDS).logits
-    mc.save_medcare(model, tmp_path / "mka")
-    loaded = mc.load_medcare(tiny_qwen2(), tmp_path / "mka").eval()
+    medcare_io.save_medcare(model, tmp_path / "mka")
+    loaded = medcare_io.load_medcare(tiny_qwen2(), tmp_path / "mka").eval()
     torch.testing.assert_close(loaded(input_ids=IDS).logits, ref, atol=0, rtol=0)
     keys = mc.adapter_state_dict(loaded)
     assert any(k.endswith("router.weight") for k in keys) and any(".lora_A." in k for k in keys)
@@ -397,15 +431,15 @@ def test_save_load_roundtrip(tmp_path):
     randomize_B(da)
     da.eval()
     ref = da(input_ids=IDS).logits
-    mc.save_medcare(da, tmp_path / "da")
-    loaded = mc.load_medcare(tiny_qwen2(), tmp_path / "da").eval()
+    medcare_io.save_medcare(da, tmp_path / "da")
+    loaded = medcare_io.load_medcare(tiny_qwen2(), tmp_path / "da").eval()
     torch.testing.assert_close(loaded(input_ids=IDS).logits, ref, atol=0, rtol=0)
 
 
 def test_ka_only_save_load(tmp_path):
     model = mc.inject_mka(tiny_qwen2(), SMALL)
     randomize_B(model)
-    mc.save_ka(model, tmp_path)
+    medcare_io.save_ka(model, tmp_path)
     from safetensors.torch import load_file
 
     keys = set(load_file(str(tmp_path / mc.KA_FILE)))

@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from conftest import medpipe
-from medpipe.stages.adapters import medcare
+from medpipe.stages.adapters import medcare, medcare_io
 from medpipe.stages.models.tiny import ensure_tiny
 
 
@@ -30,11 +30,29 @@ def test_medcare_recipe_end_to_end(tmp_path):
     # the exported DA model is a plain transformers model equal to base + KA + Align (unmerged)
     final = AutoModelForCausalLM.from_pretrained(da["model_path"]).eval()
     assert not any(isinstance(m, medcare.MedCareLinear) for m in final.modules())
-    unmerged = medcare.load_medcare(AutoModelForCausalLM.from_pretrained(da["handoff"]["medcare"]["base"]),
+    unmerged = medcare_io.load_medcare(AutoModelForCausalLM.from_pretrained(da["handoff"]["medcare"]["base"]),
                                     da["handoff"]["medcare"]["adapter"]).eval()
     ids = torch.randint(0, 1000, (2, 24))
     with torch.no_grad():
         assert torch.allclose(final(ids).logits, unmerged(ids).logits, atol=1e-5)
+
+    # Table 3's "DA with NA kept": MKA reused, DA trains on with MKA's routed experts, and inference
+    # (the stage's load_for_inference hook) runs base + KA + NA + Align
+    from medpipe.stages.inference.runtime import LocalModel
+    from medpipe.artifact import Artifact
+
+    r = medpipe("run", "recipe=medcare", f"run.root={tmp_path}/runs", f"run.dir={tmp_path}/runs/na",
+                "stages.mka.max_steps=6", "stages.mka.logging_steps=2", "stages.da.max_steps=4",
+                "stages.da.logging_steps=2", "stages.da.keep_na=true")
+    assert r.code == 0 and r.out.count("✓ reused") == 1 and "NA kept" in r.out, r.out
+    na = Artifact.load((tmp_path / "runs" / "na" / "02-da").resolve())
+    assert na.handoff["medcare"]["keep_na"] is True
+    served = LocalModel.from_artifact(na).model
+    layers = [m for _, m in medcare.medcare_modules(served)]
+    assert layers and all(m.mode == "da_na" and m.cfg.keep_na for m in layers)
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(na.model_path).eval()(ids).logits  # NA dropped
+        assert (served(ids).logits - plain).abs().max() > 1e-6  # the routed experts are in use
 
 
 class GradSnapshot(TrainerCallback):
@@ -125,9 +143,9 @@ def test_keep_na_ablation_loads_the_routed_experts_for_inference(tmp_path):
     with torch.no_grad():
         for _, m in medcare.medcare_modules(model):
             m.na_B.normal_(0, 0.05)  # make NA matter
-    medcare.save_medcare(model, tmp_path / "adapter")
+    medcare_io.save_medcare(model, tmp_path / "adapter")
     art = Artifact(stage="mka", kind="medcare_mka", format="full", model_path=str(path), tokenizer_path=str(path),
-                   handoff=medcare.MedCareHandoff(keep_na=True, adapter=str(tmp_path / "adapter"),
+                   handoff=medcare_io.MedCareHandoff(keep_na=True, adapter=str(tmp_path / "adapter"),
                                                   adapter_base=str(path)).record())
     local = LocalModel.from_artifact(art)
     layers = list(medcare.medcare_modules(local.model))

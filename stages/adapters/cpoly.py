@@ -61,6 +61,9 @@ eval-mode combined delta ``s * sum_k w_k B_k A_k`` into each base weight and ret
 transformers model (loadable with AutoModelForCausalLM.from_pretrained, no medpipe code needed).
 
 torch/peft are imported inside functions or by this module only (never by medpipe's CLI modules).
+Length (~540 lines, a third of it this description): the layer, the model wrapper that routes task
+ids, and its save/load/merge are one unit — the wrapper's save_pretrained is save_cpoly, and a
+separate I/O module would import this one back (an import loop).
 """
 from __future__ import annotations
 

@@ -33,15 +33,16 @@ Attention projections get PEFT's LoRA: `inject_mka` wraps the FFN linears first,
 for the FFN adapter parameters (PEFT freezes everything that is not its own). The wrapper keeps the
 original linear under the attribute `linear` (not `base_layer`), because PEFT's merge/unload treats
 any module with a `base_layer` attribute as one of its own tuner layers.
+
+Save/load of whole adapters, the merge (Eq. 13) and the stage hand-off: medcare_io.py. This module
+(~450 lines) is the layer, its fused MKA/DA forwards, injection and the aux losses, one unit.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ ATTN_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 FORMAT = "medpipe-medcare/1"
+MODES = ("mka", "da", "da_na")
 ADAPTER_FILE, CONFIG_FILE = "medcare_adapter.safetensors", "medcare_config.json"
 KA_FILE, KA_CONFIG_FILE = "medcare_ka.safetensors", "medcare_ka.json"
 KA_PARAMS = ("ka_A", "ka_B")
@@ -91,24 +93,26 @@ def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class MedCareLinear(nn.Module):
-    """One FFN linear with its MedCare adapters. mode "mka": KA + NA + router; "da": KA + Align."""
+    """One FFN linear with its MedCare adapters. mode "mka": KA + NA + router; "da": KA + Align;
+    "da_na": KA + NA + router + Align (Table 3's ablation "DA with NA kept")."""
 
     def __init__(self, linear: nn.Linear, cfg: MedCareConfig, mode: str = "mka"):
         super().__init__()
-        if mode not in ("mka", "da"):
-            raise ValueError(f"mode must be 'mka' or 'da', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.linear, self.cfg, self.mode = linear, cfg, mode
+        self.has_na, self.has_align = mode in ("mka", "da_na"), mode in ("da", "da_na")
         self.scale = cfg.scale
         d_in, d_out = linear.in_features, linear.out_features
         kw = dict(device=linear.weight.device, dtype=_adapter_dtype(linear.weight.dtype))
         v = cfg.variant
         self.ka_A, self.ka_B = _init_A(cfg.ka_rank, d_in, v, **kw), _zero_B(d_out, cfg.ka_rank, **kw)
         self.expert_dropout = nn.Dropout(cfg.expert_dropout)
-        if mode == "mka":
+        if self.has_na:
             er = cfg.n_experts * cfg.r
             self.na_A, self.na_B = _init_A(er, d_in, v, block=cfg.r, **kw), _zero_B(d_out, er, **kw)
             self.router = nn.Linear(d_in, cfg.n_experts, bias=True, **kw)  # default init
-        else:
+        if self.has_align:
             ra = cfg.align_r
             self.align_A, self.align_B = _init_A(ra, d_in, v, **kw), _zero_B(d_out, ra, **kw)
             self.align_dropout = nn.Dropout(cfg.align_dropout)
@@ -120,8 +124,9 @@ class MedCareLinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        na = f", E={c.n_experts}, K={c.top_k}, r={c.r}" if self.mode == "mka" else f", align_r={c.align_r}"
-        return f"mode={self.mode}, ka_rank={c.ka_rank}{na}, scale={self.scale:g}"
+        na = f", E={c.n_experts}, K={c.top_k}, r={c.r}" if self.has_na else ""
+        align = f", align_r={c.align_r}" if self.has_align else ""
+        return f"mode={self.mode}, ka_rank={c.ka_rank}{na}{align}, scale={self.scale:g}"
 
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(local name, parameter) of every adapter parameter (not the wrapped linear)."""
@@ -205,7 +210,13 @@ class MedCareLinear(nn.Module):
         h_ka, h_al = F.linear(self.align_dropout(x), torch.cat([self.ka_A, self.align_A])).split(
             [self.cfg.ka_rank, self.cfg.align_r], dim=1)
         h = self._scaled(h_ka, self.cfg.ka_scale, h_al, self.cfg.align_scale)
-        return h, torch.cat([self.ka_B, self.align_B], dim=1)
+        B = torch.cat([self.ka_B, self.align_B], dim=1)
+        if self.has_na and (self.training or self.cfg.keep_na):  # "DA with NA kept": the routed experts too
+            T, E, r = x.shape[0], self.cfg.n_experts, self.cfg.r
+            gates = self.route(x)
+            h_na = (F.linear(self.expert_dropout(x), self.na_A).view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
+            h, B = torch.cat([h, h_na * self.scale], dim=1), torch.cat([B, self.na_B], dim=1)
+        return h, B
 
     def orth_term(self) -> torch.Tensor:
         """Σ |A_ka A_alignᵀ| with A in nn.Linear layout ([rank, d_in]): an (s·r)×(align_r) matrix.
@@ -223,7 +234,7 @@ class MedCareLinear(nn.Module):
         d = torch.zeros(W.shape, dtype=dt, device=W.device)
         if fold_ka:
             d += self.cfg.ka_scale * (self.ka_B.to(dt) @ self.ka_A.to(dt))
-        if self.mode == "da":
+        if self.has_align:
             d += self.cfg.align_scale * (self.align_B.to(dt) @ self.align_A.to(dt))
         return d
 
@@ -308,18 +319,35 @@ def inject_mka(model: nn.Module, cfg: MedCareConfig | None = None) -> nn.Module:
 
 
 def inject_da(model: nn.Module, cfg: MedCareConfig | None = None,
-              ka: str | Path | dict | None = None) -> nn.Module:
+              ka: str | Path | dict | None = None, keep_na: str | Path | None = None) -> nn.Module:
     """DA: on a plain model (attention LoRA already merged, frozen), FFN linears get KA + Align.
 
     `ka`: a directory written by save_ka, or its state dict; None leaves KA freshly initialised
-    (e.g. before load_medcare loads it)."""
+    (e.g. before load_medcare loads it). `keep_na`: an MKA adapter directory (save_medcare) whose
+    KA, NA experts and routers are loaded and kept (Table 3's "DA with NA kept"; layers in mode
+    da_na, NA trained with the rest)."""
     cfg = cfg or MedCareConfig()
     for p in model.parameters():
         p.requires_grad_(False)
-    _wrap_ffn(model, cfg, "da")
-    if ka is not None:
+    _wrap_ffn(model, cfg, "da_na" if keep_na is not None else "da")
+    if keep_na is not None:
+        load_mka_experts(model, keep_na)
+    elif ka is not None:
         load_ka(model, ka)
     _set_trainable(model, cfg)
+    return model
+
+
+def load_mka_experts(model: nn.Module, directory: str | Path) -> nn.Module:
+    """KA, NA experts and routers of a saved MKA adapter into da_na layers (strict: every one of
+    those tensors, shapes checked; the attention LoRA of the file is already merged in the base)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / ADAPTER_FILE
+    saved = load_file(str(path))
+    targets = {f"{n}.{k}": p for n, m in medcare_modules(model) for k, p in m.adapter_parameters()
+               if not k.startswith("align_")}
+    _load_into(targets, {k: v for k, v in saved.items() if ".lora_" not in k}, str(path))
     return model
 
 
@@ -335,7 +363,7 @@ def orthogonal_loss(model: nn.Module) -> torch.Tensor:
     The caller adds λ·L_orth to the loss BEFORE any gradient-accumulation scaling."""
     terms = []
     for _, m in medcare_modules(model):
-        if m.mode != "da":
+        if not m.has_align:
             continue
         if m._zero3():
             raise NotImplementedError("orthogonal_loss: DeepSpeed ZeRO-3 is not supported; use ZeRO-2")
@@ -353,7 +381,7 @@ def set_token_mask(model: nn.Module, attention_mask: torch.Tensor | None) -> Non
     same mask as the forward it repeats."""
     flat = None if attention_mask is None else attention_mask.reshape(-1).bool()
     for _, m in medcare_modules(model):
-        if m.mode == "mka":
+        if m.has_na:
             m._token_mask = flat
 
 
@@ -362,7 +390,7 @@ def balance_loss(model: nn.Module) -> torch.Tensor | None:
     training forward; None when balance_coef is 0 (the default) or no such forward ran."""
     terms, coef = [], 0.0
     for _, m in medcare_modules(model):
-        if m.mode == "mka" and m._balance is not None:
+        if m.has_na and m._balance is not None:
             terms.append(m._balance)
             coef = m.cfg.balance_coef
             m._balance = None
@@ -396,60 +424,11 @@ def _load_into(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]
             p.copy_(loaded[k])
 
 
-def _save_tensors(state: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(path))
-
-
 def _config_of(model: nn.Module) -> tuple[MedCareConfig, str]:
     mods = list(medcare_modules(model))
     if not mods:
         raise ValueError("medcare: the model has no MedCare layers")
     return mods[0][1].cfg, mods[0][1].mode
-
-
-def save_medcare(model: nn.Module, directory: str | Path) -> Path:
-    """Write medcare_adapter.safetensors (all adapter tensors, routers included) + medcare_config.json."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    cfg, mode = _config_of(model)
-    _save_tensors(adapter_state_dict(model), d / ADAPTER_FILE)
-    meta = {"format": FORMAT, "mode": mode, "config": cfg.to_dict(),
-            "model_type": getattr(_core(model).config, "model_type", None),
-            "modules": [n for n, _ in medcare_modules(model)]}
-    (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    return d
-
-
-def load_medcare(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Inject into a plain transformers model and load the saved adapter state (strict).
-
-    `model` must be the base the adapter was trained on: the original base for an MKA adapter,
-    the MKA hand-off model (attention LoRA merged) for a DA adapter."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    meta = json.loads((d / CONFIG_FILE).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{d / CONFIG_FILE}: not a {FORMAT} config")
-    cfg = MedCareConfig.from_dict(meta["config"])
-    model = inject_mka(model, cfg) if meta["mode"] == "mka" else inject_da(model, cfg)
-    _load_into(adapter_state_dict(model), load_file(str(d / ADAPTER_FILE)), str(d / ADAPTER_FILE))
-    return model
-
-
-def save_ka(model: nn.Module, directory: str | Path) -> Path:
-    """Write the KA weights only (what MKA hands to DA): medcare_ka.safetensors + medcare_ka.json."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    cfg, _ = _config_of(model)
-    state = {f"{n}.{k}": getattr(m, k) for n, m in medcare_modules(model) for k in KA_PARAMS}
-    _save_tensors(state, d / KA_FILE)
-    meta = {"format": FORMAT, "r": cfg.r, "alpha": cfg.alpha, "s": cfg.s, "ka_rank": cfg.ka_rank,
-            "variant": cfg.variant, "model_type": getattr(_core(model).config, "model_type", None)}
-    (d / KA_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    return d
 
 
 def load_ka(model: nn.Module, ka: str | Path | dict) -> nn.Module:
@@ -468,62 +447,3 @@ def load_ka(model: nn.Module, ka: str | Path | dict) -> nn.Module:
     targets = {f"{n}.{k}": getattr(m, k) for n, m in medcare_modules(model) for k in KA_PARAMS}
     _load_into(targets, ka, "load_ka")
     return model
-
-
-# -- merge ---------------------------------------------------------------------------------
-@torch.no_grad()
-def merge_medcare(model: nn.Module, fold_ka: bool = True) -> nn.Module:
-    """Fold adapters into the base weights and return a plain transformers model.
-
-    PEFT attention LoRA is merged (merge_and_unload); on every FFN wrapper
-    W ← W + (α/r)(B_ka A_ka + B_align A_align) and the original nn.Linear is put back.
-    NA experts and routers are dropped, never folded. fold_ka=False drops KA too (the MKA
-    hand-off: save_ka first, then merge attention only). Not for ZeRO-3-partitioned models:
-    merge after training on a consolidated model."""
-    if type(model).__name__ == "DeepSpeedEngine":
-        model = model.module
-    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
-        model = model.merge_and_unload()
-    model = _core(model)
-    for name, m in list(medcare_modules(model)):
-        W = m.linear.weight
-        W.copy_((W.to(torch.promote_types(W.dtype, torch.float32)) + m.delta_weight(fold_ka)).to(W.dtype))
-        _set_module(model, name, m.linear)
-    return model
-
-
-@dataclass
-class MedCareHandoff:
-    """What an MKA/DA stage hands on (stored as `Artifact.handoff`): the attention-merged base DA
-    trains on, the KA weights, the full adapter (routers included, for ablations) and the model it
-    applies to, and whether inference keeps the routed experts (the keep-NA ablation)."""
-
-    base: str | None = None
-    ka: str | None = None
-    adapter: str | None = None
-    adapter_base: str | None = None
-    keep_na: bool = False
-
-    def record(self) -> dict:
-        return {"medcare": dataclasses.asdict(self)}
-
-    @classmethod
-    def of(cls, art: Any) -> "MedCareHandoff | None":
-        data = (getattr(art, "handoff", None) or {}).get("medcare")
-        return cls(**data) if data else None
-
-
-def load_for_inference(art: Any):
-    """The keep-NA ablation evaluates MKA with its routed experts: base + the full adapter, NA kept.
-    None when the artifact's plain model is what inference should load."""
-    from medpipe.stages.models import loader
-
-    h = MedCareHandoff.of(art)
-    if h is None or not h.keep_na:
-        return None
-    base = loader.load_causal_lm(h.adapter_base, dtype=loader.pick_dtype("auto", training=False),
-                                 trust_remote_code=art.trust_remote_code, device="auto")
-    model = load_medcare(base, h.adapter)
-    for _, layer in medcare_modules(model):
-        layer.cfg.keep_na = True
-    return model.eval()

@@ -13,7 +13,7 @@ from typing import Any
 
 from trl import SFTTrainer
 
-from medpipe.stages.adapters import medcare
+from medpipe.stages.adapters import medcare, medcare_io
 
 
 FFN_ADAPTER_DIR = "medcare_adapter"
@@ -30,7 +30,7 @@ class MedCareTrainer(SFTTrainer):
     def __init__(self, *args, orth_lambda: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.orth_lambda = orth_lambda
-        self._balance_on = any(m.mode == "mka" and m.cfg.balance_coef > 0 for _, m in medcare.medcare_modules(self.model))
+        self._balance_on = any(m.has_na and m.cfg.balance_coef > 0 for _, m in medcare.medcare_modules(self.model))
         self._sums: dict[str, float] = {}
         self._n = 0
 
@@ -70,7 +70,7 @@ class MedCareTrainer(SFTTrainer):
         from pathlib import Path
 
         output_dir = output_dir or self.args.output_dir
-        medcare.save_medcare(self.accelerator.unwrap_model(self.model), Path(output_dir) / FFN_ADAPTER_DIR)
+        medcare_io.save_medcare(self.accelerator.unwrap_model(self.model), Path(output_dir) / FFN_ADAPTER_DIR)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
