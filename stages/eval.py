@@ -27,6 +27,22 @@ a `+rag` suffix when RAG is on). What a set is, follows its format:
   proficiency (MedCare); malformed judge replies are counted (`judge_malformed`), not scored.
 * promptcblue → generation, scored per task as the PromptCBLUE benchmark does (`score` = mean).
 
+Protocols (`protocol`, multiple-choice sets; stages/evaluation/protocols/ cites each harness file):
+* `native` (default): medpipe's prompts and the `method` above (plus `generate_then_cue`: MedCare's
+  free answer in the chat template, then the cue "The answer is" / "答案为" and one letter);
+* `lm-eval`: lm-evaluation-harness 0.4.13's task prompts and log-likelihood scoring (medqa →
+  medqa_4options, medmcqa, pubmedqa, ceval → ceval-valid_<subject>), `acc` and `acc_norm`; lm-eval
+  task names (`data=medqa_4options`, `medmcqa`, `pubmedqa`, `multimedqa`) find the published files
+  under `data_dir`; `shots` from `fewshot_data` drawn as lm-eval draws them;
+* `opencompass`: OpenCompass gen configs (MedQA, MedMCQA, C-Eval; `chat` picks base- or chat-model
+  rendering) and their answer extraction, exact match;
+* `medcare`: generate-then-cue scored by the authors' exact-match regexes (eval_em.py);
+* `cmexam`: CMExam's prompt, 4-beam inference and its scorer (letter or option text, exact set,
+  "无答案" wrong and counted as `invalid`).
+Per-item details carry `protocol`, `prompt_sha` (sha256 of the prompt, 16 hex), `correct`, and for
+scored options every option's `scores`, `n_tokens` and `chars` (any normalisation can be
+recomputed); generating protocols keep the `text`. A set's `seconds` excludes one-time imports.
+
 C-Poly artifacts (`task_models`: one merged model per task): a set named after a task is
 scored with that task's model (`task_models: false` scores every set with the artifact's model);
 the set's result records it as `task_model`.

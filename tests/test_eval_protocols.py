@@ -43,6 +43,10 @@ def test_lm_eval_prompts():
         "高血压首选药物是\nA. 氨氯地平\nB. 胰岛素\nC. 肝素\nD. 阿司匹林\n答案：")
     with pytest.raises(ValueError, match="unknown medical subject 'ceval'"):
         lmeval.description({**ZH, "subject": "ceval"}, "ceval")
+    # lm_eval/tasks/cmmlu/_default_template_yaml + _generate_configs.py: C-Eval's item text, another description
+    cm = {**ZH, "subject": None, "task": "cmmlu_anatomy"}
+    assert lmeval.context_text(cm, "ceval", []) == ("以下是关于解剖学的单项选择题，请直接给出正确答案的选项。\n\n"
+                                                    "高血压首选药物是\nA. 氨氯地平\nB. 胰岛素\nC. 肝素\nD. 阿司匹林\n答案：")
 
 
 def test_lm_eval_prompts_equal_lm_evals_own_functions():
@@ -105,6 +109,13 @@ def test_opencompass_prompts():
         "D. 阿司匹林\n答案: \nA\n"
         "以下是中国关于临床医学考试的单项选择题，请选出其中的正确答案。\n高血压首选药物是\nA. 氨氯地平\nB. 胰岛素\nC. 肝素\n"
         "D. 阿司匹林\n答案: ")
+    # configs/datasets/cmmlu/cmmlu_gen_c13365.py, base model: "题目：", BOT '答案是: {answer}' kept blank at the end
+    cm = {**ZH, "task": "cmmlu_anatomy"}
+    assert oc.render(cm, "ceval", [cm], None, chat=False) == (
+        "以下是关于解剖学的单项选择题，请直接给出正确答案的选项。\n题目：高血压首选药物是\nA. 氨氯地平\nB. 胰岛素\nC. 肝素\n"
+        "D. 阿司匹林\n答案是: A\n"
+        "以下是关于解剖学的单项选择题，请直接给出正确答案的选项。\n题目：高血压首选药物是\nA. 氨氯地平\nB. 胰岛素\nC. 肝素\n"
+        "D. 阿司匹林\n答案是: ")
     # configs/datasets/cmb/cmb_gen_dfb5c4.py: single-character options dropped, ' \n 答案: '
     cmb = {"question": "下列哪项正确", "options": {"A": "发热", "B": "咳嗽", "C": "X", "D": "乏力"}, "exam_type": "医师考试",
            "exam_class": "执业医师", "question_type": "多项选择题"}
@@ -257,3 +268,46 @@ def test_lm_eval_protocol_equals_lm_eval_per_item(tmp_path, monkeypatch):
         assert metrics[f"{task}/acc"] == pytest.approx(ref["results"][name]["acc,none"], abs=1e-12)
         assert metrics[f"{task}/acc_norm"] == pytest.approx(ref["results"][name]["acc_norm,none"], abs=1e-12)
     assert worst <= 1e-4
+
+
+class CannedBackend:
+    """An eval backend with the tiny tokenizer, a canned free answer and letter scores favouring B."""
+    model = None
+
+    def __init__(self, answer):
+        from medpipe.stages.models.loader import load_tokenizer
+
+        self.tok = load_tokenizer(tiny_artifact().tokenizer_path)
+        self.answer, self.scored = answer, []
+
+    has_template = True
+
+    def render(self, messages):
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, prompts, max_new_tokens, add_special_tokens, num_beams=1):
+        return [self.answer] * len(prompts)
+
+    def next_token_scores(self, prompts, candidates, add_special_tokens):
+        self.scored += prompts
+        return [{t: 10.0 if self.tok.decode([t]).strip() == "B" else 0.0 for t in c} for c in candidates]
+
+
+def test_medcare_generate_then_cue_flow():
+    """model_diverse_gen_batch.py: chat prompt (system + question + task line) → free answer → the
+    answer, ". " (no final ".") and "\n答案为" appended inside the assistant turn → one letter."""
+    from medpipe.stages.evaluation.protocols import generate_then_cue
+    from medpipe.stages.evaluation.sets import EvalSet
+    from medpipe.stages.evaluation.runner import eval_mcq
+
+    b = CannedBackend("所以选B。")
+    item = {**ZH, "answer": ["B"]}
+    p = EvalParams(protocol="medcare", max_new_tokens=4)
+    rows = generate_then_cue([item], p, b, [""], ["zh"])
+    prompt = b.render([{"role": "system", "content": "You are a helpful assistant."},
+                       {"role": "user", "content": medcare.user_turn(item, "zh")}])
+    assert b.scored == [prompt + "所以选B。" + ". " + "\n答案为"]
+    assert rows[0]["text"].startswith("所以选B。. \n答案为") and rows[0]["text"].strip().endswith("B")
+    assert rows[0]["pred"] == ["B"] and rows[0]["correct"] is True
+    res, details = eval_mcq(EvalSet("ceval", "mcq", "ceval", [item, {**item, "answer": ["A", "B"]}]), p, b, [], None)
+    assert [d["correct"] for d in details] == [True, False] and res["metrics"]["acc"] == 0.5  # multi-answer: never

@@ -20,7 +20,9 @@ from typing import Any
 
 PROTOCOLS = ("native", "lm-eval", "opencompass", "medcare", "cmexam")
 FORMATS = {"lm-eval": ("medqa", "medmcqa", "pubmedqa", "ceval"), "opencompass": ("medqa", "medmcqa", "ceval"),
-           "medcare": ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval"), "cmexam": ("cmexam",)}
+           "medcare": ("cmexam", "medqa", "medmcqa", "ceval"), "cmexam": ("cmexam",)}
+# model_diverse_gen_batch.py picks the task line by dataset: MedQA/MedMCQA/MMLU English, the rest Chinese
+MEDCARE_ENGLISH = ("medqa", "medmcqa")
 
 
 def run_protocol(protocol: str, s: Any, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
@@ -40,7 +42,8 @@ def run_protocol(protocol: str, s: Any, p: Any, backend: Any, pool: list[dict], 
 
             return opencompass.run(items, s.fmt, p, backend, pool, rag_ctx)
         if protocol == "medcare":
-            return generate_then_cue(items, p, backend, rag_ctx=rag_ctx)
+            lang = "en" if s.fmt in MEDCARE_ENGLISH else "zh"
+            return generate_then_cue(items, p, backend, rag_ctx=rag_ctx, langs=[lang] * len(items))
         from . import cmexam
 
         return cmexam.run(items, p, backend, rag_ctx)
@@ -48,8 +51,8 @@ def run_protocol(protocol: str, s: Any, p: Any, backend: Any, pool: list[dict], 
         raise ConfigError(f"eval set {s.name}: {e}") from None
 
 
-def generate_then_cue(items: list[dict], p: Any, backend: Any, rag_ctx: list[str], langs: list[str] | None = None,
-                      prompts: Any = None) -> list[dict]:
+def generate_then_cue(items: list[dict], p: Any, backend: Any, rag_ctx: list[str],
+                      langs: list[str] | None = None) -> list[dict]:
     """MedCare's generate-then-cue answering (medcare.py), `correct` by MedCare's exact-match scorer."""
     from ..prompts import item_lang
     from . import medcare

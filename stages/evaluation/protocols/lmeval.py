@@ -3,7 +3,11 @@
 Followed files (lm_eval/ in the 0.4.13 wheel = EleutherAI/lm-evaluation-harness @4e7e0d47):
 * prompts: tasks/medqa/preprocess_medqa.py (medqa_4options), tasks/medmcqa/utils_medmcqa.py
   (medmcqa), tasks/pubmedqa/preprocess_pubmedqa.py (pubmedqa), tasks/ceval/_default_ceval_yaml +
-  _generate_configs.py (ceval-valid_<subject>: description + "答案：");
+  _generate_configs.py (ceval-valid_<subject>: description + "答案："), tasks/cmmlu/
+  _default_template_yaml + _generate_configs.py (cmmlu_<subject>: C-Eval's item text, its own
+  description). A C-Eval-shaped set is CMMLU when its `task:` is `cmmlu_<subject>` (CMMLU's
+  Question/Answer columns renamed with `columns:`); the subject comes from the task name
+  (`cmmlu_<subject>`, `ceval-valid_<subject>`) or C-Eval's file name (`<subject>_val.csv`);
 * assembly: api/task.py `fewshot_context` — description + Σ shots (doc_to_text + " " + gold choice +
   "\n\n") + doc_to_text(doc); the continuation is " " + choice (`target_delimiter`); with a chat
   template (`--apply_chat_template`, few-shot as multi-turn) the description is the system turn,
@@ -28,7 +32,21 @@ from typing import Any, Sequence
 FEWSHOT_SEED = 1234
 CEVAL_SUBJECTS_ZH = {"clinical_medicine": "临床医学", "basic_medicine": "基础医学", "physician": "医师资格",
                      "veterinary_medicine": "兽医学"}
-RANDOM_SHOTS = ("medqa", "medmcqa", "pubmedqa")  # the others (C-Eval) take the first k dev items
+CMMLU_SUBJECTS_ZH = {"anatomy": "解剖学", "clinical_knowledge": "临床知识", "college_medical_statistics": "大学医学统计",
+                     "college_medicine": "大学医学", "genetics": "遗传学", "human_sexuality": "人类性行为",
+                     "nutrition": "营养学", "professional_medicine": "专业医学",
+                     "traditional_chinese_medicine": "中医中药", "virology": "病毒学"}
+RANDOM_SHOTS = ("medqa", "medmcqa", "pubmedqa")  # the others (C-Eval, CMMLU) take the first k dev items
+
+
+def exam_subject(item: dict) -> tuple[str, str]:
+    """("ceval" | "cmmlu", subject) of a C-Eval-shaped item."""
+    task = str(item.get("task") or "")
+    if task.startswith("cmmlu_"):
+        return "cmmlu", task[len("cmmlu_"):]
+    if task.startswith("ceval-valid_"):
+        return "ceval", task[len("ceval-valid_"):]
+    return "ceval", str(item.get("subject") or "")
 
 
 def _letters_block(item: dict) -> str:
@@ -57,13 +75,17 @@ def choices(item: dict, fmt: str) -> list[tuple[str, str]]:
 
 
 def description(item: dict, fmt: str) -> str:
-    if fmt == "ceval":
-        subject = str(item.get("subject") or "")
-        if subject not in CEVAL_SUBJECTS_ZH:
-            raise ValueError(f"protocol lm-eval, C-Eval: unknown medical subject {subject!r} (the file must be named "
-                             f"<subject>_val.csv, subject one of {', '.join(CEVAL_SUBJECTS_ZH)})")
-        return f"以下是中国关于{CEVAL_SUBJECTS_ZH[subject]}的单项选择题，请选出其中的正确答案。\n\n"
-    return ""
+    if fmt != "ceval":
+        return ""
+    exam, subject = exam_subject(item)
+    names = CMMLU_SUBJECTS_ZH if exam == "cmmlu" else CEVAL_SUBJECTS_ZH
+    if subject not in names:
+        raise ValueError(f"protocol lm-eval, {'CMMLU' if exam == 'cmmlu' else 'C-Eval'}: unknown medical subject "
+                         f"{subject!r} (name it in the task: cmmlu_<subject> / ceval-valid_<subject>, or a C-Eval file "
+                         f"<subject>_val.csv; one of {', '.join(names)})")
+    if exam == "cmmlu":  # tasks/cmmlu/_generate_configs.py
+        return f"以下是关于{names[subject]}的单项选择题，请直接给出正确答案的选项。\n\n"
+    return f"以下是中国关于{names[subject]}的单项选择题，请选出其中的正确答案。\n\n"
 
 
 def pick_shots(items: Sequence[dict], pool: list[dict], k: int, fmt: str) -> list[list[dict]]:

@@ -9,6 +9,10 @@ Followed files (open-compass/opencompass @a5acc4bb; record config name + commit 
 * C-Eval: configs/datasets/ceval/ceval_gen_5f30c7.py (the first k dev items as examples —
   FixKRetriever [0..4] — the header repeated in every example, "答案: "),
   extraction `first_capital_postprocess`;
+* CMMLU (a C-Eval-shaped set whose task is cmmlu_<subject>): configs/datasets/cmmlu/cmmlu_gen_c13365.py
+  (5-shot FixK over dev, "题目：", the answer turn "答案是: {answer}" — kept, empty, at the end of a
+  base model's prompt), `first_capital_postprocess`; the alias cmmlu_gen.py points to a 0-shot CoT
+  config since 61185963 (2025-03-25): name the config with a number;
 * CMB: configs/datasets/cmb/cmb_gen_dfb5c4.py (`multiple_select_postprocess`: the sorted set of every
   uppercase character, exact set); the prompt needs CMB's exam_type/exam_class/question_type fields.
 * post-processors: utils/text_postprocessors.py; prompt joining: models/base.py (base models: the
@@ -51,6 +55,8 @@ MEDMCQA_SYSTEM = "You are a helpful medical assistant.\n\n"
 MEDMCQA_PROMPT = ("Q: {question}\n Please select the correct answer from the options above and output only the "
                   "corresponding letter (A, B, C, D, or E) without any explanation or additional text.\n")
 CEVAL_PROMPT = "以下是中国关于{subject_zh}考试的单项选择题，请选出其中的正确答案。\n{question}\n{options}\n答案: "
+CMMLU_PROMPT = "以下是关于{subject_zh}的单项选择题，请直接给出正确答案的选项。\n题目：{question}\n{options}"
+CMMLU_ANSWER = "答案是: {answer}"
 CMB_PROMPT = ("以下是中国{exam_type}中{exam_class}考试的一道{question_type}，不需要做任何分析和解释，直接输出答案选项。\n"
               "{question}\n{option_str} \n 答案: ")
 CEVAL_SUBJECTS_ZH = {"clinical_medicine": "临床医学", "basic_medicine": "基础医学", "physician": "医师资格",
@@ -90,16 +96,20 @@ def medmcqa_cleansing(prediction: str, n_options: int = 4) -> str:
     return found[0].rstrip(".") if found else ""
 
 
-def _subject_zh(item: dict) -> str:
-    subject = str(item.get("subject") or "")
-    if subject not in CEVAL_SUBJECTS_ZH:
-        raise ValueError(f"protocol opencompass, C-Eval: unknown medical subject {subject!r} (the file must be "
-                         f"named <subject>_val.csv, subject one of {', '.join(CEVAL_SUBJECTS_ZH)})")
-    return CEVAL_SUBJECTS_ZH[subject]
+def _subject_zh(item: dict) -> tuple[str, str]:
+    """("ceval" | "cmmlu", the subject's Chinese name) — the same subjects and names as lm-eval's."""
+    from .lmeval import CMMLU_SUBJECTS_ZH, exam_subject
+
+    exam, subject = exam_subject(item)
+    names = CMMLU_SUBJECTS_ZH if exam == "cmmlu" else CEVAL_SUBJECTS_ZH
+    if subject not in names:
+        raise ValueError(f"protocol opencompass: unknown medical subject {subject!r} of {exam} "
+                         f"(one of {', '.join(names)})")
+    return exam, names[subject]
 
 
 def turns(item: dict, fmt: str, shots: list[dict]) -> list[tuple[str, str]]:
-    """The config's (role, text) turns for one item; the item's own answer turn is left out."""
+    """The config's (role, text) turns for one item, its own answer turn blanked (gen mode)."""
     opts = item["options"]
     if fmt == "medqa":
         choices = "".join(f"{k}. {v}\n" for k, v in opts.items())
@@ -108,13 +118,18 @@ def turns(item: dict, fmt: str, shots: list[dict]) -> list[tuple[str, str]]:
         q = f"{item.get('question') or ''}\n" + "\n".join(f"{k}. {v}" for k, v in opts.items())
         return [("user", MEDMCQA_SYSTEM + "\n" + MEDMCQA_PROMPT.format(question=q))]
     if fmt == "ceval":
+        exam, subject_zh = _subject_zh(item)
+        prompt, answer = (CMMLU_PROMPT, CMMLU_ANSWER) if exam == "cmmlu" else (CEVAL_PROMPT, "{answer}")
+
         def human(e: dict) -> str:
-            return CEVAL_PROMPT.format(subject_zh=_subject_zh(item), question=e.get("question") or "",
-                                       options="\n".join(f"{k}. {v}" for k, v in e["options"].items()))
+            return prompt.format(subject_zh=subject_zh, question=e.get("question") or "",
+                                 options="\n".join(f"{k}. {v}" for k, v in e["options"].items()))
         out: list[tuple[str, str]] = []
         for e in shots:
-            out += [("user", human(e)), ("assistant", "".join(e["answer"]))]
-        return out + [("user", human(item))]
+            out += [("user", human(e)), ("assistant", answer.format(answer="".join(e["answer"])))]
+        # the item's own answer turn with the answer blanked: C-Eval's is empty (skipped), CMMLU's
+        # keeps its prefix (a base model reads it; a chat model's prompt stops before it)
+        return out + [("user", human(item)), ("assistant", answer.format(answer=""))]
     if fmt == "cmb":
         option_str = "\n".join(f"{k}. {v}" for k, v in opts.items() if len(v) > 1)
         return [("user", CMB_PROMPT.format(exam_type=item.get("exam_type", ""), exam_class=item.get("exam_class", ""),
@@ -126,6 +141,7 @@ def turns(item: dict, fmt: str, shots: list[dict]) -> list[tuple[str, str]]:
 def render(item: dict, fmt: str, shots: list[dict], backend: Any, chat: bool) -> str:
     ts = turns(item, fmt, shots)
     if chat:
+        ts = ts[:-1] if ts[-1][0] == "assistant" else ts
         return backend.tok.apply_chat_template([{"role": r, "content": t} for r, t in ts], tokenize=False,
                                                add_generation_prompt=True)
     return "\n".join(t for _, t in ts if t)
