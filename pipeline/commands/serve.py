@@ -63,6 +63,7 @@ class Job:
     prompt: str
     gen: dict
     deadline: float
+    ids: list | None = None  # the prompt's tokens when the limit check encoded it (not encoded twice)
     future: Future = field(default_factory=Future)
 
     @property
@@ -78,14 +79,22 @@ class Batcher:
     """One worker thread owns the model: it takes every waiting job and generates each group of them
     as one batch (micro-batching), so N concurrent requests cost about one batched generate."""
 
-    def __init__(self, model: Any, max_batch: int = 32, max_queue: int = 256):
-        self.model, self.max_batch = model, max(1, max_batch)
+    def __init__(self, model: Any, max_batch: int = 32, max_queue: int = 256, gather: float = 0.02):
+        self.model, self.max_batch, self.gather = model, max(1, max_batch), gather
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, max_queue))
         self.batches = 0
+        # requests read and being tokenised: about to be submitted, so worth a short wait for
+        self.preparing = 0
+        self.counter = threading.Lock()
+        self.last_size = 1  # jobs the last round took: under steady load, as many come back
         threading.Thread(target=self._work, name="medpipe-batcher", daemon=True).start()
 
-    def submit(self, prompt: str, gen: dict, timeout: float) -> Job:
-        job = Job(prompt, gen, time.monotonic() + timeout)
+    def arriving(self, delta: int) -> None:
+        with self.counter:
+            self.preparing += delta
+
+    def submit(self, prompt: str, gen: dict, timeout: float, ids: list | None = None) -> Job:
+        job = Job(prompt, gen, time.monotonic() + timeout, ids)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -96,11 +105,19 @@ class Batcher:
     def _work(self) -> None:
         while True:
             jobs = [self.jobs.get()]
-            while len(jobs) < self.max_batch * 4:
+            until = time.monotonic() + self.gather
+            while len(jobs) < self.max_batch:
                 try:
                     jobs.append(self.jobs.get_nowait())
+                    continue
                 except queue.Empty:
+                    pass
+                # wait up to `gather` s for requests being tokenised, and for as many as the last round
+                # had (clients answered then send their next one): full batches under steady load
+                if self.preparing <= 0 and len(jobs) >= self.last_size or time.monotonic() >= until:
                     break
+                time.sleep(0.001)
+            self.last_size = len(jobs)
             now = time.monotonic()
             live = []
             for job in jobs:
@@ -122,7 +139,10 @@ class Batcher:
         if gen.get("max_length") is None:
             gen.pop("max_length", None)
         try:
-            out = self.model.generate([j.prompt for j in batch], batch_size=len(batch), **gen)
+            if all(j.ids is not None for j in batch) and hasattr(self.model, "generate_ids"):
+                out = self.model.generate_ids([j.ids for j in batch], batch_size=len(batch), **gen)
+            else:
+                out = self.model.generate([j.prompt for j in batch], batch_size=len(batch), **gen)
             self.batches += 1
         except BaseException as e:  # every waiting request learns of it
             for j in batch:
@@ -210,6 +230,7 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         arrived = time.monotonic()
+        batcher.arriving(1)
         try:
             authorise(request)
             req = parse_request(await read_body(request), model_id)
@@ -219,14 +240,16 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
                 if last is not None:
                     messages[last] = {"role": "user", "content": augment(messages[last]["content"], retriever)}
 
-            def prepare() -> tuple[str, int, int | None]:  # template + tokenising: off the event loop
+            def prepare() -> tuple:  # template + tokenising: off the event loop
                 prompt = model.render(messages)
                 return (prompt, *fit_to_context(prompt, encode, context, req["max_tokens"], default_max_tokens,
                                                 limits.truncate, req["max_tokens_param"]))
 
-            prompt, max_tokens, max_length = await anyio.to_thread.run_sync(prepare)
+            prompt, max_tokens, max_length, ids = await anyio.to_thread.run_sync(prepare)
         except ApiError as e:
             return reply(e)
+        finally:
+            batcher.arriving(-1)
         gen = dict(max_new_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"], seed=req["seed"],
                    max_length=max_length)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -235,7 +258,7 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
             return StreamingResponse(stream_events(model, model_id, cid, now, prompt, gen), media_type="text/event-stream")
         job = None
         try:
-            job = batcher.submit(prompt, gen, limits.timeout - (time.monotonic() - arrived))
+            job = batcher.submit(prompt, gen, limits.timeout - (time.monotonic() - arrived), ids)
             left = max(0.001, job.deadline - time.monotonic())
             c = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=left)
         except ApiError as e:

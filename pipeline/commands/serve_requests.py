@@ -90,25 +90,27 @@ def model_context(model: Any) -> int | None:
 
 
 def fit_to_context(prompt: str, encode: Any, context: int | None, max_tokens: int | None, default: int,
-                   truncate: str, param: str) -> tuple[int, int | None]:
-    """(max_tokens, max_length for generate): max_tokens capped to the context; a prompt longer
-    than context − max_tokens refused (ApiError 400) or, with truncate="left", cut to fit."""
+                   truncate: str, param: str) -> tuple[int, int | None, list | None]:
+    """(max_tokens, max_length for generate, the prompt's token ids or None): max_tokens capped to
+    the context; a prompt longer than context − max_tokens refused (ApiError 400) or, with
+    truncate="left", cut to fit."""
     if context is None or encode is None:
-        return (max_tokens or default), None
+        return (max_tokens or default), None, None
     max_tokens = min(max_tokens or default, context) if max_tokens else None
     if len(prompt) > context * MAX_CHARS_PER_TOKEN and truncate != "left":
         n = f"over {context * MAX_CHARS_PER_TOKEN:,} characters"
     else:
-        tokens = len(encode(prompt))
+        ids = encode(prompt)
+        tokens = len(ids)
         if max_tokens is None:  # no max_tokens asked for: the default, within what the context leaves
             max_tokens = max(1, min(default, context - tokens))
         if tokens + max_tokens <= context:
-            return max_tokens, None
+            return max_tokens, None, ids
         if truncate == "left":
             if context - max_tokens < 1:
                 raise ApiError(400, f"{param}={max_tokens} leaves no room for the prompt in the model's context of "
                                     f"{context} tokens", "context_length_exceeded", param)
-            return max_tokens, context - max_tokens
+            return max_tokens, context - max_tokens, ids
         n = f"{tokens:,} tokens"
     raise ApiError(400, f"the prompt is {n}; with {param}={max_tokens or default} it exceeds the model's context "
                         f"of {context} tokens: shorten the messages or lower {param}", "context_length_exceeded", "messages")

@@ -1,0 +1,183 @@
+"""`medpipe serve` under load on 127.0.0.1 (issue 18): requests/s and p50/p95 latency at
+concurrency 1/8/32, one request at a time (`--max-batch 1`: what the old one-lock server did)
+vs micro-batched (`max_batch` 32), and the stall test (a 1 MB prompt answered 400/413 in < 1 s
+while a concurrent small request is still answered).
+
+Model: the tiny model with its weights redrawn (seeded, std 0.3) so greedy answers differ per
+prompt; every answer of every mode is compared with sequential `LocalModel.generate` (same text).
+Greedy, `--new` tokens at most. The server runs in its own process (as `medpipe serve` does: an
+in-process server shares the GIL with the clients, which then cap it); the clients are asyncio
+tasks on one httpx client, each sending its next request as soon as the last is answered.
+
+    /work/main/.venv/bin/python bench/bench_serve.py [--requests 64 --new 16 --threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def load(url: str, prompts: list[str], concurrency: int, new: int) -> tuple[float, list[float], list[str]]:
+    import asyncio
+
+    import httpx
+
+    latencies: list[float] = [0.0] * len(prompts)
+    texts: list[str] = [""] * len(prompts)
+    next_i = iter(range(len(prompts)))
+
+    async def client(http):
+        for i in next_i:
+            t0 = time.monotonic()
+            r = await http.post(f"{url}/v1/chat/completions",
+                                json={"messages": [{"role": "user", "content": prompts[i]}], "max_tokens": new})
+            latencies[i] = time.monotonic() - t0
+            r.raise_for_status()
+            texts[i] = r.json()["choices"][0]["message"]["content"]
+
+    async def run():
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+            await asyncio.gather(*(client(http) for _ in range(concurrency)))
+
+    t0 = time.monotonic()
+    asyncio.run(run())
+    return time.monotonic() - t0, latencies, texts
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def stall_test(url: str) -> dict:
+    import httpx
+
+    small: dict = {}
+
+    def ask_small():
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "偏头痛如何治疗？"}], "max_tokens": 8})
+        small.update(status=r.status_code, seconds=time.monotonic() - t0)
+
+    out = {}
+    for name, content in (("1MB ascii (body under the 2 MiB limit)", "a" * 1_000_000),
+                          ("1M CJK chars (3 MB body)", "头痛" * 500_000)):
+        t = threading.Thread(target=ask_small)
+        t.start()
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": [{"role": "user", "content": content}]})
+        took = time.monotonic() - t0
+        t.join()
+        out[name] = {"status": r.status_code, "seconds": round(took, 3), "small_status": small["status"],
+                     "small_seconds": round(small["seconds"], 3)}
+    return out
+
+
+MODES = (("one at a time", 1), ("micro-batched", 32))
+
+
+def serve_only(port: int, max_batch: int, threads: int) -> None:
+    """The server process: the redrawn tiny model behind build_app, until killed."""
+    import torch
+
+    from medpipe.commands.serve import Limits, build_app, make_server
+    from test_serve_limits import varied_tiny
+
+    torch.set_num_threads(threads)
+    make_server(build_app(varied_tiny(), "tiny", limits=Limits(max_batch=max_batch)), "127.0.0.1", port,
+                log_level="warning").run()
+
+
+def start_server(max_batch: int, threads: int):
+    import subprocess
+
+    import httpx
+
+    from medpipe.commands.serve import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-only", str(port), "--max-batch", str(max_batch),
+                             "--threads", str(threads)], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady figures on a shared machine)")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--serve-only", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_only:
+        return serve_only(args.serve_only, args.max_batch, args.threads)
+    import torch
+
+    from test_serve_limits import questions, varied_tiny
+
+    torch.set_num_threads(args.threads)
+    model = varied_tiny()
+    prompts = questions(args.requests)
+    want = [model.chat([{"role": "user", "content": q}], max_new_tokens=args.new).text for q in prompts]
+    # the ceiling batching can reach here: 8 prompts as one generate vs one by one, no HTTP
+    rendered = [model.render([{"role": "user", "content": q}]) for q in prompts[:8]]
+    t0 = time.monotonic()
+    for p in rendered:
+        model.generate([p], max_new_tokens=args.new)
+    one = time.monotonic() - t0
+    t0 = time.monotonic()
+    model.generate(rendered, max_new_tokens=args.new, batch_size=8)
+    print(json.dumps({"model_only_8_prompts": {"one_by_one_s": round(one, 3),
+                                               "one_batch_s": round(time.monotonic() - t0, 3)}}), flush=True)
+    del model
+    rows = []
+    servers = {mode: start_server(max_batch, args.threads) for mode, max_batch in MODES}
+    try:
+        for mode, (_, url) in servers.items():
+            load(url, prompts[:4], 2, args.new)  # warm-up
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            n = len(prompts) if c > 1 else max(8, len(prompts) // 4)
+            runs: dict[str, list] = {mode: [] for mode in servers}
+            for r in range(args.reps):  # modes alternate, order flipped every rep: load drifts hit both
+                for mode in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                    runs[mode].append(load(servers[mode][1], prompts[:n], c, args.new))
+            for mode, got in runs.items():
+                wall = statistics.median(g[0] for g in got)
+                lat = [x for g in got for x in g[1]]
+                rows.append({"mode": mode, "concurrency": c, "requests": n, "reps": args.reps,
+                             "req_per_s": round(n / wall, 2), "p50_s": round(statistics.median(lat), 3),
+                             "p95_s": round(pct(lat, 0.95), 3), "same_as_sequential": all(g[2] == want[:n] for g in got)})
+                print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
+        print(json.dumps({"stall": stall_test(servers["micro-batched"][1])}, ensure_ascii=False), flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.kill()
+            proc.wait()
+    for c in sorted({r["concurrency"] for r in rows}):
+        a, b = [r for r in rows if r["concurrency"] == c]
+        print(f"concurrency {c}: {a['req_per_s']} -> {b['req_per_s']} req/s ({b['req_per_s'] / a['req_per_s']:.2f}x), "
+              f"p50 {a['p50_s']} -> {b['p50_s']} s, p95 {a['p95_s']} -> {b['p95_s']} s")
+
+
+if __name__ == "__main__":
+    main()
