@@ -24,12 +24,25 @@ class SFTParams(TrainParams):
     # (null: the recipe's data.overlength, else truncate)
     overlength: Optional[str] = None
     chat_template: Optional[str] = None  # Jinja template for tokenizers that have none
+    # padding-free packing: conversations packed best-fit into max_length rows, position ids restarting
+    # per conversation, no attention across them (the model's packed-sequence masks), loss masks kept
+    # (tests/test_sft_encoding.py: packed per-conversation loss == alone). null = auto: on for models
+    # built by transformers itself (sdpa / eager / flash attention), off for trust_remote_code models,
+    # whose own attention code may ignore packed position ids. Default false until the lead flips it.
+    packing: Optional[bool] = False
 
     def _rules(self):
         return super()._rules() + [
             ("max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, ">= 1 or null"),
             ("max_response_length", self.max_response_length is None or self.max_response_length >= 1, ">= 1 or null"),
             ("overlength", self.overlength in (None, *OVERLENGTH), "one of " + ", ".join(OVERLENGTH) + " or null")]
+
+
+def packing_on(p: SFTParams, model_opts: dict) -> bool:
+    """Explicit packing: true/false; null: on unless the model runs its own (remote) modeling code."""
+    if p.packing is not None:
+        return bool(p.packing)
+    return not bool(model_opts.get("trust_remote_code", False))
 
 
 class SFTStage:
@@ -52,13 +65,15 @@ class SFTStage:
         tok = common.load_tokenizer(ctx)
         if p.chat_template:
             tok.chat_template = p.chat_template
-        args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length, packing=False,
-                         dataset_num_proc=p.num_proc)
+        packing = packing_on(p, ctx.model)
+        args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length, packing=packing,
+                         packing_strategy="bfd", padding_free=packing, dataset_num_proc=p.num_proc)
         # prepared once per node: local rank 0 encodes (or finds the cache), the others wait, then memory-map it
         with args.main_process_first(local=True, desc="SFT data"):
             data = prepare_chat_data(p, ctx.data, tok, common.data_cache_dir(ctx), log=ctx.log)
         train_ds, eval_ds = data.train, data.heldout
-        ctx.say(f"{len(train_ds)} training conversations" + (f", {len(eval_ds)} held out" if eval_ds else ""))
+        ctx.say(f"{len(train_ds)} training conversations" + (f", {len(eval_ds)} held out" if eval_ds else "")
+                + (" (packed, padding-free)" if packing else ""))
         model = common.apply_lora(common.load_model(ctx, p), p.peft)
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok, callbacks=common.callbacks(ctx, p))
@@ -66,5 +81,5 @@ class SFTStage:
         metrics.update(conversations=len(train_ds), conversations_multi_turn=data.stats.multi_turn,
                        heldout=len(eval_ds) if eval_ds else 0, prompt_cut=data.stats.prompt_cut,
                        response_cut=data.stats.response_cut, truncated=data.stats.truncated,
-                       overlength_dropped=data.stats.overlength_dropped)
+                       overlength_dropped=data.stats.overlength_dropped, packed=packing)
         return common.save_result(ctx, trainer, tok, p, metrics)

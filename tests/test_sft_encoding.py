@@ -235,3 +235,60 @@ def test_parallel_encoding_gives_the_same_rows_and_the_fingerprint_names_the_cac
     stats = EncodeStats()
     encode_dataset([], tok, 4096, tmp_path / "c", fingerprint="data-sha-1", stats=stats)  # same key: the cache
     assert stats.prepared_by == "cache" and stats.kept == 600
+
+
+# ---- padding-free packing ---------------------------------------------------------------------
+
+def _losses_per_conversation(logits, labels, starts):
+    """Mean next-token loss of each conversation (labels already -100 outside answers)."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), -1)
+    out = []
+    bounds = list(starts) + [labels.shape[-1]]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        tgt = labels[0, a + 1:b]
+        pred = logp[0, a:b - 1]
+        keep = tgt != -100
+        out.append(float(-pred[keep].gather(-1, tgt[keep][:, None]).mean()))
+    return out
+
+
+def test_packed_batch_gives_each_conversation_the_loss_it_has_alone():
+    """A padding-free packed batch (TRL's collator: one row, position ids restart per conversation,
+    no attention mask) gives every conversation the same loss and logits as the conversation
+    alone: no attention across conversations, masks kept."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from medpipe.stages.models.loader import load_causal_lm
+
+    tok = tiny_tok()
+    model = load_causal_lm(ensure_tiny(), dtype=torch.float32, attn_implementation="sdpa").eval()
+    convs = [CONVO, NOSYS, THREE, WITHSYS]
+    rows = []
+    for c in convs:
+        e = encode_chat(c, tok, 4096)
+        rows.append({"input_ids": e["input_ids"],
+                     "labels": [t if m else -100 for t, m in zip(e["input_ids"], e["assistant_masks"])]})
+    alone = []
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]])
+            logits = model(input_ids=ids).logits
+            alone.append((logits, _losses_per_conversation(logits, torch.tensor([r["labels"]]), [0])[0]))
+        batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id or 0, padding_free=True)(rows)
+        assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    starts = [0]
+    for r in rows[:-1]:
+        starts.append(starts[-1] + len(r["input_ids"]))
+    got = _losses_per_conversation(packed, batch["labels"], starts)
+    want = [loss for _, loss in alone]
+    assert got == pytest.approx(want, abs=1e-5)
+    for (logits, _), a in zip(alone, starts):
+        assert torch.allclose(packed[0, a:a + logits.shape[1]], logits[0], atol=1e-4)
+    # every computed token is a real one (no padding), against the padded batch of the same rows
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert batch["input_ids"].numel() == sum(lengths)
+    assert sum(lengths) / (len(lengths) * max(lengths)) < 0.8  # what padding wasted on this mix
