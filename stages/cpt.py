@@ -4,20 +4,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from medpipe.params import param
 from medpipe.stages.training.params import TrainParams, data_options
 
 
 @dataclass
 class CPTParams(TrainParams):
-    # Qilin-Med's CPT settings (METHODS.md); recipes override per paper.
-    lr: float = 2e-4
-    epochs: float = 3.0
-    warmup: float = 0.05
-    weight_decay: float = 0.01
-    block_size: int = 1024
-    # eval sets (mcq sources, e.g. PubMedQA PQA-L) whose passages must not be pretrained on: documents
-    # matching an item's context + long answer (exact or near, MinHash Jaccard >= 0.8) are dropped, counted
-    exclude_data: Any = None
+    # Qilin-Med's CPT settings (§4.2); recipes override per paper.
+    lr: float = param(2e-4, "peak learning rate")
+    epochs: float = param(3.0, "passes over the data")
+    warmup: float = param(0.05, "< 1: fraction of the total steps; >= 1: steps")
+    weight_decay: float = param(0.01, "AdamW weight decay")
+    block_size: int = param(1024, "tokens per packed training block")
+    exclude_data: Any = param(None, "eval sets (mcq sources, e.g. PubMedQA PQA-L) whose passages must not be "
+                                    "pretrained on: documents matching an item's context + long answer (exact or "
+                                    "near, MinHash Jaccard >= 0.8) are dropped, counted")
 
     def _rules(self):
         return super()._rules() + [("block_size", self.block_size >= 1, ">= 1")]

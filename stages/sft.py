@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from medpipe.params import param
 from medpipe.stages.training.params import TrainParams
 
 OVERLENGTH = ("truncate", "drop", "error")
@@ -11,25 +12,26 @@ OVERLENGTH = ("truncate", "drop", "error")
 
 @dataclass
 class SFTParams(TrainParams):
-    lr: float = 2e-5
-    epochs: float = 3.0
-    warmup: float = 0.05
-    weight_decay: float = 0.05
-    max_length: int = 2048
-    # each prompt run (the text before an answer) and each answer cut separately (Qilin-Med: 256 / 256);
-    # the prompt loses the end of its user text (the template's turn markers stay), the answer its end
-    max_prompt_length: Optional[int] = None
-    max_response_length: Optional[int] = None
-    # a conversation still longer than max_length: truncate (keep its start; counted) | drop (counted) | error
-    # (null: the recipe's data.overlength, else truncate)
-    overlength: Optional[str] = None
-    chat_template: Optional[str] = None  # Jinja template for tokenizers that have none
-    # padding-free packing: conversations packed best-fit into max_length rows, position ids restarting
-    # per conversation, no attention across them (the model's packed-sequence masks), loss masks kept
-    # (tests/test_sft_encoding.py: packed per-conversation loss == alone). null = auto: on for models
-    # built by transformers itself (sdpa / eager / flash attention), off for trust_remote_code models,
-    # whose own attention code may ignore packed position ids. Default false until the lead flips it.
-    packing: Optional[bool] = False
+    lr: float = param(2e-5, "peak learning rate")
+    epochs: float = param(3.0, "passes over the data")
+    warmup: float = param(0.05, "< 1: fraction of the total steps; >= 1: steps")
+    weight_decay: float = param(0.05, "AdamW weight decay")
+    max_length: int = param(2048, "tokens per conversation")
+    max_prompt_length: Optional[int] = param(None, "each prompt run (the text before an answer) cut to this many tokens "
+                                                   "(Qilin-Med: 256); it loses the end of its user text, the template's "
+                                                   "turn markers stay; null = no separate limit")
+    max_response_length: Optional[int] = param(None, "each answer cut to this many tokens (its end goes; Qilin-Med: 256); "
+                                                     "null = no separate limit")
+    overlength: Optional[str] = param(None, "a conversation still longer than max_length: truncate (keep its start; "
+                                            "counted) | drop (counted) | error; null: the recipe's data.overlength, "
+                                            "else truncate")
+    chat_template: Optional[str] = param(None, "Jinja template for tokenizers that have none")
+    # packing (tests/test_sft_encoding.py: packed per-conversation loss == alone). null = auto: on for
+    # models built by transformers itself (sdpa / eager / flash attention), off for trust_remote_code
+    # models, whose own attention code may ignore packed position ids. Default false until the lead flips it.
+    packing: Optional[bool] = param(False, "padding-free packing: conversations packed best-fit into max_length rows, "
+                                           "position ids restarting per conversation, no attention across them, loss "
+                                           "masks kept; null = auto (on for transformers' own attention)")
 
     def _rules(self):
         return super()._rules() + [

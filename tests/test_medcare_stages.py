@@ -220,4 +220,8 @@ def test_da_orthogonal_term_under_deepspeed_zero2_on_two_processes(tmp_path):
     art = zero2_stage(run_on_two_ranks(tmp_path, DA_ZERO2, port=29563), "01-da")
     m = art["metrics"]
     assert m["last_orth_loss"] < 0.9 * m["first_orth_loss"], m
-    assert AutoModelForCausalLM.from_pretrained(art["model_path"]) is not None  # the merged export loads
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():  # the merged export loads as a plain model and carries the trained KA + Align
+        merged = AutoModelForCausalLM.from_pretrained(art["model_path"]).eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(ensure_tiny()).eval()(input_ids=ids).logits
+    assert torch.isfinite(merged).all() and (merged - base).abs().max() > 1e-5
