@@ -208,6 +208,12 @@ def test_lm_eval_task_names_map_to_local_files(tmp_path, monkeypatch):
     sets = plan_sets(EvalParams(data="multimedqa", protocol="lm-eval", data_dir=str(tmp_path), limit=3))
     assert [(s.name, s.fmt, len(s.records)) for s in sets] == [("pubmedqa", "pubmedqa", 3), ("medmcqa", "medmcqa", 3),
                                                                ("medqa_4options", "medqa", 3)]
+    # the group's score is lm-eval's: acc averaged over items (weight_by_size), not over tasks
+    metrics, results = evaluate(EvalParams(data="multimedqa", protocol="lm-eval", data_dir=str(tmp_path)),
+                                tiny_artifact(), tmp_path / "out", **QUIET)
+    tasks = ("pubmedqa", "medmcqa", "medqa_4options")
+    assert [results[t]["n"] for t in tasks] == [40, 40, 60]
+    assert metrics["multimedqa/acc"] == pytest.approx(sum(metrics[f"{t}/acc"] * results[t]["n"] for t in tasks) / 140)
     monkeypatch.delenv("MEDPIPE_EVAL_DATA", raising=False)
     with pytest.raises(ConfigError, match="lm-eval task medqa_4options: no phrases_no_exclude_test.jsonl"):
         plan_sets(EvalParams(data="medqa_4options", protocol="lm-eval"))

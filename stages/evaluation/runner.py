@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .prompts import cue_prompt, item_lang, pick_shots, ppl_shots_block, with_context
-from .sets import EvalSet, plan_sets, read_pool
+from .sets import EvalSet, plan_sets, read_pool, task_groups
 
 
 def prompt_hash(prompt: str) -> str:
@@ -91,6 +91,11 @@ def evaluate(p: Any, art: Any, out_dir: Path, data_opts: dict | None = None, say
                 f.write(json.dumps(d, ensure_ascii=False, default=str) + "\n")
         shown = " ".join(f"{k}={v:.4g}" for k, v in res["metrics"].items() if isinstance(v, float))
         say(f"{s.name}: {shown} ({res['n']} items, {res['seconds']:.1f}s)")
+    for group, tasks in task_groups(p).items():
+        # lm-eval's group score (multimedqa.yaml: acc, mean, weight_by_size): the item-weighted mean
+        n = sum(results[t]["n"] for t in tasks)
+        metrics[f"{group}/acc"] = sum(results[t]["metrics"]["acc"] * results[t]["n"] for t in tasks) / n
+        say(f"{group}: acc={metrics[f'{group}/acc']:.4g} ({n} items, {len(tasks)} tasks)")
     return metrics, results
 
 

@@ -25,6 +25,14 @@ LM_EVAL_TASKS = {"medqa_4options": ("medqa", "phrases_no_exclude_test.jsonl", {}
 LM_EVAL_GROUPS = {"multimedqa": ["pubmedqa", "medmcqa", "medqa_4options"]}
 
 
+def task_groups(p: Any) -> dict[str, list[str]]:
+    """The lm-eval groups named in `p.data` (protocol lm-eval) → their tasks."""
+    if getattr(p, "protocol", "") != "lm-eval":
+        return {}
+    named = p.data if isinstance(p.data, list) else [p.data]
+    return {g: LM_EVAL_GROUPS[g] for g in named if isinstance(g, str) and g in LM_EVAL_GROUPS}
+
+
 def expand_task_names(data: Any, data_dir: str | None) -> Any:
     """lm-eval task / group names in `data` → source dicts of the local files (others unchanged)."""
     import os
