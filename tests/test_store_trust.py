@@ -246,3 +246,72 @@ def test_atomic_dir_removes_temp_dirs_of_dead_processes(tmp_path):
         (tmp / "x").write_text("1")
     assert (out / "x").read_text() == "1"
     assert not dead.exists() and not old_style.exists() and live.exists()
+
+
+def test_checkpoint_problems_are_found_from_headers(tmp_path):
+    import struct
+    import zipfile
+
+    from medpipe.stages.training.loop import checkpoint_problem, last_complete_checkpoint
+
+    def checkpoint(step: int) -> Path:
+        ck = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+        (ck / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+        with zipfile.ZipFile(ck / "optimizer.pt", "w") as z:
+            z.writestr("data.pkl", b"x")
+        return ck
+
+    c2, c4, c6 = checkpoint(2), checkpoint(4), checkpoint(6)
+    assert checkpoint_problem(c6) is None
+    os.truncate(c6 / "adapter_model.safetensors", 80)
+    (c4 / "trainer_state.json").write_text('{"global_st')
+    said = []
+    assert last_complete_checkpoint(tmp_path / "checkpoints", say=said.append) == str(c2)
+    size = 8 + len(json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})) + 16
+    assert said[0] == f"skipping checkpoint-6: adapter_model.safetensors: truncated (80 bytes, its header needs {size})"
+    assert said[1].startswith("skipping checkpoint-4: trainer_state.json: unreadable (")
+    os.truncate(c2 / "optimizer.pt", 10)
+    assert checkpoint_problem(c2).startswith("optimizer.pt: unreadable (BadZipFile")
+
+
+@pytest.mark.slow
+def test_a_torn_newest_checkpoint_resumes_from_the_previous_one_with_the_same_weights(tmp_path):
+    """A cpt stage trained to the end; then its result and its newest checkpoint's weights are
+    torn (as a kill after that save and a bad disk would leave them): the rerun skips that
+    checkpoint, saying why, resumes from the one before, logs a history that never goes back,
+    records the whole stage's train loss, and ends with the uninterrupted run's weights."""
+    import shutil
+
+    r = tmp_path / "cpt.yaml"
+    r.write_text(textwrap.dedent("""
+        defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, _self_]
+        name: torn
+        stages:
+          cpt: {data: "${data.pretrain}", block_size: 64, lr: 3e-3, batch_size: 4, max_steps: 6, save_steps: 3, logging_steps: 1}
+    """))
+    args = [f"recipe={r}", f"run.root={tmp_path}/runs", f"run.dir={tmp_path}/runs/r"]
+    first = medpipe("run", *args)
+    assert first.code == 0, first.out
+    sdir = entry(tmp_path, "01-cpt")
+    want = json.loads((sdir / "artifact.json").read_text())
+    (sdir / "artifact.json").unlink()
+    shutil.rmtree(sdir / "model")
+    torn = sdir / "checkpoints" / "checkpoint-6" / "model.safetensors"
+    os.truncate(torn, torn.stat().st_size - 1000)
+    size = torn.stat().st_size
+    rerun = medpipe("run", *args)
+    assert rerun.code == 0, rerun.out
+    assert f"skipping checkpoint-6: model.safetensors: truncated ({size} bytes, its header needs {size + 1000})" in rerun.out
+    assert "resuming from checkpoint-3" in rerun.out
+    got = json.loads((sdir / "artifact.json").read_text())
+    assert got["content_digest"] == want["content_digest"]
+    assert got["metrics"]["weights_sha256"] == want["metrics"]["weights_sha256"]
+    steps = [json.loads(line)["step"] for line in (sdir / "log_history.jsonl").read_text().splitlines()]
+    losses = [json.loads(line).get("loss") for line in (sdir / "log_history.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and [s for s, l in zip(steps, losses) if l is not None] == [1, 2, 3, 4, 5, 6]
+    assert got["metrics"]["train_loss"] == pytest.approx(sum(l for l in losses if l is not None) / 6)
+    assert got["metrics"]["train_loss"] > 0
+    assert json.loads((sdir / "status.json").read_text())["elapsed"] > 0

@@ -60,7 +60,7 @@ def train(trainer, ctx: Any) -> dict:
     guards = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SpikeGuard)]
     for cb in guards:
         cb.install(trainer)
-    last = last_complete_checkpoint(ctx.output_dir / "checkpoints")
+    last = last_complete_checkpoint(ctx.output_dir / "checkpoints", say=ctx.say)
     if last:
         ctx.say(f"resuming from {Path(last).name}")
     with warnings.catch_warnings():
@@ -104,15 +104,52 @@ def distributed_facts(trainer, ctx: Any) -> dict:
     return facts
 
 
-def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest checkpoint that was written to the end (trainer_state.json is saved last), so a
-    run killed while saving resumes from the previous one instead of failing on a torn checkpoint."""
+def last_complete_checkpoint(ckpt_dir: Path, say: Any = None) -> str | None:
+    """The newest checkpoint that loads: its trainer state parses and every weights/optimizer file
+    reads back to its end (`checkpoint_problem`), so a run killed while saving, or a checkpoint torn
+    later, resumes from an older one instead of crashing in the trainer; `say` is told which
+    checkpoints were skipped and why."""
     if not ckpt_dir.is_dir():
         return None
     found = [p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     for p in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        if (p / "trainer_state.json").is_file():
+        problem = checkpoint_problem(p)
+        if problem is None:
             return str(p)
+        if say is not None:
+            say(f"skipping {p.name}: {problem}")
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from ("FILE: why"), or None. Reads headers only: a
+    safetensors file's header and the sizes it declares, a torch file's zip directory."""
+    import json
+    import struct
+    import zipfile
+
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or "global_step" not in state:
+            return "trainer_state.json: no global_step"
+    except FileNotFoundError:
+        return "trainer_state.json: missing (the save did not finish)"
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json: unreadable ({e})"
+    for f in sorted(ckpt.iterdir()):
+        try:
+            if f.suffix == ".safetensors":
+                with open(f, "rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    header = json.loads(fh.read(n))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if f.stat().st_size < 8 + n + end:
+                    return f"{f.name}: truncated ({f.stat().st_size} bytes, its header needs {8 + n + end})"
+            elif f.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(f):
+                    pass
+        except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile) as e:
+            return f"{f.name}: unreadable ({type(e).__name__}: {e})"
     return None
 
 
