@@ -33,7 +33,12 @@ def test_generation_scores_bounds_and_tokenisation_matters():
     assert ch["rouge1"] == pytest.approx(4 / 6)  # 4 of 6 characters shared
     assert jb["rouge1"] == pytest.approx(1 / 2)  # words 头痛/恶心 vs 头疼/恶心; characters would give 3/4
     assert M.generation_scores(["头痛恶心"], ["头疼恶心"])["rouge1"] == pytest.approx(3 / 4)
-    assert 0 <= ch["rougeL"] <= 1 and 0 <= ch["bleu4"] <= 1
+    # 患者三天 is the longest common subsequence, 患者/三天 the shared bigrams of 5, 4 of 6 unigrams
+    assert ch["rougeL"] == pytest.approx(4 / 6) and ch["rouge2"] == pytest.approx(2 / 5)
+    assert ch["bleu1"] == pytest.approx(4 / 6)
+    from sacrebleu.metrics import BLEU
+
+    assert ch["bleu4"] == pytest.approx(BLEU(tokenize="zh").corpus_score(["患者发热三天"], [["患者咳嗽三天"]]).score / 100)
 
 
 def test_generation_scores_need_references():
