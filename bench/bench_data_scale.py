@@ -18,6 +18,10 @@ and measures each task in a fresh child process: wall time, and peak RSS from th
   dedup            exact + MinHash near-dedup clusters (medpipe.data.dedup.clusters) of the texts
   packing          real (non-pad) / computed tokens of SFT batches, padded vs padding-free packed
 
+peak_rss_mb is ru_maxrss (it counts the touched pages of memory-mapped Arrow files, which the
+kernel can drop at will); peak_anon_mb is the peak anonymous memory (heap) of the task and its
+workers, sampled.
+
 Results go to stdout as JSON lines (one per task and size) and to --out.
 """
 from __future__ import annotations
@@ -128,7 +132,97 @@ def child(task: str, path: str, before: str, cache: str) -> dict:
         recs = load_records(path, "chat").records
         cl = clusters([record_key(r) for r in recs], near=True)
         return {"records": len(recs), "clusters": len(set(cl))}
+    if task == "packing":
+        return packing_ratio()
     raise SystemExit(f"unknown task {task}")
+
+
+def packing_ratio(max_length: int = 512, batch: int = 8, steps: int = 12) -> dict:
+    """Real / computed tokens and tokens/s of tiny-model training steps on the sample ShareGPT +
+    alpaca mix: padded batches (random order) against padding-free packed rows (TRL bfd)."""
+    import random as _r
+
+    import torch
+    from transformers import AutoTokenizer
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from medpipe.data import load_records
+    from medpipe.stages.models.loader import load_causal_lm
+    from medpipe.stages.models.tiny import ensure_tiny
+    from medpipe.stages.training.chat_data import encode_dataset
+
+    tok = AutoTokenizer.from_pretrained(ensure_tiny())
+    samples = os.path.join(HERE, "..", "samples")
+    recs = load_records([os.path.join(samples, "sft_sharegpt.json"), os.path.join(samples, "sft_alpaca.json")],
+                        "chat").records
+    ds = encode_dataset(recs, tok, max_length)
+    rows = [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]}
+            for r in ds]
+    _r.Random(0).shuffle(rows)
+    pad = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id or 0)
+    free = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id or 0, padding_free=True)
+    padded = [pad(rows[i:i + batch]) for i in range(0, len(rows) - batch + 1, batch)]
+    from datasets import Dataset
+
+    packed_ds = pack_dataset(Dataset.from_list(rows), max_length, strategy="bfd")
+    prow = packed_ds.to_list()
+    packed = [free(prow[i:i + batch]) for i in range(0, len(prow) - batch + 1, batch)]
+    real = sum(len(r["input_ids"]) for r in rows)
+    out = {"conversations": len(rows), "real_tokens": real,
+           "padded_ratio": round(real / sum(b["input_ids"].numel() for b in padded), 3),
+           "packed_ratio": round(sum(int((b["position_ids"] >= 0).sum()) for b in packed) /
+                                 sum(b["input_ids"].numel() for b in packed), 3),
+           "padded_batches": len(padded), "packed_batches": len(packed)}
+    model = load_causal_lm(ensure_tiny(), dtype=torch.float32, attn_implementation="sdpa")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    for name, batches in (("padded", padded), ("packed", packed)):
+        t0, toks = time.monotonic(), 0
+        for b in batches[:steps]:
+            b = dict(b)
+            b.pop("seq_idx", None)
+            keep = {k: v for k, v in b.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+            loss = model(**keep, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            toks += int((b["labels"] != -100).sum()) if False else (int(b["attention_mask"].sum()) if "attention_mask" in b
+                                                                   else b["input_ids"].numel())
+        out[f"{name}_real_tokens_per_s"] = round(toks / (time.monotonic() - t0), 1)
+    return out
+
+
+def _watch_anon():
+    """Peak anonymous RSS (RssAnon: heap, not the file-backed pages of memory-mapped Arrow files,
+    which ru_maxrss counts too) of this process and its live workers, sampled every 0.2 s."""
+    import threading
+
+    peak = [0]
+
+    def rss_anon(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for ln in f:
+                    if ln.startswith("RssAnon:"):
+                        return int(ln.split()[1])
+        except OSError:
+            return 0
+        return 0
+
+    def kids():
+        try:
+            with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+    def loop():
+        while True:
+            peak[0] = max(peak[0], rss_anon(os.getpid()) + sum(rss_anon(k) for k in kids()))
+            time.sleep(0.2)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return lambda: peak[0]
 
 
 def run_child_measured(task, path, before, cache):
@@ -172,13 +266,18 @@ def main():
     ap.add_argument("--cache")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.file, args.before, args.cache)))
+        peak = _watch_anon()
+        res = child(args.child, args.file, args.before, args.cache)
+        res["peak_anon_mb"] = round(peak() / 1024, 1)
+        print(json.dumps(res))
         return
     os.makedirs(args.dir, exist_ok=True)
     results = []
     for n in args.sizes:
         for task in args.tasks:
             if task == "encode_before" and n > args.max_encode_before or task == "dedup" and n > args.max_dedup:
+                continue
+            if task == "packing" and n != args.sizes[0]:
                 continue
             path = generate(args.dir, n, "sharegpt" if task == "sharegpt" else "alpaca")
             cache = tempfile.mkdtemp(dir=args.dir, prefix="cache-")

@@ -123,3 +123,30 @@ def test_check_overlap_mcq_by_question():
     ev = [{"id": "9", "question": "which drug is first line for absence seizures",
            "options": {"A": "Valproate", "B": "Ethosuximide"}, "answer": ["B"]}]
     assert len(check_overlap(tr, ev).exact) == 1
+
+
+def test_near_dedup_in_parallel_keeps_the_same_documents(monkeypatch):
+    """Signatures computed in worker processes give the same clusters as in one process, and the
+    planted near-duplicates (1% of characters edited) land with their originals."""
+    import random
+
+    from medpipe.data import dedup
+
+    rng = random.Random(3)
+    words = "患者 发热 咳嗽 高血压 糖尿病 治疗 诊断 patient fever insulin aspirin renal cardiac".split()
+    docs = ["".join(rng.choice(words) for _ in range(rng.randint(60, 120))) + str(i) for i in range(400)]
+    planted = {}
+    for k in range(40):
+        src = rng.randrange(400)
+        chars = list(docs[src])
+        for j in rng.sample(range(len(chars)), max(1, len(chars) // 100)):
+            chars[j] = "的"
+        planted[len(docs)] = src
+        docs.append("".join(chars))
+    monkeypatch.setattr(dedup, "PARALLEL_MIN", 100)
+    monkeypatch.setattr(dedup, "CHUNK", 64)
+    serial = dedup.clusters(docs, near=True, workers=1)
+    parallel = dedup.clusters(docs, near=True, workers=2)
+    assert parallel == serial
+    assert all(serial[i] == serial[src] for i, src in planted.items())
+    assert len(set(serial)) == 400

@@ -104,10 +104,46 @@ class _UF:
                 self.p[ra] = rb
 
 
+def _chunk_signatures(norms: list[str], num_perm: int):
+    import numpy as np
+    from datasketch import MinHash
+
+    mhs = MinHash.bulk([shingles(t) for t in norms], num_perm=num_perm, hashfunc=_hash32)
+    return np.stack([m.hashvalues for m in mhs]) if mhs else np.zeros((0, num_perm), dtype=np.uint64)
+
+
+PARALLEL_MIN = 20_000   # below this, starting workers costs more than it saves
+CHUNK = 5_000
+
+
+def default_workers() -> int:
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def signatures(norms: list[str], num_perm: int = NUM_PERM, workers: int | None = None) -> list:
+    """MinHash signatures of normalised texts: shingling + hashing is per document, so it runs in
+    ``workers`` processes (default: the cores available) for large inputs; the signatures — and so
+    the clusters — are the same as in one process (same hash function, same permutations)."""
+    from datasketch import LeanMinHash, MinHash
+    scheme = getattr(MinHash(num_perm=num_perm, hashfunc=_hash32), "scheme", None)
+    workers = default_workers() if workers is None else workers
+    if workers <= 1 or len(norms) < PARALLEL_MIN:
+        parts = [_chunk_signatures(norms, num_perm)]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        chunks = [norms[i:i + CHUNK] for i in range(0, len(norms), CHUNK)]
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            parts = list(ex.map(_chunk_signatures, chunks, [num_perm] * len(chunks)))
+    kw = {"scheme": scheme} if scheme else {}
+    return [LeanMinHash(seed=1, hashvalues=row, **kw) for part in parts for row in part]
+
+
 def clusters(texts: list[str], near: bool = True, threshold: float = NEAR_THRESHOLD,
-             num_perm: int = NUM_PERM) -> list[int]:
+             num_perm: int = NUM_PERM, workers: int | None = None) -> list[int]:
     """Cluster id per text (the smallest index in its cluster): exact normalised matches, plus
-    MinHash-LSH near duplicates when ``near``."""
+    MinHash-LSH near duplicates when ``near`` (signatures in ``workers`` processes)."""
     n = len(texts)
     uf = _UF(n)
     first: dict[bytes, int] = {}
@@ -118,10 +154,8 @@ def clusters(texts: list[str], near: bool = True, threshold: float = NEAR_THRESH
         if j != i:
             uf.union(j, i)
     if near and n > 1:
-        from datasketch import MinHash
         reps = [i for i in range(n) if uf.find(i) == i]
-        sets = [shingles(norms[i]) for i in reps]
-        mhs = MinHash.bulk(sets, num_perm=num_perm, hashfunc=_hash32)
+        mhs = signatures([norms[i] for i in reps], num_perm, workers)
         lsh = lsh_for(threshold, num_perm)
         by_idx = {}
         for i, m in zip(reps, mhs):
