@@ -118,7 +118,7 @@ def _yaml_error(e: Exception) -> str | None:
 # ---- strict recipe keys ------------------------------------------------------------------------
 TOP_KEYS = ("name", "seed", "run", "model", "data", "stages", "launcher", "deepspeed")
 MODEL_KEYS = ("name", "path", "source", "trust_remote_code", "dtype", "attn_implementation", "allow_hub", "revision")
-DATA_OPTIONS = ("on_error", "seed", "cache_dir", "overlength")  # the rest of `data:` are named sources
+DATA_OPTIONS = ("on_error", "seed", "cache_dir", "overlength", "root")  # the rest of `data:` are named sources
 
 
 def _group_keys(group: str) -> set[str]:

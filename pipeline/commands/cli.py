@@ -161,6 +161,15 @@ def validate(args: Overrides = None) -> None:
         pipe = Pipeline(cfg, plans, recipe, console)
         base = base_artifact(cfg)
         console.print(f"model: {base.model_path}")
+        from medpipe.errors import ConfigError
+
+        from .datacheck import missing_data
+
+        missing = missing_data(plans, pipe.global_data())  # all of them at once, each with where its set is published
+        for line in missing:
+            print(f"missing: {line}", file=sys.stderr)
+        if missing:
+            raise ConfigError(f"{len(missing)} data file(s) missing (listed above); nothing was read")
         pipe.check_data(base)
         console.print(f"[green]✓ {recipe}: config, model and data are valid ({len(plans)} stages)")
     except _user_errors() as e:

@@ -55,15 +55,18 @@ class SourceSpec:
     ids: Any = None
     # where the spec came from (recipe / conf file) for error messages; not part of the hash
     origin: str | None = field(default=None, compare=False, repr=False)
+    # where the set is published (conf/data/public.yaml): named when its file is missing; not hashed
+    published: str | None = field(default=None, compare=False, repr=False)
 
     def options(self) -> dict:
         """Spec options that change the output (for fingerprints)."""
         d = asdict(self)
         d.pop("origin", None)
+        d.pop("published", None)
         return d
 
 
-ALLOWED_KEYS = tuple(f.name for f in fields(SourceSpec) if f.name != "origin")
+ALLOWED_KEYS = tuple(f.name for f in fields(SourceSpec) if f.name != "origin")  # incl. published
 _ALIASES = {"ratio": "weight", "data_files": "path", "file": "path"}
 
 
@@ -173,7 +176,8 @@ def _from_dict(d: dict, base_dir, origin: str | None) -> SourceSpec:
     return SourceSpec(path=resolve_path(d["path"], base_dir), format=fmt, columns=cols,
                       split=d.get("split"), limit=lim, weight=w, task=d.get("task"),
                       cop_base=None if cb is None else int(cb), heldout=h, dedup=dd,
-                      ids=list(ids) if isinstance(ids, tuple) else ids, origin=origin)
+                      ids=list(ids) if isinstance(ids, tuple) else ids, origin=origin,
+                      published=None if d.get("published") is None else str(d["published"]))
 
 
 def _load_named(name: str) -> tuple[Any, str]:
@@ -246,6 +250,10 @@ def load_ids(src: SourceSpec) -> set[str] | None:
     return {ln.strip() for ln in text.splitlines() if ln.strip()}
 
 
+def _not_found(src: SourceSpec) -> str:
+    return "file not found" + (f" (published: {src.published})" if src.published else "")
+
+
 def expand_paths(src: SourceSpec) -> list[str]:
     """Files of a source: the file itself, or a directory's / glob's files filtered by split."""
     p = src.path
@@ -264,12 +272,13 @@ def expand_paths(src: SourceSpec) -> list[str]:
             why = "symlink loop" if e.errno == errno.ELOOP else \
                 f"broken symlink (to {os.readlink(p)})"
             raise DataError(why, p, None, None, reason="missing_file") from None
-        raise DataError("file not found", p, None, None, reason="missing_file")
+        raise DataError(_not_found(src), p, None, None, reason="missing_file")
     else:
-        raise DataError("file not found", p, None, None, reason="missing_file")
+        raise DataError(_not_found(src), p, None, None, reason="missing_file")
     if src.split:
         files = [f for f in files if src.split in Path(f).stem]
     if not files:
-        raise DataError(f"no data files{' for split ' + repr(src.split) if src.split else ''}",
+        raise DataError(f"no data files{' for split ' + repr(src.split) if src.split else ''}"
+                        + (f" (published: {src.published})" if src.published else ""),
                         p, None, None, reason="missing_file")
     return files
