@@ -16,7 +16,7 @@ from typing import Any
 
 from .artifact import Artifact, record_files, write_text_atomic
 from .compose import bind_params
-from . import registry
+from . import console, registry
 
 STAGE_FILE = "stage.json"
 HISTORY_FILE = "log_history.jsonl"
@@ -59,7 +59,12 @@ class StageContext:
         """A progress line on the terminal (rank 0 only) and in the stage log."""
         self.log.info(message)
         if self.is_main:
-            print(f"  [{self.index + 1}/{self.total} {self.name}] {message}", flush=True)
+            console.say(f"{self.index + 1}/{self.total} {self.name}", message)
+
+    def progress(self, step: int, total: int, **values: float) -> None:
+        """The stage's one progress display (rank 0 only; medpipe.console)."""
+        if self.is_main:
+            console.progress(f"{self.index + 1}/{self.total} {self.name}", step, total, **values)
 
 
 class _QuietFileHandler(logging.FileHandler):

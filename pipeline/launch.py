@@ -3,6 +3,8 @@
 `local` calls the entry point in this process. `deepspeed`, `torchrun` and `accelerate` start it
 through the real launcher CLI as a subprocess (never a home-made one); the pipeline loop stays in
 the driver. DeepSpeed's JSON config is written next to the stage file from conf/deepspeed/.
+`slurm` (medpipe.slurm) runs the driver once inside an allocation and starts each training stage
+across it with `srun`: one deepspeed/torchrun launcher per node.
 """
 from __future__ import annotations
 
@@ -34,12 +36,21 @@ def world_size(launcher: dict) -> int:
     """Ranks a training stage runs on under this launcher (local: one process)."""
     if launcher.get("name", "local") == "local":
         return 1
+    if launcher["name"] == "slurm":
+        from .slurm import layout
+
+        nodes, gpus = layout(launcher)
+        return nodes * gpus
     return int(launcher.get("num_gpus", 1)) * int(launcher.get("num_nodes", 1))
 
 
 def command(launcher: dict, stage_file: Path) -> list[str] | None:
     """The exact command that starts the stage, or None for in-process."""
     name = launcher["name"]
+    if name == "slurm":
+        from .slurm import srun_command
+
+        return srun_command(launcher, stage_file, MODULE, _bin)
     gpus, nodes = int(launcher.get("num_gpus", 1)), int(launcher.get("num_nodes", 1))
     port = str(launcher.get("master_port", 29500))
     addr = launcher.get("master_addr")
@@ -76,7 +87,7 @@ def command(launcher: dict, stage_file: Path) -> list[str] | None:
                 raise MedpipeError("launcher=accelerate with num_nodes > 1 needs launcher.master_addr")
             cmd += ["--main_process_ip", str(addr), "--machine_rank", str(launcher.get("node_rank", 0))]
         return cmd + extra + ["-m", MODULE, str(stage_file)]
-    raise MedpipeError(f"unknown launcher '{name}' (available: local, deepspeed, torchrun, accelerate)")
+    raise MedpipeError(f"unknown launcher '{name}' (available: local, deepspeed, torchrun, accelerate, slurm)")
 
 
 def deepspeed_config(ds: dict, params: Any, cpu: bool) -> dict:
@@ -96,25 +107,51 @@ def deepspeed_config(ds: dict, params: Any, cpu: bool) -> dict:
 
 
 def run(launcher: dict, stage_file: Path, log_file: Path) -> None:
+    if os.environ.get("MEDPIPE_SLURM_DRIVER"):  # the sbatch script's driver: scancel/preemption/time limit
+        from .slurm import install_driver_signals
+
+        install_driver_signals()
+    if launcher["name"] == "slurm":
+        from .slurm import write_hostfile
+
+        write_hostfile(launcher, stage_file.parent)
+    from .console import StageDisplay
+
     cmd = command(launcher, stage_file)
     if cmd is None:
         from .entry import run_stage_file
 
-        run_stage_file(stage_file)
+        with StageDisplay(log_file) as display, display.quiet():
+            run_stage_file(stage_file)
         return
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     print(f"  $ {shlex.join(cmd)}", flush=True)
-    with open(log_file, "ab") as log:
+    with open(log_file, "ab") as log, StageDisplay(log_file) as display:
+        log.write(f"$ {shlex.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                display.feed(line, log)
+            code = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C / scancel: the launcher ends its ranks (they keep their checkpoints)
+            _stop(proc)
+            raise
     if code != 0:
         raise StageFailed(f"launcher exited with code {code}\n{failing_rank_tail(stage_file.parent)}")
+
+
+def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM if os.name == "posix" else signal.SIGINT)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def failing_rank_tail(stage_dir: Path, lines: int = 25) -> str:

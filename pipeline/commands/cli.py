@@ -64,8 +64,13 @@ def run(
     from_stage: Annotated[Optional[str], typer.Option("--from", help="retrain this stage and every later one")] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="run just this stage (its input must be done)")] = None,
     multirun: Annotated[bool, typer.Option("--multirun", "-m", help="sweep: a=1,2 runs one pipeline per value")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show the libraries' output too (else it goes to each stage's launcher.log)")] = False,
 ) -> None:
     """Run every stage of a recipe in order, skipping stages already done."""
+    if verbose:
+        import os
+
+        os.environ["MEDPIPE_VERBOSE"] = "1"
     try:
         recipe, overrides = _split(args)
         from medpipe.sweep import expand
@@ -139,13 +144,32 @@ def show(args: Overrides = None) -> None:
     from omegaconf import OmegaConf
 
     try:
-        recipe, _, cfg, choices, plans = _load(args)
+        from .submit import slurm_overrides, wants_slurm
+
+        if wants_slurm(list(args or [])):  # slurm.KEY=VALUE as on `medpipe submit`
+            args = slurm_overrides(list(args or []))
+        recipe, overrides, cfg, choices, plans = _load(args)
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         print("# groups: " + ", ".join(f"{k}={v}" for k, v in sorted(choices.items()) if v is not None))
         from .show import describe
 
-        for line in describe(cfg, plans):
+        for line in describe(cfg, plans, recipe, overrides):
             print(line)
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command()
+def submit(
+    args: Overrides = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="write RUN_DIR/slurm.sbatch, do not submit it")] = False,
+) -> None:
+    """Run the whole pipeline as one Slurm job: slurm.partition=... slurm.nodes=2 slurm.gpus_per_node=8 slurm.time=..."""
+    try:
+        from .submit import main_print, submit_run
+
+        recipe, overrides = _split(args)
+        main_print(*submit_run(recipe, overrides, _console(), dry_run=dry_run))
     except _user_errors() as e:
         _fail(e)
 
@@ -198,6 +222,10 @@ def status(run_dir: Annotated[str, typer.Argument(help="a run directory (runs/<r
         state = row["state"] + (f" ({row['error']})" if row.get("error") and row["state"] in ("failed", "broken") else "")
         table.add_row(row["stage"], row["kind"], state, elapsed, row["artifact"])
     _console().print(table)
+    from .submit import job_lines  # a run submitted with `medpipe submit`: its Slurm job(s)
+
+    for line in job_lines(Path(run_dir)):
+        print(line)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from medpipe.entry import STAGE_FILE
 from medpipe.run import base_identity, is_done, plan_keys, read_status, stage_dir_name
 
 
-def describe(cfg: Any, plans: list[StagePlan]) -> list[str]:
+def describe(cfg: Any, plans: list[StagePlan], recipe: str | None = None, overrides: list[str] | None = None) -> list[str]:
     from omegaconf import OmegaConf
 
     lines = ["# stages (in order):"]
@@ -38,4 +38,26 @@ def describe(cfg: Any, plans: list[StagePlan]) -> list[str]:
         if launcher["name"] != "local" and getattr(p.cls, "trains", True):
             cmd = launch.command(launcher, Path(k.store_dir) / STAGE_FILE)
             lines.append(f"#     launch: {shlex.join(cmd)}")
+    if launcher["name"] == "slurm":
+        lines += sbatch_lines(cfg, recipe, overrides or [])
     return lines
+
+
+def sbatch_lines(cfg: Any, recipe: str | None, overrides: list[str]) -> list[str]:
+    """The batch script: the one `medpipe submit` wrote into run.dir, else the one it would write."""
+    from medpipe import slurm
+    from medpipe.run import runs_root
+
+    run_dir = Path(cfg.run.dir).expanduser() if cfg.run.get("dir") else None
+    written = run_dir / slurm.SBATCH_FILE if run_dir is not None else None
+    if written is not None and written.is_file():
+        head, text = f"# sbatch script ({written}):", written.read_text()
+    elif recipe is not None:
+        from .submit import script_for
+
+        target = (run_dir or runs_root(cfg) / f"{cfg.name}-<time>").resolve()
+        head, text = "# sbatch script (`medpipe submit` writes it to RUN_DIR/slurm.sbatch):", \
+            script_for(cfg, recipe, overrides, target)
+    else:
+        return []
+    return [head] + [f"#   {line}" for line in text.rstrip().splitlines()]

@@ -26,12 +26,23 @@ class ProgressCallback(TrainerCallback):
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-        shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, float) and k in
-                         ("loss", "eval_loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins",
-                          "orth_loss", "ce_loss"))
+        shown = {k: v for k, v in logs.items() if isinstance(v, float) and k in
+                 ("loss", "eval_loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins",
+                  "orth_loss", "ce_loss")}
         if shown:  # the trainer's end-of-training summary has none of these: the stage prints its own
-            elapsed = time.monotonic() - self.t0
-            self.ctx.say(f"step {state.global_step}/{state.max_steps} {shown} ({elapsed:.0f}s)")
+            self.ctx.progress(state.global_step, state.max_steps, **shown, **self._speed(state))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = time.monotonic()  # tokens/s of training, not of model loading and data preparation
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # the progress display moves every step, the log lines above stay per log
+            self.ctx.progress(state.global_step, state.max_steps, **self._speed(state))
+
+    def _speed(self, state) -> dict:
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        elapsed = time.monotonic() - self.t0
+        return {"tokens_per_s": tokens / elapsed} if tokens and elapsed > 0 else {}
 
 
 class SpikeGuard(TrainerCallback):
