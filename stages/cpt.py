@@ -19,6 +19,9 @@ class CPTParams(TrainParams):
     exclude_data: Any = param(None, "eval sets (mcq sources, e.g. PubMedQA PQA-L) whose passages must not be "
                                     "pretrained on: documents matching an item's context + long answer (exact or "
                                     "near, MinHash Jaccard >= 0.8) are dropped, counted")
+    stream: bool = param(False, "corpora that do not fit in memory: documents streamed from the files (file order, "
+                                "not shuffled) into Arrow and packed batch by batch; needs no exclude_data, "
+                                "dedup: near, heldout or weight")
 
     def _rules(self):
         return super()._rules() + [("block_size", self.block_size >= 1, ">= 1")]
@@ -67,6 +70,8 @@ class CPTStage:
 
         p: CPTParams = ctx.params
         tok = common.load_tokenizer(ctx)
+        if p.stream:
+            return self._run_streamed(ctx, p, tok)
         records = load_records(p.data, "text", **data_options(p, ctx.data)).records
         records, excluded = drop_eval_overlap(records, p, ctx.data)
         if p.exclude_data:
@@ -85,4 +90,46 @@ class CPTStage:
                           data_collator=default_data_collator, processing_class=tok, callbacks=common.callbacks(ctx, p))
         metrics = common.train(trainer, ctx)
         metrics.update(documents=len(records), blocks=len(blocks), excluded_documents=excluded)
+        return common.save_result(ctx, trainer, tok, p, metrics)
+
+    def _run_streamed(self, ctx: Any, p: CPTParams, tok: Any):
+        from transformers import Trainer, TrainingArguments, default_data_collator
+
+        from medpipe.data import fingerprint, parse_spec
+        from medpipe.data.pack import pack_stream
+        from medpipe.data.validate import SourceReport, check_source_result, iter_source
+        from medpipe.errors import MedpipeError
+        from medpipe.stages.training import common
+
+        opts = data_options(p, ctx.data)
+        srcs = parse_spec(p.data)
+        if p.exclude_data or any(s.dedup == "near" or s.heldout > 0 or s.weight is not None for s in srcs):
+            raise MedpipeError(f"stages.{ctx.name}.stream: needs a plain corpus (no exclude_data, dedup: near, heldout "
+                               f"or weight); set stream: false")
+        counted = {"documents": 0}
+
+        def texts():
+            for src in srcs:
+                rep = SourceReport(path=src.path, format=src.format)
+                n = 0
+                for rec in iter_source(src, "text", opts["on_error"], rep):
+                    n += 1
+                    yield rec["text"]
+                check_source_result(src, rep, n, "text")
+                counted["documents"] += n
+
+        args = TrainingArguments(**common.training_kwargs(ctx, p))
+        with args.main_process_first(local=True, desc="CPT blocks"):
+            blocks = pack_stream(texts(), tok, p.block_size, fingerprint(p.data, want="text", stream=True, **opts),
+                                 common.data_cache_dir(ctx), num_proc=p.num_proc)
+        if len(blocks) == 0:
+            raise MedpipeError(f"stages.{ctx.name}: the data gives no full block of {p.block_size} tokens; "
+                               f"lower block_size or add text")
+        blocks = blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True)
+        ctx.say(f"{len(blocks)} blocks of {p.block_size} tokens (streamed)")
+        model = common.apply_lora(common.load_model(ctx, p), p.peft)
+        trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
+                          processing_class=tok, callbacks=common.callbacks(ctx, p))
+        metrics = common.train(trainer, ctx)
+        metrics.update(documents=counted["documents"], blocks=len(blocks), streamed=True)
         return common.save_result(ctx, trainer, tok, p, metrics)

@@ -49,3 +49,14 @@ def test_multiprocess_same_result(tok, tmp_path):
     a = pack_texts(texts, tok, 48)
     b = pack_texts(texts, tok, 48, num_proc=2, cache_dir=tmp_path)
     assert a["input_ids"] == b["input_ids"]
+
+
+def test_streamed_packing_gives_the_same_blocks(tok, tmp_path):
+    """pack_stream (texts read once from an iterator, blocks cut batch by batch carrying the
+    remainder) == pack_texts (everything in memory); a rerun memory-maps the cached blocks."""
+    texts = sample_texts(700, seed=6)
+    want = pack_texts(texts, tok, 40)["input_ids"]
+    got = pack.pack_stream(iter(texts), tok, 40, "spec-fp-1", tmp_path, writer_batch=64)
+    assert got["input_ids"] == want
+    again = pack.pack_stream(iter([]), tok, 40, "spec-fp-1", tmp_path)
+    assert again["input_ids"] == want and again.cache_files

@@ -107,3 +107,60 @@ def pack_texts(texts, tokenizer, block_size: int, *, num_proc: int | None = None
         cache_file_name=pack_file, new_fingerprint=fp_pack, load_from_cache_file=True,
         desc="pack")
     return packed.with_format(None)
+
+
+def pack_stream(texts, tokenizer, block_size: int, fingerprint: str, cache_dir, *, num_proc: int | None = None,
+                batch_size: int = 1000, writer_batch: int = 10_000):
+    """``pack_texts`` for corpora that do not fit in memory: ``texts`` is an iterable (read once,
+    streamed into an Arrow file), tokenisation is the same batched map, and the blocks are cut in
+    one sequential pass over the token batches carrying the remainder from batch to batch — the
+    same blocks as ``pack_texts`` gives for the same texts (tested), with one batch in memory.
+    Cached under ``fingerprint`` (the data spec's, not the texts'): a rerun, a resumed stage or a
+    second rank memory-maps the blocks, and the Trainer resumes at its checkpoint's step."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("pack_stream needs a tokenizer with an eos_token_id")
+    key = hashlib.sha256(f"stream:{fingerprint}:{tokenizer_digest(tokenizer)}:{block_size}:{eos}".encode()).hexdigest()[:32]
+    os.makedirs(cache_dir, exist_ok=True)
+    out_file = os.path.join(str(cache_dir), f"medpipe-stream-{key}.arrow")
+    if os.path.exists(out_file):
+        return Dataset.from_file(out_file)
+    text_file = os.path.join(str(cache_dir), f"medpipe-stream-{key}.text.{os.getpid()}.arrow")
+    with ArrowWriter(features=Features({"text": Value("string")}), path=text_file, writer_batch_size=writer_batch) as w:
+        for t in texts:
+            w.write({"text": t["text"] if isinstance(t, dict) else t})
+        w.finalize()
+    if num_proc is not None and num_proc <= 1:
+        num_proc = None
+    docs = Dataset.from_file(text_file).with_format("arrow")
+    tok = docs.map(_tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc, remove_columns=["text"],
+                   fn_kwargs={"tokenizer": tokenizer}, load_from_cache_file=False, desc="tokenize")
+    tmp = out_file + f".tmp{os.getpid()}"
+    feats = Features({"input_ids": Sequence(Value("int32"), length=block_size)})
+    carry = np.zeros(0, dtype=np.int32)
+    with ArrowWriter(features=feats, path=tmp, writer_batch_size=writer_batch) as w:
+        for table in tok.with_format("arrow").iter(batch_size=writer_batch):
+            col = table.column("input_ids").combine_chunks()
+            offsets = col.offsets.to_numpy()
+            flat = col.values.to_numpy(zero_copy_only=False)
+            flat = np.insert(flat, offsets[1:] - offsets[0], eos).astype(np.int32, copy=False)
+            flat = np.concatenate([carry, flat])
+            n = len(flat) // block_size
+            if n:
+                w.write_table(pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(
+                    pa.array(flat[: n * block_size]), block_size)}))
+            carry = flat[n * block_size:]
+        w.finalize()
+    os.replace(tmp, out_file)
+    for f in tok.cache_files:
+        try:
+            os.remove(f["filename"])
+        except OSError:
+            pass
+    os.remove(text_file)
+    return Dataset.from_file(out_file)
