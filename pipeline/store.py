@@ -128,24 +128,37 @@ def os_error_message(stage: str, sdir: Path, error: BaseException) -> str | None
     import errno
     import shutil
 
-    seen, e = set(), error
+    try:
+        free_bytes = shutil.disk_usage(sdir).free
+        free = f"{free_bytes / 2**20:.1f} MiB free there"
+    except OSError:
+        free_bytes, free = None, "free space unknown"
+
+    def no_space(where: Any) -> str:
+        return (f"stage {stage}: no space left on the device writing {where} ({free}); free some space and "
+                f"rerun the same command to resume from the last checkpoint")
+
+    seen, e, write_failed = set(), error, False
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         text = str(e)
-        no_space = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text
-        if no_space:
-            where = getattr(e, "filename", None) or sdir
-            try:
-                free = f"{shutil.disk_usage(sdir).free / 2**20:.0f} MiB free there"
-            except OSError:
-                free = "free space unknown"
-            return (f"stage {stage}: no space left on the device writing {where} ({free}); free some space and "
-                    f"rerun the same command to resume from the last checkpoint")
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text:
+            return no_space(getattr(e, "filename", None) or sdir)
         if isinstance(e, OSError) and e.errno is not None:
             where = f" {e.filename}" if getattr(e, "filename", None) else ""
             return f"stage {stage}: {e.strerror or text}:{where} (errno {errno.errorcode.get(e.errno, e.errno)})"
+        write_failed = write_failed or any(m in text for m in WRITE_FAILURES)
         e = e.__cause__ or e.__context__
+    if write_failed:  # torch.save on a full disk says only "iostream error" / "unexpected pos"
+        if free_bytes is not None and free_bytes < LOW_SPACE:
+            return no_space(sdir)
+        return f"stage {stage}: writing under {sdir} failed ({str(error).splitlines()[0]}; {free})"
     return None
+
+
+# What torch / safetensors raise (as RuntimeError, no errno) when a write fails, e.g. on a full disk
+WRITE_FAILURES = ("iostream error", "unexpected pos", "PytorchStreamWriter failed", "file write failed")
+LOW_SPACE = 64 << 20
 
 
 def read_run_file(run_dir: Path) -> dict:

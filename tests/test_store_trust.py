@@ -169,6 +169,7 @@ def test_torn_artifact_status_and_run_files_are_named_never_done(kinds, tmp_path
     ("enospc", "no space left on the device writing {target} ("),
     ("wrapped", "no space left on the device writing {sdir} ("),
     ("eacces", "Permission denied: {target} (errno EACCES)"),
+    ("torch", "writing under {sdir} failed ([enforce fail at inline_container.cc:672] . unexpected pos 2103680 vs 2103568; "),
 ])
 def test_os_errors_end_the_stage_with_one_line_and_a_failed_status(kinds, tmp_path, monkeypatch, what, needle):
     monkeypatch.setenv("MEDPIPE_TEST_RAISE", what)
@@ -315,3 +316,31 @@ def test_a_torn_newest_checkpoint_resumes_from_the_previous_one_with_the_same_we
     assert got["metrics"]["train_loss"] == pytest.approx(sum(l for l in losses if l is not None) / 6)
     assert got["metrics"]["train_loss"] > 0
     assert json.loads((sdir / "status.json").read_text())["elapsed"] > 0
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_fails_the_stage_with_one_line(tmp_path):
+    """The store on a 6 MB tmpfs (root only; skipped elsewhere): the cpt checkpoint does not fit."""
+    import subprocess
+
+    from conftest import medpipe_proc
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        r = tmp_path / "cpt.yaml"
+        r.write_text(textwrap.dedent("""
+            defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, _self_]
+            name: nospace
+            stages:
+              cpt: {data: "${data.pretrain}", block_size: 64, lr: 3e-3, batch_size: 4, max_steps: 6, save_steps: 3}
+        """))
+        p = medpipe_proc("run", f"recipe={r}", f"run.root={disk}/runs", f"run.dir={disk}/runs/r")
+        assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout, p.stderr[-3000:]
+        assert "medpipe: error: stage cpt: no space left on the device writing " in p.stderr
+        status = json.loads(next((disk / "runs" / ".store").glob("cpt-*/status.json")).read_text())
+        assert status["state"] == "failed" and status["error"].startswith("stage cpt: no space left on the device")
+    finally:
+        subprocess.run(["umount", str(disk)])

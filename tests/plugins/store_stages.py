@@ -72,6 +72,11 @@ class FailStage:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             except OSError as e:
                 raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from e
+        if what == "torch":  # torch.save on a full disk: no errno anywhere
+            try:
+                raise RuntimeError("basic_ios::clear: iostream error")
+            except RuntimeError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2103680 vs 2103568")
         if what == "eacces":
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
         raise KeyboardInterrupt
