@@ -218,14 +218,17 @@ def _ppl_shared(prepared, results, model, tok, tasks, batch_size, reduction, sta
                 ids[r, Lp - len(p):] = torch.tensor(p)
                 mask[r, Lp - len(p):] = 1
             plen = mask.sum(-1)
+            # the KV cache is kept only when a continuation has tokens after its first (letter
+            # choices are read off the last position alone)
+            need_cache = any(len(c) > 1 for i in chunk for c in prepared[i][1].values())
             kw = _to(dict(input_ids=ids, attention_mask=mask,
                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                          use_cache=True, logits_to_keep=1), device)
+                          use_cache=need_cache, logits_to_keep=1), device)
             if tasks is not None:
                 kw["task_ids"] = [tasks[i] for i in chunk]
             out = _forward(model, state, **kw)
             past = getattr(out, "past_key_values", None)
-            if past is None or not hasattr(past, "reorder_cache"):
+            if need_cache and (past is None or not hasattr(past, "reorder_cache")):
                 state["no_cache"] = True  # model without a reorderable cache: flat path
                 return
             first_lp = torch.log_softmax(out.logits[:, -1, :].float(), -1)  # [m, V]
