@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medpipe.stages.evaluation import metrics as M
+from medpipe.stages.evaluation import cblue, metrics as M
 
 
 def test_char_tokenisation_splits_cjk_keeps_latin_words():
@@ -86,7 +86,7 @@ def test_promptcblue_scoring_per_task_type():
     outputs = ["上述句子中的实体包含：\n疾病实体：偏头痛\n症状实体：头痛，恶心",  # tp 2, fp 1, fn 1
                "偏头痛，不存在的词",  # "不存在的词" is not a choice: dropped
                "治疗方案", "治疗方案", "建议多喝水"]
-    s = M.promptcblue_scores(rows, outputs)
+    s = cblue.promptcblue_scores(rows, outputs)
     t = s["tasks"]
     assert t["CMeEE-V2"] == {"metric": "micro_f1", "score": pytest.approx(2 / 3), "n": 1}
     assert t["CHIP-CDN"]["score"] == pytest.approx(2 * 1 * 0.5 / 1.5)
@@ -103,12 +103,12 @@ def test_promptcblue_cmedcausal_triples_with_nested_condition_tails():
     pred = ("因果关系三元组如下：\n头实体：吸烟；尾实体：肺癌\n头实体：糖尿病；尾实体：肾病\n"
             "头实体：乱码没有尾实体\n"                                                # unparseable: skipped
             "条件关系三元组如下：\n头实体：长期服用；尾三元组：头实体：阿司匹林；尾实体：胃出血；关系：因果关系")
-    g, p = M.cblue_structure("CMedCausal", gold), M.cblue_structure("CMedCausal", pred)
+    g, p = cblue.cblue_structure("CMedCausal", gold), cblue.cblue_structure("CMedCausal", pred)
     assert len(g) == 3 and len(p) == 3 and len(g & p) == 2  # the nested tail matches as a whole
     nested = next(t for t in g if "条件关系" in t[1])
     assert '"subject": "阿司匹林"' in nested[0] and nested[2] == '"长期服用"'
-    assert M.cblue_structure("CMedCausal", "给定的文本没有指定关系的三元组") == set()
-    s = M.promptcblue_scores([{"task_dataset": "CMedCausal", "task_type": "causal", "target": gold}], [pred])
+    assert cblue.cblue_structure("CMedCausal", "给定的文本没有指定关系的三元组") == set()
+    s = cblue.promptcblue_scores([{"task_dataset": "CMedCausal", "task_type": "causal", "target": gold}], [pred])
     assert s["tasks"]["CMedCausal"] == {"metric": "micro_f1", "score": pytest.approx(2 / 3), "n": 1}
 
 
@@ -127,7 +127,7 @@ def test_promptcblue_text2dt_tree_edit_ratio_by_hand():
     #   largest distance: pred 1 triple + 2·1 node = 3; gold 4 triples + 2·3 nodes = 10  -> 13
     pred = "决策节点：role=D；logical_rel=null；triples=[('患者', '临床表现', '发热')]\n乱码行"
     rows = [{"task_dataset": "Text2DT", "task_type": "tree", "target": gold}] * 2
-    s = M.promptcblue_scores(rows, [gold, pred])
+    s = cblue.promptcblue_scores(rows, [gold, pred])
     assert s["tasks"]["Text2DT"]["metric"] == "tree_lenv_ratio"
     assert s["tasks"]["Text2DT"]["score"] == pytest.approx(1 - (0 + 7) / (10 + 10 + 3 + 10))
     # triples compare lowercased; an incomplete condition node is a leaf (and so its ancestors)

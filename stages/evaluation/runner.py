@@ -255,7 +255,7 @@ def eval_generation(s: EvalSet, p: Any, backend: Any, index: Any, client: Any, s
 
 
 def eval_promptcblue(s: EvalSet, p: Any, backend: Any, index: Any) -> tuple[dict, list]:
-    from .metrics import promptcblue_scores
+    from .cblue import promptcblue_scores
 
     convs = [[{"role": "user", "content": r["input"]}] for r in s.records]
     prompts = _gen_prompts(backend, convs, index, p.rag.k, p.lang)
