@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 TOKENIZE_MODES = ("char", "jieba")
 
