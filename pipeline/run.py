@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import launch
+from . import launch, tracking
 from .artifact import (Artifact, ArtifactError, check_files, merged_view, model_fingerprint, stable_hash, stage_key,
                        write_json_atomic, write_text_atomic)
 from .compose import StagePlan
@@ -236,6 +236,7 @@ class Pipeline:
         run_dir = prepare_run_dir(self.cfg, self.recipe)
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
         self.write_run_file(run_dir, keyed)
+        tracker = tracking.PipelineTracker(self.cfg, run_dir, OmegaConf.to_container(self.cfg, resolve=True))
         self.console.print(f"[bold]medpipe[/] run [cyan]{self.cfg.name}[/] → {run_dir}")
         done: dict[str, Artifact] = {}
         broken: dict[str, str] = {}
@@ -263,6 +264,7 @@ class Pipeline:
                 if Artifact.exists(k.store_dir) and problem is None and plan.name not in rerun:
                     self.console.print(f"  [green]✓ reused[/] (same config and inputs) {k.store_dir}", soft_wrap=True)
                     done[plan.name] = self.use(k, run_dir)
+                    tracker.stage_done(plan.name, plan.kind, done[plan.name], k.store_dir, reused=True)
                     continue
                 if problem:
                     self.console.print(f"  [red]✗ not reusable:[/] {problem}; retraining", soft_wrap=True)
@@ -271,8 +273,10 @@ class Pipeline:
                     why = f" ({broken[plan.source]})" if plan.source in broken else ""
                     raise MedpipeError(f"stage {plan.name} needs the output of '{plan.source}', which is not done{why}; "
                                        f"run without --only first")
-                self.train(k, source, run_dir)
+                with tracker.stage(plan.name, plan.kind, k.store_dir):
+                    self.train(k, source, run_dir)
                 done[plan.name] = self.use(k, run_dir)
+                tracker.stage_done(plan.name, plan.kind, done[plan.name], k.store_dir)
                 self.console.print(f"  [green]✓[/] {plan.name} finished in {_fmt(time.monotonic() - started)}"
                                    f"  {_metrics_line(done[plan.name].metrics)}", soft_wrap=True)
         except KeyboardInterrupt:
@@ -280,6 +284,7 @@ class Pipeline:
                 self.console.print(f"\n[yellow]stage {current.name} interrupted[/]; its checkpoints are kept. Resume with:\n"
                                    f"  {self.resume_command(run_dir, current, force, from_stage, only)}", soft_wrap=True)
             raise
+        tracker.end()
         self.console.print(f"[bold green]Pipeline {self.cfg.name} complete[/] → {run_dir}")
         return run_dir
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from medpipe.errors import ConfigError
 from medpipe.stages.models import loader
+from medpipe.stages.training import tracking  # report_to / run_name from the driver's trackers
 
 
 def world_size() -> int:
@@ -41,7 +42,7 @@ def training_kwargs(ctx: Any, p: Any) -> dict:
         lr_scheduler_type=p.scheduler, lr_scheduler_kwargs=dict(p.scheduler_kwargs),
         adam_beta1=p.adam_beta1, adam_beta2=p.adam_beta2, max_grad_norm=p.max_grad_norm,
         logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
-        save_total_limit=p.save_total_limit, report_to=["tensorboard"], seed=ctx.seed, data_seed=ctx.seed,
+        save_total_limit=p.save_total_limit, **tracking.report_kwargs(ctx), seed=ctx.seed, data_seed=ctx.seed,
         use_cpu=not cuda, bf16=use_bf16(p), fp16=p.precision == "fp16",
         activation_checkpointing=p.gradient_checkpointing, deepspeed=ctx.deepspeed_config,
         disable_tqdm=True, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",

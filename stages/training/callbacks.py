@@ -33,14 +33,15 @@ class ProgressCallback(TrainerCallback):
             self.ctx.progress(state.global_step, state.max_steps, **shown, **self._speed(state))
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.t0 = time.monotonic()  # tokens/s of training, not of model loading and data preparation
+        # tokens/s of this attempt's training: not model loading, not the tokens of a resumed checkpoint
+        self.t0, self.tokens0 = time.monotonic(), int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:  # the progress display moves every step, the log lines above stay per log
             self.ctx.progress(state.global_step, state.max_steps, **self._speed(state))
 
     def _speed(self, state) -> dict:
-        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - getattr(self, "tokens0", 0)
         elapsed = time.monotonic() - self.t0
         return {"tokens_per_s": tokens / elapsed} if tokens and elapsed > 0 else {}
 
