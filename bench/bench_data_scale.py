@@ -197,7 +197,7 @@ def _watch_anon():
     which ru_maxrss counts too) of this process and its live workers, sampled every 0.2 s."""
     import threading
 
-    peak = [0]
+    peak = [0, 0, 0]  # main + workers, main alone, largest worker
 
     def rss_anon(pid):
         try:
@@ -218,11 +218,14 @@ def _watch_anon():
 
     def loop():
         while True:
-            peak[0] = max(peak[0], rss_anon(os.getpid()) + sum(rss_anon(k) for k in kids()))
+            main, workers = rss_anon(os.getpid()), [rss_anon(k) for k in kids()]
+            peak[0] = max(peak[0], main + sum(workers))
+            peak[1] = max(peak[1], main)
+            peak[2] = max([peak[2], *workers])
             time.sleep(0.2)
 
     threading.Thread(target=loop, daemon=True).start()
-    return lambda: peak[0]
+    return lambda: list(peak)
 
 
 def run_child_measured(task, path, before, cache):
@@ -268,7 +271,10 @@ def main():
     if args.child:
         peak = _watch_anon()
         res = child(args.child, args.file, args.before, args.cache)
-        res["peak_anon_mb"] = round(peak() / 1024, 1)
+        total, main, worker = peak()
+        # forked workers share the parent's pages copy-on-write: the sum counts those more than once
+        res.update(peak_anon_mb=round(total / 1024, 1), peak_anon_main_mb=round(main / 1024, 1),
+                   peak_anon_worker_mb=round(worker / 1024, 1))
         print(json.dumps(res))
         return
     os.makedirs(args.dir, exist_ok=True)
