@@ -317,3 +317,33 @@ def test_medcare_generate_then_cue_flow():
     assert rows[0]["pred"] == ["B"] and rows[0]["correct"] is True
     res, details = eval_mcq(EvalSet("ceval", "mcq", "ceval", [item, {**item, "answer": ["A", "B"]}]), p, b, [], None)
     assert [d["correct"] for d in details] == [True, False] and res["metrics"]["acc"] == 0.5  # multi-answer: never
+
+
+@pytest.mark.slow
+def test_lm_eval_protocol_few_shot_draws_equal_lm_eval(tmp_path, monkeypatch):
+    """2-shot MedQA: lm-eval draws the shots from its training split with Random(1234), doc after
+    doc; protocol=lm-eval with fewshot_data = that file builds the same contexts (same scores)."""
+    pytest.importorskip("lm_eval", reason="lm-eval not installed (the Makefile installs lm-eval[hf]==0.4.13)")
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from medpipe.stages.evaluation.protocols.lmeval_tasks import write_tasks
+
+    medqa = f"{samples()}/mcq_medqa.jsonl"
+    names = write_tasks(tmp_path / "tasks", {"medqa_4options": medqa}, train={"medqa_4options": medqa})
+    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_artifact().model_path},dtype=float32",
+                                  tasks=names, batch_size=8, device="cpu", log_samples=True, num_fewshot=2, limit=12,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    p = EvalParams(data={"path": medqa, "format": "medqa", "limit": 12}, protocol="lm-eval", shots=2,
+                   fewshot_data={"path": medqa, "format": "medqa"})
+    evaluate(p, tiny_artifact(), tmp_path / "mp", **QUIET)
+    ours = [json.loads(x) for x in (tmp_path / "mp" / "details" / "medqa.jsonl").read_text().splitlines()]
+    theirs = sorted(ref["samples"][names[0]], key=lambda r: r["doc_id"])
+    assert len(ours) == len(theirs) == 12
+    for o, t in zip(ours, theirs):
+        lls = [float(x[0]) for x in t["filtered_resps"]]
+        assert list(o["scores"].values()) == pytest.approx(lls, abs=1e-4)
+        assert (o["pred"] == o["gold"]) == bool(t["acc"])

@@ -82,14 +82,19 @@ doc_to_choice: ["yes", "no", "maybe"]
 }
 
 
-def write_tasks(folder: str | Path, files: dict[str, str]) -> list[str]:
-    """Write `local_<task>` definitions for {task: file}; returns the lm-eval task names."""
+def write_tasks(folder: str | Path, files: dict[str, str], train: dict[str, str] | None = None) -> list[str]:
+    """Write `local_<task>` definitions for {task: file}; returns the lm-eval task names. `train`:
+    {task: file} of the split few-shot examples come from (the stock tasks' `training_split`,
+    drawn at random with seed 1234 — what `protocol: lm-eval` does with `fewshot_data`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "medpipe_lmeval.py").write_text(ADAPTERS, encoding="utf-8")
     names = []
     for task, path in files.items():
-        (folder / f"local_{task}.yaml").write_text(TASKS[task].format(path=Path(path).resolve()) + METRICS,
-                                                   encoding="utf-8")
+        text = TASKS[task].format(path=Path(path).resolve())
+        if train and task in train:
+            text = text.replace("data_files: {", f'data_files: {{train: "{Path(train[task]).resolve()}", ', 1)
+            text += "training_split: train\n"
+        (folder / f"local_{task}.yaml").write_text(text + METRICS, encoding="utf-8")
         names.append(f"local_{task}")
     return names
