@@ -322,7 +322,8 @@ def test_medcare_generate_then_cue_flow():
 @pytest.mark.slow
 def test_lm_eval_protocol_few_shot_draws_equal_lm_eval(tmp_path, monkeypatch):
     """2-shot MedQA: lm-eval draws the shots from its training split with Random(1234), doc after
-    doc; protocol=lm-eval with fewshot_data = that file builds the same contexts (same scores)."""
+    doc; protocol=lm-eval with fewshot_data = that file builds the same contexts (same scores);
+    and with the chat template as `lm_eval --apply_chat_template` renders it."""
     pytest.importorskip("lm_eval", reason="lm-eval not installed (the Makefile installs lm-eval[hf]==0.4.13)")
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "1")
@@ -347,3 +348,15 @@ def test_lm_eval_protocol_few_shot_draws_equal_lm_eval(tmp_path, monkeypatch):
         lls = [float(x[0]) for x in t["filtered_resps"]]
         assert list(o["scores"].values()) == pytest.approx(lls, abs=1e-4)
         assert (o["pred"] == o["gold"]) == bool(t["acc"])
+    # --apply_chat_template (few-shot as multi-turn, continuation "A" without the space) = chat=true
+    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_artifact().model_path},dtype=float32",
+                                  tasks=names, batch_size=8, device="cpu", log_samples=True, num_fewshot=1, limit=6,
+                                  apply_chat_template=True, task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    p = EvalParams(data={"path": medqa, "format": "medqa", "limit": 6}, protocol="lm-eval", shots=1, chat=True,
+                   fewshot_data={"path": medqa, "format": "medqa"})
+    evaluate(p, tiny_artifact(), tmp_path / "chat", **QUIET)
+    ours = [json.loads(x) for x in (tmp_path / "chat" / "details" / "medqa.jsonl").read_text().splitlines()]
+    theirs = sorted(ref["samples"][names[0]], key=lambda r: r["doc_id"])
+    assert theirs[0]["arguments"][0][1] == "A"
+    for o, t in zip(ours, theirs):
+        assert list(o["scores"].values()) == pytest.approx([float(x[0]) for x in t["filtered_resps"]], abs=1e-4)
