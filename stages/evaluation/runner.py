@@ -135,7 +135,8 @@ def eval_mcq(s: EvalSet, p: Any, backend: Any, pool: list[dict], index: Any) -> 
     labeled = [d["correct"] for d, it in zip(details, items) if it.get("answer")]
     m["acc"] = sum(labeled) / len(labeled)  # = sc["acc"] unless the harness scores correctness its own way
     if "pred_norm" in details[0]:  # lm-eval's acc_norm: argmax of log-likelihood / option characters
-        m["acc_norm"] = mcq_scores(items, [d["pred_norm"] for d in details])["acc"]
+        norm = [d["pred_norm"] == sorted(it["answer"]) for d, it in zip(details, items) if it.get("answer")]
+        m["acc_norm"] = sum(norm) / len(norm)
     if any("invalid" in d for d in details):
         m["invalid"] = sc["invalid"]
     if p.explain:
