@@ -130,6 +130,42 @@ def test_submit_scancel_mid_stage_and_resume_on_real_slurm(tmp_path, slurm_clust
     assert re.search(rf"slurm job {job2}: COMPLETED", st.stdout), st.stdout
 
 
+SFT_ONLY = """
+defaults: [base, model: tiny, data: sample, stage/sft@stages.sft, _self_]
+name: requeued
+stages:
+  sft: {data: "${data.dialogue}", lr: 5e-3, max_steps: 30, logging_steps: 1, batch_size: 2, max_length: 64,
+        save_steps: 3, peft: {r: 4, alpha: 8}}
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_requeued_job_resumes_the_stage_in_the_same_job(tmp_path, slurm_cluster):
+    """Preemption/requeue (`scontrol requeue`): the same job id starts again (after Slurm's ~120 s
+    hold-off) with SLURM_RESTART_COUNT=1, its output appended to the same file, and the stage
+    resumes from its checkpoint."""
+    recipe = tmp_path / "requeued.yaml"
+    recipe.write_text(SFT_ONLY)
+    run_dir = tmp_path / "runs" / "requeued"
+    job = _submit(tmp_path, recipe, run_dir)
+    log = run_dir / f"slurm-{job}.out"
+    _wait(lambda: sorted((run_dir / "01-sft" / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+          if (run_dir / "01-sft").exists() else [], 400, "a checkpoint of the sft stage", log)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    _wait(lambda: log.exists() and "restart=1" in log.read_text(), 400, "the requeued job to start again", log)
+    _wait(lambda: _job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), 600, "the requeued job", log)
+    out = log.read_text()
+    assert _job_state(job) in ("COMPLETED", "GONE"), out[-4000:]
+    assert "restart=0" in out and "DUE TO JOB REQUEUE" in out and "stage sft interrupted" in out
+    assert out.index("restart=0") < out.index("DUE TO JOB REQUEUE") < out.index("restart=1")
+    assert "Pipeline requeued complete" in out
+    sft = zero2_stage(run_dir, "01-sft")
+    assert sft["metrics"]["resumed_from"].startswith("checkpoint-") and sft["metrics"]["steps"] == 30
+    st = medpipe_proc("status", str(run_dir))
+    assert re.search(rf"slurm job {job}: COMPLETED, restarts 1", st.stdout), st.stdout
+
+
 def test_srun_commands_for_one_and_two_nodes(monkeypatch):
     from medpipe.compose import compose
     from medpipe.launch import command, world_size
