@@ -190,6 +190,31 @@ def test_srun_commands_for_one_and_two_nodes(monkeypatch):
     assert one[6:] == [one[6], "--num_gpus", "4", "--master_port", "29500", "--module", "medpipe.entry", "/s/stage.json"]
 
 
+def test_the_driver_requeues_on_the_time_limit_warning_and_stops_on_sigterm(tmp_path):
+    """As the batch shell (exec'd), the driver gets `--signal=B:USR1@...`: it requeues its own job
+    (a stand-in scontrol records the call); SIGTERM (scancel, preemption) becomes the Ctrl-C path."""
+    import sys
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/scontrol.args\n")
+    (fake / "scontrol").chmod(0o755)
+    code = ("import os, signal, time\n"
+            "from medpipe.slurm import install_driver_signals\n"
+            "install_driver_signals()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+            "except KeyboardInterrupt as e:\n"
+            "    print('interrupted by', e)\n")
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "medpipe: time limit near: requeueing job 4242" in r.stdout
+    assert "interrupted by signal SIGTERM" in r.stdout
+    assert (tmp_path / "scontrol.args").read_text() == "requeue 4242\n"
+
+
 def test_submit_refuses_unknown_slurm_keys_before_anything(tmp_path):
     r = medpipe("submit", "recipe=qilin", "slurm.partiton=gpu", f"run.root={tmp_path}")
     assert r.code == 2
