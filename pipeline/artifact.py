@@ -115,6 +115,30 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+# JSON lists that are sets, written in hash order (PEFT's adapter_config.json): sorted for the digest
+SET_VALUED = ("target_modules", "modules_to_save", "exclude_modules", "layers_to_transform")
+
+
+def canonical_json_sha256(path: Path) -> str:
+    """sha256 of a JSON file's content, not its bytes: keys sorted, set-valued lists sorted, so the
+    same settings give the same digest in every process (PEFT writes target_modules from a set,
+    whose order changes with PYTHONHASHSEED). A file that is not JSON: its bytes."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return file_sha256(path)
+
+    def canon(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: (sorted(v, key=str) if k in SET_VALUED and isinstance(v, list) else canon(v)) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [canon(v) for v in obj]
+        return obj
+
+    blob = json.dumps(canon(data), sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
 def record_files(art: "Artifact", directory: str | Path, input_digest: str = "") -> None:
     """Fill `art.files` (size + sha256 of every handed-on file inside `directory`, the stage's store
     entry) and `art.content_digest`. Paths outside the entry (a pass-through stage's input model)
@@ -134,7 +158,8 @@ def record_files(art: "Artifact", directory: str | Path, input_digest: str = "")
             if rel not in files and not f.name.startswith("."):
                 files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
     art.files = files
-    content = {rel: v["sha256"] for rel, v in files.items() if Path(rel).name not in RUN_METADATA}
+    content = {rel: (canonical_json_sha256(root / rel) if rel.endswith(".json") else v["sha256"])
+               for rel, v in files.items() if Path(rel).name not in RUN_METADATA}
     art.content_digest = stable_hash({"format": art.format, "files": content, "input": input_digest if outside else "",
                                       "handoff": art.handoff, "dataset_records": art.dataset_records}, length=32)
 

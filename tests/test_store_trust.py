@@ -344,3 +344,22 @@ def test_a_real_full_disk_fails_the_stage_with_one_line(tmp_path):
         assert status["state"] == "failed" and status["error"].startswith("stage cpt: no space left on the device")
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_content_digest_ignores_the_order_peft_writes_its_module_set_in(tmp_path):
+    from medpipe.artifact import Artifact, record_files
+
+    def entry_with(modules: list[str], weights: bytes) -> str:
+        d = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
+        (d / "adapter").mkdir(parents=True)
+        (d / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": modules}))
+        (d / "adapter" / "adapter_model.safetensors").write_bytes(weights)
+        art = Artifact(stage="sft", kind="sft", format="adapter", model_path=str(d / "adapter"),
+                       tokenizer_path=str(d / "adapter"))
+        record_files(art, d)
+        return art.content_digest
+
+    a = entry_with(["q_proj", "v_proj", "o_proj"], b"w1")
+    assert entry_with(["o_proj", "q_proj", "v_proj"], b"w1") == a  # same set, other hash order
+    assert entry_with(["o_proj", "q_proj"], b"w1") != a
+    assert entry_with(["q_proj", "v_proj", "o_proj"], b"w2") != a
