@@ -9,7 +9,11 @@ log-likelihoods, acc/acc_norm) vs lm-eval `evaluator.evaluate` (requests, tokeni
 log-likelihoods, metrics); CPU = time.process_time (all threads). Median of --reps, alternating
 which side runs first.
 
-    .venv/bin/python bench/bench_eval_protocols.py [--reps 3] [--threads 2]
+    .venv/bin/python bench/bench_eval_protocols.py [--reps 3] [--threads 2] [--model DIR] [--limit N]
+
+`--model`: a local HF model directory instead of the tiny one (e.g. a real 135M model, where the
+vocabulary is 49k: lm-eval takes logits at every position, medpipe at the prompt's last one);
+`--limit`: the first N items of each set (lm-eval's --limit).
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lm-eval-batch-size", type=int, default=8)
+    ap.add_argument("--model", default=None, help="local HF model dir (default: the tiny model)")
+    ap.add_argument("--limit", type=int, default=None, help="first N items of every set")
     args = ap.parse_args()
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[k] = "1"
@@ -48,12 +54,13 @@ def main() -> None:
     s = str(package_dir("samples"))
     files = {"medqa_4options": (f"{s}/mcq_medqa.jsonl", "medqa"), "medmcqa": (f"{s}/medmcqa.json", "medmcqa"),
              "pubmedqa": (f"{s}/pubmedqa.json", "pubmedqa")}
-    tiny = str(ensure_tiny())
+    tiny = args.model or str(ensure_tiny())
     tmp = tempfile.mkdtemp(prefix="bench_protocols_")
     names = write_tasks(tmp, {t: f for t, (f, _) in files.items()})
     manager = TaskManager(include_path=tmp)
     lm = HFLM(pretrained=tiny, dtype="float32", batch_size=args.lm_eval_batch_size, device="cpu")
-    p = EvalParams(data=[{"path": f, "format": fmt, "task": t} for t, (f, fmt) in files.items()], protocol="lm-eval")
+    p = EvalParams(data=[{"path": f, "format": fmt, "task": t} for t, (f, fmt) in files.items()], protocol="lm-eval",
+                   limit=args.limit)
     backend = open_backend(Artifact(stage="base", kind="model", format="full", model_path=tiny, tokenizer_path=tiny))
     sets = plan_sets(p)
 
@@ -63,7 +70,7 @@ def main() -> None:
     def lm_eval_run():
         tasks = get_task_dict(names, manager)  # built outside the clock
         t0 = time.process_time()
-        out = evaluator.evaluate(lm=lm, task_dict=tasks, log_samples=True, verbosity="ERROR")
+        out = evaluator.evaluate(lm=lm, task_dict=tasks, limit=args.limit, log_samples=True, verbosity="ERROR")
         return out, time.process_time() - t0
 
     cpu = {"medpipe": [], "lm_eval": []}
@@ -89,7 +96,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in cpu.items()}
     per100 = {k: v * 100 / n for k, v in med.items()}
     print(f"{n} items (MedQA 4-option {len(sets[0].records)}, MedMCQA {len(sets[1].records)}, "
-          f"PubMedQA {len(sets[2].records)}), tiny Qwen2 fp32, torch threads {args.threads}, reps {args.reps}")
+          f"PubMedQA {len(sets[2].records)}), {'tiny Qwen2' if not args.model else args.model} fp32, torch threads {args.threads}, reps {args.reps}")
     for k in cpu:
         print(f"{k:<8} CPU median {med[k]:.2f}s = {per100[k]:.2f}s per 100 items (all reps: "
               + ", ".join(f"{x:.2f}" for x in cpu[k]) + ")")
