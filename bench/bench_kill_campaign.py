@@ -180,11 +180,49 @@ def kill_at(args: list[str], run_dir: Path, stage: str, trigger, log: Path,
     return fired, time.monotonic() - t0, sdir
 
 
+def analyse(out: Path) -> dict:
+    """Every finished version of every stage the campaign produced (live entries and the ones kept
+    aside by --from), per stage kind: the distinct trainable-weights sha256 and content digests
+    (recomputed with this checkout's medpipe.artifact.record_files). One value each = every killed
+    and resumed stage reproduced the uninterrupted run."""
+    from medpipe.artifact import Artifact, record_files
+
+    seen: dict[str, dict] = {}
+    for d in sorted((out / "runs" / ".store").iterdir()):
+        if not (d / "artifact.json").is_file():
+            continue
+        art = Artifact.load(d)
+        live = Path(art.model_path).parent  # the entry's name when it was written
+        for field in ("model_path", "tokenizer_path", "merged_path", "dataset_path"):
+            value = getattr(art, field)
+            if value and Path(value).parent == live:
+                setattr(art, field, str(d / Path(value).name))
+        art.task_models = {t: str(d / Path(v).relative_to(live)) if Path(v).is_relative_to(live) else v
+                           for t, v in art.task_models.items()}
+        record_files(art, d, "")
+        row = seen.setdefault(art.kind, {"versions": 0, "weights": set(), "content": set()})
+        row["versions"] += 1
+        row["weights"].add(art.metrics.get("weights_sha256", "")[:16])
+        if art.files:
+            row["content"].add(art.content_digest[:16])
+        else:  # eval stages hand on no files of their own: their scores instead
+            from medpipe.artifact import stable_hash
+
+            scores = {k: v for k, v in art.metrics.items() if not any(t in k for t in ("time", "second", "runtime"))}
+            row["content"].add("scores:" + stable_hash(scores))
+    return {k: {"versions": v["versions"], "weights": sorted(v["weights"]), "content": sorted(v["content"])}
+            for k, v in seen.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/medpipe-kill-campaign")
     ap.add_argument("--only", choices=sorted(RECIPES))
+    ap.add_argument("--analyse", action="store_true", help="only summarise the versions in an earlier --out")
     args = ap.parse_args()
+    if args.analyse:
+        print(json.dumps(analyse(Path(args.out)), indent=1))
+        return
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -229,6 +267,7 @@ def main() -> None:
                       "missed": [f"{r['recipe']}/{r['stage']}/{r['at']}" for r in results if not r["fired"]],
                       "differ": [f"{r['recipe']}/{r['stage']}/{r['at']}: {r['differs']}" for r in fired
                                  if not r["same_digests"]]}), flush=True)
+    print(json.dumps({"versions_per_kind": analyse(out)}), flush=True)
 
 
 if __name__ == "__main__":
