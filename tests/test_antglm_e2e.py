@@ -12,8 +12,8 @@ from conftest import medpipe
 QUICK = ["stages.cpt.max_steps=6", "stages.cpt.logging_steps=1",
          "stages.sft.max_steps=6", "stages.sft.logging_steps=2",
          "stages.voc.limit=4", "stages.voc.max_new_tokens=4", "stages.voc.final_max_new_tokens=4",
-         "stages.cpoly.max_steps=8", "stages.cpoly.logging_steps=2",
-         "stages.cpt.batch_size=4", "stages.sft.batch_size=4", "stages.cpoly.batch_size=4"]
+         "stages.cpoly.max_steps=12", "stages.cpoly.logging_steps=2",  # 6 logs: first/last = means of 2
+         "stages.cpt.batch_size=4", "stages.sft.batch_size=4", "stages.cpoly.batch_size=8"]
 
 
 def test_table8_setting_draws_500_per_dataset_at_random():
