@@ -59,8 +59,8 @@ class SpikeGuard(TrainerCallback):
 
     The pre-clipping norm is read by wrapping the trainer's `_get_grad_norm`, and the update is
     skipped by wrapping `optimizer.step` (see `install`). Under DeepSpeed the engine steps inside
-    backward, so there the guard counts and lowers the lr but the skip is DeepSpeed's own
-    (fp16 overflow handling)."""
+    backward, so there the guard counts and lowers the lr but neither skips nor halves: the skip
+    is DeepSpeed's own (fp16 overflow handling)."""
 
     def __init__(self, cfg: Any, ctx: Any):
         self.cfg, self.ctx = cfg, ctx
