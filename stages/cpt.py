@@ -43,6 +43,21 @@ def drop_eval_overlap(records: list[dict], params: Any, data_opts: dict) -> tupl
     return [r for r in records if r["_loc"] not in hit], len(hit)
 
 
+def _require_a_block(records: list[dict], tok: Any, block_size: int) -> None:
+    """`run` would stop with no full block: say so in validate. Exact for small corpora (tokenised);
+    a corpus of more documents than a block has tokens always fills one (each adds >= 2 tokens)."""
+    from medpipe.errors import MedpipeError
+
+    if 2 * len(records) >= block_size:
+        return
+    from medpipe.data.validate import token_lengths
+
+    total = sum(token_lengths(records, tok)) + len(records)  # + one EOS a document
+    if total < block_size:
+        raise MedpipeError(f"the data gives no full block of block_size={block_size} tokens ({total} tokens in "
+                           f"{len(records)} documents); lower block_size or add text")
+
+
 class CPTStage:
     """Continued pretraining on plain text (txt, json/jsonl text field, parquet), full or LoRA."""
 
@@ -58,7 +73,8 @@ class CPTStage:
         require_model_dir(base.model_path)
         tok = load_tokenizer(base.tokenizer_path, base.trust_remote_code)  # token-length columns per source
         result = load_records(params.data, "text", tokenizer=tok, **data_options(params, data_opts))
-        _, excluded = drop_eval_overlap(result.records, params, data_opts)
+        kept, excluded = drop_eval_overlap(result.records, params, data_opts)
+        _require_a_block(kept, tok, params.block_size)
         lines = result.summary_table().splitlines()
         return lines + ([f"{excluded} document(s) overlap exclude_data: dropped"] if params.exclude_data else [])
 

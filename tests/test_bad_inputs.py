@@ -213,9 +213,15 @@ def c_cpt_model_dir_without_config(t):
     return recipe(t, CPT.format(data=d, extra="")), [f"model.path={t}/m"], ["model.path", "no config.json"]
 
 
+def c_cpt_no_full_block(t):
+    d = write(t, "a.txt", "hello world\n")
+    return recipe(t, CPT.format(data=d, extra="").replace("block_size: 16", "block_size: 512")), [], [
+        "stages.cpt", "no full block of block_size=512"]
+
+
 CASES = {name[2:]: fn for name, fn in globals().items() if name.startswith("c_")}
 ALSO_RUN = {"bad_json_line", "gbk_csv", "duplicate_key_jsonl", "overlength_error", "span_not_found",
-            "recipe_typo_top", "model_dir_without_config", "nothing_left_after_truncation"}
+            "recipe_typo_top", "model_dir_without_config", "nothing_left_after_truncation", "cpt_no_full_block"}
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])
@@ -240,7 +246,7 @@ def test_bad_input_is_one_line_exit_2_nothing_trained(tmp_path, case, command):
 
 def test_the_suite_size():
     """The number quoted in the README's reliability line."""
-    assert len(CASES) == 29, len(CASES)
+    assert len(CASES) == 30, len(CASES)
 
 
 def test_cmexam_skipped_letters_and_mistral_system_turns_validate(tmp_path):
