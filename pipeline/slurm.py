@@ -33,6 +33,15 @@ SBATCH_KEYS = ("partition", "nodes", "gpus_per_node", "cpus_per_task", "mem", "t
                "job_name", "signal_margin", "requeue", "extra")
 
 
+def _slurm(args: list[str]) -> subprocess.CompletedProcess:
+    """A Slurm client command; a machine without Slurm is one clear error, not a traceback."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise MedpipeError(f"{args[0]}: not found (a Slurm client must be on PATH: run this on a login or "
+                           f"compute node of the cluster)") from None
+
+
 def _env_int(name: str) -> int | None:
     """An integer Slurm variable; GPU counts may read `gpu:8` or `8(x2)`."""
     raw = os.environ.get(name)
@@ -57,7 +66,7 @@ def hosts() -> list[str]:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
         return []
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    out = _slurm(["scontrol", "show", "hostnames", nodelist])
     if out.returncode != 0:
         raise MedpipeError(f"scontrol show hostnames {nodelist}: {out.stderr.strip() or out.returncode}")
     return out.stdout.split()
@@ -174,7 +183,7 @@ def sbatch_script(sb: dict, run_dir: Path, driver: list[str], workdir: Path) -> 
 
 
 def submit(script: Path) -> str:
-    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    out = _slurm(["sbatch", "--parsable", str(script)])
     if out.returncode != 0:
         raise MedpipeError(f"sbatch {script}: {(out.stderr or out.stdout).strip() or 'exit ' + str(out.returncode)}")
     job = out.stdout.strip().split(";")[0]
@@ -197,7 +206,10 @@ def read_jobs(run_dir: Path) -> list[dict]:
 def job_state(job: str) -> dict:
     """State of a job from scontrol (sacct may be disabled). A finished job's record is purged
     MinJobAge (~5 min) after it ends: then `state` is `GONE`."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+    try:
+        out = _slurm(["scontrol", "show", "job", "-o", job])
+    except MedpipeError as e:
+        return {"job_id": job, "state": "UNKNOWN", "reason": str(e)}
     if out.returncode != 0:
         if "Invalid job id" in out.stderr:
             return {"job_id": job, "state": "GONE", "reason": "no longer known to Slurm (ended > MinJobAge ago)"}

@@ -236,3 +236,16 @@ def test_dry_run_writes_the_script_into_the_run_dir(tmp_path):
     assert lines[-1].startswith("exec ") and lines[-1].endswith(f"run.dir={run_dir}")
     assert " launcher=slurm " in lines[-1] and " launcher.sbatch.partition=gpu " in lines[-1]
     assert json.loads((run_dir / "run.json").read_text())["name"] == "qilin"
+
+
+def test_status_and_submit_without_a_slurm_client_say_so(tmp_path, monkeypatch):
+    from medpipe import slurm
+    from medpipe.errors import MedpipeError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch / scontrol here
+    (tmp_path / slurm.JOBS_FILE).write_text(json.dumps({"jobs": [{"job_id": "7"}]}))
+    assert slurm.job_state("7") == {"job_id": "7", "state": "UNKNOWN", "reason": "scontrol: not found (a Slurm client "
+                                    "must be on PATH: run this on a login or compute node of the cluster)"}
+    (tmp_path / "x.sbatch").write_text("#!/bin/bash\n")
+    with pytest.raises(MedpipeError, match=r"^sbatch: not found \(a Slurm client must be on PATH"):
+        slurm.submit(tmp_path / "x.sbatch")
