@@ -214,6 +214,10 @@ def test_lm_eval_task_names_map_to_local_files(tmp_path, monkeypatch):
     tasks = ("pubmedqa", "medmcqa", "medqa_4options")
     assert [results[t]["n"] for t in tasks] == [40, 40, 60]
     assert metrics["multimedqa/acc"] == pytest.approx(sum(metrics[f"{t}/acc"] * results[t]["n"] for t in tasks) / 140)
+    # a recipe composed with data=public names the splits: those win over data_dir
+    named = {"medqa_test": {"path": f"{samples()}/mcq_medqa.jsonl", "format": "medqa"}}
+    sets = plan_sets(EvalParams(data="medqa_4options", protocol="lm-eval", limit=2), named)
+    assert [(s.name, s.records[0]["_loc"]) for s in sets] == [("medqa_4options", f"{samples()}/mcq_medqa.jsonl:1")]
     monkeypatch.delenv("MEDPIPE_EVAL_DATA", raising=False)
     with pytest.raises(ConfigError, match="lm-eval task medqa_4options: no phrases_no_exclude_test.jsonl"):
         plan_sets(EvalParams(data="medqa_4options", protocol="lm-eval"))

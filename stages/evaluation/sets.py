@@ -11,15 +11,17 @@ from typing import Any
 MCQ_FORMATS = ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval")
 GEN_FORMATS = ("alpaca", "sharegpt", "messages", "huatuo")
 
-# protocol=lm-eval: lm-eval task names → (format, file in its published shape, source options).
-# The files are the splits the tasks evaluate: MedQA US 4-option test (jind11's
-# data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl = GBaker/MedQA-USMLE-4-options-hf
-# test), MedMCQA's dev.json (original release, cop 1-4 = the task's `validation`), PubMedQA's
-# pqal_test_set.json (ori_pqal shape = bigbio pubmed_qa_labeled_fold0 test). Looked up under
-# `data_dir` (or $MEDPIPE_EVAL_DATA), directly or in a folder named after the task.
-LM_EVAL_TASKS = {"medqa_4options": ("medqa", "phrases_no_exclude_test.jsonl", {}),
-                 "medmcqa": ("medmcqa", "dev.json", {"cop_base": 1}),
-                 "pubmedqa": ("pubmedqa", "pqal_test_set.json", {})}
+# protocol=lm-eval: lm-eval task names → (format, file in its published shape, source options, the
+# recipe data name of the same split). The splits are those the tasks evaluate: MedQA US 4-option
+# test (jind11's data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl =
+# GBaker/MedQA-USMLE-4-options-hf test), MedMCQA's dev.json (original release, cop 1-4 = the task's
+# `validation`), PubMedQA's PQA-L test (bigbio pubmed_qa_labeled_fold0 test = pqal_test_set.json).
+# Where found: the recipe's data section (conf/data/public.yaml under data.root: medqa_test,
+# medmcqa_dev, pubmedqa_pqal_test), else the file under `data_dir` (or $MEDPIPE_EVAL_DATA),
+# directly or in a folder named after the task.
+LM_EVAL_TASKS = {"medqa_4options": ("medqa", "phrases_no_exclude_test.jsonl", {}, "medqa_test"),
+                 "medmcqa": ("medmcqa", "dev.json", {"cop_base": 1}, "medmcqa_dev"),
+                 "pubmedqa": ("pubmedqa", "pqal_test_set.json", {}, "pubmedqa_pqal_test")}
 # lm-eval's multimedqa group (tasks/benchmarks/multimedqa/multimedqa.yaml) minus its six MMLU
 # subjects, which have no reader here
 LM_EVAL_GROUPS = {"multimedqa": ["pubmedqa", "medmcqa", "medqa_4options"]}
@@ -33,7 +35,7 @@ def task_groups(p: Any) -> dict[str, list[str]]:
     return {g: LM_EVAL_GROUPS[g] for g in named if isinstance(g, str) and g in LM_EVAL_GROUPS}
 
 
-def expand_task_names(data: Any, data_dir: str | None) -> Any:
+def expand_task_names(data: Any, data_dir: str | None, data_opts: dict | None = None) -> Any:
     """lm-eval task / group names in `data` → source dicts of the local files (others unchanged)."""
     import os
 
@@ -47,13 +49,17 @@ def expand_task_names(data: Any, data_dir: str | None) -> Any:
             if not (isinstance(name, str) and name in LM_EVAL_TASKS):
                 out.append(name)
                 continue
-            fmt, file, opts = LM_EVAL_TASKS[name]
+            fmt, file, opts, public = LM_EVAL_TASKS[name]
+            named = (data_opts or {}).get(public)
+            if isinstance(named, dict) and named.get("path"):  # data=public: the recipe names this split
+                out.append({**named, "task": name})
+                continue
             root = data_dir or os.environ.get("MEDPIPE_EVAL_DATA")
             found = [c for c in ((Path(root) / name / file), (Path(root) / file)) if c.is_file()] if root else []
             if not found:
                 where = f"under {root}" if root else "(set data_dir=DIR or $MEDPIPE_EVAL_DATA)"
-                raise ConfigError(f"lm-eval task {name}: no {file} {where}; or give "
-                                  f"data={{path: ..., format: {fmt}, task: {name}}}")
+                raise ConfigError(f"lm-eval task {name}: no {file} {where}; or compose data=public data.root=DIR "
+                                  f"({public}), or give data={{path: ..., format: {fmt}, task: {name}}}")
             out.append({"path": str(found[0]), "format": fmt, "task": name, **opts})
     return out if isinstance(data, list) or len(out) > 1 else out[0]
 
@@ -90,7 +96,8 @@ def plan_sets(p: Any, data_opts: dict | None = None) -> list[EvalSet]:
     sets: list[EvalSet] = []
     seen: dict[str, int] = {}
     suffix = "+rag" if p.rag.index is not None else ""
-    data = expand_task_names(p.data, getattr(p, "data_dir", None)) if getattr(p, "protocol", "") == "lm-eval" else p.data
+    data = (expand_task_names(p.data, getattr(p, "data_dir", None), data_opts) if getattr(p, "protocol", "") == "lm-eval"
+            else p.data)
     for src in parse_spec(data):
         fmt = _source_format(src)
         if fmt in MCQ_FORMATS:

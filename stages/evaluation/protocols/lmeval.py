@@ -44,8 +44,9 @@ def exam_subject(item: dict) -> tuple[str, str]:
     task = str(item.get("task") or "")
     if task.startswith("cmmlu_"):
         return "cmmlu", task[len("cmmlu_"):]
-    if task.startswith("ceval-valid_"):
-        return "ceval", task[len("ceval-valid_"):]
+    for prefix in ("ceval-valid_", "ceval_"):  # lm-eval's task name, conf/data/public.yaml's
+        if task.startswith(prefix):
+            return "ceval", task[len(prefix):]
     return "ceval", str(item.get("subject") or "")
 
 
