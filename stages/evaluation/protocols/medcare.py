@@ -103,5 +103,6 @@ def run(items: list[dict], p: Any, backend: Any, langs: list[str], rag_ctx: list
         shown = letter.strip()
         out.append({"id": it.get("id"), "gold": it["answer"], "pred": [shown] if shown in it["options"] else None,
                     "correct": correct, "text": text, "scores": {x: max(sc[t] for t in cand[x]) for x in ls},
+                    "n_tokens": {x: 1 for x in ls}, "chars": {x: 1 for x in ls},
                     "prompt_sha": prompt_hash(pr)})
     return out
