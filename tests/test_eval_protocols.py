@@ -86,7 +86,9 @@ def test_lm_eval_encodes_the_pair_whole_and_splits_it():
     pool = [EN, ZH, PQA]
     rnd = random.Random(1234)
     assert lmeval.pick_shots([EN, EN], pool, 2, "medqa") == [rnd.sample(pool, 2), rnd.sample(pool, 2)]
-    assert lmeval.pick_shots([EN], pool, 2, "ceval") == [pool[:2]]
+    # C-Eval / CMMLU: the first k dev items of the item's own subject (one dev split per subject task)
+    dev = [{**ZH, "id": f"{s}{i}", "subject": s} for s in ("basic_medicine", "clinical_medicine") for i in range(3)]
+    assert [e["id"] for e in lmeval.pick_shots([ZH], dev, 2, "ceval")[0]] == ["clinical_medicine0", "clinical_medicine1"]
 
 
 def test_opencompass_prompts():

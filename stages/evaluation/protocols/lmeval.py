@@ -97,7 +97,14 @@ def pick_shots(items: Sequence[dict], pool: list[dict], k: int, fmt: str) -> lis
     if fmt in RANDOM_SHOTS:
         rnd = random.Random(FEWSHOT_SEED)
         return [rnd.sample(pool, k) for _ in items]
-    return [pool[:k] for _ in items]
+    return [same_subject(it, pool)[:k] for it in items]
+
+
+def same_subject(item: dict, pool: list[dict]) -> list[dict]:
+    """The dev items of the item's own subject (each C-Eval / CMMLU subject task has its own dev
+    split), in file order; the whole pool when none carries that subject."""
+    own = [e for e in pool if exam_subject(e) == exam_subject(item)]
+    return own or pool
 
 
 def context_text(item: dict, fmt: str, shots: list[dict], tok: Any = None, chat: bool = False,

@@ -160,9 +160,13 @@ def extract(text: str, fmt: str, item: dict) -> str:
 def run(items: list[dict], fmt: str, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
     from ..runner import prompt_hash
 
-    shots = [e for e in pool if e.get("answer")][: p.shots]  # FixKRetriever: the same first k for every item
-    prompts = [render({**it, "question": (rc + "\n" if rc else "") + str(it.get("question") or "")}, fmt, shots,
-                      backend, p.chat) for it, rc in zip(items, rag_ctx)]
+    from .lmeval import same_subject
+
+    pool = [e for e in pool if e.get("answer")]
+    # FixKRetriever [0..4]: the first k dev items of the subject's own dev split, the same for every item
+    prompts = [render({**it, "question": (rc + "\n" if rc else "") + str(it.get("question") or "")}, fmt,
+                      same_subject(it, pool)[: p.shots] if fmt == "ceval" else pool[: p.shots], backend, p.chat)
+               for it, rc in zip(items, rag_ctx)]
     texts = backend.generate(prompts, 10 if fmt == "cmb" else p.max_new_tokens, not p.chat)
     out = []
     for it, pr, text in zip(items, prompts, texts):
