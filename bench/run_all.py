@@ -29,6 +29,7 @@ BENCHES: dict[str, list[str]] = {
     "cpoly_layer": ["--reps", "30"],
     "medcare_layer": ["--reps", "9"],
     "stage_overhead": ["--reps", "3"],
+    "eval_protocols": ["--reps", "5"],
 }
 
 
