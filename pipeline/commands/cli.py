@@ -201,6 +201,30 @@ def validate(args: Overrides = None) -> None:
 
 
 @app.command()
+def dedup(
+    data: Annotated[str, typer.Argument(help="a data spec: file, directory, glob or conf/data name")],
+    want: Annotated[str, typer.Option(help="text | chat | preference | mcq")] = "text",
+    engine: Annotated[str, typer.Option(help="single (this process) | datatrove (same keep list)")] = "datatrove",
+    executor: Annotated[str, typer.Option(help="datatrove executor: local | slurm | ray")] = "local",
+    tasks: Annotated[int, typer.Option(help="datatrove tasks of the signature stage")] = 2,
+    work: Annotated[str, typer.Option(help="datatrove working folder (shared storage on a cluster)")] = "dedup_work",
+    keep: Annotated[Optional[str], typer.Option(help="write the kept records' file:line here")] = None,
+    threshold: Annotated[float, typer.Option(help="near-duplicate Jaccard (MinHash estimate)")] = 0.8,
+    partition: Annotated[Optional[str], typer.Option(help="slurm partition")] = None,
+    venv: Annotated[Optional[str], typer.Option(help="slurm: venv_path on the nodes")] = None,
+    submit: Annotated[bool, typer.Option("--submit", help="slurm/ray: run it (else print the code)")] = False,
+) -> None:
+    """Exact + MinHash near-dedup of a data spec; datatrove runs it on local tasks, Slurm or Ray."""
+    from .dedup import run_dedup
+
+    kw = {k: v for k, v in {"partition": partition, "venv_path": venv}.items() if v}
+    try:
+        run_dedup(data, want, engine, executor, tasks, work, keep, threshold, submit, kw, print)
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command()
 def status(run_dir: Annotated[str, typer.Argument(help="a run directory (runs/<recipe>-<time>)")]) -> None:
     """Each stage of a run: done / running / interrupted / failed / pending, time, artifact."""
     from pathlib import Path
