@@ -48,8 +48,8 @@ def test_the_optimizer_sees_the_global_batch_on_one_and_on_two_ranks(tmp_path):
 
     recipe = tmp_path / "batch.yaml"
     recipe.write_text(BATCH)
-    one_dir = tmp_path / "runs" / "one"
-    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={one_dir}")
+    one_dir = tmp_path / "one" / "main"  # its own store: the 2-rank run has the same stage key (same global batch)
+    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/one", f"run.dir={one_dir}")
     assert r.code == 0, r.out
     two_dir = run_on_two_ranks(tmp_path, BATCH, port=29549)
     seen = {}
