@@ -17,6 +17,7 @@ and measures each task in a fresh child process: wall time, and peak RSS from th
   sharegpt         validate_encode on multi-turn ShareGPT records
   dedup            exact + MinHash near-dedup clusters (medpipe.data.dedup.clusters) of the texts
   packing          real (non-pad) / computed tokens of SFT batches, padded vs padding-free packed
+  encode_profile   cProfile of the SFT encode path (_encode_many, one process): CPU s, top functions
 
 peak_rss_mb is ru_maxrss (it counts the touched pages of memory-mapped Arrow files, which the
 kernel can drop at will); peak_anon_mb is the peak anonymous memory (heap) of the task and its
@@ -134,7 +135,38 @@ def child(task: str, path: str, before: str, cache: str) -> dict:
         return {"records": len(recs), "clusters": len(set(cl))}
     if task == "packing":
         return packing_ratio()
+    if task == "encode_profile":
+        return encode_profile(path)
     raise SystemExit(f"unknown task {task}")
+
+
+def encode_profile(path: str, top: int = 8) -> dict:
+    """Where the SFT encoding's time goes (cProfile, one process, batches of 256 as in the map):
+    CPU seconds and the share of the top functions by own time. Profile CPU, not wall: on a
+    shared machine the wall clock moves by 2x with the neighbours' load."""
+    import cProfile
+    import pstats
+
+    from transformers import AutoTokenizer
+
+    from medpipe.data import load_records
+    from medpipe.stages.models.tiny import ensure_tiny
+    from medpipe.stages.training import chat_data as cd
+
+    convs = [r["messages"] for r in load_records(path, "chat").records]
+    tok = AutoTokenizer.from_pretrained(ensure_tiny())
+    shape, limits = cd.template_shape(tok), cd.Limits(2048)
+    prof, c0 = cProfile.Profile(), time.process_time()
+    prof.enable()
+    for i in range(0, len(convs), 256):
+        cd._encode_many(convs[i:i + 256], tok, shape, limits)
+    prof.disable()
+    cpu = time.process_time() - c0
+    st = pstats.Stats(prof).stats
+    rows = sorted(((v[2], f"{k[0].rsplit('/', 1)[-1]}:{k[1]}({k[2]})") for k, v in st.items()), reverse=True)[:top]
+    total = sum(v[2] for v in st.values())   # profiled (wall) seconds: the Rust tokenizer runs on rayon threads
+    return {"records": len(convs), "cpu_s": round(cpu, 2), "profiled_s": round(total, 2),
+            "records_per_cpu_s": round(len(convs) / cpu), "top": [f"{own / total:.0%} {name}" for own, name in rows]}
 
 
 def packing_ratio(max_length: int = 512, batch: int = 8, steps: int = 12) -> dict:
