@@ -294,26 +294,6 @@ def test_packed_batch_gives_each_conversation_the_loss_it_has_alone():
     assert sum(lengths) / (len(lengths) * max(lengths)) < 0.8  # what padding wasted on this mix
 
 
-@pytest.mark.parametrize("name", ["mistral_v03", "chatml_qwen2", "llama2_chat"])
-def test_a_batch_rendered_at_once_gives_the_rows_of_one_conversation_at_a_time(name):
-    """_encode_many renders a batch with one apply_chat_template call; every row (ids, masks,
-    folded, errors) equals encoding each conversation alone — also when one conversation of the
-    batch makes the template raise (user/user) and when a system turn has to be folded."""
-    from medpipe.stages.training.chat_data import _encode_many, template_shape
-
-    tok = published(name)
-    shape, limits = template_shape(tok), Limits(4096)
-    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-           {"role": "assistant", "content": "c"}]
-    convs = [NOSYS, WITHSYS, THREE, [WITHSYS[0], *THREE], CONVO]
-    for batch in (convs, [*convs, bad]):
-        together = _encode_many(batch, tok, shape, limits)
-        alone = [_encode_many([c], tok, shape, limits)[0] for c in batch]
-        assert together == alone
-    assert [r["folded"] for r in together[:2]] == ([False, True] if name == "mistral_v03" else [False, False])
-    assert bool(together[-1]["error"]) == (name != "chatml_qwen2")   # chatml renders user/user; the others raise
-
-
 def test_the_trained_mask_is_class_2_exactly():
     from medpipe.stages.training.chat_data import _cut_runs
 

@@ -395,7 +395,7 @@ def _cut_runs(ids: list[int], cls, limits: Limits) -> tuple[list[int], list[int]
     its user text, and every answer to max_response_length by dropping its end."""
     if not limits.max_prompt_length and not limits.max_response_length:
         # class 2 -> 1, others -> 0 through one bytes.translate (C speed; the per-token list
-        # comprehension was 5% of the encode time at 20k conversations)
+        # comprehension was 5% of the profiled encode time at 20k conversations)
         return list(ids), list(bytes(cls if isinstance(cls, list) else cls.astype("uint8").tobytes())
                                .translate(_TRAINED)), False, False
     if not isinstance(cls, list):
@@ -479,29 +479,11 @@ def _tokenize(texts: list[str], tok: Any) -> list[tuple[list[int], Any]]:
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
-def _render_batch(convs: list[list[dict]], tok: Any) -> list:
-    """One apply_chat_template call for the whole batch (its per-call set-up — special-token
-    kwargs, sandbox copies of them — paid once, not per conversation); the same strings as one
-    call each. None where render() must decide (a system turn the template dropped), and all None
-    when any conversation of the batch makes the template raise."""
-    try:
-        texts = tok.apply_chat_template(convs, tokenize=False) if len(convs) > 1 else None
-    except Exception:  # noqa: BLE001 - one refused conversation: render() names it, one by one
-        texts = None
-    if not isinstance(texts, list) or len(texts) != len(convs):
-        return [None] * len(convs)
-    out = []
-    for msgs, text in zip(convs, texts):
-        system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
-        out.append(text if system is None or system.strip() in text else None)
-    return out
-
-
 def _encode_many(convs: list[list[dict]], tok: Any, shape: TemplateShape, limits: Limits) -> list[dict]:
     texts, spans, folded, errors = [], [], [], []
-    for msgs, batch_text in zip(convs, _render_batch(convs, tok)):
+    for msgs in convs:
         try:
-            text, fold = (batch_text, False) if batch_text is not None else render(msgs, tok)
+            text, fold = render(msgs, tok)
             spans.append(assistant_spans(text, msgs, shape, fold))
             texts.append(text)
             folded.append(fold)
