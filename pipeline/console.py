@@ -52,6 +52,7 @@ class StageDisplay:
         self.task = None
         self.t0 = time.monotonic()
         self.last_text = ""
+        self.last_loss: float | None = None
 
     def __enter__(self) -> "StageDisplay":
         global _active
@@ -81,9 +82,9 @@ class StageDisplay:
 
     def _progress(self, prefix: str, p: dict) -> None:
         step, total = int(p.get("step", 0)), int(p.get("total") or 0)
-        facts = []
         if isinstance(p.get("loss"), (int, float)):
-            facts.append(f"loss {p['loss']:.4g}")
+            self.last_loss = float(p["loss"])  # shown until the next logged step
+        facts = [f"loss {self.last_loss:.4g}"] if self.last_loss is not None else []
         if p.get("tokens_per_s"):
             facts.append(f"{p['tokens_per_s']:.0f} tok/s")
         text = " · ".join(facts) or self.last_text

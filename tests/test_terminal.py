@@ -83,8 +83,10 @@ def test_run_under_a_pty_shows_one_progress_display_per_stage_and_no_foreign_out
     assert "ETA" in text
     for foreign in FOREIGN:
         assert foreign not in text, foreign
-    for own in ("Stage 1/3 · cpt (cpt)", "[1/3 cpt] 300 documents → 475 blocks of 64 tokens", "✓ cpt finished",
-                "[2/3 sft] 84 training conversations", "[3/3 eval] cmexam: acc=", "Pipeline quiet complete"):
+    assert re.search(r"\[1/3 cpt\] \d+ documents → \d+ blocks of 64 tokens", text)
+    assert re.search(r"\[2/3 sft\] \d+ training conversations", text)
+    for own in ("Stage 1/3 · cpt (cpt)", "✓ cpt finished",
+                "[3/3 eval] cmexam: acc=", "Pipeline quiet complete"):
         assert own in text, own
     # what the terminal did not show is in the stage's log
     log = (tmp_path / "runs" / "q" / "01-cpt" / "launcher.log").read_text()
