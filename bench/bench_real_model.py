@@ -53,34 +53,39 @@ def mcq(args) -> None:
     from medpipe.stages.evaluation.runner import evaluate
 
     out = {}
+    methods = args.methods.split(",")
     for model in args.model or [smollm2_dir()]:
         art = Artifact(stage="base", kind="model", format="full", model_path=model, tokenizer_path=model)
         picks, row = {}, {}
-        for method in ("ppl", "cue", "generate"):
+        for method in methods:
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
                 p = EvalParams(data=mcq_sources(), method=method, limit=args.limit, batch_size=args.batch_size,
-                               mcq_max_new_tokens=8)
-                metrics, results = evaluate(p, art, Path(tmp), say=lambda *_: None)
+                               mcq_max_new_tokens=8, chat=args.chat)
+                evaluate(p, art, Path(tmp), say=lambda *_: None)
                 row[f"{method}_s"] = round(time.perf_counter() - t0, 1)
                 items = [json.loads(x) for f in sorted((Path(tmp) / "details").glob("*.jsonl"))
                          for x in f.read_text().splitlines()]
+            # pred: the picked letter(s); None where a generation names no option (unparseable)
             picks[method] = [(it["gold"], it["pred"]) for it in items]
-            row[method] = sum(sorted(g) == sorted(pr) for g, pr in picks[method]) / len(items)
-        gen = picks["generate"]
-        parseable = [i for i, (_, pr) in enumerate(gen) if len(pr) == 1]
-        row["n"] = len(gen)
-        row["generate_parseable"] = len(parseable)
-        for m in ("ppl", "cue"):
-            row[f"{m}_agrees_with_generate"] = (sum(picks[m][i][1] == gen[i][1] for i in parseable) / len(parseable)
-                                                if parseable else float("nan"))
-        row["gold_letters"] = dict(sorted(_count(g[0] if isinstance(g, list) else g for g, _ in gen).items()))
-        for m in ("ppl", "cue", "generate"):
-            row[f"{m}_letters"] = dict(sorted(_count(pr[0] for _, pr in picks[m] if pr).items()))
+            row[method] = sum(bool(it["correct"]) for it in items) / len(items)
+            row[f"{method}_letters"] = dict(sorted(_count(pr[0] if pr else "-" for _, pr in picks[method]).items()))
+            print(f"{model} chat={args.chat}: {method} acc {row[method]:.3f} ({len(items)} items, {row[f'{method}_s']}s) "
+                  f"picks {row[f'{method}_letters']}", flush=True)
+        row["n"] = len(items)
+        row["gold_letters"] = dict(sorted(_count(g[0] for g, _ in picks[methods[0]]).items()))
+        if "generate" in picks:
+            gen = picks["generate"]
+            parseable = [i for i, (_, pr) in enumerate(gen) if pr and len(pr) == 1]
+            row["generate_parseable"] = len(parseable)
+            for m in methods:
+                if m != "generate":
+                    row[f"{m}_agrees_with_generate"] = (sum(picks[m][i][1] == gen[i][1] for i in parseable)
+                                                        / len(parseable) if parseable else None)
+            print(f"generate parseable {len(parseable)}/{len(gen)}; agreement with generate: "
+                  + ", ".join(f"{m} {row.get(f'{m}_agrees_with_generate')}" for m in methods if m != "generate"),
+                  flush=True)
         out[model] = row
-        print(f"{model}: n={row['n']} acc ppl {row['ppl']:.3f} cue {row['cue']:.3f} generate {row['generate']:.3f}; "
-              f"generate parseable {row['generate_parseable']}/{row['n']}; agreement with generate: "
-              f"ppl {row['ppl_agrees_with_generate']:.3f} cue {row['cue_agrees_with_generate']:.3f}", flush=True)
     print(json.dumps(out))
 
 
@@ -190,6 +195,8 @@ def main() -> None:
     a.add_argument("--model", action="append")
     a.add_argument("--limit", type=int, default=None)
     a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--methods", default="ppl,cue,generate")
+    a.add_argument("--chat", action="store_true", help="prompts through the chat template (eval chat=true)")
     a = sub.add_parser("layer")
     a.add_argument("--tokens", type=int, default=512)
     a.add_argument("--reps", type=int, default=5)
