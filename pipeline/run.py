@@ -314,7 +314,15 @@ class Pipeline:
         """Validate every stage's data before the first stage trains."""
         from .data import DataError
 
+        from omegaconf import OmegaConf
+
+        world = launch.world_size(OmegaConf.to_container(self.cfg.launcher, resolve=True))
         for plan in self.plans:
+            if hasattr(plan.params, "batch_layout") and getattr(plan.cls, "trains", True):
+                try:  # the global batch must divide over the launcher's ranks: fail before anything trains
+                    plan.params.batch_layout(world)
+                except ValueError as e:
+                    raise ConfigError(f"stages.{plan.name}: {e}") from None
             if hasattr(plan.params, "data") and plan.params.data is None:
                 raise ConfigError(f"stages.{plan.name}.data: required (a path, a conf/data entry such as "
                                   f"${{data.sft}}, or a list of sources)")
