@@ -140,22 +140,9 @@ class RawReader:
         yield from _walk_document(obj, self.path)
 
     def _lines(self):
-        """(physical line number, decoded line) — read as bytes and decoded line by line so a
-        non-UTF-8 byte is reported on its own line; a leading BOM is dropped."""
+        """(physical line number, decoded line): the same line-by-line decoding as CSV files get."""
         with open(self.path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                self.bytes_read += len(raw)
-                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"not UTF-8: {e.reason} at byte {e.start}", self.path, n,
-                                    None, reason="encoding") from None
-                if "\x00" in text:
-                    raise DataError("NUL byte (a binary or UTF-16 file?)", self.path, n, None,
-                                    reason="encoding")
-                yield n, text
+            yield from enumerate(self._decoded(f), 1)
 
     def _iter_jsonl(self):
         loads = json.loads
