@@ -2,6 +2,7 @@
 override set that keeps a whole recipe to a few optimizer steps per stage."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,38 @@ def medpipe(*args: str) -> Result:
 def medpipe_proc(*args: str, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medpipe.commands.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
+
+
+@contextlib.contextmanager
+def served(run_dir: Path, stage: str, stop_after: int, ready_within: float = 120):
+    """`medpipe serve RUN_DIR --stage S` on a free 127.0.0.1 port in a subprocess; yields its /v1
+    URL once /models answers, terminates it afterwards."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "medpipe.commands.cli", "serve", str(run_dir), "--stage", stage,
+                             "--port", str(port), "--stop-after", str(stop_after)], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + ready_within
+        while True:
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture

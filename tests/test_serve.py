@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from _evalrun import fake_run, samples, tiny_artifact
-from conftest import REPO, medpipe
+from conftest import REPO, medpipe, served
 from medpipe.stages.inference.runtime import EndpointError, LocalModel, OpenAIClient, endpoint_base
 from medpipe.commands.serve import build_app, free_port, serving
 
@@ -168,21 +168,7 @@ def test_medpipe_serve_is_the_judge_endpoint(tmp_path):
     """`medpipe serve` on the tiny model at 127.0.0.1 judges an eval set and a pairwise comparison;
     its replies are not valid verdicts, so they are counted as malformed, never guessed."""
     run_dir = fake_run(tmp_path)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "medpipe.commands.cli", "serve", str(run_dir), "--stage", "sft",
-                             "--port", str(port), "--stop-after", "240"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.3)
+    with served(run_dir, "sft", 240, 120) as url:
         r = medpipe("eval", str(run_dir), "--stage", "dpo", "limit=3", "max_new_tokens=8", f"judge.url={url}",
                     "judge.max_tokens=24", f"data={{path: {samples()}/sft_alpaca.json, format: alpaca}}")
         assert r.code == 0, r.out
@@ -196,6 +182,3 @@ def test_medpipe_serve_is_the_judge_endpoint(tmp_path):
         assert pw["summary"]["n"] == 3 and pw["summary"]["judged"] + pw["summary"]["malformed"] == 3
         assert any(it["turns"] > 1 for it in pw["items"])  # multi-turn dialogues: history kept
         assert "dpo vs sft:" in r.out and "inconsistent" in r.out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -11,15 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, medpipe
+from conftest import REPO, medpipe, served
 
 
 def _missing() -> str | None:
@@ -90,12 +88,6 @@ def test_conversion_has_the_gguf_models_logits_and_is_reused(smollm2_dir):
     assert tok.model_max_length == model.config.max_position_embeddings == 8192
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _history(stage_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (stage_dir / "log_history.jsonl").read_text().splitlines() if x.strip()]
 
@@ -142,21 +134,7 @@ def test_iimedgpt_on_smollm2_learns_on_heldout_and_serves(tmp_path, smollm2_dir)
     assert len(words) >= 8 and all(w.isascii() for w in words), r.out
 
     # serve the SFT model; it answers, and judges DPO vs SFT pairwise (medpipe compare)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "medpipe.commands.cli", "serve", str(run_dir), "--stage", "sft",
-                             "--port", str(port), "--stop-after", "400"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.5)
+    with served(run_dir, "sft", 400, 180) as url:
         reply = httpx.post(f"{url}/chat/completions", timeout=180, json={
             "messages": [{"role": "user", "content": "Name one symptom of a heart attack."}], "max_tokens": 16})
         assert reply.status_code == 200
@@ -167,6 +145,3 @@ def test_iimedgpt_on_smollm2_learns_on_heldout_and_serves(tmp_path, smollm2_dir)
         assert r.code == 0, r.out
         pw = json.loads((run_dir / "eval" / "pairwise-dpo-vs-sft.json").read_text())
         assert pw["summary"]["n"] == 2 and pw["summary"]["judged"] + pw["summary"]["malformed"] == 2
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
