@@ -3,7 +3,6 @@ chat, the judge client, LLM-as-judge scores and pairwise verdicts through a real
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
