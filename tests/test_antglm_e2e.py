@@ -60,5 +60,5 @@ def test_antglm_end_to_end(tmp_path):
     assert cp["handoff"]["cpoly"]["base"] == voc["model_path"]
     # eval: PubMedQA accuracy by option perplexity of the model merged for PubMedQA
     assert ev["evaluated_stage"] == "cpoly" and ev["model_path"] == cp["model_path"]
-    assert ev["metrics"]["pubmedqa/invalid"] == 0 and "pubmedqa/acc" in ev["metrics"]  # ppl picks an option for every item
+    assert ev["results"]["pubmedqa"]["invalid"] == 0 and "pubmedqa/acc" in ev["metrics"]  # ppl picks an option for every item
     assert "Pipeline antglm complete" in r.out
