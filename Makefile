@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medpipe-installed
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast test-cluster bench clean
 
 install: $(STAMP)
 
@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/medpipe run recipe=qilin
 
+# `make test`: every tier but the two that take many minutes (a real Slurm, the real model);
+# `make test-cluster` runs those; CI (.ci/run) runs both.
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not slurm and not realmodel"
+
+test-cluster: install
+	$(VENV)/bin/pytest -q -m "slurm or realmodel"
 
 test-fast: install
-	$(VENV)/bin/pytest -q -m "not slow and not distributed"
+	$(VENV)/bin/pytest -q -m "not slow and not distributed and not slurm and not realmodel"
 
 bench: install
 	$(PY) bench/run_all.py

@@ -55,6 +55,7 @@ def smollm2_dir() -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.realmodel
 @needs_smollm2
 def test_conversion_has_the_gguf_models_logits_and_is_reused(smollm2_dir):
     import torch
@@ -93,6 +94,7 @@ def _history(stage_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.realmodel
 @needs_smollm2
 def test_iimedgpt_on_smollm2_learns_on_heldout_and_serves(tmp_path, smollm2_dir):
     import httpx
