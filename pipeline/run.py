@@ -201,6 +201,13 @@ def base_artifact(cfg: Any) -> Artifact:
         if not Path(path).is_dir() and not model.get("allow_hub", False):
             raise ConfigError(f"model.path '{model['path']}' does not exist (set model.allow_hub=true to let "
                               f"transformers resolve it as a Hub id)")
+        # checked here, before any stage, whatever the first stage's kind (a tokenizer alone would
+        # pass every data check and fail at training as "Unrecognized model")
+        if Path(path).is_dir() and not any(Path(path).iterdir()):
+            raise ConfigError(f"model.path {path}: the directory is empty (no model was saved there)")
+        if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"model.path {path}: no config.json (a tokenizer alone is not a model; point "
+                              f"model.path at the checkpoint directory)")
     return Artifact(stage="base", kind="model", format="full", model_path=path, tokenizer_path=path,
                     trust_remote_code=bool(model.get("trust_remote_code", False)))
 

@@ -213,6 +213,14 @@ def c_cpt_model_dir_without_config(t):
     return recipe(t, CPT.format(data=d, extra="")), [f"model.path={t}/m"], ["model.path", "no config.json"]
 
 
+def c_dpo_only_model_dir_without_config(t):
+    """The model dir is checked by the engine before any stage, whatever the first stage's kind."""
+    d = write(t, "p.jsonl", '{"prompt": "发热怎么办？", "chosen": "多饮水。", "rejected": "不用管。"}\n')
+    (t / "m").mkdir()
+    (t / "m" / "tokenizer.json").write_text("{}")
+    return recipe(t, DPO.format(data=d, extra="")), [f"model.path={t}/m"], ["model.path", "no config.json"]
+
+
 def c_cpt_no_full_block(t):
     d = write(t, "a.txt", "hello world\n")
     return recipe(t, CPT.format(data=d, extra="").replace("block_size: 16", "block_size: 512")), [], [
