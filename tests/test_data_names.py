@@ -106,9 +106,15 @@ def test_allow_hub_resolves_the_id_through_the_hugging_face_cache(tmp_path, monk
     (cache / "models--Qwen--Qwen1.5-7B-Chat" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads both once, when first imported (an earlier test may have imported it)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     cfg, _ = compose("qilin", ["model=qwen1.5-7b", "model.allow_hub=true"])
     art = base_artifact(cfg)
     assert art.model_path == str(snapshot)
     assert base_identity(cfg) == "hub-" + model_fingerprint(snapshot)  # the same weights, the same stage keys
-    cfg, _ = compose("qilin", ["model=qwen1.5-7b", f"model.path={tmp_path}"])  # a path wins over the hub id
-    assert base_artifact(cfg).model_path == str(tmp_path)
+    local = shutil.copytree(ensure_tiny(), tmp_path / "local")
+    cfg, _ = compose("qilin", ["model=qwen1.5-7b", f"model.path={local}"])  # a path wins over the hub id
+    assert base_artifact(cfg).model_path == str(local)

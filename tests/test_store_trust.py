@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, medpipe_proc
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -35,9 +35,11 @@ def kinds(monkeypatch, tmp_path):
 
 def states(run_dir: Path) -> dict[str, tuple[str, str]]:
     """`medpipe status` as {stage: (state column, whole line)}."""
-    r = medpipe("status", str(run_dir))
-    assert r.code == 0, r.out
-    rows = [line.split("│") for line in r.out.splitlines() if line.count("│") >= 5]
+    # a process of its own: the table's width comes from COLUMNS, not from whatever console an
+    # earlier in-process run of this test session left behind
+    r = medpipe_proc("status", str(run_dir), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split("│") for line in r.stdout.splitlines() if line.count("│") >= 5]
     return {cols[1].strip(): (cols[3].strip(), "│".join(cols)) for cols in rows}
 
 
