@@ -254,7 +254,7 @@ def test_bad_input_is_one_line_exit_2_nothing_trained(tmp_path, case, command):
 
 def test_the_suite_size():
     """The number quoted in the README's reliability line."""
-    assert len(CASES) == 30, len(CASES)
+    assert len(CASES) == 31, len(CASES)
 
 
 def test_cmexam_skipped_letters_and_mistral_system_turns_validate(tmp_path):
