@@ -79,7 +79,7 @@ class CPTStage:
         return lines + ([f"{excluded} document(s) overlap exclude_data: dropped"] if params.exclude_data else [])
 
     def run(self, ctx: Any):
-        from transformers import Trainer, TrainingArguments, default_data_collator
+        from transformers import TrainingArguments
 
         from medpipe.stages.training import common
         from medpipe.data import load_records, pack_texts
@@ -94,22 +94,33 @@ class CPTStage:
             ctx.say(f"{excluded} document(s) overlapping exclude_data dropped")
         blocks = pack_texts([r["text"] for r in records], tok, p.block_size, num_proc=p.num_proc,
                             cache_dir=common.data_cache_dir(ctx))
-        if len(blocks) == 0:
-            from medpipe.errors import MedpipeError
+        return self._train_on_blocks(ctx, p, tok, blocks, TrainingArguments(**common.training_kwargs(ctx, p)),
+                                     f"{len(records)} documents → ", documents=len(records),
+                                     excluded_documents=excluded)
 
+    @staticmethod
+    def _train_on_blocks(ctx: Any, p: CPTParams, tok: Any, blocks: Any, args: Any, said: str, **counts: Any):
+        """Both paths (in memory, streamed) from packed blocks on: refuse an empty corpus, train
+        next-token prediction on every block, save."""
+        from transformers import Trainer, default_data_collator
+
+        from medpipe.errors import MedpipeError
+        from medpipe.stages.training import common
+
+        if len(blocks) == 0:
             raise MedpipeError(f"stages.{ctx.name}: the data gives no full block of {p.block_size} tokens; "
                                f"lower block_size or add text")
         blocks = blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True)
-        ctx.say(f"{len(records)} documents → {len(blocks)} blocks of {p.block_size} tokens")
+        ctx.say(f"{said}{len(blocks)} blocks of {p.block_size} tokens" + (" (streamed)" if p.stream else ""))
         model = common.apply_lora(common.load_model(ctx, p), p.peft)
-        trainer = Trainer(model=model, args=TrainingArguments(**common.training_kwargs(ctx, p)), train_dataset=blocks,
-                          data_collator=default_data_collator, processing_class=tok, callbacks=common.callbacks(ctx, p))
+        trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
+                          processing_class=tok, callbacks=common.callbacks(ctx, p))
         metrics = common.train(trainer, ctx)
-        metrics.update(documents=len(records), blocks=len(blocks), excluded_documents=excluded)
+        metrics.update(blocks=len(blocks), **counts)
         return common.save_result(ctx, trainer, tok, p, metrics)
 
     def _run_streamed(self, ctx: Any, p: CPTParams, tok: Any):
-        from transformers import Trainer, TrainingArguments, default_data_collator
+        from transformers import TrainingArguments
 
         from medpipe.data import fingerprint, parse_spec
         from medpipe.data.pack import pack_stream
@@ -138,14 +149,4 @@ class CPTStage:
         with args.main_process_first(local=True, desc="CPT blocks"):
             blocks = pack_stream(texts(), tok, p.block_size, fingerprint(p.data, want="text", stream=True, **opts),
                                  common.data_cache_dir(ctx), num_proc=p.num_proc)
-        if len(blocks) == 0:
-            raise MedpipeError(f"stages.{ctx.name}: the data gives no full block of {p.block_size} tokens; "
-                               f"lower block_size or add text")
-        blocks = blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True)
-        ctx.say(f"{len(blocks)} blocks of {p.block_size} tokens (streamed)")
-        model = common.apply_lora(common.load_model(ctx, p), p.peft)
-        trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
-                          processing_class=tok, callbacks=common.callbacks(ctx, p))
-        metrics = common.train(trainer, ctx)
-        metrics.update(documents=counted["documents"], blocks=len(blocks), streamed=True)
-        return common.save_result(ctx, trainer, tok, p, metrics)
+        return self._train_on_blocks(ctx, p, tok, blocks, args, "", documents=counted["documents"], streamed=True)
