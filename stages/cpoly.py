@@ -15,7 +15,7 @@ Training text (`text_format`):
   cut from the left when too long. Multi-answer items have no single option continuation: dropped,
   counted (`dropped_multi_answer`).
 * `chat`: the data package's mcq → chat rendering (options listed; "Answer: A. text" + explanation)
-  through the tokenizer's chat template, loss on the assistant turn (`medpipe.stages.training.chat_data.encode_chat`).
+  through the tokenizer's chat template, loss on the assistant turn (`medpipe.stages.training.chat_masks.encode_chat`).
 
 Adapter (`adapter`):
 * `cpoly` (default): `medpipe.stages.adapters.cpoly` layers, settings in the `cpoly:` block
@@ -203,7 +203,7 @@ def encode_ppl(records: list[dict], tok: Any, max_length: int, lang: str) -> lis
 
 def encode_chat_rows(records: list[dict], tok: Any, max_length: int) -> list[dict]:
     from medpipe.data.render import mcq_to_chat
-    from medpipe.stages.training.chat_data import encode_chat
+    from medpipe.stages.training.chat_masks import encode_chat
 
     rows = []
     for r in records:
@@ -235,10 +235,16 @@ class CPolyStage:
         from medpipe.stages.training.params import data_options
 
         if params.text_format == "chat":
-            from medpipe.stages.training.chat_data import require_chat_template
+            from medpipe.stages.training.tokenizer import load_stage_tokenizer
 
-            require_chat_template(base.tokenizer_path, params, base.trust_remote_code)
-        result = load_records(params.data, "mcq", **data_options(params, data_opts))
+            tok = load_stage_tokenizer(base.tokenizer_path, params, base.trust_remote_code)
+        else:
+            from medpipe.stages.training.tokenizer import length_tokenizer
+
+            tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
+        # lengths as validate counts them (mcq prompt + answer); the stage cuts the prompt from the left
+        result = load_records(params.data, "mcq", tokenizer=tok, max_length=params.max_length,
+                              **data_options(params, data_opts))
         records, dropped = select_records(result.records, params)
         tasks = task_list(records, params, "cpoly") if records or params.input_dataset != "require" else []
         if records:

@@ -66,7 +66,7 @@ class CPTStage:
 
     def check(self, params: CPTParams, base: Any, data_opts: dict) -> list[str]:
         from medpipe.data import load_records
-        from medpipe.stages.training.chat_data import require_model_dir
+        from medpipe.stages.training.tokenizer import require_model_dir
 
         from medpipe.stages.models.loader import load_tokenizer
 

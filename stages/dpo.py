@@ -82,8 +82,13 @@ class DPOStage:
     def check(self, params: DPOParams, base: Any, data_opts: dict) -> list[str]:
         from medpipe.data import load_records
         from medpipe.stages.training.params import data_options
+        from medpipe.stages.training.tokenizer import length_tokenizer
 
-        return load_records(params.data, "preference", **data_options(params, data_opts)).summary_table().splitlines()
+        # lengths of prompt + the longer response, through the chat template when there is one;
+        # those over max_length are counted (TRL cuts them per truncation_mode)
+        tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
+        return load_records(params.data, "preference", tokenizer=tok, max_length=params.max_length,
+                            **data_options(params, data_opts)).summary_table().splitlines()
 
     def run(self, ctx: Any):
         from datasets import Dataset

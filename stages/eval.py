@@ -59,7 +59,9 @@ Records (the shapes the report reads):
   judge...}, per-item predictions in `<stage dir>/details/<set>.jsonl`.
 * `medpipe eval RUN_DIR --stage S key=value...` writes the same into `<run_dir>/eval/<S>.json`:
   `{"stage", "evaluated_stage", "model_path", "params", "metrics", "results", "updated"}`;
-  a later `medpipe eval` of the same stage merges its sets in (same keys replaced).
+  results and metrics keyed by set and method (`cmexam@cue`, `cmexam@ppl-5shot`, `pubmedqa@lm-eval`;
+  runner.method_tag), so a later `medpipe eval` of the same stage adds another method's result and
+  replaces only the same set scored the same way.
 
 Backends: `transformers` (default, batched, padding-aware: prompts sorted by length, left
 padding, `batch_size` at a time) or `vllm` (GPU machines with vLLM installed; generation and
@@ -141,9 +143,12 @@ class EvalStage:
     evaluates = True  # hook: results join the evaluated stage's row in reports; not a model to chat with
 
     def check(self, params: EvalParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.evaluation.sets import plan_sets
+        from medpipe.stages.evaluation.sets import check_pool, plan_sets, read_pool, sets_table
 
-        return [f"eval set {s.name}: {s.kind} ({s.fmt}, {len(s.records)} items)" for s in plan_sets(params, data_opts)]
+        sets = plan_sets(params, data_opts)
+        if params.shots:
+            check_pool(read_pool(params.fewshot_data, params.on_error or data_opts.get("on_error") or "fail"), params)
+        return sets_table(sets)
 
     def run(self, ctx: Any):
         from medpipe.artifact import Artifact

@@ -91,7 +91,11 @@ class VocLabelStage:
         from medpipe.stages.training.params import data_options
         from medpipe.data import load_records
 
-        result = load_records(params.data, "mcq", **data_options(params, data_opts))
+        from medpipe.stages.training.tokenizer import length_tokenizer
+
+        tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
+        result = load_records(params.data, "mcq", tokenizer=tok, max_length=params.max_length,
+                              **data_options(params, data_opts))
         items, skipped = select_items(result.records, params)
         require_items(items, skipped)
         return result.summary_table().splitlines() + [f"{len(items)} item(s) to label, {skipped} labeled skipped"]

@@ -113,6 +113,17 @@ def c_promptcblue_test(t):
     return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:1:", "field 'target'", "unlabeled split"]
 
 
+def c_shots_from_an_unlabeled_pool(t):
+    """shots=2 from C-Eval's test split (published without the answer column) would run 0-shot
+    while the results say 2-shot."""
+    d = write(t, "clinical_medicine_val.csv", "id,question,A,B,C,D,answer,explanation\n"
+                                              "0,头痛首选？,休息,吃药,手术,观察,A,\n1,发热首选？,退热,补液,手术,观察,B,\n")
+    pool = write(t, "clinical_medicine_test.csv", "id,question,A,B,C,D\n0,咳嗽首选？,止咳,抗生素,手术,观察\n"
+                                                  "1,腹痛首选？,检查,止痛,手术,观察\n")
+    stage = f"eval: {{kind: eval, data: {d}, shots: 2, fewshot_data: {pool}}}"
+    return recipe(t, stage), [], [pool, "fewshot_data", "0 of 2", "shots=2"]
+
+
 def c_all_identical_pairs(t):
     row = '{"prompt": "发热怎么办？", "chosen": "多饮水。", "rejected": "多饮水。"}\n'
     d = write(t, "pref.jsonl", row * 3)
@@ -228,7 +239,7 @@ def c_cpt_no_full_block(t):
 
 
 CASES = {name[2:]: fn for name, fn in globals().items() if name.startswith("c_")}
-ALSO_RUN = {"bad_json_line", "gbk_csv", "duplicate_key_jsonl", "overlength_error", "span_not_found",
+ALSO_RUN = {"bad_json_line", "shots_from_an_unlabeled_pool", "gbk_csv", "duplicate_key_jsonl", "overlength_error", "span_not_found",
             "recipe_typo_top", "model_dir_without_config", "nothing_left_after_truncation", "cpt_no_full_block"}
 
 
@@ -254,7 +265,7 @@ def test_bad_input_is_one_line_exit_2_nothing_trained(tmp_path, case, command):
 
 def test_the_suite_size():
     """The number quoted in the README's reliability line."""
-    assert len(CASES) == 31, len(CASES)
+    assert len(CASES) == 32, len(CASES)
 
 
 def test_cmexam_skipped_letters_and_mistral_system_turns_validate(tmp_path):

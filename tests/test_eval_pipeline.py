@@ -53,4 +53,4 @@ def test_rerun_reuses_eval_stages_and_medpipe_eval_adds_columns(run):
     assert r.code == 0, r.out
     medpipe("report", str(run_dir))
     md = (run_dir / "report.md").read_text()
-    assert "ceval/acc" in md.split("## Metrics")[1]
+    assert "ceval@cue-5shot/acc" in md.split("## Metrics")[1]  # medpipe eval keys by set and method

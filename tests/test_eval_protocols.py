@@ -236,8 +236,8 @@ def test_medpipe_eval_takes_a_protocol(tmp_path):
                 f"data_dir={tmp_path / 'd'}", "limit=3")
     assert r.code == 0, r.out
     rec = json.loads((run_dir / "eval" / "sft.json").read_text())
-    assert set(rec["metrics"]) == {"pubmedqa/acc", "pubmedqa/acc_norm", "pubmedqa/f1_weighted"}
-    assert rec["results"]["pubmedqa"]["protocol"] == "lm-eval"
+    assert set(rec["metrics"]) == {"pubmedqa@lm-eval/acc", "pubmedqa@lm-eval/acc_norm", "pubmedqa@lm-eval/f1_weighted"}
+    assert rec["results"]["pubmedqa@lm-eval"]["protocol"] == "lm-eval"
     r = medpipe("eval", str(run_dir), "protocol=helm", "data=cmexam")
     assert r.code == 2 and "protocol must be one of native, lm-eval, opencompass, medcare, cmexam" in r.out
 

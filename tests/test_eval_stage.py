@@ -322,13 +322,20 @@ def test_medpipe_eval_writes_and_merges_results_for_a_stage(tmp_path):
     r = medpipe("eval", str(run_dir), "--stage", "sft", "data=cmexam", "limit=6")
     assert r.code == 0, r.out
     rec = json.loads((run_dir / "eval" / "sft.json").read_text())
-    assert rec["evaluated_stage"] == "sft" and set(rec["metrics"]) == {"cmexam/acc", "cmexam/f1_weighted"}
-    assert rec["params"]["cmexam"]["limit"] == 6 and rec["results"]["cmexam"]["n"] == 6
+    assert rec["evaluated_stage"] == "sft" and set(rec["metrics"]) == {"cmexam@cue/acc", "cmexam@cue/f1_weighted"}
+    assert rec["params"]["cmexam@cue"]["limit"] == 6 and rec["results"]["cmexam@cue"]["n"] == 6
+    first = rec["results"]["cmexam@cue"]
     r = medpipe("eval", str(run_dir), "--stage", "sft", "data=${data.cmexam}", "limit=6", "method=ppl",
                 "rag.index=pretrain")
     assert r.code == 0, r.out
     rec = json.loads((run_dir / "eval" / "sft.json").read_text())
-    assert {"cmexam/acc", "cmexam+rag/acc"} <= set(rec["metrics"])  # merged, not replaced
+    assert {"cmexam@cue/acc", "cmexam+rag@ppl/acc"} <= set(rec["metrics"])  # merged, not replaced
+    # the same set under another method is a second result; the first one is untouched
+    r = medpipe("eval", str(run_dir), "--stage", "sft", "data=cmexam", "limit=4", "method=ppl")
+    assert r.code == 0, r.out
+    rec = json.loads((run_dir / "eval" / "sft.json").read_text())
+    assert rec["results"]["cmexam@cue"] == first and rec["results"]["cmexam@ppl"]["n"] == 4
+    assert rec["params"]["cmexam@ppl"]["method"] == "ppl" and rec["params"]["cmexam@cue"]["method"] == "cue"
     assert (run_dir / "eval" / "sft" / "details" / "cmexam+rag.jsonl").is_file()
     r = medpipe("eval", str(run_dir), "--stage", "nope", "data=cmexam")
     assert r.code == 2 and "no stage 'nope'" in r.out

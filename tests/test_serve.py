@@ -171,7 +171,7 @@ def test_medpipe_serve_is_the_judge_endpoint(tmp_path):
         r = medpipe("eval", str(run_dir), "--stage", "dpo", "limit=3", "max_new_tokens=8", f"judge.url={url}",
                     "judge.max_tokens=24", f"data={{path: {samples()}/sft_alpaca.json, format: alpaca}}")
         assert r.code == 0, r.out
-        res = json.loads((run_dir / "eval" / "dpo.json").read_text())["results"]["sft_alpaca"]
+        res = json.loads((run_dir / "eval" / "dpo.json").read_text())["results"]["sft_alpaca@generate"]
         assert res["judge"]["n"] == 3 and res["judge"]["scored"] + res["judge"]["malformed"] == 3
         assert res["metrics"]["judge_malformed"] == res["judge"]["malformed"]
         r = medpipe("compare", str(run_dir), "--a", "dpo", "--b", "sft", "--judge-url", url, "--max-new-tokens", "6",

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 
 from medpipe.data import DataError
 from medpipe.stages.models.tiny import ensure_tiny
-from medpipe.stages.training.chat_data import EncodeStats, Limits, SpanError, encode_chat, encode_dataset
+from medpipe.stages.training.chat_data import encode_dataset
+from medpipe.stages.training.chat_masks import EncodeStats, Limits, SpanError, encode_chat
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 
@@ -295,7 +296,7 @@ def test_packed_batch_gives_each_conversation_the_loss_it_has_alone():
 
 
 def test_the_trained_mask_is_class_2_exactly():
-    from medpipe.stages.training.chat_data import _cut_runs
+    from medpipe.stages.training.chat_masks import _cut_runs
 
     ids, mask, p_cut, r_cut = _cut_runs([5, 6, 7, 8, 9], [0, 1, 2, 2, 0], Limits(100))
     assert (ids, mask, p_cut, r_cut) == ([5, 6, 7, 8, 9], [0, 0, 1, 1, 0], False, False)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from medpipe.stages.eval import EvalParams
-from medpipe.stages.evaluation.runner import evaluate
+from medpipe.stages.evaluation.runner import evaluate, method_tag
 from medpipe.stages.evaluation.judge import JudgeParams, judge_client
 
 from .rundir import stage_artifact
@@ -86,6 +86,13 @@ def evaluate_run_stage(run_dir: str | Path, stage: str | None, overrides: list[s
     metrics, results = evaluate(p, art, out_dir, data_cfg, say)
     path = run_dir / "eval" / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
+    # keyed by set AND method (`cmexam@cue`, `cmexam@ppl-5shot`): another method adds a result, the
+    # same set and method replace theirs
+    keyed = {s: f"{s}@{res['method']}" for s, res in results.items()}
+    results = {keyed[s]: res for s, res in results.items()}
+    group_tag = method_tag(p, "mcq")  # lm-eval groups (multimedqa) are multiple-choice sets
+    metrics = {f"{keyed.get(k.split('/', 1)[0]) or k.split('/', 1)[0] + '@' + group_tag}/{k.split('/', 1)[1]}": v
+               for k, v in metrics.items()}
     record = {"stage": name, "evaluated_stage": name, "model_path": art.model_path,
               "params": {**old.get("params", {}), **{s: dataclasses.asdict(p) for s in results}},
               "metrics": {**old.get("metrics", {}), **metrics}, "results": {**old.get("results", {}), **results},

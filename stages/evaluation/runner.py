@@ -14,12 +14,27 @@ from pathlib import Path
 from typing import Any
 
 from .prompts import cue_prompt, item_lang, pick_shots, ppl_shots_block, with_context
-from .sets import EvalSet, plan_sets, read_pool, task_groups
+from .sets import EvalSet, check_pool, plan_sets, read_pool, task_groups
 
 
 def prompt_hash(prompt: str) -> str:
     """What per-item details record of a prompt: sha256 of its text, 16 hex digits."""
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def method_tag(p: Any, kind: str) -> str:
+    """How a set was scored, short: `cue`, `ppl-5shot`, `lm-eval`, `opencompass-5shot`, `cue-chat`,
+    `generate`. `medpipe eval` keys its results by set AND this, so scoring a set another way adds a
+    result instead of replacing the first."""
+    if kind != "mcq":
+        return "generate"
+    protocol = getattr(p, "protocol", "native")
+    tag = p.method if protocol == "native" else protocol
+    if p.shots:
+        tag += f"-{p.shots}shot"
+    if p.chat and protocol == "native":
+        tag += "-chat"
+    return tag
 
 
 def _warm_imports(sets: list[EvalSet]) -> None:
@@ -48,6 +63,7 @@ def evaluate(p: Any, art: Any, out_dir: Path, data_opts: dict | None = None, say
         client = judge_client(p.judge)  # reached before any generation: an unreachable judge fails fast
         say(f"judge: {client.model} at {client.base}")
     pool = read_pool(p.fewshot_data, on_error) if p.shots and p.fewshot_data is not None else []
+    check_pool(pool, p)
     index = None
     if p.rag.index is not None:
         from .rag import build_or_load
@@ -81,6 +97,7 @@ def evaluate(p: Any, art: Any, out_dir: Path, data_opts: dict | None = None, say
         else:
             res, details = eval_promptcblue(s, p, backend, index)
         res["seconds"] = round(time.monotonic() - t0, 2)
+        res["method"] = method_tag(p, s.kind)
         if s.name in merged:
             res["task_model"] = path
         results[s.name] = res

@@ -71,6 +71,7 @@ class EvalSet:
     fmt: str
     records: list
     source: Any = None
+    report: Any = None  # the data layer's SourceReport: read / kept / dropped, for validate's table
 
 
 def _source_format(src: Any) -> str:
@@ -110,11 +111,13 @@ def plan_sets(p: Any, data_opts: dict | None = None) -> list[EvalSet]:
             raise DataError(f"format '{fmt}' cannot be evaluated (mcq: {', '.join(MCQ_FORMATS)}; generation: "
                             f"{', '.join(GEN_FORMATS)}; promptcblue)", src.path, None, "format", reason="format")
         if kind == "promptcblue":
-            records = read_promptcblue(src, on_error)
+            records, report = read_promptcblue(src, on_error)
         else:
-            records, _ = read_source(src, want, on_error)
-        if p.limit:
+            records, report = read_source(src, want, on_error)
+        if p.limit and len(records) > p.limit:
+            report.drop("limit", len(records) - p.limit)
             records = records[: p.limit]
+        report.kept = len(records)
         if not records:
             raise DataError("no records to evaluate", src.path, None, None, reason="empty_dataset")
         if kind == "generation":
@@ -132,18 +135,49 @@ def plan_sets(p: Any, data_opts: dict | None = None) -> list[EvalSet]:
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name}-{seen[name]}"
-        sets.append(EvalSet(name, kind, fmt, records, src))
+        sets.append(EvalSet(name, kind, fmt, records, src, report))
     return sets
 
 
-def read_promptcblue(src: Any, on_error: str) -> list[dict]:
+def sets_table(sets: list[EvalSet]) -> list[str]:
+    """validate's view of the eval sets, one row each: records read, kept (scored), dropped and
+    why (skipped lines, `limit`), and items read but unlabeled (answered, not scored)."""
+    hdr = ["set", "kind", "source", "format", "read", "kept", "dropped", "why dropped", "unlabeled"]
+    rows = []
+    for s in sets:
+        r = s.report
+        why = ", ".join(f"{k}={v}" for k, v in sorted(r.dropped_by_reason.items())) or "-"
+        unlabeled = sum(1 for x in s.records if not x.get("answer")) if s.kind == "mcq" else 0
+        rows.append([s.name, s.kind, Path(r.path).name, r.format, str(r.records), str(r.kept), str(r.dropped), why,
+                     str(unlabeled)])
+    w = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(hdr)]
+    line = lambda cells: "  ".join(c.ljust(w[i]) for i, c in enumerate(cells)).rstrip()  # noqa: E731
+    return [line(hdr), line(["-" * x for x in w])] + [line(x) for x in rows]
+
+
+def check_pool(pool: list[dict], p: Any) -> None:
+    """`shots=k` needs k labeled examples in `fewshot_data`: an unlabeled split (a test file given
+    as the dev split) would otherwise run fewer shots than the results say."""
+    from medpipe.data import DataError, parse_spec
+
+    if not p.shots:
+        return
+    labeled = sum(1 for e in pool if e.get("answer"))
+    if labeled < p.shots:
+        where = ", ".join(s.path for s in parse_spec(p.fewshot_data))
+        raise DataError(f"fewshot_data: {labeled} of {len(pool)} example(s) have an answer; shots={p.shots} "
+                        f"needs at least {p.shots} labeled examples (is this an unlabeled test split?)",
+                        where, None, None, reason="no_reference")
+
+
+def read_promptcblue(src: Any, on_error: str) -> tuple[list[dict], Any]:
     """Raw PromptCBLUE rows (input, target, answer_choices, task_type, task_dataset, sample_id),
     validated through the data layer first (so errors name path:line)."""
     from medpipe.data.readers import RawReader
     from medpipe.data.sources import expand_paths
     from medpipe.data.validate import read_source
 
-    read_source(src, "chat", on_error)  # validation only
+    _, report = read_source(src, "chat", on_error)  # validation, and the read / kept / dropped counts
     rows = []
     for path in expand_paths(src):
         reader = RawReader(path, on_error)
@@ -152,8 +186,8 @@ def read_promptcblue(src: Any, on_error: str) -> list[dict]:
                 continue
             rows.append({**raw, "_loc": f"{path}:{line}"})
             if src.limit and len(rows) >= src.limit:
-                return rows
-    return rows
+                return rows, report
+    return rows, report
 
 
 def read_pool(spec: Any, on_error: str) -> list[dict]:
