@@ -1,5 +1,9 @@
 """C-Poly: customizable combination of shared and task-specific LoRA skills (AntGLM-Med stage 3).
 
+(Over 400 lines on purpose: the layer, its allocation matrix, the PEFT-Poly-compatible wrapper
+and the merge-per-task export share one state object and one weight layout; each helper below
+says which part of the formula it is.)
+
 What a C-Poly layer computes (METHODS.md, AntGLM-Med): for an example of task t,
 
     y = W0 x + s * ( sum_i w_i^t phi_i(x)  +  sum_j v_j^t phi^t_j(x) ),     phi(x) = B A x (a LoRA),
