@@ -43,6 +43,44 @@ def drop_eval_overlap(records: list[dict], params: Any, data_opts: dict) -> tupl
     return [r for r in records if r["_loc"] not in hit], len(hit)
 
 
+def _check_streamed(params: CPTParams, tok: Any, data_opts: dict) -> list[str]:
+    """validate for `stream: true`: the same per-record checks in one streaming pass that holds
+    no records (a corpus that does not fit in memory validates as it trains); token lengths
+    from the first STATS_SAMPLE documents of each source; one full block must come out."""
+    from medpipe.data import parse_spec
+    from medpipe.data.validate import STATS_SAMPLE, SourceReport, _pct, check_source_result, iter_source, \
+        summary_table, token_lengths
+    from medpipe.errors import MedpipeError
+
+    on_error = data_options(params, data_opts)["on_error"]
+    srcs = parse_spec(params.data)
+    if params.exclude_data or any(s.dedup == "near" or s.heldout > 0 or s.weight is not None for s in srcs):
+        raise MedpipeError("stream: needs a plain corpus (no exclude_data, dedup: near, heldout or weight); "
+                           "set stream: false")
+    reports, tokens = [], 0
+    for src in srcs:
+        rep = SourceReport(path=src.path, format=src.format)
+        n, sample = 0, []
+        for rec in iter_source(src, "text", on_error, rep):
+            n += 1
+            if len(sample) < STATS_SAMPLE:
+                sample.append(rec)
+        check_source_result(src, rep, n, "text")
+        lens = sorted(token_lengths(sample, tok))
+        rep.kept = rep.mixed = n
+        rep.token_sample = len(lens)
+        rep.token_p50, rep.token_p90, rep.token_p99 = (_pct(lens, q) for q in (50, 90, 99))
+        rep.token_max = lens[-1] if lens else 0
+        tokens += sum(lens) + len(lens)  # + one EOS a document
+        reports.append(rep)
+    if tokens < params.block_size and sum(r.kept for r in reports) <= STATS_SAMPLE:
+        raise MedpipeError(f"the data gives no full block of block_size={params.block_size} tokens ({tokens} tokens "
+                           f"in {sum(r.kept for r in reports)} documents); lower block_size or add text")
+    return summary_table(reports).splitlines() + [
+        f"streamed: every document checked in one pass, none held in memory; token lengths from the first "
+        f"{STATS_SAMPLE:,} documents of each source (max = their max)"]
+
+
 def _require_a_block(records: list[dict], tok: Any, block_size: int) -> None:
     """`run` would stop with no full block: say so in validate. Exact for small corpora (tokenised);
     a corpus of more documents than a block has tokens always fills one (each adds >= 2 tokens)."""
@@ -72,6 +110,8 @@ class CPTStage:
 
         require_model_dir(base.model_path)
         tok = load_tokenizer(base.tokenizer_path, base.trust_remote_code)  # token-length columns per source
+        if params.stream:
+            return _check_streamed(params, tok, data_opts)
         result = load_records(params.data, "text", tokenizer=tok, **data_options(params, data_opts))
         kept, excluded = drop_eval_overlap(result.records, params, data_opts)
         _require_a_block(kept, tok, params.block_size)
@@ -143,10 +183,9 @@ class CPTStage:
                     n += 1
                     yield rec["text"]
                 check_source_result(src, rep, n, "text")
-                counted["documents"] += n
 
         args = TrainingArguments(**common.training_kwargs(ctx, p))
         with args.main_process_first(local=True, desc="CPT blocks"):
             blocks = pack_stream(texts(), tok, p.block_size, fingerprint(p.data, want="text", stream=True, **opts),
-                                 common.data_cache_dir(ctx), num_proc=p.num_proc)
+                                 common.data_cache_dir(ctx), num_proc=p.num_proc, counts=counted)
         return self._train_on_blocks(ctx, p, tok, blocks, args, "", documents=counted["documents"], streamed=True)

@@ -110,13 +110,15 @@ def pack_texts(texts, tokenizer, block_size: int, *, num_proc: int | None = None
 
 
 def pack_stream(texts, tokenizer, block_size: int, fingerprint: str, cache_dir, *, num_proc: int | None = None,
-                batch_size: int = 1000, writer_batch: int = 10_000):
+                batch_size: int = 1000, writer_batch: int = 10_000, counts: dict | None = None):
     """``pack_texts`` for corpora that do not fit in memory: ``texts`` is an iterable (read once,
     streamed into an Arrow file), tokenisation is the same batched map, and the blocks are cut in
     one sequential pass over the token batches carrying the remainder from batch to batch — the
     same blocks as ``pack_texts`` gives for the same texts (tested), with one batch in memory.
     Cached under ``fingerprint`` (the data spec's, not the texts'): a rerun, a resumed stage or a
-    second rank memory-maps the blocks, and the Trainer resumes at its checkpoint's step."""
+    second rank memory-maps the blocks, and the Trainer resumes at its checkpoint's step.
+    ``counts`` (optional dict) gets ``documents``: the texts read, also when the blocks come from
+    the cache (kept beside them), so a resumed stage reports what it trained on."""
     import numpy as np
     import pyarrow as pa
     from datasets import Dataset, Features, Sequence, Value
@@ -128,12 +130,21 @@ def pack_stream(texts, tokenizer, block_size: int, fingerprint: str, cache_dir, 
     key = hashlib.sha256(f"stream:{fingerprint}:{tokenizer_digest(tokenizer)}:{block_size}:{eos}".encode()).hexdigest()[:32]
     os.makedirs(cache_dir, exist_ok=True)
     out_file = os.path.join(str(cache_dir), f"medpipe-stream-{key}.arrow")
+    counts_file = out_file[: -len(".arrow")] + ".counts.json"
     if os.path.exists(out_file):
+        if counts is not None:
+            if os.path.exists(counts_file):
+                with open(counts_file, encoding="utf-8") as f:
+                    counts.update(json.load(f))
+            else:  # blocks cached by an older medpipe: count the texts (a read, no tokenising)
+                counts["documents"] = sum(1 for _ in texts)
         return Dataset.from_file(out_file)
+    n_docs = 0
     text_file = os.path.join(str(cache_dir), f"medpipe-stream-{key}.text.{os.getpid()}.arrow")
     with ArrowWriter(features=Features({"text": Value("string")}), path=text_file, writer_batch_size=writer_batch) as w:
         for t in texts:
             w.write({"text": t["text"] if isinstance(t, dict) else t})
+            n_docs += 1
         w.finalize()
     if num_proc is not None and num_proc <= 1:
         num_proc = None
@@ -156,6 +167,9 @@ def pack_stream(texts, tokenizer, block_size: int, fingerprint: str, cache_dir, 
                     pa.array(flat[: n * block_size]), block_size)}))
             carry = flat[n * block_size:]
         w.finalize()
+    with open(counts_file + f".tmp{os.getpid()}", "w", encoding="utf-8") as f:
+        json.dump({"documents": n_docs}, f)
+    os.replace(counts_file + f".tmp{os.getpid()}", counts_file)  # before the blocks: a found block file has its counts
     os.replace(tmp, out_file)
     for f in tok.cache_files:
         try:
@@ -163,4 +177,6 @@ def pack_stream(texts, tokenizer, block_size: int, fingerprint: str, cache_dir, 
         except OSError:
             pass
     os.remove(text_file)
+    if counts is not None:
+        counts["documents"] = n_docs
     return Dataset.from_file(out_file)
