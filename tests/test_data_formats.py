@@ -155,7 +155,7 @@ def test_columns_rename_and_error_names_file_field(tmp_path):
 
 def test_every_registered_format_has_a_fixture():
     covered = {"text", "huatuo", "alpaca", "sharegpt", "messages", "promptcblue", "preference",
-               "cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "chatmed", "huatuogpt_eval", "paragraphs"}
+               "cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "chatmed", "huatuogpt_eval", "paragraphs", "mmlu"}
     assert set(FORMATS) == covered
 
 
@@ -255,3 +255,33 @@ def test_ids_filter_keeps_the_listed_items(tmp_path):
     assert res.reports[0].dropped_by_reason == {"not_in_ids": res.reports[0].records - 1}
     res = load_records({"path": str(F / "ori_pqal.json"), "ids": ["21645374", "999"]}, "mcq")
     assert res.reports[0].ids_missing == 1 and "1 id(s) listed in ids: match no record" in res.summary_table()
+
+
+def test_mmlu_headerless_csv_as_published(tmp_path):
+    """hendrycks/test data/test/<subject>_test.csv: no header, RFC-4180 quoting (commas, "" and a
+    newline inside quoted fields); the subject from the file name; records from line 1."""
+    path = F / "mmlu" / "data" / "test" / "anatomy_test.csv"
+    fmt, why = detect_format(str(path))
+    assert fmt == "mmlu" and "header-less" in why
+    r = recs(path, "mcq")
+    assert sorted(r, key=int) == ["1", "2", "3", "5", "6", "7"]     # row 3 spans lines 3-4
+    assert r["1"]["options"]["C"] == "paralysis of the facial muscles, loss of taste and lacrimation."
+    assert r["3"]["question"] == 'The "anatomical snuffbox" is bounded medially by the tendon of\nwhich muscle?'
+    assert (r["3"]["answer"], r["3"]["subject"], r["3"]["id"], r["3"]["task"]) == (["C"], "anatomy", "anatomy-3", "mmlu")
+    assert r["6"]["question"] == "The thoracic duct drains into the"
+    dev = load_records(str(F / "mmlu" / "data" / "dev"), "mcq").records   # a folder of dev files
+    assert sorted(x["id"] for x in dev) == ["anatomy-1", "anatomy-2", "anatomy-3", "clinical_knowledge-1",
+                                            "clinical_knowledge-2"]
+    # the same rows under another name: not detected (too little to go on), read with format: mmlu
+    other = tmp_path / "anatomy.csv"
+    other.write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="set format: mmlu"):
+        detect_format(str(other))
+    assert len(load_records({"path": str(other), "format": "mmlu"}, "mcq").records) == 6
+    # C-Eval's test header id,question,A,B,C,D also ends in a letter: still a header
+    assert detect_format(str(F / "clinical_medicine_test.csv"))[0] == "ceval"
+    bad = tmp_path / "x_test.csv"
+    bad.write_text("Q1,a,b,c,d,A\nQ2,a,b,c,d,E\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_records(str(bad), "mcq")
+    assert (e.value.line, e.value.field) == (2, "answer")

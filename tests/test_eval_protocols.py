@@ -5,6 +5,7 @@ itself on the tiny model and the bundled MedQA / MedMCQA / PubMedQA samples."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from medpipe.stages.evaluation.protocols import cmexam, lmeval, medcare, opencom
 from medpipe.stages.evaluation.runner import evaluate
 
 QUIET = dict(say=lambda m: None)
+# MMLU as released (hendrycks/test data/{test,dev}/<subject>_<split>.csv, no header), a few items
+MMLU = str(Path(__file__).parent / "fixtures" / "formats" / "mmlu" / "data")
 EN = {"id": "e1", "question": "Which drug lowers blood pressure?", "context": None,
       "options": {"A": "Amlodipine", "B": "Insulin", "C": "Heparin", "D": "Aspirin"}, "answer": ["A"]}
 ZH = {"id": "z1", "question": "高血压首选药物是", "context": None, "subject": "clinical_medicine",
@@ -47,6 +50,26 @@ def test_lm_eval_prompts():
     cm = {**ZH, "subject": None, "task": "cmmlu_anatomy"}
     assert lmeval.context_text(cm, "ceval", []) == ("以下是关于解剖学的单项选择题，请直接给出正确答案的选项。\n\n"
                                                     "高血压首选药物是\nA. 氨氯地平\nB. 胰岛素\nC. 肝素\nD. 阿司匹林\n答案：")
+
+
+def test_lm_eval_mmlu_prompt():
+    # lm_eval/tasks/mmlu/default/_default_template_yaml (doc_to_text "{{question.strip()}}\nA. {{choices[0]}}\n..
+    # D. {{choices[3]}}\nAnswer:", choices A-D, fewshot_split dev, sampler first_n) + mmlu_clinical_knowledge.yaml
+    # (description "The following are multiple choice questions (with answers) about clinical knowledge.\n\n")
+    from medpipe.stages.evaluation.sets import plan_sets
+
+    [s] = plan_sets(EvalParams(data=f"{MMLU}/test/clinical_knowledge_test.csv", limit=3))
+    [shot, _] = plan_sets(EvalParams(data=f"{MMLU}/dev/clinical_knowledge_dev.csv"))[0].records
+    assert s.fmt == "mmlu" and lmeval.pick_shots(s.records[:1], [shot, _], 1, "mmlu") == [[shot]]
+    assert lmeval.context_text(s.records[2], "mmlu", [shot]) == (
+        "The following are multiple choice questions (with answers) about clinical knowledge.\n\n"
+        "Glycolysis is the name given to the pathway involving the conversion of:\nA. glycogen to glucose-1-phosphate."
+        "\nB. glycogen or glucose to fructose.\nC. glycogen or glucose to pyruvate or lactate.\nD. glycogen or glucose "
+        "to pyruvate or acetyl CoA.\nAnswer: C\n\n"
+        "Which of the following is true about a patient's pulse, when measured at the radial artery?\n(Select the "
+        "single best answer.)\nA. It cannot be felt in adults\nB. It is found on the little-finger side\nC. It is "
+        "found on the thumb side of the wrist\nD. It reflects venous pressure\nAnswer:")
+    assert lmeval.choices(s.records[0], "mmlu") == [("A", "A"), ("B", "B"), ("C", "C"), ("D", "D")]
 
 
 def test_lm_eval_prompts_equal_lm_evals_own_functions():
@@ -207,15 +230,22 @@ def test_lm_eval_task_names_map_to_local_files(tmp_path, monkeypatch):
     (tmp_path / "medqa_4options" / "phrases_no_exclude_test.jsonl").symlink_to(f"{samples()}/mcq_medqa.jsonl")
     (tmp_path / "dev.json").symlink_to(f"{samples()}/medmcqa.json")
     (tmp_path / "pqal_test_set.json").symlink_to(f"{samples()}/pubmedqa.json")
+    (tmp_path / "test").symlink_to(f"{MMLU}/test")   # MMLU's data/test/<subject>_test.csv
     sets = plan_sets(EvalParams(data="multimedqa", protocol="lm-eval", data_dir=str(tmp_path), limit=3))
-    assert [(s.name, s.fmt, len(s.records)) for s in sets] == [("pubmedqa", "pubmedqa", 3), ("medmcqa", "medmcqa", 3),
-                                                               ("medqa_4options", "medqa", 3)]
+    mmlu = ["anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine",
+            "college_biology"]                       # multimedqa.yaml's MMLU subjects, its order
+    assert [(s.name, s.fmt, len(s.records)) for s in sets] == [
+        ("pubmedqa", "pubmedqa", 3), ("medmcqa", "medmcqa", 3), ("medqa_4options", "medqa", 3),
+        ("mmlu_anatomy", "mmlu", 3), ("mmlu_clinical_knowledge", "mmlu", 3), ("mmlu_college_medicine", "mmlu", 2),
+        ("mmlu_medical_genetics", "mmlu", 2), ("mmlu_professional_medicine", "mmlu", 2),
+        ("mmlu_college_biology", "mmlu", 2)]
+    assert sets[3].records[0]["_loc"] == f"{tmp_path}/test/anatomy_test.csv:1"
     # the group's score is lm-eval's: acc averaged over items (weight_by_size), not over tasks
     metrics, results = evaluate(EvalParams(data="multimedqa", protocol="lm-eval", data_dir=str(tmp_path)),
                                 tiny_artifact(), tmp_path / "out", **QUIET)
-    tasks = ("pubmedqa", "medmcqa", "medqa_4options")
-    assert [results[t]["n"] for t in tasks] == [40, 40, 60]
-    assert metrics["multimedqa/acc"] == pytest.approx(sum(metrics[f"{t}/acc"] * results[t]["n"] for t in tasks) / 140)
+    tasks = ("pubmedqa", "medmcqa", "medqa_4options", *(f"mmlu_{x}" for x in mmlu))
+    assert [results[t]["n"] for t in tasks] == [40, 40, 60, 6, 3, 2, 2, 2, 2]
+    assert metrics["multimedqa/acc"] == pytest.approx(sum(metrics[f"{t}/acc"] * results[t]["n"] for t in tasks) / 157)
     # a recipe composed with data=public names the splits: those win over data_dir
     named = {"medqa_test": {"path": f"{samples()}/mcq_medqa.jsonl", "format": "medqa"}}
     sets = plan_sets(EvalParams(data="medqa_4options", protocol="lm-eval", limit=2), named)
@@ -223,6 +253,46 @@ def test_lm_eval_task_names_map_to_local_files(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDPIPE_EVAL_DATA", raising=False)
     with pytest.raises(ConfigError, match="lm-eval task medqa_4options: no phrases_no_exclude_test.jsonl"):
         plan_sets(EvalParams(data="medqa_4options", protocol="lm-eval"))
+
+
+def test_ceval_and_cmmlu_task_names_map_to_local_files(tmp_path, monkeypatch):
+    """data=ceval-valid_<subject> → val/<subject>_val.csv (ceval-exam.zip); data=cmmlu_<subject> →
+    test/<subject>.csv (haonan-li/CMMLU, header ",Question,A,B,C,D,Answer", columns renamed); the
+    subject (and so lm-eval's description) from the task name; shots from the dev split given."""
+    from medpipe.errors import ConfigError
+    from medpipe.stages.evaluation.sets import plan_sets
+
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "clinical_medicine_val.csv").symlink_to(f"{samples()}/ceval_val.csv")
+    (tmp_path / "test").mkdir()
+    import csv
+
+    with open(f"{samples()}/ceval_val.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))[1:4]
+    with open(tmp_path / "test" / "anatomy.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([["", "Question", "A", "B", "C", "D", "Answer"], *rows])
+    sets = plan_sets(EvalParams(data=["ceval-valid_clinical_medicine", "cmmlu_anatomy"], protocol="lm-eval",
+                                data_dir=str(tmp_path), limit=2))
+    assert [(s.name, s.fmt, len(s.records)) for s in sets] == [("ceval-valid_clinical_medicine", "ceval", 2),
+                                                               ("cmmlu_anatomy", "ceval", 2)]
+    cm = sets[1].records[0]
+    assert (cm["question"], cm["answer"], cm["task"]) == (rows[0][1], [rows[0][6]], "cmmlu_anatomy")
+    assert lmeval.context_text(cm, "ceval", []).startswith("以下是关于解剖学的单项选择题，请直接给出正确答案的选项。\n\n")
+    ce = sets[0].records[0]
+    assert lmeval.context_text(ce, "ceval", []).startswith("以下是中国关于临床医学的单项选择题，请选出其中的正确答案。\n\n")
+    metrics, _ = evaluate(EvalParams(data="cmmlu_anatomy", protocol="lm-eval", data_dir=str(tmp_path), shots=1,
+                                     fewshot_data={"path": f"{samples()}/ceval_dev.csv", "task": "cmmlu_anatomy"}),
+                          tiny_artifact(), tmp_path / "out", **QUIET)
+    assert set(metrics) == {"cmmlu_anatomy/acc", "cmmlu_anatomy/acc_norm", "cmmlu_anatomy/f1_weighted"}
+    monkeypatch.delenv("MEDPIPE_EVAL_DATA", raising=False)
+    with pytest.raises(ConfigError) as e:
+        plan_sets(EvalParams(data="ceval-valid_physician", protocol="lm-eval", data_dir=str(tmp_path)))
+    assert str(e.value) == (f"lm-eval task ceval-valid_physician: no physician_val.csv (looked for "
+                            f"{tmp_path}/ceval-valid_physician/physician_val.csv, {tmp_path}/physician_val.csv, "
+                            f"{tmp_path}/val/physician_val.csv); or give data={{path: ..., format: ceval, "
+                            f"task: ceval-valid_physician}}")
+    with pytest.raises(ConfigError, match="lm-eval task cmmlu_virology: no virology.csv .*DIR/test/virology.csv"):
+        plan_sets(EvalParams(data="cmmlu_virology", protocol="lm-eval"))
 
 
 def test_medpipe_eval_takes_a_protocol(tmp_path):
@@ -259,7 +329,9 @@ def test_lm_eval_protocol_equals_lm_eval_per_item(tmp_path, monkeypatch):
 
     s = samples()
     files = {"medqa_4options": (f"{s}/mcq_medqa.jsonl", "medqa"), "medmcqa": (f"{s}/medmcqa.json", "medmcqa"),
-             "pubmedqa": (f"{s}/pubmedqa.json", "pubmedqa")}
+             "pubmedqa": (f"{s}/pubmedqa.json", "pubmedqa"),
+             "mmlu_anatomy": (f"{MMLU}/test/anatomy_test.csv", "mmlu"),
+             "mmlu_clinical_knowledge": (f"{MMLU}/test/clinical_knowledge_test.csv", "mmlu")}
     names = write_tasks(tmp_path / "tasks", {t: f for t, (f, _) in files.items()})
     ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_artifact().model_path},dtype=float32",
                                   tasks=names, batch_size=8, device="cpu", log_samples=True,
@@ -323,6 +395,40 @@ def test_medcare_generate_then_cue_flow():
     assert rows[0]["pred"] == ["B"] and rows[0]["correct"] is True
     res, details = eval_mcq(EvalSet("ceval", "mcq", "ceval", [item, {**item, "answer": ["A", "B"]}]), p, b, [], None)
     assert [d["correct"] for d in details] == [True, False] and res["metrics"]["acc"] == 0.5  # multi-answer: never
+
+
+@pytest.mark.slow
+def test_lm_eval_protocol_mmlu_few_shot_equals_lm_eval(tmp_path, monkeypatch):
+    """mmlu_<subject> 2-shot: lm-eval's own subject yaml (description, template, first_n over the
+    dev split) on the local CSVs vs protocol=lm-eval with fewshot_data = the dev folder (shots of the
+    item's own subject, file order): the same contexts, so the same log-likelihoods."""
+    pytest.importorskip("lm_eval", reason="lm-eval not installed (the Makefile installs lm-eval[hf]==0.4.13)")
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from medpipe.stages.evaluation.protocols.lmeval_tasks import write_tasks
+
+    tasks = {"mmlu_anatomy": "anatomy", "mmlu_clinical_knowledge": "clinical_knowledge"}
+    names = write_tasks(tmp_path / "tasks", {t: f"{MMLU}/test/{s}_test.csv" for t, s in tasks.items()},
+                        train={t: f"{MMLU}/dev/{s}_dev.csv" for t, s in tasks.items()})
+    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_artifact().model_path},dtype=float32",
+                                  tasks=names, batch_size=8, device="cpu", log_samples=True, num_fewshot=2,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    p = EvalParams(data=list(tasks), protocol="lm-eval", data_dir=MMLU, shots=2,
+                   fewshot_data={"path": f"{MMLU}/dev", "format": "mmlu"})
+    evaluate(p, tiny_artifact(), tmp_path / "mp", **QUIET)
+    for task, name in zip(tasks, names):
+        ours = [json.loads(x) for x in (tmp_path / "mp" / "details" / f"{task}.jsonl").read_text().splitlines()]
+        theirs = sorted(ref["samples"][name], key=lambda r: r["doc_id"])
+        assert len(ours) == len(theirs) > 0
+        assert theirs[0]["arguments"][0][0].startswith("The following are multiple choice questions (with answers) "
+                                                       f"about {tasks[task].replace('_', ' ')}.\n\n")
+        for o, t in zip(ours, theirs):
+            assert list(o["scores"].values()) == pytest.approx([float(x[0]) for x in t["filtered_resps"]], abs=1e-4)
+            assert (o["pred"] == o["gold"]) == bool(t["acc"])
 
 
 @pytest.mark.slow

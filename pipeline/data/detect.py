@@ -1,9 +1,15 @@
 """Format detection from the extension and the first record's keys (``format: auto``)."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from .errors import DataError
 from .formats import FORMATS, SHAPES
-from .readers import container_of, first_record, looks_like_paragraphs
+from .readers import HEADERLESS, container_of, first_record, looks_like_paragraphs
+
+# MMLU's release names its files <subject>_<split>.csv (data/test/anatomy_test.csv)
+_MMLU_NAME = re.compile(r"_(test|dev|val)\.csv$", re.IGNORECASE)
 
 
 def detect_from_keys(keys: set, path: str, loc=None) -> tuple[str, str]:
@@ -34,6 +40,12 @@ def detect_format(path: str, columns: dict | None = None) -> tuple[str, str]:
     loc, rec, file_keys = first_record(path)
     if rec is None:
         raise DataError("no records (empty file)", path, None, None, reason="empty_dataset")
+    if file_keys is not None and HEADERLESS in file_keys:
+        if _MMLU_NAME.search(Path(path).name):
+            return "mmlu", "header-less csv file (rows question,A,B,C,D,<letter>) named <subject>_<split>.csv: MMLU"
+        raise DataError("a header-less 6-column CSV ending in an answer letter (MMLU's shape?), but its name is not "
+                        "<subject>_test/_dev/_val.csv; set format: mmlu (or give the CSV a header)",
+                        path, None, "format", reason="ambiguous_format")
     keys = set(file_keys) if file_keys is not None else set(rec)
     keys.discard("_key")
     if columns:

@@ -15,7 +15,7 @@ mcq         {"id", "question", "context", "options", "answer", "explanation", "s
 
 Problems raise :class:`DataError` naming path:line and the field *as named in the file*.
 
-Over 400 lines on purpose: one short adapter per published shape (19 of them) beside the field
+Over 400 lines on purpose: one short adapter per published shape (20 of them) beside the field
 helpers they share and the registry that names them; a reader looking for "how is CMExam read"
 finds every format in one file, and each adapter reads top to bottom without jumping modules.
 """
@@ -598,6 +598,25 @@ def fmt_ceval(r, ctx):
                 opt_str(r, "explanation", ctx), subject)
 
 
+def fmt_mmlu(r, ctx):
+    # MMLU (hendrycks/test release, data/{dev,val,test}/<subject>_<split>.csv): header-less rows
+    # question,A,B,C,D,answer (readers.py names the cells). Options are kept as the cells are: the
+    # Hub copy (cais/mmlu) that lm-eval prompts with holds them unstripped, and some are empty.
+    q = req_str(r, "question", ctx)
+    opts = {}
+    for L in "ABCD":
+        v = r.get(L)
+        if v is None:
+            raise ctx.err("missing", L, "missing_options")
+        opts[L] = str(v)
+    ans = _answer_letters(r.get("answer") or "", opts, ctx, "answer")
+    if len(ans) != 1:
+        raise ctx.err(f"expected one answer letter, got {r.get('answer')!r}", "answer", "unknown_answer")
+    m = _CEVAL_NAME.match(ctx.stem)
+    subject = m.group("subject") if m else ctx.stem
+    return _mcq(ctx, "mmlu", f"{subject}-{ctx.line}", q, opts, ans, None, subject)
+
+
 # ---- registry ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -641,6 +660,8 @@ _ALL = [
         {"pubid", "question", "final_decision"}, doc="PubMedQA ori_pqal.json"),
     *_f("ceval", "mcq", fmt_ceval, {"id", "question", "A", "B", "C", "D"},
         {"question", "A", "B", "C", "D"}, doc="C-Eval CSV"),
+    *_f("mmlu", "mcq", fmt_mmlu, {"\0mmlu"},
+        doc="MMLU CSV (hendrycks/test: header-less question,A,B,C,D,answer; detected by detect.py)"),
 ]
 
 SHAPES: list[Format] = _ALL

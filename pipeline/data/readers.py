@@ -4,7 +4,9 @@
 * JSON array: ``"[index]"``; JSON object keyed by id (PubMedQA ori_pqal.json): ``"[id]"``;
   a one-key object wrapping a list (``{"data": [...]}``): ``"[index]"``.
 * CSV/TSV: the record's *starting* line in the file (header = line 1), correct across quoted
-  fields with embedded newlines (CMExam Options).
+  fields with embedded newlines (CMExam Options). MMLU's release has no header: a .csv whose first
+  row is `question,A,B,C,D,<letter A-D>` is read with MMLU_COLUMNS as its header (records from
+  line 1) and `HEADERLESS` in `file_keys` (detect.py decides whether that means format mmlu).
 * parquet: ``"[row]"`` (0-based).
 * txt: one record per non-empty line, ``{"text": line}``.
 
@@ -29,6 +31,19 @@ WRAPPER_KEYS = ("data", "train", "validation", "test", "dev", "examples", "insta
                 "records", "items")
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+# hendrycks/test data/{dev,val,test}/<subject>_<split>.csv: rows question,A,B,C,D,answer, no header
+MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
+HEADERLESS = "\0headerless"
+
+
+def is_mmlu_row(row: list[str]) -> bool:
+    """A data row in MMLU's shape, not a header: 6 cells, the last one answer letter. (C-Eval's
+    test header `id,question,A,B,C,D` also ends in a letter: its option columns are named A-D.)"""
+    if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+        return False
+    cells = [c.strip() for c in row]
+    return cells[1:5] != ["A", "B", "C", "D"] and cells[2:6] != ["A", "B", "C", "D"]
 
 
 def container_of(path: str) -> str:
@@ -192,10 +207,17 @@ class RawReader:
             except UnicodeDecodeError as e:
                 raise DataError(f"not UTF-8: {e.reason}", self.path, 1, None,
                                 reason="encoding") from None
-            header = [h.strip() for h in header]
-            self.file_keys = set(header)
+            first = None
+            if delim == "," and is_mmlu_row(header):
+                first, header = header, list(MMLU_COLUMNS)
+                self.file_keys = set(header) | {HEADERLESS}
+            else:
+                header = [h.strip() for h in header]
+                self.file_keys = set(header)
             nh = len(header)
             prev = reader.line_num
+            if first is not None:
+                yield 1, dict(zip(header, first))
             while True:
                 start = prev + 1
                 try:

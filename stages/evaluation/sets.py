@@ -8,23 +8,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MCQ_FORMATS = ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval")
+MCQ_FORMATS = ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "mmlu")
 GEN_FORMATS = ("alpaca", "sharegpt", "messages", "huatuo")
 
 # protocol=lm-eval: lm-eval task names → (format, file in its published shape, source options, the
-# recipe data name of the same split). The splits are those the tasks evaluate: MedQA US 4-option
-# test (jind11's data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl =
+# recipe data name of the same split or None). The splits are those the tasks evaluate: MedQA US
+# 4-option test (jind11's data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl =
 # GBaker/MedQA-USMLE-4-options-hf test), MedMCQA's dev.json (original release, cop 1-4 = the task's
-# `validation`), PubMedQA's PQA-L test (bigbio pubmed_qa_labeled_fold0 test = pqal_test_set.json).
+# `validation`), PubMedQA's PQA-L test (bigbio pubmed_qa_labeled_fold0 test = pqal_test_set.json),
+# MMLU's test split (hendrycks/test data/test/<subject>_test.csv = cais/mmlu test), C-Eval's val
+# split (ceval-exam.zip val/<subject>_val.csv: lm-eval's ceval-valid_*), CMMLU's test split
+# (haonan-li/CMMLU data/test/<subject>.csv, header ",Question,A,B,C,D,Answer").
 # Where found: the recipe's data section (conf/data/public.yaml under data.root: medqa_test,
-# medmcqa_dev, pubmedqa_pqal_test), else the file under `data_dir` (or $MEDPIPE_EVAL_DATA),
-# directly or in a folder named after the task.
+# medmcqa_dev, pubmedqa_pqal_test), else the file under `data_dir` (or $MEDPIPE_EVAL_DATA): in a
+# folder named after the task, directly, or in the release's split folder (test/, val/).
+MMLU_MEDICAL = ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine",
+                "college_biology")  # multimedqa.yaml's MMLU subjects, in its order
+CEVAL_MEDICAL = ("clinical_medicine", "basic_medicine", "physician", "veterinary_medicine")  # = lmeval.CEVAL_SUBJECTS_ZH
+CMMLU_MEDICAL = ("anatomy", "clinical_knowledge", "college_medical_statistics", "college_medicine", "genetics",
+                 "human_sexuality", "nutrition", "professional_medicine", "traditional_chinese_medicine", "virology")
+CMMLU_COLUMNS = {"": "id", "Question": "question", "Answer": "answer"}  # as conf/data/public.yaml's cmmlu_* entries
 LM_EVAL_TASKS = {"medqa_4options": ("medqa", "phrases_no_exclude_test.jsonl", {}, "medqa_test"),
                  "medmcqa": ("medmcqa", "dev.json", {"cop_base": 1}, "medmcqa_dev"),
-                 "pubmedqa": ("pubmedqa", "pqal_test_set.json", {}, "pubmedqa_pqal_test")}
-# lm-eval's multimedqa group (tasks/benchmarks/multimedqa/multimedqa.yaml) minus its six MMLU
-# subjects, which have no reader here
-LM_EVAL_GROUPS = {"multimedqa": ["pubmedqa", "medmcqa", "medqa_4options"]}
+                 "pubmedqa": ("pubmedqa", "pqal_test_set.json", {}, "pubmedqa_pqal_test"),
+                 **{f"mmlu_{s}": ("mmlu", f"{s}_test.csv", {}, None) for s in MMLU_MEDICAL},
+                 **{f"ceval-valid_{s}": ("ceval", f"{s}_val.csv", {}, None) for s in CEVAL_MEDICAL},
+                 **{f"cmmlu_{s}": ("ceval", f"{s}.csv", {"columns": CMMLU_COLUMNS}, None) for s in CMMLU_MEDICAL}}
+SPLIT_DIRS = {"mmlu_": "test", "ceval-valid_": "val", "cmmlu_": "test"}  # the release's folder of that split
+# lm-eval's multimedqa group (tasks/benchmarks/multimedqa/multimedqa.yaml), its order
+LM_EVAL_GROUPS = {"multimedqa": ["pubmedqa", "medmcqa", "medqa_4options", *(f"mmlu_{s}" for s in MMLU_MEDICAL)]}
+
+
+def task_candidates(name: str, root: str) -> list[Path]:
+    """Where the local file of lm-eval task `name` may be under `root`, in the order looked at."""
+    file = LM_EVAL_TASKS[name][1]
+    split = next((d for prefix, d in SPLIT_DIRS.items() if name.startswith(prefix)), None)
+    return [Path(root) / name / file, Path(root) / file] + ([Path(root) / split / file] if split else [])
 
 
 def task_groups(p: Any) -> dict[str, list[str]]:
@@ -55,12 +74,15 @@ def expand_task_names(data: Any, data_dir: str | None, data_opts: dict | None = 
                 out.append({**named, "task": name})
                 continue
             root = data_dir or os.environ.get("MEDPIPE_EVAL_DATA")
-            found = [c for c in ((Path(root) / name / file), (Path(root) / file)) if c.is_file()] if root else []
-            if not found:
-                where = f"under {root}" if root else "(set data_dir=DIR or $MEDPIPE_EVAL_DATA)"
-                raise ConfigError(f"lm-eval task {name}: no {file} {where}; or compose data=public data.root=DIR "
-                                  f"({public}), or give data={{path: ..., format: {fmt}, task: {name}}}")
-            out.append({"path": str(found[0]), "format": fmt, "task": name, **opts})
+            found = next((c for c in task_candidates(name, root) if c.is_file()), None) if root else None
+            if found is None:
+                looked = ", ".join(str(c) for c in task_candidates(name, root or "DIR"))
+                where = f"(looked for {looked})" if root else f"(set data_dir=DIR or $MEDPIPE_EVAL_DATA: {looked})"
+                also = f"; or compose data=public data.root=DIR ({public})" if public else ""
+                cols = ", columns: {'': id, Question: question, Answer: answer}" if "columns" in opts else ""
+                raise ConfigError(f"lm-eval task {name}: no {file} {where}{also}; or give data={{path: ..., "
+                                  f"format: {fmt}{cols}, task: {name}}}")
+            out.append({"path": str(found), "format": fmt, "task": name, **opts})
     return out if isinstance(data, list) or len(out) > 1 else out[0]
 
 

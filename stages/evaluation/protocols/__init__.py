@@ -5,7 +5,7 @@ normalisation, answer extraction — and cites the files it follows:
 * `native` (default): medpipe's own prompts and `method` (ppl | cue | generate | generate_then_cue),
   stages/evaluation/prompts.py;
 * `lm-eval`: lm-evaluation-harness 0.4.13 log-likelihood tasks (medqa_4options, medmcqa, pubmedqa,
-  ceval-valid_<medical subject>), `acc` and `acc_norm` (lmeval.py);
+  mmlu_<subject>, ceval-valid_<medical subject>, cmmlu_<medical subject>), `acc` and `acc_norm` (lmeval.py);
 * `opencompass`: OpenCompass generation configs + their extraction (MedQA, MedMCQA, C-Eval; CMB's
   multiple-select extractor) (opencompass.py);
 * `medcare`: the MedCare authors' generate-then-"答案为" letter and exact-match scorer (medcare.py);
@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 PROTOCOLS = ("native", "lm-eval", "opencompass", "medcare", "cmexam")
-FORMATS = {"lm-eval": ("medqa", "medmcqa", "pubmedqa", "ceval"), "opencompass": ("medqa", "medmcqa", "ceval"),
+FORMATS = {"lm-eval": ("medqa", "medmcqa", "pubmedqa", "ceval", "mmlu"), "opencompass": ("medqa", "medmcqa", "ceval"),
            "medcare": ("cmexam", "medqa", "medmcqa", "ceval"), "cmexam": ("cmexam",)}
 # model_diverse_gen_batch.py picks the task line by dataset: MedQA/MedMCQA/MMLU English, the rest Chinese
 MEDCARE_ENGLISH = ("medqa", "medmcqa")

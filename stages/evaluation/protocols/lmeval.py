@@ -8,6 +8,10 @@ Followed files (lm_eval/ in the 0.4.13 wheel = EleutherAI/lm-evaluation-harness 
   description). A C-Eval-shaped set is CMMLU when its `task:` is `cmmlu_<subject>` (CMMLU's
   Question/Answer columns renamed with `columns:`); the subject comes from the task name
   (`cmmlu_<subject>`, `ceval-valid_<subject>`) or C-Eval's file name (`<subject>_val.csv`);
+  tasks/mmlu/default/_default_template_yaml + mmlu_<subject>.yaml (mmlu_<subject>: "The following are
+  multiple choice questions (with answers) about <subject, "_" → " ">.\n\n" + question.strip() +
+  "\nA. ..\nD. ..\nAnswer:", few-shot = the first k of the subject's dev split), on MMLU's
+  published CSV (format mmlu; subject from the task name or the file name `<subject>_test.csv`);
 * assembly: api/task.py `fewshot_context` — description + Σ shots (doc_to_text + " " + gold choice +
   "\n\n") + doc_to_text(doc); the continuation is " " + choice (`target_delimiter`); with a chat
   template (`--apply_chat_template`, few-shot as multi-turn) the description is the system turn,
@@ -40,8 +44,12 @@ RANDOM_SHOTS = ("medqa", "medmcqa", "pubmedqa")  # the others (C-Eval, CMMLU) ta
 
 
 def exam_subject(item: dict) -> tuple[str, str]:
-    """("ceval" | "cmmlu", subject) of a C-Eval-shaped item."""
+    """("ceval" | "cmmlu" | "mmlu", subject) of a C-Eval- or MMLU-shaped item."""
     task = str(item.get("task") or "")
+    if task.startswith("mmlu_"):
+        return "mmlu", task[len("mmlu_"):]
+    if task == "mmlu":  # format mmlu's default task: the subject is the file's
+        return "mmlu", str(item.get("subject") or "")
     if task.startswith("cmmlu_"):
         return "cmmlu", task[len("cmmlu_"):]
     for prefix in ("ceval-valid_", "ceval_"):  # lm-eval's task name, conf/data/public.yaml's
@@ -65,7 +73,9 @@ def doc_to_text(item: dict, fmt: str) -> str:
         return "Abstract: {}\nQuestion: {}\nAnswer:".format(item.get("context") or "", q)
     if fmt == "ceval":      # tasks/ceval/_default_ceval_yaml
         return f"{q.strip()}\n" + "".join(f"{k}. {v}\n" for k, v in item["options"].items()) + "答案："
-    raise ValueError(f"protocol lm-eval has no task for format '{fmt}' (medqa, medmcqa, pubmedqa, ceval)")
+    if fmt == "mmlu":       # tasks/mmlu/default/_default_template_yaml (choices as they are, unstripped)
+        return f"{q.strip()}\n" + "".join(f"{k}. {v}\n" for k, v in item["options"].items()) + "Answer:"
+    raise ValueError(f"protocol lm-eval has no task for format '{fmt}' (medqa, medmcqa, pubmedqa, ceval, mmlu)")
 
 
 def choices(item: dict, fmt: str) -> list[tuple[str, str]]:
@@ -76,6 +86,12 @@ def choices(item: dict, fmt: str) -> list[tuple[str, str]]:
 
 
 def description(item: dict, fmt: str) -> str:
+    if fmt == "mmlu":  # tasks/mmlu/_generate_configs.py: every subject's own yaml says the same
+        subject = exam_subject(item)[1]
+        if not subject:
+            raise ValueError("protocol lm-eval, MMLU: no subject (name it in the task: mmlu_<subject>, or the file "
+                             "<subject>_test.csv)")
+        return f"The following are multiple choice questions (with answers) about {' '.join(subject.split('_'))}.\n\n"
     if fmt != "ceval":
         return ""
     exam, subject = exam_subject(item)

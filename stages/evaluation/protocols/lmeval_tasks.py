@@ -10,7 +10,10 @@ The YAMLs are lm_eval 0.4.13's tasks/medqa/medqa.yaml, tasks/medmcqa/medmcqa.yam
 tasks/pubmedqa/pubmedqa.yaml with the Hub dataset replaced by the local file; the prompt functions
 are lm-eval's own (imported by the adapters, not re-implemented). The adapters turn the published
 file shapes into the Hub rows those prompts read: MedQA jsonl → sent1/ending0-3/label, MedMCQA's
-original cop 1-4 → the Hub's 0-3, PubMedQA's {PMID: record} → one row per PMID.
+original cop 1-4 → the Hub's 0-3, PubMedQA's {PMID: record} → one row per PMID, MMLU's header-less
+<subject>_<split>.csv → cais/mmlu's rows (question, subject, choices, answer 0-3). An MMLU task
+`include`s the installed wheel's own tasks/mmlu/default/mmlu_<subject>.yaml (description, prompt
+template, first_n few-shot from `dev`) and only swaps the dataset.
 """
 from __future__ import annotations
 
@@ -33,6 +36,22 @@ def process_medqa(ds):
 
 def process_medmcqa(ds):
     return ds.map(lambda d: {"cop": int(d["cop"]) - 1})
+
+
+def load_mmlu(data_files=None, **_):
+    """hendrycks/test CSVs (no header: question,A,B,C,D,answer) → cais/mmlu rows, as the Hub's
+    loading script built them (csv.reader cells as they are, answer letter → 0-3)."""
+    import csv
+    import os
+
+    out = {}
+    for split, path in (data_files or {}).items():
+        subject = os.path.basename(path).rsplit("_", 1)[0]
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [{"question": r[0], "subject": subject, "choices": r[1:5], "answer": "ABCD".index(r[5].strip())}
+                    for r in csv.reader(f) if r]
+        out[split] = datasets.Dataset.from_list(rows)
+    return datasets.DatasetDict(out)
 
 
 def load_pubmedqa(data_files=None, **_):
@@ -82,15 +101,40 @@ doc_to_choice: ["yes", "no", "maybe"]
 }
 
 
+MMLU_TASK = """include: "{include}"
+task: local_{task}
+tag: []
+custom_dataset: !function medpipe_lmeval.load_mmlu
+dataset_kwargs: {{data_files: {{test: "{path}"}}}}
+"""
+
+
+def mmlu_task(task: str, path: str | Path, dev: str | Path | None) -> str:
+    """local_mmlu_<subject>: lm-eval's own subject yaml, the dataset read from the local CSVs."""
+    import lm_eval
+
+    include = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default" / f"{task}.yaml"
+    text = MMLU_TASK.format(include=include, task=task, path=Path(path).resolve())
+    if dev is None:  # no dev split given: zero-shot only (the template names fewshot_split: dev)
+        return text + "fewshot_split: null\n"
+    return text.replace("data_files: {", f'data_files: {{dev: "{Path(dev).resolve()}", ', 1)
+
+
 def write_tasks(folder: str | Path, files: dict[str, str], train: dict[str, str] | None = None) -> list[str]:
     """Write `local_<task>` definitions for {task: file}; returns the lm-eval task names. `train`:
     {task: file} of the split few-shot examples come from (the stock tasks' `training_split`,
-    drawn at random with seed 1234 — what `protocol: lm-eval` does with `fewshot_data`)."""
+    drawn at random with seed 1234 — what `protocol: lm-eval` does with `fewshot_data`; for
+    mmlu_<subject> the subject's dev CSV, first k in file order)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "medpipe_lmeval.py").write_text(ADAPTERS, encoding="utf-8")
     names = []
     for task, path in files.items():
+        if task.startswith("mmlu_"):
+            (folder / f"local_{task}.yaml").write_text(mmlu_task(task, path, (train or {}).get(task)) + METRICS,
+                                                       encoding="utf-8")
+            names.append(f"local_{task}")
+            continue
         text = TASKS[task].format(path=Path(path).resolve())
         if train and task in train:
             text = text.replace("data_files: {", f'data_files: {{train: "{Path(train[task]).resolve()}", ', 1)
