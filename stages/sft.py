@@ -28,8 +28,10 @@ class SFTParams(TrainParams):
     chat_template: Optional[str] = param(None, "Jinja template for tokenizers that have none")
     # packing (tests/test_sft_encoding.py: packed per-conversation loss == alone). null = auto: on for
     # models built by transformers itself (sdpa / eager / flash attention), off for trust_remote_code
-    # models, whose own attention code may ignore packed position ids. Default false until the lead flips it.
-    packing: Optional[bool] = param(False, "padding-free packing: conversations packed best-fit into max_length rows, "
+    # models, whose own attention code may ignore packed position ids. The paper recipes pin false:
+    # packed, `batch_size` counts rows of max_length tokens, not conversations, so the papers'
+    # global batch sizes (in conversations) would no longer hold.
+    packing: Optional[bool] = param(None, "padding-free packing: conversations packed best-fit into max_length rows, "
                                            "position ids restarting per conversation, no attention across them, loss "
                                            "masks kept; null = auto (on for transformers' own attention)")
 
