@@ -155,7 +155,7 @@ def test_columns_rename_and_error_names_file_field(tmp_path):
 
 def test_every_registered_format_has_a_fixture():
     covered = {"text", "huatuo", "alpaca", "sharegpt", "messages", "promptcblue", "preference",
-               "cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "chatmed", "huatuogpt_eval", "paragraphs", "mmlu"}
+               "cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "chatmed", "huatuogpt_eval", "paragraphs", "mmlu", "cmb"}
     assert set(FORMATS) == covered
 
 
@@ -285,3 +285,19 @@ def test_mmlu_headerless_csv_as_published(tmp_path):
     with pytest.raises(DataError) as e:
         load_records(str(bad), "mcq")
     assert (e.value.line, e.value.field) == (2, "answer")
+
+
+def test_cmb_exam_json_as_published():
+    """CMB-Exam (FreedomIntelligence/CMB data/CMB.zip): CMB-val-merge.json, a JSON array with
+    exam_type/exam_class/exam_subject/question/answer ("ABD" for 多项选择题)/question_type/option;
+    the test questions carry an id and no answer (published apart) → unlabeled."""
+    val = F / "CMB-Exam" / "CMB-val" / "CMB-val-merge.json"
+    assert detect_format(str(val))[0] == "cmb"
+    r = recs(val, "mcq")
+    assert r["[1]"]["answer"] == ["A", "B", "D"] and r["[1]"]["options"] == {
+        "A": "生活方式干预", "B": "二甲双胍", "C": "胰岛素泵", "D": "饮食控制"}        # the empty "E" dropped
+    assert (r["[1]"]["question_type"], r["[1]"]["exam_type"], r["[1]"]["exam_class"], r["[1]"]["subject"]) == (
+        "多项选择题", "医师考试", "规培结业", "内科")
+    assert r["[0]"]["explanation"] == "V1～V4导联ST段抬高提示前壁心肌梗死。" and r["[1]"]["explanation"] is None
+    test = recs(F / "CMB-Exam" / "CMB-test" / "CMB-test-choice-question-merge.json", "mcq")
+    assert [(k, v["id"], v["answer"]) for k, v in sorted(test.items())] == [("[0]", "1", []), ("[1]", "2", [])]

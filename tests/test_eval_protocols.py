@@ -377,6 +377,31 @@ class CannedBackend:
         return [{t: 10.0 if self.tok.decode([t]).strip() == "B" else 0.0 for t in c} for c in candidates]
 
 
+CMB = Path(__file__).parent / "fixtures" / "formats" / "CMB-Exam" / "CMB-val" / "CMB-val-merge.json"
+
+
+def test_opencompass_cmb_prompt_and_multiple_select():
+    """OpenCompass on CMB-Exam as published: configs/datasets/cmb/cmb_gen_dfb5c4.py (HUMAN
+    "以下是中国{exam_type}中{exam_class}考试的一道{question_type}，不需要做任何分析和解释，直接输出答案选项。\n{question}\n
+    {option_str} \n 答案: ", zero-shot, max_out_len=10) + datasets/cmb.py (option_str = "k. v" of the options
+    longer than one character, joined by "\n"); multiple_select_postprocess then AccEvaluator (exact string)."""
+    from medpipe.stages.evaluation.runner import eval_mcq
+    from medpipe.stages.evaluation.sets import plan_sets
+
+    [s] = plan_sets(EvalParams(data=str(CMB)))
+    assert s.fmt == "cmb"
+    assert oc.render(s.records[1], "cmb", [], None, chat=False) == (
+        "以下是中国医师考试中规培结业考试的一道多项选择题，不需要做任何分析和解释，直接输出答案选项。\n下列属于2型糖尿病一线治疗的是\n"
+        "A. 生活方式干预\nB. 二甲双胍\nC. 胰岛素泵\nD. 饮食控制 \n 答案: ")
+    # "15" stays, the one-character option "5" is left out of the prompt (len(v) > 1), as datasets/cmb.py does
+    assert oc.render(s.records[3], "cmb", [], None, chat=False).endswith("\nA. 15\nC. 30\nD. 40 \n 答案: ")
+    b = CannedBackend("答案：A、B、D")
+    res, details = eval_mcq(s, EvalParams(protocol="opencompass"), b, [], None)
+    assert [d["extracted"] for d in details] == ["ABD"] * 4       # every uppercase letter, sorted set
+    assert [d["correct"] for d in details] == [False, True, False, False] and res["metrics"]["acc"] == 0.25
+    assert details[1]["pred"] == ["A", "B", "D"] and res["protocol"] == "opencompass"
+
+
 def test_medcare_generate_then_cue_flow():
     """model_diverse_gen_batch.py: chat prompt (system + question + task line) → free answer → the
     answer, ". " (no final ".") and "\n答案为" appended inside the assistant turn → one letter."""

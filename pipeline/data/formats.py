@@ -15,7 +15,7 @@ mcq         {"id", "question", "context", "options", "answer", "explanation", "s
 
 Problems raise :class:`DataError` naming path:line and the field *as named in the file*.
 
-Over 400 lines on purpose: one short adapter per published shape (20 of them) beside the field
+Over 400 lines on purpose: one short adapter per published shape (21 of them) beside the field
 helpers they share and the registry that names them; a reader looking for "how is CMExam read"
 finds every format in one file, and each adapter reads top to bottom without jumping modules.
 """
@@ -617,6 +617,38 @@ def fmt_mmlu(r, ctx):
     return _mcq(ctx, "mmlu", f"{subject}-{ctx.line}", q, opts, ans, None, subject)
 
 
+def fmt_cmb(r, ctx):
+    # CMB-Exam (FreedomIntelligence/CMB, data/CMB.zip → CMB-Exam/CMB-val/CMB-val-merge.json,
+    # CMB-test/CMB-test-choice-question-merge.json): a JSON array of {exam_type, exam_class,
+    # exam_subject, question, answer ("D", or "ABD" for 多项选择题), question_type (单项选择题 |
+    # 多项选择题), option {"A": ..}, explanation (val)}; test items carry an `id` and no answer (the
+    # answers are published apart, CMB-test-choice-answer.json) → unlabeled. Empty options (a 4-option
+    # item's "E": "") are dropped; exam_type/exam_class/question_type stay on the record (OpenCompass's
+    # CMB prompt names them).
+    q = req_str(r, "question", ctx)
+    o = r.get("option")
+    if not isinstance(o, dict):
+        raise ctx.err("missing" if o is None else f"wrong type: expected an object of options, got {_tname(o)}",
+                      "option", "missing_options" if o is None else "wrong_type")
+    opts = {}
+    for k, v in o.items():
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise ctx.err(f"wrong type: expected a string, got {_tname(v)}", f"option.{k}", "wrong_type")
+        if str(v).strip():
+            opts[str(k).strip().upper()] = str(v).strip()
+    _check_options(opts, ctx, "option")
+    ans = _answer_letters(r["answer"], opts, ctx, "answer") if "answer" in r else []
+    qtype = opt_str(r, "question_type", ctx)
+    if ans and len(ans) > 1 and qtype == "单项选择题":
+        raise ctx.err(f"answer {r['answer']!r} has {len(ans)} letters but question_type is 单项选择题", "answer",
+                      "unknown_answer")
+    id_ = opt_str(r, "id", ctx) or f"{ctx.stem}-{str(ctx.line).strip('[]')}"
+    rec = _mcq(ctx, "cmb", id_, q, opts, ans, opt_str(r, "explanation", ctx), opt_str(r, "exam_subject", ctx))
+    rec.update(exam_type=opt_str(r, "exam_type", ctx) or "", exam_class=opt_str(r, "exam_class", ctx) or "",
+               question_type=qtype or "")
+    return rec
+
+
 # ---- registry ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -662,6 +694,7 @@ _ALL = [
         {"question", "A", "B", "C", "D"}, doc="C-Eval CSV"),
     *_f("mmlu", "mcq", fmt_mmlu, {"\0mmlu"},
         doc="MMLU CSV (hendrycks/test: header-less question,A,B,C,D,answer; detected by detect.py)"),
+    *_f("cmb", "mcq", fmt_cmb, {"question", "option", "exam_type"}, doc="CMB-Exam JSON"),
 ]
 
 SHAPES: list[Format] = _ALL

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MCQ_FORMATS = ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "mmlu")
+MCQ_FORMATS = ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "mmlu", "cmb")
 GEN_FORMATS = ("alpaca", "sharegpt", "messages", "huatuo")
 
 # protocol=lm-eval: lm-eval task names → (format, file in its published shape, source options, the

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 PROTOCOLS = ("native", "lm-eval", "opencompass", "medcare", "cmexam")
-FORMATS = {"lm-eval": ("medqa", "medmcqa", "pubmedqa", "ceval", "mmlu"), "opencompass": ("medqa", "medmcqa", "ceval"),
+FORMATS = {"lm-eval": ("medqa", "medmcqa", "pubmedqa", "ceval", "mmlu"), "opencompass": ("medqa", "medmcqa", "ceval", "cmb"),
            "medcare": ("cmexam", "medqa", "medmcqa", "ceval"), "cmexam": ("cmexam",)}
 # model_diverse_gen_batch.py picks the task line by dataset: MedQA/MedMCQA/MMLU English, the rest Chinese
 MEDCARE_ENGLISH = ("medqa", "medmcqa")

@@ -13,8 +13,10 @@ Followed files (open-compass/opencompass @a5acc4bb; record config name + commit 
   (5-shot FixK over dev, "题目：", the answer turn "答案是: {answer}" — kept, empty, at the end of a
   base model's prompt), `first_capital_postprocess`; the alias cmmlu_gen.py points to a 0-shot CoT
   config since 61185963 (2025-03-25): name the config with a number;
-* CMB: configs/datasets/cmb/cmb_gen_dfb5c4.py (`multiple_select_postprocess`: the sorted set of every
-  uppercase character, exact set); the prompt needs CMB's exam_type/exam_class/question_type fields.
+* CMB: configs/datasets/cmb/cmb_gen_dfb5c4.py (zero-shot, max_out_len=10, `multiple_select_postprocess`:
+  the sorted set of every uppercase character) + datasets/cmb.py (option_str: the options longer than
+  one character, "k. v" joined by "\n"); AccEvaluator compares that string with the file's answer
+  string ("ABD") exactly. Format cmb (CMB-Exam JSON) keeps exam_type/exam_class/question_type.
 * post-processors: utils/text_postprocessors.py; prompt joining: models/base.py (base models: the
   non-empty turns joined by "\\n", `add_special_tokens=True`) and models/huggingface_above_v4_33.py
   (chat models: the turns through the chat template, SYSTEM merged into the user turn).
@@ -172,6 +174,7 @@ def run(items: list[dict], fmt: str, p: Any, backend: Any, pool: list[dict], rag
     for it, pr, text in zip(items, prompts, texts):
         got = extract(text, fmt, it)
         out.append({"id": it.get("id"), "gold": it["answer"], "pred": sorted(got) if got else None, "text": text,
-                    "extracted": got, "correct": got == "".join(sorted(it["answer"])),
+                    # AccEvaluator: the extracted string equals the file's answer string (letters in file order)
+                    "extracted": got, "correct": got == "".join(it["answer"]),
                     "invalid": None if got else "no_answer", "prompt_sha": prompt_hash(pr)})
     return out
