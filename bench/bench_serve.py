@@ -1,7 +1,9 @@
 """`medpipe serve` under load on 127.0.0.1 (issue 18): requests/s and p50/p95 latency at
-concurrency 1/8/32, one request at a time (`--max-batch 1`: what the old one-lock server did)
-vs micro-batched (`max_batch` 32), and the stall test (a 1 MB prompt answered 400/413 in < 1 s
-while a concurrent small request is still answered).
+concurrency 1/8/32 in three servers measured side by side in one run: one request at a time
+(static batching, `max_batch` 1: what the old one-lock server did), micro-batched (static,
+`max_batch` 32: the batch generated to its end before the next one starts) and continuous batching
+(`max_batch` 32: requests join the running batch at the next step); and the stall test (a 1 MB
+prompt answered 400/413 in < 1 s while a concurrent small request is still answered).
 
 Model: the tiny model with its weights redrawn (seeded, std 0.3) so greedy answers differ per
 prompt; every answer of every mode is compared with sequential `LocalModel.generate` (same text).
@@ -82,10 +84,10 @@ def stall_test(url: str) -> dict:
     return out
 
 
-MODES = (("one at a time", 1), ("micro-batched", 32))
+MODES = (("one at a time", "static", 1), ("micro-batched", "static", 32), ("continuous", "continuous", 32))
 
 
-def serve_only(port: int, max_batch: int, threads: int) -> None:
+def serve_only(port: int, batching: str, max_batch: int, threads: int) -> None:
     """The server process: the redrawn tiny model behind build_app, until killed."""
     import torch
 
@@ -93,11 +95,12 @@ def serve_only(port: int, max_batch: int, threads: int) -> None:
     from test_serve_limits import varied_tiny
 
     torch.set_num_threads(threads)
-    make_server(build_app(varied_tiny(), "tiny", limits=Limits(max_batch=max_batch)), "127.0.0.1", port,
-                log_level="warning").run()
+    app = build_app(varied_tiny(), "tiny", limits=Limits(max_batch=max_batch, batching=batching))
+    print(json.dumps({"server": port, "batching": app.state.batching, "max_batch": max_batch}), flush=True)
+    make_server(app, "127.0.0.1", port, log_level="warning").run()
 
 
-def start_server(max_batch: int, threads: int):
+def start_server(batching: str, max_batch: int, threads: int):
     import subprocess
 
     import httpx
@@ -105,7 +108,7 @@ def start_server(max_batch: int, threads: int):
     from medpipe.commands.serve import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-only", str(port), "--max-batch", str(max_batch),
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-only", str(port), "--batching", batching, "--max-batch", str(max_batch),
                              "--threads", str(threads)], stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -128,9 +131,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--serve-only", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--batching", default="continuous", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_only:
-        return serve_only(args.serve_only, args.max_batch, args.threads)
+        return serve_only(args.serve_only, args.batching, args.max_batch, args.threads)
     import torch
 
     from test_serve_limits import questions, varied_tiny
@@ -151,14 +155,14 @@ def main() -> None:
                                                "one_batch_s": round(time.monotonic() - t0, 3)}}), flush=True)
     del model
     rows = []
-    servers = {mode: start_server(max_batch, args.threads) for mode, max_batch in MODES}
+    servers = {mode: start_server(batching, max_batch, args.threads) for mode, batching, max_batch in MODES}
     try:
         for mode, (_, url) in servers.items():
             load(url, prompts[:4], 2, args.new)  # warm-up
         for c in [int(x) for x in args.concurrency.split(",")]:
             n = len(prompts) if c > 1 else max(8, len(prompts) // 4)
             runs: dict[str, list] = {mode: [] for mode in servers}
-            for r in range(args.reps):  # modes alternate, order flipped every rep: load drifts hit both
+            for r in range(args.reps):  # modes alternate, order flipped every rep: load drifts hit all
                 for mode in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
                     runs[mode].append(load(servers[mode][1], prompts[:n], c, args.new))
             for mode, got in runs.items():
@@ -168,15 +172,18 @@ def main() -> None:
                              "req_per_s": round(n / wall, 2), "p50_s": round(statistics.median(lat), 3),
                              "p95_s": round(pct(lat, 0.95), 3), "same_as_sequential": all(g[2] == want[:n] for g in got)})
                 print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
-        print(json.dumps({"stall": stall_test(servers["micro-batched"][1])}, ensure_ascii=False), flush=True)
+        print(json.dumps({"stall": stall_test(servers["continuous"][1])}, ensure_ascii=False), flush=True)
     finally:
         for proc, _ in servers.values():
             proc.kill()
             proc.wait()
+    print("| concurrency | " + " | ".join(f"{m} req/s (p50/p95 s)" for m, *_ in MODES) + " | × vs one at a time |")
     for c in sorted({r["concurrency"] for r in rows}):
-        a, b = [r for r in rows if r["concurrency"] == c]
-        print(f"concurrency {c}: {a['req_per_s']} -> {b['req_per_s']} req/s ({b['req_per_s'] / a['req_per_s']:.2f}x), "
-              f"p50 {a['p50_s']} -> {b['p50_s']} s, p95 {a['p95_s']} -> {b['p95_s']} s")
+        got = {r["mode"]: r for r in rows if r["concurrency"] == c}
+        one = got[MODES[0][0]]["req_per_s"]
+        cells = [f"{got[m]['req_per_s']} ({got[m]['p50_s']}/{got[m]['p95_s']})" for m, *_ in MODES]
+        ratios = ", ".join(f"{got[m]['req_per_s'] / one:.2f}" for m, *_ in MODES[1:])
+        print(f"| {c} | " + " | ".join(cells) + f" | {ratios} |")
 
 
 if __name__ == "__main__":

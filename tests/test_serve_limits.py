@@ -208,7 +208,9 @@ def test_concurrent_requests_are_batched_and_answer_as_sequential(server, model)
     qs = questions(24)
     want = [model.chat([{"role": "user", "content": q}], max_new_tokens=12) for q in qs]
     assert len({w.text for w in want}) == 24
-    before = app.state.batcher.batches
+    engine = app.state.engine
+    assert app.state.batching == "continuous"
+    before = engine.steps
     got: dict[int, dict] = {}
 
     def ask(i):
@@ -223,7 +225,88 @@ def test_concurrent_requests_are_batched_and_answer_as_sequential(server, model)
     texts = [got[i]["choices"][0]["message"]["content"] for i in range(24)]
     assert texts == [w.text for w in want]
     assert [got[i]["usage"]["completion_tokens"] for i in range(24)] == [w.completion_tokens for w in want]
-    assert app.state.batcher.batches - before < 24  # served in shared batches, not one by one
+    # one request alone takes a forward pass per token: shared steps take far fewer
+    assert engine.steps - before < sum(w.completion_tokens for w in want) / 2, engine.steps - before
+    assert engine.in_flight == 0
+
+
+def read_stream(url: str, body: dict, timeout: float = 120) -> tuple[list[str], list[dict]]:
+    """(content pieces, every data event as JSON but [DONE]); the last line must be [DONE]."""
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=timeout, json={**body, "stream": True}) as r:
+        lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]", lines[-3:]
+    events = [json.loads(x[6:]) for x in lines[:-1]]
+    pieces = [e["choices"][0]["delta"]["content"] for e in events if "choices" in e and "content" in e["choices"][0]["delta"]]
+    return pieces, events
+
+
+def test_concurrent_streamed_and_plain_greedy_requests_share_the_batch_and_answer_as_sequential(server, model):
+    url, app = server
+    qs = questions(15)[::-1] + ["头痛发热 " * 200]  # the last one (over 512 tokens) prefilled over several steps
+    want = [model.chat([{"role": "user", "content": q}], max_new_tokens=14) for q in qs]
+    assert len({w.text for w in want}) == 16 and want[-1].prompt_tokens > 2 * app.state.engine.cb_args["max_batch_tokens"]
+    before = app.state.engine.steps
+    got: dict[int, tuple] = {}
+
+    def ask(i):
+        body = {"messages": [{"role": "user", "content": qs[i]}], "max_tokens": 14}
+        if i % 2:  # odd ones streamed
+            pieces, events = read_stream(url, body)
+            got[i] = ("".join(pieces), events[-1]["choices"][0]["finish_reason"], len(pieces))
+        else:
+            c = post(url, body, timeout=120).json()["choices"][0]
+            got[i] = (c["message"]["content"], c["finish_reason"], 0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i][:2] for i in range(16)] == [(w.text, w.finish_reason) for w in want]
+    assert all(got[i][2] > 1 for i in range(1, 16, 2))  # streamed piece by piece, not as one block
+    assert app.state.engine.steps - before < sum(w.completion_tokens for w in want) / 2
+
+
+def test_a_failure_mid_stream_in_the_shared_batch_is_an_error_event_then_the_server_recovers(server, model):
+    url, app = server
+    q = [{"role": "user", "content": questions(3)[2]}]
+    want = model.chat(q, max_new_tokens=16)
+    forward, calls = model.model.forward, []
+
+    def failing(*a, **kw):  # the 6th forward pass after arming (5 tokens in) raises
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("the GPU fell over")
+        return forward(*a, **kw)
+
+    model.model.forward = failing
+    try:
+        pieces, events = read_stream(url, {"messages": q, "max_tokens": 16})
+    finally:
+        model.model.forward = forward
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert pieces and want.text.startswith("".join(pieces)) and "".join(pieces) != want.text
+    err = events[-1]["error"]
+    assert err["message"] == "generation failed: the GPU fell over" and err["type"] == "server_error"
+    assert all("error" not in e for e in events[:-1])
+    # the batching loop is started again: the next requests are answered as before
+    assert app.state.engine.restarts >= 1
+    pieces, events = read_stream(url, {"messages": q, "max_tokens": 16})
+    assert "".join(pieces) == want.text and events[-1]["choices"][0]["finish_reason"] == want.finish_reason
+    assert post(url, {"messages": q, "max_tokens": 16}).json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_continuous_requests_past_their_timeout_answer_503_and_stop_generating(model):
+    # a prompt whose greedy answer runs 400 tokens without a stop token: far past a 0.2 s timeout
+    q = next([{"role": "user", "content": x}] for x in questions(8)
+             if model.chat([{"role": "user", "content": x}], max_new_tokens=400).finish_reason == "length")
+    app = build_app(model, "tiny", limits=Limits(timeout=0.2))
+    with serving(app) as url:
+        r = post(url, {"messages": q, "max_tokens": 400})
+        assert r.status_code == 503 and error_of(r)["code"] == "timeout", r.text
+        pieces, events = read_stream(url, {"messages": q, "max_tokens": 400})
+        assert events[-1]["error"]["code"] == "timeout" and events[-1]["error"]["type"] == "server_error"
+        assert app.state.engine.in_flight == 0  # both cancelled in the batch, not generated to the end
 
 
 def test_a_1mb_prompt_is_refused_fast_while_a_small_request_is_served(server):

@@ -20,11 +20,15 @@ that cannot be served (not JSON, bad messages, prompt too long, n > 1), 401, 404
 path, 413, 422 a parameter of the wrong type or out of range (max_tokens 0, NaN temperature,
 1e400, seed 2^70, n "two"), 503.
 
-Batching: requests wait in one queue; a worker thread takes every request waiting when the model
-frees up and generates them as one batch per setting (same max_tokens, greedy) through
-`LocalModel.generate(prompts=[...])`, instead of one request at a time. Sampled requests
-(temperature > 0) run alone, so a seed gives the same text as it does sequentially. Streams
-generate one at a time (the transformers streamer is batch-size 1).
+Batching (`Limits.batching`): "continuous" (the default) runs greedy requests, streamed or not,
+through `ContinuousEngine` (medpipe.stages.inference.continuous): a request joins the running batch
+at the next decoding step and leaves it when done, a stream gets its tokens as the shared batch
+produces them. Models it cannot serve, or that answer its start-up probe differently from
+sequential generation, fall back to "static": requests wait in one queue; a worker thread takes
+every request waiting when the model frees up and generates them as one batch per setting (same
+max_tokens, greedy) through `LocalModel.generate(prompts=[...])`. Sampled requests (temperature
+> 0) run alone either way, so a seed gives the same text as it does sequentially (their streams
+through `LocalModel.stream`).
 With `--rag` the last user message gets the top-k passages of the run's knowledge index
 (the first cpt stage's corpus, or `--rag-corpus`) prepended, as in `medpipe chat --rag`.
 `--engine vllm` starts vLLM's own OpenAI server on the stage's merged model instead.
@@ -55,6 +59,8 @@ class Limits:
     max_batch: int = 32
     max_queue: int = 256
     api_key: str | None = None
+    batching: str = "continuous"  # continuous: requests join the running batch; static: micro-batches
+    kv_cache_mb: int = 1024  # the continuous batcher's paged KV cache (at least one full-context request)
 
 
 # --- the batching worker --------------------------------------------------------------------------
@@ -170,8 +176,9 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
     context = limits.context or model_context(model)
     encode = getattr(model, "encode", None)
     batcher = Batcher(model, limits.max_batch, limits.max_queue)
+    engine, app_batching = start_engine(model, limits, context, encode)
     app = FastAPI(title="medpipe", version="1")
-    app.state.batcher = batcher
+    app.state.batcher, app.state.engine, app.state.batching = batcher, engine, app_batching
     created = int(time.time())
 
     def reply(e: ApiError) -> JSONResponse:
@@ -254,17 +261,45 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
                    max_length=max_length)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
-        if req["stream"]:
+        deadline = arrived + limits.timeout
+        timed_out = ApiError(503, f"the request was not answered within {limits.timeout:g} s", "timeout")
+        if engine is not None and ids is not None and not req["temperature"] > 0:  # continuous batching
+            from medpipe.stages.inference.continuous import GenerationFailed
+
+            try:
+                if engine.in_flight >= limits.max_queue + limits.max_batch:
+                    raise ApiError(503, f"the server is busy ({engine.in_flight} requests in flight); retry later",
+                                   "server_busy")
+                if req["stream"]:
+                    pieces = engine.stream(ids, max_tokens, max_length, deadline)
+                    return StreamingResponse(sse_events(model_id, cid, now, pieces, timed_out),
+                                             media_type="text/event-stream")
+                work = engine.submit(ids, max_tokens, max_length=max_length)
+            except ApiError as e:
+                return reply(e)
+            except GenerationFailed as e:
+                return reply(ApiError(503, f"generation is not available: {e}", "server_error"))
+            try:
+                c = await asyncio.wait_for(asyncio.wrap_future(work.future), timeout=max(0.001, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                engine.cancel(work)
+                return reply(timed_out)
+            except asyncio.CancelledError:  # the client went away
+                engine.cancel(work)
+                raise
+            except GenerationFailed as e:
+                return reply(ApiError(500, f"generation failed: {e}", "internal_error"))
+        elif req["stream"]:
             return StreamingResponse(stream_events(model, model_id, cid, now, prompt, gen), media_type="text/event-stream")
-        job = None
-        try:
-            job = batcher.submit(prompt, gen, limits.timeout - (time.monotonic() - arrived), ids)
-            left = max(0.001, job.deadline - time.monotonic())
-            c = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=left)
-        except ApiError as e:
-            return reply(e)
-        except asyncio.TimeoutError:
-            return reply(ApiError(503, f"the request was not answered within {limits.timeout:g} s", "timeout"))
+        else:
+            try:
+                job = batcher.submit(prompt, gen, limits.timeout - (time.monotonic() - arrived), ids)
+                left = max(0.001, job.deadline - time.monotonic())
+                c = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=left)
+            except ApiError as e:
+                return reply(e)
+            except asyncio.TimeoutError:
+                return reply(timed_out)
         usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                  "total_tokens": c.prompt_tokens + c.completion_tokens}
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,
@@ -274,23 +309,71 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
     return app
 
 
+def start_engine(model: Any, limits: Limits, context: int | None, encode: Any) -> tuple[Any, str]:
+    """The continuous batcher for this model, or None and why not (then requests are micro-batched)."""
+    if limits.batching not in ("continuous", "static"):
+        from medpipe.errors import MedpipeError
+
+        raise MedpipeError(f"batching must be continuous or static, got {limits.batching!r}")
+    if limits.batching == "static":
+        return None, "static"
+    from medpipe.stages.inference.continuous import ContinuousEngine, unsupported
+
+    why = unsupported(model) or (None if encode is not None and context else "the model has no tokenizer context")
+    engine = None
+    if why is None:
+        engine = ContinuousEngine(model, limits.max_batch, context, limits.kv_cache_mb)
+        # the probe: a short and a longer chat prompt must answer as sequential generation does
+        probes = [encode(model.render([{"role": "user", "content": q}])) for q in ("Hi", "头痛发热咳嗽胸闷 " * 8)]
+        why = engine.check(probes)
+        if why is not None:
+            engine.close()
+            engine = None
+    return engine, "continuous" if engine is not None else f"static ({why})"
+
+
+def chunk_event(base: dict, delta: dict, finish: str | None = None) -> str:
+    return "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]},
+                                 ensure_ascii=False) + "\n\n"
+
+
+def error_event(e: BaseException) -> str:
+    if isinstance(e, ApiError):
+        err = e
+    else:
+        from medpipe.stages.inference.continuous import GenerationFailed
+
+        what = str(e) if isinstance(e, GenerationFailed) else f"{type(e).__name__}: {e}"
+        err = ApiError(500, f"generation failed: {what}", "internal_error")
+    return "data: " + json.dumps(err.body(), ensure_ascii=False) + "\n\n"
+
+
 def stream_events(model: Any, model_id: str, cid: str, now: int, prompt: str, gen: dict) -> Iterator[str]:
-    """Server-sent events of one streamed completion; a sync generator (Starlette iterates it in a
-    worker thread). A failure after the first event is sent as an error event, then [DONE]."""
+    """Server-sent events of one streamed completion generated alone; a sync generator (Starlette
+    iterates it in a worker thread). A failure after the first event is sent as an error event, then [DONE]."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id}
-
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        return "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]},
-                                     ensure_ascii=False) + "\n\n"
-
-    yield chunk({"role": "assistant"})
+    yield chunk_event(base, {"role": "assistant"})
     kw = {k: v for k, v in gen.items() if not (k == "max_length" and v is None)}
     try:
         for piece in model.stream(prompt, **kw):  # text pieces as decoded, then the Completion
-            yield chunk({"content": piece}) if isinstance(piece, str) else chunk({}, piece.finish_reason)
+            yield chunk_event(base, {"content": piece}) if isinstance(piece, str) else chunk_event(base, {}, piece.finish_reason)
     except Exception as e:
-        err = ApiError(500, f"generation failed: {type(e).__name__}: {e}", "internal_error")
-        yield "data: " + json.dumps(err.body(), ensure_ascii=False) + "\n\n"
+        yield error_event(e)
+    yield "data: [DONE]\n\n"
+
+
+async def sse_events(model_id: str, cid: str, now: int, pieces: Any, timed_out: ApiError):
+    """Server-sent events of one streamed request of the continuous batch (an async iterator of text
+    pieces, then the Completion); a failure or timeout is an error event, then [DONE]."""
+    base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id}
+    yield chunk_event(base, {"role": "assistant"})
+    try:
+        async for piece in pieces:
+            yield chunk_event(base, {"content": piece}) if isinstance(piece, str) else chunk_event(base, {}, piece.finish_reason)
+    except TimeoutError:
+        yield error_event(timed_out)
+    except Exception as e:
+        yield error_event(e)
     yield "data: [DONE]\n\n"
 
 
@@ -325,6 +408,13 @@ def serving(app: Any, host: str = "127.0.0.1", port: int | None = None, timeout:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        close_engine(app)
+
+
+def close_engine(app: Any) -> None:
+    engine = getattr(getattr(app, "state", None), "engine", None)
+    if engine is not None:
+        engine.close()
 
 
 def vllm_command(model_path: str, name: str, host: str, port: int, api_key: str | None,
@@ -385,8 +475,12 @@ def serve(run_dir: str, stage: str | None = None, host: str = "127.0.0.1", port:
         timer = threading.Timer(stop_after, lambda: setattr(server, "should_exit", True))
         timer.daemon = True
         timer.start()
+    batching = getattr(getattr(app, "state", None), "batching", limits.batching)
     say(f"serving {name} ({art.model_path}){' + RAG' if retriever else ''} at http://{host}:{port}/v1 "
         f"(OpenAI-compatible: /v1/models, /v1/chat/completions){'; API key required' if limits.api_key else ''}; "
-        f"Ctrl-C stops")
-    server.run()
+        f"Ctrl-C stops; {batching} batching")
+    try:
+        server.run()
+    finally:
+        close_engine(app)
     return 0
