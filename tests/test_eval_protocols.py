@@ -103,6 +103,26 @@ def test_lm_eval_encodes_the_pair_whole_and_splits_it():
     tok = load_tokenizer(tiny_artifact().tokenizer_path)
     ctx, cont = lmeval.encode_pair(tok, "答案： ", "B")
     assert ctx == tok.encode("答案：") and cont == tok.encode("答案： B")[len(ctx):]
+    # the byte-level fast path (only the context's last two pre-tokens re-encoded with each choice)
+    # gives what encoding the whole text does, on every bundled item, plain and chat, and on
+    # boundaries where the pre-tokens change (a context ending in "\n", a choice starting with one)
+    from medpipe.stages.evaluation.sets import plan_sets
+
+    data = [{"path": f"{samples()}/mcq_medqa.jsonl", "format": "medqa"}, {"path": f"{MMLU}/test", "format": "mmlu"},
+            {"path": f"{samples()}/pubmedqa.json", "format": "pubmedqa"},
+            {"path": f"{samples()}/ceval_val.csv", "format": "ceval", "task": "ceval_clinical_medicine"}]
+    pairs = []
+    for st in plan_sets(EvalParams(data=data)):
+        for chat in (False, True):
+            ctxs = [lmeval.context_text(it, st.fmt, [], tok, chat) for it in st.records]
+            pairs += [(c, ("" if chat else " ") + t) for c, it in zip(ctxs, st.records) for _, t in lmeval.choices(it, st.fmt)]
+            pairs += [(c + "\n", "x y") for c in ctxs[:3]] + [(c, "\n答案") for c in ctxs[:3]]
+    assert lmeval._tail_split(tok, [pairs[0][0]], None)             # the tiny Qwen2 tokenizer takes the fast path
+    naive = []
+    for c, k in pairs:
+        c, k = (c.rstrip(), c[len(c.rstrip()):] + k)
+        naive.append((tok(c)["input_ids"], tok(c + k)["input_ids"][len(tok(c)["input_ids"]):]))
+    assert lmeval.encode_pairs(tok, pairs) == naive and len(pairs) > 900
     # api/samplers.py: one Random(1234) per task drawing `sample(pool, k)` doc after doc; C-Eval first_n
     import random
 

@@ -147,8 +147,12 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
 
 
 def encode_pairs(tok: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """encode_pair for many pairs: each distinct context and each whole text tokenised once, in
-    batch calls (the fast tokenizer encodes a list in parallel) — the same ids as one at a time."""
+    """encode_pair for many pairs: each distinct context tokenised once, in batch calls (the fast
+    tokenizer encodes a list in parallel) — the same ids as one at a time. The continuation's ids
+    are encode(context + continuation)[len(encode(context)):]; with a byte-level BPE tokenizer
+    (GPT-2, Llama 3, Qwen2, SmolLM2: merges never cross a pre-token) only the context's last two
+    pre-tokens + the continuation are re-encoded (`_tail_split`), not the whole text once per
+    choice — checked per pair, else the whole text is encoded."""
     moved = []
     for context, continuation in pairs:
         n = len(context) - len(context.rstrip())
@@ -165,8 +169,46 @@ def encode_pairs(tok: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[
         return out
 
     ctx_ids = encode([c for c, _ in moved])
-    whole_ids = encode([c + k for c, k in moved])
-    return [(list(ctx_ids[c]), list(whole_ids[c + k])[len(ctx_ids[c]):]) for c, k in moved]
+    split = _tail_split(tok, sorted(ctx_ids), bos_text)
+    tails = {c: c[split[c]:] for c in split}
+    raw = sorted({tails[c] for c in tails} | {tails[c] + k for c, k in moved if c in tails})
+    raw_ids = dict(zip(raw, tok(raw, add_special_tokens=False)["input_ids"])) if raw else {}
+    fast = {c for c in tails if ctx_ids[c][-len(raw_ids[tails[c]]):] == raw_ids[tails[c]] and raw_ids[tails[c]]}
+    whole_ids = encode([c + k for c, k in moved if c not in fast])
+    out = []
+    for c, k in moved:
+        if c in fast and _same_normalized(tok, c + k):
+            out.append((list(ctx_ids[c]), list(raw_ids[tails[c] + k])[len(raw_ids[tails[c]]):]))
+        else:
+            whole = whole_ids.get(c + k) or encode([c + k])[c + k]
+            out.append((list(ctx_ids[c]), list(whole)[len(ctx_ids[c]):]))
+    return out
+
+
+def _tail_split(tok: Any, contexts: list[str], bos_text: str | None) -> dict[str, int]:
+    """{context: where its last two pre-tokens start} for a fast byte-level BPE tokenizer whose
+    special tokens are only a prefix and whose normaliser leaves the context unchanged; {} else."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is None or "ByteLevel" not in repr(pre) or "Metaspace" in repr(pre):
+        return {}
+    probe = "ab c"
+    with_sp, bare = tok(probe)["input_ids"], tok(probe, add_special_tokens=False)["input_ids"]
+    if with_sp[len(with_sp) - len(bare):] != bare:  # a post-processor that appends (EOS) or reorders
+        return {}
+    out = {}
+    for c in contexts:
+        if (bos_text and c.startswith(bos_text)) or not _same_normalized(tok, c):
+            continue
+        pieces = pre.pre_tokenize_str(c)
+        if len(pieces) >= 3:  # the first pre-token stays out of the tail (it may carry the BOS)
+            out[c] = pieces[-2][1][0]
+    return out
+
+
+def _same_normalized(tok: Any, text: str) -> bool:
+    norm = getattr(tok.backend_tokenizer, "normalizer", None)
+    return norm is None or norm.normalize_str(text) == text
 
 
 def run(items: list[dict], fmt: str, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
