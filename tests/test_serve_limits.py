@@ -1,7 +1,9 @@
 """The server against hostile and heavy clients on 127.0.0.1: body and context limits, strict
 parameter checks answered 4xx in OpenAI's error shape, API key, stream error events, timeouts and
-a full queue (503), micro-batched concurrent requests giving the sequential greedy answers, and a
-1 MB prompt refused in under a second while a small request is still answered."""
+a full queue (503), continuously batched concurrent requests (streamed and not) giving the
+sequential greedy answers, a failure mid-stream in the shared batch sent as an error event (and the
+batching loop restarted), cancelled sequences leaving the batch, and a 1 MB prompt refused in under
+a second while a small request is still answered."""
 from __future__ import annotations
 
 import json
@@ -372,3 +374,40 @@ def test_serve_takes_the_api_key_from_the_environment(tmp_path, monkeypatch):
     said = []
     serve_mod.serve(str(fake_run(tmp_path)), "sft", say=said.append)
     assert seen["limits"].api_key == "from-env" and "API key required" in said[-1]
+
+
+def test_continuous_batch_full_answers_503_and_a_client_gone_mid_stream_stops_its_generation(model):
+    q = next([{"role": "user", "content": x}] for x in questions(8)
+             if model.chat([{"role": "user", "content": x}], max_new_tokens=400).finish_reason == "length")
+    app = build_app(model, "tiny", limits=Limits(max_batch=1, max_queue=1))
+    forward = model.model.forward
+
+    def slow(*a, **kw):  # 400 steps take 4 s at least: both streams are still generating below
+        time.sleep(0.01)
+        return forward(*a, **kw)
+
+    model.model.forward = slow
+    try:
+        busy_and_gone(app, q)
+    finally:
+        model.model.forward = forward
+
+
+def busy_and_gone(app, q):
+    with serving(app) as url:
+        with httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b:
+            streams = [c.stream("POST", f"{url}/v1/chat/completions", json={"messages": q, "max_tokens": 400, "stream": True})
+                       for c in (a, b)]
+            lines = [s.__enter__().iter_lines() for s in streams]  # kept: a dropped iterator closes its stream
+            for it in lines:  # both in flight: their first event is sent after they joined the engine
+                assert next(it).startswith("data: ")
+            assert app.state.engine.in_flight == 2
+            r = post(url, {"messages": MSG, "max_tokens": 4})
+            assert r.status_code == 503 and error_of(r)["code"] == "server_busy", r.text
+            for s in streams:
+                s.__exit__(None, None, None)
+        deadline = time.monotonic() + 10
+        while app.state.engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.state.engine.in_flight == 0  # the gone clients' sequences left the batch
+        assert post(url, {"messages": MSG, "max_tokens": 4}).status_code == 200
