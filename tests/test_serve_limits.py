@@ -411,3 +411,10 @@ def busy_and_gone(app, q):
             time.sleep(0.05)
         assert app.state.engine.in_flight == 0  # the gone clients' sequences left the batch
         assert post(url, {"messages": MSG, "max_tokens": 4}).status_code == 200
+
+
+def test_serve_refuses_an_unknown_batching_before_loading_the_model(tmp_path):
+    from _evalrun import fake_run
+
+    r = medpipe("serve", str(fake_run(tmp_path)), "--batching", "dynamic")
+    assert r.code == 2 and "medpipe: error: --batching must be continuous or static, got 'dynamic'" in r.out, r.out

@@ -306,19 +306,20 @@ def serve(
     rag: Annotated[bool, typer.Option("--rag", help="prepend top-k passages of the run's knowledge index")] = False,
     rag_corpus: Annotated[Optional[str], typer.Option(help="corpus for --rag (default: the run's cpt data)")] = None,
     stop_after: Annotated[Optional[float], typer.Option(help="stop by itself after this many seconds")] = None,
-    engine: Annotated[str, typer.Option(help="transformers (micro-batched, CPU or GPU) or vllm (vLLM's own server)")] = "transformers",
+    engine: Annotated[str, typer.Option(help="transformers (continuous batching, CPU or GPU) or vllm (vLLM's own server)")] = "transformers",
     api_key: Annotated[Optional[str], typer.Option(help="require Authorization: Bearer KEY (default: $MEDPIPE_API_KEY)")] = None,
     timeout: Annotated[float, typer.Option(help="seconds a request may take, queue wait included (then 503)")] = 120.0,
     truncate: Annotated[str, typer.Option(help="a prompt longer than the context: none (400) or left (drop its oldest tokens)")] = "none",
     max_body_bytes: Annotated[int, typer.Option(help="largest request body (413 above)")] = 2 << 20,
     max_batch: Annotated[int, typer.Option(help="requests generated together in one batch")] = 32,
+    batching: Annotated[str, typer.Option(help="continuous (requests join the running batch) or static (micro-batches)")] = "continuous",
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/models) for a stage's model."""
     try:
         from .serve import Limits, serve as run_server
 
         limits = Limits(max_body_bytes=max_body_bytes, timeout=timeout, truncate=truncate, max_batch=max_batch,
-                        api_key=api_key)
+                        api_key=api_key, batching=batching)
         code = run_server(run_dir, stage, host, port, rag, rag_corpus, stop_after, engine=engine, limits=limits)
         if code:
             raise typer.Exit(code)

@@ -32,6 +32,9 @@ through `LocalModel.stream`).
 With `--rag` the last user message gets the top-k passages of the run's knowledge index
 (the first cpt stage's corpus, or `--rag-corpus`) prepended, as in `medpipe chat --rag`.
 `--engine vllm` starts vLLM's own OpenAI server on the stage's merged model instead.
+
+(Over 400 lines: the app, the static batcher and both streaming paths share the request checks
+and error shapes here; the continuous batching engine itself is stages/inference/continuous.py.)
 """
 import contextlib
 import json
@@ -457,6 +460,8 @@ def serve(run_dir: str, stage: str | None = None, host: str = "127.0.0.1", port:
     limits.api_key = limits.api_key or os.environ.get(API_KEY_ENV) or None
     if limits.truncate not in ("none", "left"):
         raise MedpipeError(f"--truncate must be none or left, got {limits.truncate!r}")
+    if limits.batching not in ("continuous", "static"):
+        raise MedpipeError(f"--batching must be continuous or static, got {limits.batching!r}")
     name, art = stage_artifact(run_dir, stage)
     if engine == "vllm":
         if rag:

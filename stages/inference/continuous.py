@@ -249,13 +249,16 @@ class ContinuousEngine:
         """The loop died (a forward raised): fail what is still in flight, start a fresh manager."""
         status = getattr(dead, "background_thread_status", None)
         error = getattr(status, "fatal_error", None)
+        started = True
         with self.lock:
             left, self.pending = list(self.pending.values()), {}
             try:
                 self.manager = self._start_manager()
                 self.restarts += 1
             except Exception:  # could not start again: submits are refused until the next try
-                time.sleep(1.0)
+                started = False
+        if not started:
+            time.sleep(1.0)
         for req in left:
             if not req.future.done():
                 req.future.set_exception(GenerationFailed(str(error or "the batching loop stopped")))
