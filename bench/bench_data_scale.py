@@ -42,27 +42,13 @@ ZH = ("患者 发热 咳嗽 胸痛 高血压 糖尿病 治疗 诊断 急性 慢�
 EN = "patient fever cough insulin aspirin diagnosis treatment acute chronic infection".split()
 
 
-TEXT = "punctuated"  # --text: "plain" = the words run together without punctuation (the first runs)
-
-
-def _word(rng):
-    w = rng.choice(ZH) if rng.random() < 0.85 else " " + rng.choice(EN) + " "
-    if TEXT == "punctuated":  # real clinical Chinese: a clause every ~8 words, a sentence every ~20
-        r = rng.random()
-        w += "，" if r < 0.12 else "。" if r < 0.17 else ""
-    return w
-
-
 def _text(rng, k):
-    # why punctuation matters: byte-level BPE pre-tokenises a run of CJK characters as ONE word;
-    # with no punctuation a whole answer is one unique 200-character word (no cache hits, long
-    # merge queues) — slower than any published corpus, where clauses end every few words
-    return "".join(_word(rng) for _ in range(k))
+    return "".join(rng.choice(ZH) if rng.random() < 0.85 else " " + rng.choice(EN) + " " for _ in range(k))
 
 
 def generate(d: str, n: int, shape: str) -> str:
     rng = random.Random(n)
-    path = os.path.join(d, f"{shape}-{n}{'' if TEXT == 'plain' else '-' + TEXT}.jsonl")
+    path = os.path.join(d, f"{shape}-{n}.jsonl")
     if os.path.exists(path):
         return path
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -310,14 +296,10 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-encode-before", type=int, default=10_000, help="encode_before only up to this size")
     ap.add_argument("--max-dedup", type=int, default=100_000)
-    ap.add_argument("--text", choices=["punctuated", "plain"], default="punctuated",
-                    help="synthetic Chinese with clause punctuation (default) or words run together")
     ap.add_argument("--child")
     ap.add_argument("--file")
     ap.add_argument("--cache")
     args = ap.parse_args()
-    global TEXT
-    TEXT = args.text
     if args.child:
         peak = _watch_anon()
         res = child(args.child, args.file, args.before, args.cache)
