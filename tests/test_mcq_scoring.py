@@ -158,6 +158,10 @@ def test_parse_final_answer_is_strict():
     assert P("答案：A", "ABC") == ("A", None)
     assert P("Answer: Absolutely B", "ABC") == (None, "no_answer")
     assert P("I think it is B", "ABC") == (None, "no_answer")
+    assert P("The answer is A (yes). The question asks whether ...", "ABC") == ("A", None)  # SmolLM2's final turn
+    assert P("答案为B。", "ABC") == ("B", None) and P("答案是 (C)", "ABC") == ("C", None)
+    assert P("The answer is Absolutely clear", "ABC") == (None, "no_answer")
+    assert P("The answer is A. Answer: B", "ABC") == (None, "conflicting")
     assert P("Answer: E", "ABC") == (None, "invalid_letter")
     assert P("Answer: A. Answer: B", "ABC") == (None, "conflicting")
     assert P(None, "ABC") == (None, "no_answer")

@@ -23,8 +23,11 @@ from .scoring import _item_id, _tasks_for
 
 __all__ = ["FINAL_ANSWER_RE", "generate_texts", "parse_final_answer", "voc_answer", "voc_label"]
 
-# "Answer: X" / "答案：X" with optional brackets; the letter must not run into a word.
-FINAL_ANSWER_RE = re.compile(r"(?:\b[Aa]nswer|ANSWER|答案)\s*[:：]\s*[(（\[]?\s*([A-Z])(?![A-Za-z])")
+# "Answer: X" / "答案：X" with optional brackets, or the sentence "The answer is X" / "答案是X" /
+# "答案为X" (what instruct models write instead: SmolLM2-135M gave "The answer is A (yes)" on 8 of 8
+# PubMedQA items); the letter must not run into a word, so "the answer is Absolutely" is no answer.
+FINAL_ANSWER_RE = re.compile(r"(?:(?:\b[Aa]nswer|ANSWER|答案)\s*[:：]|\b[Tt]he (?:correct |final )?answer is|答案[是为])"
+                             r"\s*[(（\[]?\s*([A-Z])(?![A-Za-z])")
 
 
 def generate_texts(model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int = 128,
@@ -41,7 +44,8 @@ def generate_texts(model: Any, tok: Any, prompts: Sequence[str], *, max_new_toke
 
 
 def parse_final_answer(text: str | None, valid_letters: Sequence[str]) -> tuple[str | None, str | None]:
-    """Strict parse of 'Answer: X' (also 'answer：(X)', '答案：X'). Returns (letter, None) or
+    """Strict parse of 'Answer: X' (also 'answer：(X)', '答案：X', 'The answer is X', '答案为X').
+    Returns (letter, None) or
     (None, detail) with detail 'no_answer' | 'invalid_letter' | 'conflicting'."""
     found = FINAL_ANSWER_RE.findall(text or "")
     if not found:
