@@ -70,12 +70,20 @@ class SFTStage:
         if p.chat_template:
             tok.chat_template = p.chat_template
         packing = packing_on(p, ctx.model)
+        # unpacked: the encoder's output + labels is what the trainer trains on, TRL's preparation is
+        # skipped (chat_data.with_labels says why); packed: TRL packs in its preparation
         args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length, packing=packing,
-                         packing_strategy="bfd", padding_free=packing, dataset_num_proc=p.num_proc)
+                         packing_strategy="bfd", padding_free=packing, dataset_num_proc=p.num_proc,
+                         dataset_kwargs=None if packing else {"skip_prepare_dataset": True})
         # prepared once per node: local rank 0 encodes (or finds the cache), the others wait, then memory-map it
         with args.main_process_first(local=True, desc="SFT data"):
             data = prepare_chat_data(p, ctx.data, tok, common.data_cache_dir(ctx), log=ctx.log)
         train_ds, eval_ds = data.train, data.heldout
+        if not packing:
+            from medpipe.stages.training.chat_data import with_labels
+
+            with args.main_process_first(local=True, desc="SFT labels"):
+                train_ds, eval_ds = with_labels(train_ds), with_labels(eval_ds)
         ctx.say(f"{len(train_ds)} training conversations" + (f", {len(eval_ds)} held out" if eval_ds else "")
                 + (" (packed, padding-free)" if packing else ""))
         model = common.apply_lora(common.load_model(ctx, p), p.peft)

@@ -238,6 +238,35 @@ def test_parallel_encoding_gives_the_same_rows_and_the_fingerprint_names_the_cac
     assert stats.prepared_by == "cache" and stats.kept == 600
 
 
+def test_our_labels_train_what_trls_own_preparation_trains(tmp_path):
+    """Unpacked SFT skips TRL's dataset preparation (chat_data.with_labels): the labels are -100
+    off the assistant mask, and the trainer's loss equals TRL's prepared path on the same rows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from medpipe.stages.training.chat_data import with_labels
+
+    tok = tiny_tok()
+    recs = [{"messages": m} for m in (CONVO, NOSYS, WITHSYS, THREE) * 3]
+    ds = encode_dataset(recs, tok, 48, tmp_path)  # 48 tokens: some conversations are cut
+    ours = with_labels(ds)
+    assert ours.column_names == ["input_ids", "labels"] and ours["input_ids"] == ds["input_ids"]
+    for ids, mask, labels in zip(ds["input_ids"], ds["assistant_masks"], ours["labels"]):
+        assert labels == [i if m else -100 for i, m in zip(ids, mask)]
+    losses = {}
+    for skip in (True, False):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(ensure_tiny())
+        args = SFTConfig(output_dir=str(tmp_path / f"o{skip}"), use_cpu=True, bf16=False, report_to=[],
+                         per_device_eval_batch_size=4, max_length=48,
+                         dataset_kwargs={"skip_prepare_dataset": True} if skip else None)
+        data = ours if skip else ds
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=tok)
+        losses[skip] = trainer.evaluate()["eval_loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
 # ---- padding-free packing ---------------------------------------------------------------------
 
 def _losses_per_conversation(logits, labels, starts):

@@ -348,3 +348,29 @@ def _located(DataError, loc: str, problem: str, reason: str = "template"):
     if not path:
         return DataError(problem, None, loc, "messages", reason=reason)
     return DataError(problem, path, line, "messages", reason=reason)
+
+
+def with_labels(ds):
+    """`labels` (the ids, -100 where the assistant mask is 0) in place of `assistant_masks`, computed
+    on whole Arrow columns. The encoder already cut every conversation to max_length and dropped
+    those with no answer token, so with labels present the trainer can skip TRL's own preparation
+    (three more passes over the rows: build labels, truncate, drop fully masked; 6 min 55 s of a
+    1M-conversation SFT stage, measured) — for unpacked SFT; packing needs TRL's pass."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def label_batch(table):
+        ids, masks = table.column("input_ids").combine_chunks(), table.column("assistant_masks").combine_chunks()
+        flat_ids = ids.flatten().to_numpy(zero_copy_only=False)  # flatten() honours a sliced batch
+        flat_mask = masks.flatten().to_numpy(zero_copy_only=False)
+        labels = np.where(flat_mask != 0, flat_ids, -100).astype(np.int32)
+        lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        return pa.table({"input_ids": ids, "labels": pa.ListArray.from_arrays(offsets, pa.array(labels))})
+
+    if ds is None:
+        return None
+    return ds.with_format("arrow").map(label_batch, batched=True, batch_size=10_000, remove_columns=["assistant_masks"],
+                                       desc="labels").with_format(None)
+
