@@ -43,20 +43,29 @@ def drop_eval_overlap(records: list[dict], params: Any, data_opts: dict) -> tupl
     return [r for r in records if r["_loc"] not in hit], len(hit)
 
 
+def _plain_corpus(params: CPTParams, where: str) -> list:
+    """The sources of a `stream: true` corpus; refused unless plain: exclusion, near-dedup, held-out
+    splits and weights need every document at once."""
+    from medpipe.data import parse_spec
+    from medpipe.errors import MedpipeError
+
+    srcs = parse_spec(params.data)
+    if params.exclude_data or any(s.dedup == "near" or s.heldout > 0 or s.weight is not None for s in srcs):
+        raise MedpipeError(f"{where}: needs a plain corpus (no exclude_data, dedup: near, heldout or weight); "
+                           f"set stream: false")
+    return srcs
+
+
 def _check_streamed(params: CPTParams, tok: Any, data_opts: dict) -> list[str]:
     """validate for `stream: true`: the same per-record checks in one streaming pass that holds
     no records (a corpus that does not fit in memory validates as it trains); token lengths
     from the first STATS_SAMPLE documents of each source; one full block must come out."""
-    from medpipe.data import parse_spec
     from medpipe.data.validate import STATS_SAMPLE, SourceReport, _pct, check_source_result, iter_source, \
         summary_table, token_lengths
     from medpipe.errors import MedpipeError
 
     on_error = data_options(params, data_opts)["on_error"]
-    srcs = parse_spec(params.data)
-    if params.exclude_data or any(s.dedup == "near" or s.heldout > 0 or s.weight is not None for s in srcs):
-        raise MedpipeError("stream: needs a plain corpus (no exclude_data, dedup: near, heldout or weight); "
-                           "set stream: false")
+    srcs = _plain_corpus(params, "stream")
     reports, tokens = [], 0
     for src in srcs:
         rep = SourceReport(path=src.path, format=src.format)
@@ -104,12 +113,10 @@ class CPTStage:
 
     def check(self, params: CPTParams, base: Any, data_opts: dict) -> list[str]:
         from medpipe.data import load_records
-        from medpipe.stages.training.tokenizer import require_model_dir
-
-        from medpipe.stages.models.loader import load_tokenizer
+        from medpipe.stages.training.tokenizer import length_tokenizer, require_model_dir
 
         require_model_dir(base.model_path)
-        tok = load_tokenizer(base.tokenizer_path, base.trust_remote_code)  # token-length columns per source
+        tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)  # token-length columns per source
         if params.stream:
             return _check_streamed(params, tok, data_opts)
         result = load_records(params.data, "text", tokenizer=tok, **data_options(params, data_opts))
@@ -162,17 +169,13 @@ class CPTStage:
     def _run_streamed(self, ctx: Any, p: CPTParams, tok: Any):
         from transformers import TrainingArguments
 
-        from medpipe.data import fingerprint, parse_spec
+        from medpipe.data import fingerprint
         from medpipe.data.pack import pack_stream
         from medpipe.data.validate import SourceReport, check_source_result, iter_source
-        from medpipe.errors import MedpipeError
         from medpipe.stages.training import common
 
         opts = data_options(p, ctx.data)
-        srcs = parse_spec(p.data)
-        if p.exclude_data or any(s.dedup == "near" or s.heldout > 0 or s.weight is not None for s in srcs):
-            raise MedpipeError(f"stages.{ctx.name}.stream: needs a plain corpus (no exclude_data, dedup: near, heldout "
-                               f"or weight); set stream: false")
+        srcs = _plain_corpus(p, f"stages.{ctx.name}.stream")
         counted = {"documents": 0}
 
         def texts():

@@ -22,28 +22,10 @@ def require_model_dir(model_path: str) -> None:
                            f"model.path at the checkpoint directory)")
 
 
-def load_stage_tokenizer(tokenizer_path: str, params: Any, trust_remote_code: bool):
-    """The stage's tokenizer with the template it will train with; one line when there is none."""
-    from medpipe.errors import MedpipeError
-    from medpipe.stages.models.loader import load_tokenizer
-
-    require_model_dir(tokenizer_path)
-    try:
-        tok = load_tokenizer(tokenizer_path, trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise MedpipeError(f"model.path {tokenizer_path}: no tokenizer can be loaded from it "
-                           f"({str(e).splitlines()[0][:160]})") from None
-    if getattr(params, "chat_template", None):
-        tok.chat_template = params.chat_template
-    if not tok.chat_template:
-        raise MedpipeError(f"the tokenizer at {tokenizer_path} has no chat template, which SFT needs; "
-                           f"set chat_template on the stage (a Jinja string) or use a chat model's tokenizer")
-    return tok
-
-
 def length_tokenizer(tokenizer_path: str, trust_remote_code: bool):
-    """The tokenizer validate counts token lengths with, for stages that need no chat template
-    (DPO renders through one when there is one, C-Poly's ppl format and VoC labelling do not)."""
+    """The model dir's tokenizer, or one line saying why there is none: what validate counts token
+    lengths with for stages that need no chat template (CPT, DPO — it renders through one when
+    there is one —, C-Poly's ppl format, VoC labelling)."""
     from medpipe.errors import MedpipeError
     from medpipe.stages.models.loader import load_tokenizer
 
@@ -53,3 +35,16 @@ def length_tokenizer(tokenizer_path: str, trust_remote_code: bool):
     except (OSError, ValueError, KeyError) as e:
         raise MedpipeError(f"model.path {tokenizer_path}: no tokenizer can be loaded from it "
                            f"({str(e).splitlines()[0][:160]})") from None
+
+
+def load_stage_tokenizer(tokenizer_path: str, params: Any, trust_remote_code: bool):
+    """The stage's tokenizer with the template it will train with; one line when there is none."""
+    from medpipe.errors import MedpipeError
+
+    tok = length_tokenizer(tokenizer_path, trust_remote_code)
+    if getattr(params, "chat_template", None):
+        tok.chat_template = params.chat_template
+    if not tok.chat_template:
+        raise MedpipeError(f"the tokenizer at {tokenizer_path} has no chat template, which SFT needs; "
+                           f"set chat_template on the stage (a Jinja string) or use a chat model's tokenizer")
+    return tok
