@@ -60,8 +60,9 @@ Records (the shapes the report reads):
 * `medpipe eval RUN_DIR --stage S key=value...` writes the same into `<run_dir>/eval/<S>.json`:
   `{"stage", "evaluated_stage", "model_path", "params", "metrics", "results", "updated"}`;
   results and metrics keyed by set and method (`cmexam@cue`, `cmexam@ppl-5shot`, `pubmedqa@lm-eval`;
-  runner.method_tag), so a later `medpipe eval` of the same stage adds another method's result and
-  replaces only the same set scored the same way.
+  runner.method_tag), per-item details in `<run_dir>/eval/<S>/details/<set>@<method>.jsonl`, so a
+  later `medpipe eval` of the same stage adds another method's result and replaces only the same
+  set scored the same way.
 
 Backends: `transformers` (default, batched, padding-aware: prompts sorted by length, left
 padding, `batch_size` at a time) or `vllm` (GPU machines with vLLM installed; generation and

@@ -336,7 +336,10 @@ def test_medpipe_eval_writes_and_merges_results_for_a_stage(tmp_path):
     rec = json.loads((run_dir / "eval" / "sft.json").read_text())
     assert rec["results"]["cmexam@cue"] == first and rec["results"]["cmexam@ppl"]["n"] == 4
     assert rec["params"]["cmexam@ppl"]["method"] == "ppl" and rec["params"]["cmexam@cue"]["method"] == "cue"
-    assert (run_dir / "eval" / "sft" / "details" / "cmexam+rag.jsonl").is_file()
+    details = run_dir / "eval" / "sft" / "details"
+    assert len((details / "cmexam@cue.jsonl").read_text().splitlines()) == 6  # not overwritten by the ppl run
+    assert len((details / "cmexam@ppl.jsonl").read_text().splitlines()) == 4
+    assert (run_dir / "eval" / "sft" / "details" / "cmexam+rag@ppl.jsonl").is_file()
     r = medpipe("eval", str(run_dir), "--stage", "nope", "data=cmexam")
     assert r.code == 2 and "no stage 'nope'" in r.out
     r = medpipe("eval", str(run_dir), "method=vote", "data=cmexam")

@@ -88,11 +88,13 @@ def evaluate_run_stage(run_dir: str | Path, stage: str | None, overrides: list[s
     old = json.loads(path.read_text()) if path.is_file() else {}
     # keyed by set AND method (`cmexam@cue`, `cmexam@ppl-5shot`): another method adds a result, the
     # same set and method replace theirs
-    keyed = {s: f"{s}@{res['method']}" for s, res in results.items()}
-    results = {keyed[s]: res for s, res in results.items()}
-    group_tag = method_tag(p, "mcq")  # lm-eval groups (multimedqa) are multiple-choice sets
-    metrics = {f"{keyed.get(k.split('/', 1)[0]) or k.split('/', 1)[0] + '@' + group_tag}/{k.split('/', 1)[1]}": v
-               for k, v in metrics.items()}
+    def keyed(set_name: str) -> str:  # lm-eval groups (multimedqa) have no result of their own: mcq sets
+        return f"{set_name}@{results[set_name]['method'] if set_name in results else method_tag(p, 'mcq')}"
+
+    metrics = {f"{keyed(k.split('/', 1)[0])}/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
+    for set_name in results:  # the per-item details too, or another method's run would overwrite them
+        (out_dir / "details" / f"{set_name}.jsonl").replace(out_dir / "details" / f"{keyed(set_name)}.jsonl")
+    results = {keyed(set_name): res for set_name, res in results.items()}
     record = {"stage": name, "evaluated_stage": name, "model_path": art.model_path,
               "params": {**old.get("params", {}), **{s: dataclasses.asdict(p) for s in results}},
               "metrics": {**old.get("metrics", {}), **metrics}, "results": {**old.get("results", {}), **results},
