@@ -246,7 +246,7 @@ def test_concurrent_streamed_and_plain_greedy_requests_share_the_batch_and_answe
     url, app = server
     qs = questions(15)[::-1] + ["头痛发热 " * 200]  # the last one (over 512 tokens) prefilled over several steps
     want = [model.chat([{"role": "user", "content": q}], max_new_tokens=14) for q in qs]
-    assert len({w.text for w in want}) == 16 and want[-1].prompt_tokens > 2 * app.state.engine.cb_args["max_batch_tokens"]
+    assert len({w.text for w in want}) == 16 and want[-1].prompt_tokens > 2 * app.state.engine.prefill_chunk
     before = app.state.engine.steps
     got: dict[int, tuple] = {}
 

@@ -51,6 +51,7 @@ from typing import Any, Iterator
 from medpipe.commands.serve_requests import ApiError, fit_to_context, model_context, parse_request
 
 API_KEY_ENV = "MEDPIPE_API_KEY"
+INLINE_PREPARE_CHARS = 4096  # longer conversations are rendered and tokenised in a worker thread
 
 
 @dataclass
@@ -255,7 +256,10 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
                 return (prompt, *fit_to_context(prompt, encode, context, req["max_tokens"], default_max_tokens,
                                                 limits.truncate, req["max_tokens_param"]))
 
-            prompt, max_tokens, max_length, ids = await anyio.to_thread.run_sync(prepare)
+            # a short conversation is rendered and tokenised right here (well under a millisecond): the
+            # hop to a worker thread and back cost more than that under load; a long one goes off the loop
+            short = sum(len(m["content"]) for m in messages) <= INLINE_PREPARE_CHARS
+            prompt, max_tokens, max_length, ids = prepare() if short else await anyio.to_thread.run_sync(prepare)
         except ApiError as e:
             return reply(e)
         finally:
@@ -305,9 +309,10 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
                 return reply(timed_out)
         usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                  "total_tokens": c.prompt_tokens + c.completion_tokens}
-        return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason}], "usage": usage}
+        # a JSONResponse, not a dict: FastAPI would walk the dict through jsonable_encoder first
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": now, "model": model_id,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                                          "finish_reason": c.finish_reason}], "usage": usage})
 
     return app
 

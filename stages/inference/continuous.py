@@ -1,25 +1,33 @@
 """Continuous (iteration-level) batching for `medpipe serve`: requests join the running batch at the
 next decoding step and leave it when they finish, instead of waiting for a whole batch to end.
 
-Built on transformers' own `ContinuousBatchingManager` (`model.init_continuous_batching`, what
-`transformers serve` uses): a paged KV cache, a scheduler thread that mixes new prompts' prefill
-with the running sequences' decode steps. Checked on CPU/fp32 (tiny qwen2 and llama, SmolLM2-135M):
-its greedy tokens equal `LocalModel.generate`'s, and `ContinuousEngine` re-checks that on a probe
-prompt when it starts (`check()`), so a model it would answer differently for is served the static way.
+One loop thread owns the model. Each iteration runs at most one prefill forward (every short prompt
+waiting, left-padded together; or the next `prefill_chunk` tokens of one long prompt, so a 4k-token
+prompt does not stall the others) and one decode forward for every running row. The running rows share
+one left-padded KV cache (transformers' `DynamicCache`): a prefilled prompt's cache is padded and
+concatenated on the batch dimension, a finished row is dropped and the columns every row pads are cut.
+Positions and the attention mask are kept per row, so each row computes what it would alone (as the
+static micro-batcher's left-padded `generate` does); `check()` re-checks greedy answers against
+`LocalModel.generate` on probe prompts when the server starts, and a model it would answer
+differently for is served the static way.
+
+Why not transformers' `ContinuousBatchingManager` (used until session 5): its pure-Python scheduler
+cost ≈ 17 % of every step on CPU, which ate what batching gains at concurrency 8 (BENCHMARKS.md, serve).
+The price of this design is a copy of the cache when a prompt joins; a paged cache (vLLM:
+`medpipe serve --engine vllm`) avoids it on GPUs.
 
 Greedy only: sampled requests keep their seeded, one-at-a-time path (a shared batch would share
-the random stream). One router thread reads the manager's output queue and hands every request its
-result (non-streamed: a Future of a `Completion`; streamed: the tokens so far, as produced). When the
-manager's loop dies (a forward raised), every request in flight is failed with that error and a new
-manager is started for the next ones.
+the random stream). Non-streamed requests get a Future of a `Completion`; streamed ones also get the
+tokens so far after every step (`on_tokens`, called on the loop thread). When a forward raises, every
+request in the batch or in prefill fails with that error and the loop goes on with the next ones.
 
 Light at import: torch/transformers are imported inside the functions that use them.
 """
 from __future__ import annotations
 
-import copy
+import collections
+import inspect
 import itertools
-import math
 import threading
 import time
 from concurrent.futures import Future
@@ -40,18 +48,29 @@ class EngineRequest:
     rid: str
     ids: list[int]
     max_new_tokens: int
-    on_tokens: Callable[[list[int]], None] | None = None  # streamed: the tokens so far (router thread)
+    on_tokens: Callable[[list[int]], None] | None = None  # streamed: the tokens so far (loop thread)
     future: Future = field(default_factory=Future)
+    tokens: list[int] = field(default_factory=list)  # generated so far (a stop token last when stopped)
+    stopped: bool = False
+    cancelled: bool = False
 
 
 def unsupported(local: Any) -> str | None:
     """Why this model cannot be served with continuous batching (None: it can)."""
     model = getattr(local, "model", None)
-    if not hasattr(model, "init_continuous_batching") or not hasattr(local, "stop_ids"):
+    if not hasattr(model, "config") or not hasattr(local, "stop_ids") or not hasattr(local, "tok"):
         return "the model is not a transformers PreTrainedModel"
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in ("sdpa", "eager", "paged|eager") and "flash" not in str(impl):
-        return f"attention implementation {impl!r} has no paged variant"
+    if "task_ids" in inspect.signature(model.forward).parameters:
+        return "the model takes task ids"
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception as e:
+        return f"no dynamic cache for this model ({type(e).__name__}: {e})"
+    if any(type(layer) is not DynamicLayer for layer in layers):
+        return "its cache has sliding-window or other non-growing layers"
     return None
 
 
@@ -91,68 +110,35 @@ class TextPieces:
 
 
 class ContinuousEngine:
-    """Greedy generation for many concurrent requests through one continuously batched model."""
+    """Greedy generation for many concurrent requests through one continuously batched model: one
+    thread owns the model and runs `_loop` (at most one prefill forward and one decode forward per
+    iteration); requests come in through `submit` and leave with their Future set."""
 
     def __init__(self, local: Any, max_batch: int = 32, context: int = 4096, kv_cache_mb: int = 1024,
-                 page_size: int = 32, max_batch_tokens: int = 256):
-        self.local = local
+                 prefill_chunk: int = 256, prefill_tokens: int = 1024):
+        self.local, self.model = local, local.model
         self.max_batch = max(1, max_batch)
         self.stops = set(local.stop_ids)
-        model = local.model
-        # the cache holds one request of the full context at least, max_batch of 512 tokens if the budget allows
-        per_token = kv_bytes_per_token(model.config, model.dtype.itemsize)
-        tokens = min(self.max_batch * 512, (kv_cache_mb << 20) // per_token)
-        tokens = max(tokens, context + page_size)
-        # max_batch_tokens: tokens of one step (decode rows + prefill chunks); a longer prompt is prefilled
-        # over several steps. Small is faster on CPU (the step's static tensors and masks scale with it).
-        self.cb_args = dict(page_size=page_size, num_blocks=math.ceil(tokens / page_size),
-                            max_batch_tokens=max(page_size, max_batch_tokens), max_requests_per_batch=self.max_batch,
-                            allow_block_sharing=False,  # every prompt's KV computed as LocalModel does
-                            auto_switch_to_flash=False, use_cuda_graph=False)
-        self.pending: dict[str, EngineRequest] = {}
-        self.lock = threading.Lock()
+        self.pad = pad_id(local.tok)
+        per_token = kv_bytes_per_token(self.model.config, self.model.dtype.itemsize)
+        # the padded cache's budget in tokens (rows × width): one full-context request fits at least
+        self.cache_tokens = max((kv_cache_mb << 20) // per_token, context + 1)
+        self.prefill_chunk = max(16, prefill_chunk)  # a longer prompt is prefilled a chunk per iteration
+        self.prefill_tokens = max(self.prefill_chunk, prefill_tokens)  # padded tokens of one prefill forward
+        self.keep_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.device = next(self.model.parameters()).device
+        self.attn = getattr(self.model.config, "_attn_implementation", None)
+        self.pending: dict[str, EngineRequest] = {}  # submitted and not finished (waiting or in the batch)
+        self.inbox: collections.deque[EngineRequest] = collections.deque()
+        self.wake = threading.Condition()
         self.ids = itertools.count()
-        self.steps = 0  # forward passes of the batching loop (tests: shared steps, not one per request)
-        self.restarts = 0
+        self.steps = 0  # forward passes of the loop (tests: shared steps, not one per request)
+        self.restarts = 0  # forwards that raised: their requests failed, the loop went on
         self.closed = False
-        self.manager = self._start_manager()
-        self.router = threading.Thread(target=self._route, name="medpipe-cb-router", daemon=True)
-        self.router.start()
-
-    # --- the manager ------------------------------------------------------------------------------
-    def _generation_config(self) -> Any:
-        from transformers import GenerationConfig
-
-        model = self.local.model
-        gc = copy.deepcopy(model.generation_config) if model.generation_config is not None else GenerationConfig()
-        gc.do_sample, gc.num_beams, gc.temperature, gc.top_p, gc.top_k = False, 1, None, None, None
-        gc.eos_token_id = sorted(self.stops) or -1
-        gc.pad_token_id = pad_id(self.local.tok)
-        return gc
-
-    def _start_manager(self) -> Any:
-        from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-        model = self.local.model
-        manager = model.init_continuous_batching(generation_config=self._generation_config(),
-                                                 continuous_batching_config=ContinuousBatchingConfig(**self.cb_args))
-        if not hasattr(self, "_hook"):
-            self._hook = model.register_forward_pre_hook(self._count_step)
-        # the manager's thread, started as a daemon: an open manager must not keep the process alive at exit
-        # (transformers starts a non-daemon one; this is ContinuousBatchingManager.start() otherwise)
-        if hasattr(manager, "_run_generation_loop") and hasattr(manager, "background_thread_status"):
-            manager.background_thread_status.clear()
-            manager._generation_thread = threading.Thread(target=manager._run_generation_loop,
-                                                          name="medpipe-cb-loop", daemon=True)
-            manager._generation_thread.start()
-        else:
-            manager.start()
-        return manager
-
-    def _count_step(self, module: Any, args: Any) -> None:
-        thread = getattr(self.manager, "_generation_thread", None) if hasattr(self, "manager") else None
-        if threading.current_thread() is thread:
-            self.steps += 1
+        self.batch = Batch()
+        self.filling: list[Prefill] = []  # admitted, prompt not yet (fully) in the cache
+        self.thread = threading.Thread(target=self._loop, name="medpipe-cb-loop", daemon=True)
+        self.thread.start()
 
     # --- requests ---------------------------------------------------------------------------------
     @property
@@ -164,15 +150,13 @@ class ContinuousEngine:
         if self.closed:
             raise GenerationFailed("the engine is closed")
         ids = list(ids[-max_length:] if max_length else ids)
-        req = EngineRequest(f"mp-{next(self.ids)}", ids, int(max_new_tokens), on_tokens)
-        with self.lock:  # with the lock: a restart cannot swap the manager between these two lines
+        if not ids:
+            raise GenerationFailed("the prompt has no tokens")
+        req = EngineRequest(f"mp-{next(self.ids)}", ids, max(1, int(max_new_tokens)), on_tokens)
+        with self.wake:
             self.pending[req.rid] = req
-            accepted = self.manager.add_request(ids, request_id=req.rid, max_new_tokens=req.max_new_tokens,
-                                                streaming=on_tokens is not None, eos_token_id=sorted(self.stops) or -1)
-            if accepted is None:
-                del self.pending[req.rid]
-        if accepted is None:
-            raise GenerationFailed("the batching loop is not accepting requests")
+            self.inbox.append(req)
+            self.wake.notify()
         return req
 
     def stream(self, ids: list[int], max_new_tokens: int, max_length: int | None = None,
@@ -184,12 +168,12 @@ class ContinuousEngine:
         return EngineStream(self, asyncio.get_running_loop(), ids, max_new_tokens, max_length, deadline)
 
     def cancel(self, req: EngineRequest) -> None:
-        """Stop generating for a request nobody waits for any more (timed out, client gone)."""
-        with self.lock:
-            if self.pending.pop(req.rid, None) is None:
-                return
-            manager = self.manager
-        manager.cancel_request(req.rid)
+        """Stop generating for a request nobody waits for any more (timed out, client gone): it leaves
+        the batch at the next iteration."""
+        req.cancelled = True
+        with self.wake:
+            self.pending.pop(req.rid, None)
+            self.wake.notify()
         req.future.cancel()
 
     def generate_ids(self, enc: list[list[int]], max_new_tokens: int, timeout: float | None = None) -> list[Completion]:
@@ -208,77 +192,244 @@ class ContinuousEngine:
             return "continuous batching answered a probe differently from sequential generation"
         return None
 
-    def completion(self, req: EngineRequest, tokens: list[int]) -> Completion:
-        cut = next((j for j, t in enumerate(tokens) if t in self.stops), None)
-        toks = tokens if cut is None else tokens[:cut]
+    def completion(self, req: EngineRequest) -> Completion:
+        toks = req.tokens[:-1] if req.stopped else req.tokens
         text = self.local.tok.decode(toks, skip_special_tokens=True).strip()
-        return Completion(text, "length" if cut is None else "stop", len(req.ids), len(toks))
-
-    # --- the router -------------------------------------------------------------------------------
-    def _route(self) -> None:
-        while not self.closed:
-            manager = self.manager
-            try:
-                out = manager.get_result(timeout=0.2)
-            except Exception:  # the queue went away with a dead manager
-                out = None
-            if out is None:
-                if not manager.is_running() and not self.closed:
-                    self._restart(manager)
-                continue
-            with self.lock:
-                req = self.pending.get(out.request_id)
-                if req is not None and (out.error is not None or out.is_finished()):
-                    del self.pending[out.request_id]
-            if req is None:  # cancelled
-                continue
-            try:
-                if out.error is not None:
-                    req.future.set_exception(GenerationFailed(str(out.error)))
-                elif out.is_finished():
-                    req.future.set_result(self.completion(req, list(out.generated_tokens)))
-                elif req.on_tokens is not None:
-                    req.on_tokens(list(out.generated_tokens))
-            except Exception as e:  # a listener's failure ends its own request only
-                with self.lock:
-                    self.pending.pop(req.rid, None)
-                if not req.future.done():
-                    req.future.set_exception(e)
-
-    def _restart(self, dead: Any) -> None:
-        """The loop died (a forward raised): fail what is still in flight, start a fresh manager."""
-        status = getattr(dead, "background_thread_status", None)
-        error = getattr(status, "fatal_error", None)
-        started = True
-        with self.lock:
-            left, self.pending = list(self.pending.values()), {}
-            try:
-                self.manager = self._start_manager()
-                self.restarts += 1
-            except Exception:  # could not start again: submits are refused until the next try
-                started = False
-        if not started:
-            time.sleep(1.0)
-        for req in left:
-            if not req.future.done():
-                req.future.set_exception(GenerationFailed(str(error or "the batching loop stopped")))
+        return Completion(text, "stop" if req.stopped else "length", len(req.ids), len(toks))
 
     def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
-        try:
-            self.manager.stop(block=True, timeout=5)
-        except Exception:
-            pass
-        hook = getattr(self, "_hook", None)
-        if hook is not None:
-            hook.remove()
-        with self.lock:
-            left, self.pending = list(self.pending.values()), {}
-        for req in left:
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        self.thread.join(timeout=5)
+        self._fail(list(self.pending.values()), "the server is shutting down")
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            with self.wake:
+                while not self.closed and not self.inbox and not self.filling and not self.batch.rows:
+                    self.wake.wait()
+                if self.closed:
+                    return
+                self._admit()
+            try:
+                with torch.no_grad():
+                    if self.filling:
+                        self._prefill()
+                    if self.batch.rows:
+                        self._decode()
+            except Exception as e:  # a forward raised: its requests fail, the next ones start afresh
+                self.restarts += 1
+                self._fail([f.req for f in self.filling] + self.batch.rows, str(e) or type(e).__name__)
+                self.filling, self.batch = [], Batch()
+
+    def _admit(self) -> None:
+        """Move waiting requests into prefill while the batch has rows and cache room for them (called
+        with the lock held)."""
+        while self.inbox:
+            req = self.inbox[0]
+            if req.cancelled:
+                self.inbox.popleft()
+                continue
+            rows = len(self.batch.rows) + len(self.filling)
+            width = max(self.batch.width, *(len(f.req.ids) + f.req.max_new_tokens for f in self.filling), 0)
+            need = (rows + 1) * max(width, len(req.ids) + req.max_new_tokens)
+            if rows >= self.max_batch or (rows and need > self.cache_tokens):
+                return
+            self.filling.append(Prefill(self.inbox.popleft()))
+
+    def _forward(self, **kw: Any) -> Any:
+        if self.keep_logits:
+            kw["logits_to_keep"] = 1
+        self.steps += 1
+        return self.model(use_cache=True, **kw)
+
+    def _prefill(self) -> None:
+        """One prefill forward: every short prompt waiting (left-padded together, up to `prefill_tokens`
+        padded tokens), or else the next chunk of one long prompt. Finished prompts join the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        self.filling = [f for f in self.filling if not f.req.cancelled]
+        short = [f for f in self.filling if f.done == 0 and len(f.req.ids) <= self.prefill_chunk]
+        group: list[Prefill] = []
+        for f in sorted(short, key=lambda f: -len(f.req.ids)):
+            if (len(group) + 1) * len(group[0].req.ids if group else f.req.ids) > self.prefill_tokens:
+                break
+            group.append(f)
+        if group:
+            width = len(group[0].req.ids)
+            ids = torch.tensor([[self.pad] * (width - len(f.req.ids)) + f.req.ids for f in group], device=self.device)
+            mask = torch.tensor([[0] * (width - len(f.req.ids)) + [1] * len(f.req.ids) for f in group], device=self.device)
+            cache = DynamicCache(config=self.model.config)
+            out = self._forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                                past_key_values=cache)
+            for f in group:
+                f.done = len(f.req.ids)
+            self._join(group, out.past_key_values, mask, out.logits[:, -1].argmax(-1))
+            return
+        f = self.filling[0]  # a long prompt: its next chunk, with its own cache
+        if f.cache is None:
+            f.cache = DynamicCache(config=self.model.config)
+        end = min(len(f.req.ids), f.done + self.prefill_chunk)
+        chunk = torch.tensor([f.req.ids[f.done:end]], device=self.device)
+        out = self._forward(input_ids=chunk, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
+                            position_ids=torch.arange(f.done, end, device=self.device)[None], past_key_values=f.cache)
+        f.done = end
+        if end == len(f.req.ids):
+            self._join([f], out.past_key_values, torch.ones(1, end, dtype=torch.long, device=self.device),
+                       out.logits[:, -1].argmax(-1))
+
+    def _join(self, group: list["Prefill"], cache: Any, mask: Any, first: Any) -> None:
+        """Prefilled prompts (their cache, mask and first token) into the running batch."""
+        self.filling = [f for f in self.filling if f not in group]
+        reqs = [f.req for f in group]
+        self.batch.merge(reqs, cache, mask, first)
+        self._emit(first.tolist(), reqs)
+
+    def _decode(self) -> None:
+        """One decoding step for every row of the batch."""
+        b = self.batch
+        b.grow()
+        out = self._forward(input_ids=b.last[:, None], attention_mask=self._step_mask(b), position_ids=b.pos[:, None] - 1,
+                            past_key_values=b.cache)
+        b.cache = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)
+        b.last = nxt
+        self._emit(nxt.tolist(), list(b.rows))
+
+    def _step_mask(self, b: "Batch") -> Any:
+        """The decode step's attention mask, built here rather than by the model from the 2-D mask every
+        step: for one query token it is the padding mask itself, as transformers' sdpa (boolean) and eager
+        (additive) masks come to; none when no row pads, as transformers then passes none."""
+        import torch
+
+        if not b.padded:
+            return None
+        if self.attn == "sdpa":
+            return b.mask[:, None, None, :].bool()
+        if self.attn == "eager":
+            dtype = self.model.dtype
+            return torch.zeros(b.mask.shape, dtype=dtype, device=b.mask.device).masked_fill_(
+                b.mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+        return b.mask  # other kernels (flash): the model builds its own from the 2-D mask
+
+    def _emit(self, tokens: list[int], rows: list[EngineRequest]) -> None:
+        """Each row's new token: streamed, finished (stop token or max_new_tokens) or cancelled rows leave."""
+        gone = []
+        for req, t in zip(rows, tokens):
+            if req.cancelled:
+                gone.append(req)
+                continue
+            req.tokens.append(t)
+            req.stopped = t in self.stops
+            finished = req.stopped or len(req.tokens) >= req.max_new_tokens
+            try:
+                if finished:
+                    with self.wake:
+                        self.pending.pop(req.rid, None)
+                    if not req.future.done():
+                        req.future.set_result(self.completion(req))
+                elif req.on_tokens is not None:
+                    req.on_tokens(list(req.tokens))
+            except Exception as e:  # a listener's failure ends its own request only
+                finished = True
+                self._fail([req], f"{type(e).__name__}: {e}")
+            if finished:
+                gone.append(req)
+        if gone:
+            self.batch.drop(set(map(id, gone)))
+
+    def _fail(self, reqs: list[EngineRequest], why: str) -> None:
+        with self.wake:
+            for req in reqs:
+                self.pending.pop(req.rid, None)
+        for req in reqs:
             if not req.future.done():
-                req.future.set_exception(GenerationFailed("the server is shutting down"))
+                req.future.set_exception(GenerationFailed(why))
+
+
+@dataclass
+class Prefill:
+    req: EngineRequest
+    done: int = 0  # prompt tokens in `cache` so far (a long prompt is prefilled chunk by chunk)
+    cache: Any = None
+
+
+class Batch:
+    """The running rows: one left-padded KV cache (transformers' DynamicCache, rows × width), its
+    attention mask, each row's last token (the next input) and its next position."""
+
+    def __init__(self) -> None:
+        self.rows: list[EngineRequest] = []
+        self.cache: Any = None
+        self.mask: Any = None
+        self.last: Any = None
+        self.pos: Any = None
+        self.padded = False  # some row's cache has left padding
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def grow(self) -> None:
+        """The mask and positions of the step about to run (its input token included)."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
+        self.pos = self.pos + 1
+
+    def merge(self, reqs: list[EngineRequest], cache: Any, mask: Any, first: Any) -> None:
+        import torch
+
+        pos = mask.sum(1)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.last, self.pos = list(reqs), cache, mask, first, pos
+            self.padded = bool((mask == 0).any())
+            return
+        width = max(self.width, int(mask.shape[1]))
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, width, 2), left_pad(theirs.keys, width, 2)], 0)
+            mine.values = torch.cat([left_pad(mine.values, width, 2), left_pad(theirs.values, width, 2)], 0)
+        self.mask = torch.cat([left_pad(self.mask, width, 1), left_pad(mask, width, 1)], 0)
+        self.rows += reqs
+        self.padded = bool((self.mask == 0).any())
+        self.last = torch.cat([self.last, first])
+        self.pos = torch.cat([self.pos, pos])
+
+    def drop(self, gone: set[int]) -> None:
+        """Rows that left; columns every remaining row pads are cut off."""
+        import torch
+
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if not keep:
+            self.__init__()
+            return
+        self.rows = [self.rows[i] for i in keep]
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.last, self.pos = self.mask[index], self.last[index], self.pos[index]
+        lead = int(self.mask.argmax(1).min())  # leading columns padded in every row
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
+        self.mask = self.mask[:, lead:]
+        self.padded = bool((self.mask == 0).any())
+
+
+def left_pad(t: Any, width: int, dim: int) -> Any:
+    """`t` padded with zeros on the left of dimension `dim` up to `width`."""
+    import torch
+
+    short = width - t.shape[dim]
+    if short <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = short
+    return torch.cat([t.new_zeros(shape), t], dim)
 
 
 class EngineStream:
