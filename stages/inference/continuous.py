@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from medpipe.errors import MedpipeError
 
-from .runtime import Completion, pad_id
+from .runtime import Completion, left_padded_batches, pad_id
 
 
 class GenerationFailed(MedpipeError):
@@ -277,9 +277,9 @@ class ContinuousEngine:
                 break
             group.append(f)
         if group:
-            width = len(group[0].req.ids)
-            ids = torch.tensor([[self.pad] * (width - len(f.req.ids)) + f.req.ids for f in group], device=self.device)
-            mask = torch.tensor([[0] * (width - len(f.req.ids)) + [1] * len(f.req.ids) for f in group], device=self.device)
+            # one left-padded batch, rows in the group's (longest-first) order
+            _, ids, mask = next(left_padded_batches([f.req.ids for f in group], len(group), self.pad))
+            ids, mask = ids.to(self.device), mask.to(self.device)
             cache = DynamicCache(config=self.model.config)
             out = self._forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                                 past_key_values=cache)
@@ -292,12 +292,12 @@ class ContinuousEngine:
             f.cache = DynamicCache(config=self.model.config)
         end = min(len(f.req.ids), f.done + self.prefill_chunk)
         chunk = torch.tensor([f.req.ids[f.done:end]], device=self.device)
-        out = self._forward(input_ids=chunk, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
+        mask = torch.ones(1, end, dtype=torch.long, device=self.device)
+        out = self._forward(input_ids=chunk, attention_mask=mask,
                             position_ids=torch.arange(f.done, end, device=self.device)[None], past_key_values=f.cache)
         f.done = end
         if end == len(f.req.ids):
-            self._join([f], out.past_key_values, torch.ones(1, end, dtype=torch.long, device=self.device),
-                       out.logits[:, -1].argmax(-1))
+            self._join([f], out.past_key_values, mask, out.logits[:, -1].argmax(-1))
 
     def _join(self, group: list["Prefill"], cache: Any, mask: Any, first: Any) -> None:
         """Prefilled prompts (their cache, mask and first token) into the running batch."""
