@@ -106,6 +106,11 @@ EPS = 1e-12
 _U_EPS = 1e-6
 
 
+def _fp32_up(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or as it is when already fp32 or wider."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class UnknownTaskError(ValueError):
     """A task name/index with no row in the allocation matrix."""
 
@@ -179,8 +184,10 @@ class CPolyLinear(nn.Module):
 
     # -- allocation ---------------------------------------------------------------------------
     def shared_weights(self, idx: torch.Tensor) -> torch.Tensor:
-        """[n, A] shared-skill weights for task indices idx (>=0), mode-dependent."""
-        logits = self.cpoly_logits[idx]
+        """[n, A] shared-skill weights for task indices idx (>=0), mode-dependent; in fp32 (or
+        wider) whatever the parameters' dtype: bf16 uniform noise would have 8 mantissa bits, so
+        log u - log(1-u) would take a few hundred values, cut off at about ±5.5."""
+        logits = _fp32_up(self.cpoly_logits[idx])
         if self.training:
             u = torch.rand_like(logits).clamp_(_U_EPS, 1.0 - _U_EPS)
             w = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.tau)
@@ -191,21 +198,23 @@ class CPolyLinear(nn.Module):
         return w
 
     def allocation(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """Per-example skill weights [n, A + T*B] (before the scale s). task_ids: -1 = shared only."""
+        """Per-example skill weights [n, A + T*B] (before the scale s), fp32 (or wider).
+        task_ids: -1 = shared only."""
         task_ids = task_ids.to(self.cpoly_logits.device)
         shared_only = task_ids < 0
         idx = task_ids.clamp(min=0)
         parts = []
         if self.n_shared > 0:
             w = self.shared_weights(idx)
-            if bool(shared_only.any()):
-                mean_row = torch.sigmoid(self.cpoly_logits).mean(0, keepdim=True)
-                w = torch.where(shared_only[:, None], mean_row.expand_as(w), w)
+            # computed whether or not a row is shared-only: asking (.any()) would be a host sync per
+            # layer per forward on a GPU; where() with no such row returns w exactly
+            mean_row = torch.sigmoid(_fp32_up(self.cpoly_logits)).mean(0, keepdim=True)
+            w = torch.where(shared_only[:, None], mean_row.expand_as(w), w)
             if self.normalize:
                 w = w / (w.sum(-1, keepdim=True) + EPS)
             parts.append(w)
         if self.n_task_skills > 0:
-            tw = self.cpoly_task_w[idx]
+            tw = _fp32_up(self.cpoly_task_w[idx])
             if self.task_block == "diagonal":  # scatter own entries into a [n, T*B] row
                 b = self.n_task_skills
                 cols = idx[:, None] * b + torch.arange(b, device=idx.device)[None, :]
@@ -232,7 +241,9 @@ class CPolyLinear(nn.Module):
         w = self.allocation(task_ids) * self.scaling                     # [b, S]
         w = w.repeat_interleave(self.r, dim=-1)                          # [b, S*r]
         w = w.view(bsz, *([1] * (x.dim() - 2)), -1)
-        h = F.linear(self.dropout(x.to(self.cpoly_A.dtype)), self.cpoly_A)  # [b, ..., S*r]
+        # under autocast the GEMMs run in its dtype anyway: no fp32 copy of x
+        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.cpoly_A.dtype)
+        h = F.linear(self.dropout(xa), self.cpoly_A)  # [b, ..., S*r]
         out = F.linear(h * w.to(h.dtype), self.cpoly_B)
         return result + out.to(result.dtype)
 

@@ -90,6 +90,11 @@ def _zero_B(d_out: int, rank: int, **kw) -> nn.Parameter:
     return nn.Parameter(torch.zeros(d_out, rank, **kw))
 
 
+def _fp32_up(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or as it is when already fp32 or wider (the fp64 tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     # Like PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters.
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -143,12 +148,15 @@ class MedCareLinear(nn.Module):
         # 2-D in, so y is a fresh tensor, not a view: an in-place op on a view would make autograd
         # copy and zero-fill the whole [T, d_out] gradient (CopySlices) in backward.
         y = self.linear(x1)
-        xa = x1.to(self.ka_A.dtype)
+        # Under autocast every adapter GEMM runs in the autocast dtype anyway: no fp32 copy of x.
+        xa = x1 if torch.is_autocast_enabled(x1.device.type) else x1.to(self.ka_A.dtype)
         h, B = self._mka_lowrank(xa) if self.mode == "mka" else self._da_lowrank(xa)
         if y.dtype == h.dtype:
             # y += h Bᵀ inside the GEMM, in place: no extra pass or copy of [T, d_out]. Safe
-            # because nn.Linear's backward keeps its input and weight, never its output.
-            y = y.addmm_(h, B.t())
+            # because nn.Linear's backward keeps its input and weight, never its output. In-place
+            # ops are not autocast: B (fp32 adapters under a bf16 autocast) is cast here (cheap:
+            # [d_out, rank]); the cast is in the graph, so B's gradient comes back in fp32.
+            y = y.addmm_(h, B.t().to(h.dtype))
         else:
             y = y + F.linear(h, B).to(y.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -157,23 +165,36 @@ class MedCareLinear(nn.Module):
         """Gate weights [T, E]: softmax over all E, top-K kept (optionally renormalised), rest 0."""
         return self._gates(self.router(x))
 
-    def _gates(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # fp32+ softmax
+    def _gates(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Routing math in fp32 (or wider) whatever the compute dtype (the precision policy in the
+        module docstring): bias, softmax, top-K, renormalisation and the balance term. Gates [T, E]
+        come back in fp32; the caller casts them to its low-rank activations' dtype."""
+        logits = _fp32_up(logits)
+        if bias is not None:
+            logits = logits + _fp32_up(bias)
+        probs = logits.softmax(dim=-1)
         w, idx = probs.topk(self.cfg.top_k, dim=-1)
         if self.cfg.renormalized:  # variant code; the paper's Eq. 4/5 use the softmax weights as they are
             w = w / w.sum(dim=-1, keepdim=True)
         self._balance = self._balance_term(probs, idx) if self._wants_aux() and self.cfg.balance_coef > 0 else None
-        return torch.zeros_like(probs).scatter(1, idx, w).to(logits.dtype)
+        return torch.zeros_like(probs).scatter(1, idx, w)
 
     def _balance_term(self, probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # Switch Transformer: E · Σ_e f_e P_e; f_e = share of the T·K routing slots sent to e
         # (no gradient), P_e = mean router probability of e. Equals 1 for uniform routing.
-        E = probs.shape[-1]
+        # Counted with scatter_add and a 0/1 token weight, not bincount / boolean indexing: those
+        # size their output from the data, a host sync per layer per forward on a GPU.
+        E, K = probs.shape[-1], idx.shape[-1]
         keep = self._token_mask
         if keep is not None and keep.numel() == probs.shape[0]:  # padding does not count
-            probs, idx = probs[keep], idx[keep]
-        f = torch.bincount(idx.flatten(), minlength=E).to(probs.dtype) / idx.numel()
-        return E * (f * probs.mean(dim=0)).sum()
+            real = keep.to(probs.dtype)
+            n = real.sum()
+            slots = torch.zeros(E, dtype=probs.dtype, device=probs.device).scatter_add_(
+                0, idx.flatten(), real.repeat_interleave(K))
+            return E * ((slots / (n * K)) * ((probs * real[:, None]).sum(dim=0) / n)).sum()
+        slots = torch.zeros(E, dtype=probs.dtype, device=probs.device).scatter_add_(
+            0, idx.flatten(), torch.ones(idx.numel(), dtype=probs.dtype, device=probs.device))
+        return E * ((slots / idx.numel()) * probs.mean(dim=0)).sum()
 
     def _wants_aux(self) -> bool:
         return self.training and torch.is_grad_enabled()
@@ -192,11 +213,11 @@ class MedCareLinear(nn.Module):
         if xe is x:  # no expert dropout active (p=0 or eval): the router rides in the same GEMM
             h = F.linear(x, torch.cat([self.ka_A, self.na_A, self.router.weight]))
             h_ka, h_na, logits = h.split([self.cfg.ka_rank, E * r, E], dim=1)
-            gates = self._gates(logits + self.router.bias)
+            gates = self._gates(logits, self.router.bias)
         else:
             gates = self.route(x)
             h_ka, h_na = F.linear(xe, torch.cat([self.ka_A, self.na_A])).split([self.cfg.ka_rank, E * r], dim=1)
-        h_na = (h_na.view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
+        h_na = (h_na.view(T, E, r) * gates.to(h_na.dtype).unsqueeze(-1)).view(T, E * r)
         h = self._scaled(h_ka, self.cfg.ka_scale, h_na)  # scale on the narrow side: cheaper
         return h, torch.cat([self.ka_B, self.na_B], dim=1)
 
@@ -217,15 +238,18 @@ class MedCareLinear(nn.Module):
         if self.has_na and (self.training or self.cfg.keep_na):  # "DA with NA kept": the routed experts too
             T, E, r = x.shape[0], self.cfg.n_experts, self.cfg.r
             gates = self.route(x)
-            h_na = (F.linear(self.expert_dropout(x), self.na_A).view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
+            h_na = F.linear(self.expert_dropout(x), self.na_A)
+            h_na = (h_na.view(T, E, r) * gates.to(h_na.dtype).unsqueeze(-1)).view(T, E * r)
             h, B = torch.cat([h, h_na * self.scale], dim=1), torch.cat([B, self.na_B], dim=1)
         return h, B
 
     def orth_term(self) -> torch.Tensor:
         """Σ |A_ka A_alignᵀ| with A in nn.Linear layout ([rank, d_in]): an (s·r)×(align_r) matrix.
 
-        Equals the paper's Σ |A_kᵀ A_d| with A in x·A layout ([d_in, rank])."""
-        return (self.ka_A @ self.align_A.t()).abs().sum()
+        Equals the paper's Σ |A_kᵀ A_d| with A in x·A layout ([d_in, rank]). Computed in fp32 (or
+        wider) outside autocast, whatever the weights' dtype: a loss term, and a small product."""
+        with torch.autocast(self.ka_A.device.type, enabled=False):
+            return (_fp32_up(self.ka_A) @ _fp32_up(self.align_A).t()).abs().sum()
 
     # -- merge -----------------------------------------------------------------------------
     @torch.no_grad()
