@@ -134,6 +134,48 @@ def test_checkpoints_carry_every_ffn_adapter_and_resume_restores_them(tmp_path):
         assert torch.equal(restored[k], v), k
 
 
+def test_da_checkpoints_hold_the_adapters_only_and_resume_to_the_same_weights(tmp_path):
+    """DA's model is no PeftModel: a checkpoint must not carry a copy of the frozen base (a 7B's
+    whole weights per checkpoint), and a run resumed from one ends with the weights of a run that
+    was never interrupted."""
+    from safetensors import safe_open
+    from trl import SFTConfig
+
+    from medpipe.stages.training.medcare import MedCareTrainer
+
+    path = ensure_tiny()
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [{"input_ids": list(range(10 + i, 30 + i)), "assistant_masks": [0] * 5 + [1] * 15} for i in range(8)]
+
+    def trainer(out, max_steps):
+        torch.manual_seed(0)
+        model = medcare.inject_da(AutoModelForCausalLM.from_pretrained(path), medcare.MedCareConfig(r=4, alpha=8))
+        args = SFTConfig(output_dir=str(tmp_path / out), per_device_train_batch_size=2, max_steps=max_steps,
+                         learning_rate=1e-2, report_to=[], use_cpu=True, bf16=False, save_steps=2, seed=0,
+                         data_seed=0, lr_scheduler_type="constant")
+        return MedCareTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                              orth_lambda=1.0)
+
+    straight = trainer("straight", 4)
+    straight.train()
+    ckpt = tmp_path / "straight" / "checkpoint-2"
+    trainable = {n for n, p in straight.model.named_parameters() if p.requires_grad}
+    saved = {}
+    for f in ckpt.rglob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            saved.update({k: f.relative_to(ckpt) for k in st.keys()})
+    assert set(saved) == trainable, sorted(set(saved) ^ trainable)[:5]  # the adapters, nothing of the base
+    base_bytes = sum(p.numel() * p.element_size() for p in straight.model.parameters() if not p.requires_grad)
+    ckpt_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    assert ckpt_bytes < base_bytes / 4, (ckpt_bytes, base_bytes)
+
+    resumed = trainer("resumed", 4)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    want, got = medcare.adapter_state_dict(straight.model), medcare.adapter_state_dict(resumed.model)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
 def test_keep_na_ablation_loads_the_routed_experts_for_inference(tmp_path):
     from medpipe.artifact import Artifact
     from medpipe.stages.inference.runtime import LocalModel

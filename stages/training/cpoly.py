@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from medpipe.stages.adapters.cpoly import WEIGHTS_NAME, CPolyModel, save_cpoly
+from medpipe.stages.training.trainable_ckpt import TrainableOnlyCheckpoints
 
 PARAM_NAMES = ("cpoly_A", "cpoly_B", "cpoly_logits", "cpoly_task_w")
 
@@ -36,10 +37,11 @@ def load_adapter_tensors(model: CPolyModel, directory: str | Path) -> None:
                     param.copy_(tensors[f"{name}.{pname}"].to(param.dtype))
 
 
-class CPolyTrainer(Trainer):
+class CPolyTrainer(TrainableOnlyCheckpoints, Trainer):
     """transformers.Trainer that saves/loads a CPolyModel as its adapter (cpoly_adapter.safetensors +
     cpoly_config.json) in checkpoints and the final save, instead of a full state dict; PEFT and
-    plain models go through the stock paths."""
+    plain models go through the stock paths. Under DeepSpeed the engine's part of a checkpoint holds
+    the trainable weights only (TrainableOnlyCheckpoints)."""
 
     def _cpoly(self) -> CPolyModel | None:
         model = self.accelerator.unwrap_model(self.model)

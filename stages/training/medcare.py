@@ -14,6 +14,7 @@ from typing import Any
 from trl import SFTTrainer
 
 from medpipe.stages.adapters import medcare, medcare_io
+from medpipe.stages.training.trainable_ckpt import TrainableOnlyCheckpoints
 
 
 FFN_ADAPTER_DIR = "medcare_adapter"
@@ -26,12 +27,18 @@ def load_adapter_state(model, path) -> None:
     medcare._load_into(medcare.adapter_state_dict(model), load_file(str(path)), str(path))
 
 
-class MedCareTrainer(SFTTrainer):
+def _is_peft(model) -> bool:
+    from transformers.trainer_utils import _is_peft_model
+
+    return _is_peft_model(model)
+
+
+class MedCareTrainer(TrainableOnlyCheckpoints, SFTTrainer):
     def __init__(self, *args, orth_lambda: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.orth_lambda = orth_lambda
         self._balance_on = any(m.has_na and m.cfg.balance_coef > 0 for _, m in medcare.medcare_modules(self.model))
-        self._sums: dict[str, float] = {}
+        self._sums: dict = {}  # name -> float64 tensor on the loss's device
         self._n = 0
 
     def _ce_is_scaled_for_ga(self, num_items_in_batch) -> bool:
@@ -53,40 +60,63 @@ class MedCareTrainer(SFTTrainer):
         balance = medcare.balance_loss(model)
         if balance is not None:
             extra["balance_loss"] = balance
-        self._record("ce_loss", loss.detach().float().item() / scale)
+        self._record("ce_loss", loss.detach().double() / scale)
         total = loss
         for name, value in extra.items():
             weight = self.orth_lambda if name == "orth_loss" else 1.0
             total = total + weight * scale * value.to(loss.dtype)
-            self._record(name, value.detach().float().item())
+            self._record(name, value.detach().double())
         self._n += 1
         return (total, *rest) if return_outputs else total
 
     # Trainer checkpoints of a PeftModel hold only PEFT's attention LoRA: the FFN adapters (KA, NA
     # experts, routers, Align) are saved beside it and loaded back on resume, so an interrupted
-    # MKA/DA resumes with every adapter (the published code lost the routers mid-MKA).
+    # MKA/DA resumes with every adapter (the published code lost the routers mid-MKA). DA's model
+    # is no PeftModel: its checkpoints hold the adapters alone, not a copy of the frozen base.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
+        import os
         from pathlib import Path
 
+        import torch
+
+        if _is_peft(self.model):
+            super()._save(output_dir, state_dict=state_dict)
+        elif not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
         medcare_io.save_medcare(self.accelerator.unwrap_model(self.model), Path(output_dir) / FFN_ADAPTER_DIR)
+        if not _is_peft(self.model):
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         from pathlib import Path
 
         saved = Path(resume_from_checkpoint) / FFN_ADAPTER_DIR / medcare.ADAPTER_FILE
+        if _is_peft(model or self.model) or not saved.is_file():
+            super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         if saved.is_file():
             load_adapter_state(self.accelerator.unwrap_model(model or self.model), saved)
 
-    def _record(self, name: str, value: float) -> None:
-        self._sums[name] = self._sums.get(name, 0.0) + value
+    def _load_best_model(self) -> None:
+        from pathlib import Path
+
+        saved = Path(self.state.best_model_checkpoint) / FFN_ADAPTER_DIR / medcare.ADAPTER_FILE
+        if _is_peft(self.model) or self.is_deepspeed_enabled or not saved.is_file():
+            return super()._load_best_model()
+        load_adapter_state(self.accelerator.unwrap_model(self.model), saved)
+
+    def _record(self, name: str, value) -> None:
+        # summed on the device in float64 (what python floats held before): reading a value
+        # (.item()) every micro-step would make the host wait for the GPU each time; log() reads
+        # the sums once per logging step, where the trainer reads its own loss anyway
+        self._sums[name] = value if name not in self._sums else self._sums[name] + value
 
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
         if self._n and "loss" in logs:
             for name, total in self._sums.items():
-                logs[name] = total / self._n
+                logs[name] = (total / self._n).item()
             self._sums, self._n = {}, 0
         super().log(logs, *args, **kwargs)
 
