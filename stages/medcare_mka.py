@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from medpipe.params import param
 from medpipe.stages.adapters.settings import MedCareConfig
@@ -20,6 +20,8 @@ from medpipe.stages.training.params import TrainParams
 
 @dataclass
 class MedCareMKAParams(TrainParams):
+    # the base model is frozen (adapters train beside it): it loads in the training precision
+    frozen_base: ClassVar[bool] = True
     # MedCare Appendix (training details): lr 2e-4, warmup_ratio 0.03, cosine, max length 3072, MKA 1 epoch
     lr: float = param(2e-4, "peak learning rate")
     epochs: float = param(1.0, "passes over the data")
@@ -59,25 +61,27 @@ class MedCareMKAStage:
         from trl import SFTConfig
 
         from medpipe.artifact import Artifact
-        from medpipe.data import load_records
         from medpipe.stages.adapters import medcare, medcare_io
         from medpipe.stages.training.args import training_kwargs
         from medpipe.stages.training.callbacks import callbacks
-        from medpipe.stages.training.chat_data import encode_dataset
+        from medpipe.stages.training.chat_data import prepare_chat_data
         from medpipe.stages.training.loop import data_cache_dir, load_model, load_tokenizer, train
         from medpipe.stages.training.medcare import MedCareTrainer, first_last
-        from medpipe.stages.training.params import data_options
 
         p: MedCareMKAParams = ctx.params
         cfg = training_config(p)
         tok = load_tokenizer(ctx)
         if p.chat_template:
             tok.chat_template = p.chat_template
-        loaded = load_records(p.data, "chat", **data_options(p, ctx.data))
-        train_ds = encode_dataset(loaded.records, tok, p.max_length, data_cache_dir(ctx))
-        model = medcare.inject_mka(load_model(ctx, p), cfg)  # load_model seeds: same init in any process
         args = SFTConfig(**training_kwargs(ctx, p), max_length=p.max_length)
-        trainer = MedCareTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
+        # prepared once per node, as SFT's: local rank 0 encodes with the node's cores (or memory-maps
+        # what `validate` cached under the same key), the other ranks wait, then memory-map it
+        with args.main_process_first(local=True, desc="MedCare data"):
+            data = prepare_chat_data(p, ctx.data, tok, data_cache_dir(ctx), log=ctx.log)
+        train_ds = data.train
+        model = medcare.inject_mka(load_model(ctx, p), cfg)  # load_model seeds: same init in any process
+        trainer = MedCareTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=data.heldout,
+                                 processing_class=tok,
                                  callbacks=callbacks(ctx, p))
         metrics = train(trainer, ctx)
         metrics.update(first_last(trainer.state.log_history, "balance_loss"), conversations=len(train_ds))

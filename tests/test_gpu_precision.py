@@ -259,3 +259,69 @@ def test_cpoly_gumbel_noise_is_fp32_with_bf16_weights():
     assert w.unique().numel() > 4000
     alloc = layer.allocation(torch.zeros(4, dtype=torch.long))
     assert alloc.dtype == torch.float32
+
+
+# -- the dtype a training stage loads its input model in (item 7) -------------------------------------
+def _params(kind: str, precision: str):
+    from medpipe.stages.medcare_da import MedCareDAParams
+    from medpipe.stages.medcare_mka import MedCareMKAParams
+    from medpipe.stages.sft import SFTParams
+    from medpipe.stages.training.params import LoraParams
+
+    return {"sft-full": lambda: SFTParams(precision=precision),
+            "sft-lora": lambda: SFTParams(precision=precision, peft=LoraParams()),
+            "medcare_mka": lambda: MedCareMKAParams(precision=precision),
+            "medcare_da": lambda: MedCareDAParams(precision=precision)}[kind]()
+
+
+# (kind, precision, DeepSpeed's bf16/fp16 block: None = no DeepSpeed) -> dtype on a bf16 GPU
+GPU_TABLE = [
+    ("sft-full", "auto", None, torch.float32),  # no DeepSpeed: fp32 weights, autocast computes in bf16
+    ("sft-full", "auto", "auto", BF16),  # DeepSpeed casts to bf16 and keeps its own fp32 master
+    ("sft-full", "bf16", True, BF16),
+    ("sft-full", "auto", False, torch.float32),  # a config that trains in fp32
+    ("sft-full", "fp16", "auto", torch.float16),
+    ("sft-full", "fp16", None, torch.float32),
+    ("sft-full", "fp32", "auto", torch.float32),
+    ("sft-lora", "auto", None, BF16),  # a frozen base
+    ("sft-lora", "fp16", None, torch.float16),
+    ("sft-lora", "fp32", None, torch.float32),
+    ("medcare_mka", "auto", None, BF16),  # MedCare's base is frozen too (was fp32)
+    ("medcare_mka", "auto", "auto", BF16),
+    ("medcare_da", "bf16", None, BF16),
+    ("medcare_da", "fp32", None, torch.float32),
+]
+
+
+def _load(tmp_path, kind, precision, ds_block, model_opts=None):
+    import json
+    from types import SimpleNamespace
+
+    from medpipe.stages.models.tiny import ensure_tiny
+    from medpipe.stages.training.loop import load_model
+
+    ds = None
+    if ds_block is not None:
+        ds = tmp_path / "deepspeed.json"
+        half = "fp16" if precision == "fp16" else "bf16"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, half: {"enabled": ds_block}}))
+    ctx = SimpleNamespace(model=model_opts or {}, input=SimpleNamespace(model_path=str(ensure_tiny())),
+                          deepspeed_config=str(ds) if ds else None, seed=0)
+    return load_model(ctx, _params(kind, precision)).dtype
+
+
+@pytest.mark.parametrize("kind, precision, ds_block, want", GPU_TABLE)
+def test_training_load_dtype_on_a_bf16_gpu(tmp_path, monkeypatch, kind, precision, ds_block, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _load(tmp_path, kind, precision, ds_block) == want
+    # model.dtype, when set, is what loads
+    assert _load(tmp_path, kind, precision, ds_block, {"dtype": "float32"}) == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["sft-full", "sft-lora", "medcare_mka", "medcare_da"])
+def test_training_load_dtype_on_cpu_stays_fp32(tmp_path, kind):
+    """No GPU: fp32 whatever the stage says (the CPU digests depend on it)."""
+    assert not torch.cuda.is_available()
+    for precision, ds_block in (("auto", None), ("bf16", True), ("auto", "auto")):
+        assert _load(tmp_path, kind, precision, ds_block) == torch.float32

@@ -2,9 +2,13 @@
 
 Every stage, the inference runtime and the commands load models through here, so a model loads
 the same way for training, evaluation, chat and serving:
-* dtype: `model.dtype` when set (float32 | bfloat16 | float16); else for training fp32 master
-  weights, except that a LoRA stage keeps its frozen base in bf16 on a GPU that has it; for
-  inference bf16 (or fp16) on a GPU, fp32 on CPU;
+* dtype: `model.dtype` when set (float32 | bfloat16 | float16); else, for training, the stage's
+  training precision where nothing needs fp32 weights: a frozen base (LoRA, MedCare, C-Poly: the
+  adapters are fp32 beside it) and, under DeepSpeed, a full-parameter model (the engine casts the
+  module to bf16/fp16 anyway and keeps its own fp32 master copy in the optimizer; an fp32 load
+  would cost every rank twice the host memory for nothing); a full-parameter model trained without
+  DeepSpeed keeps fp32 weights (autocast computes in bf16; the optimizer needs fp32 to add small
+  updates); fp32 on CPU and in fp32 runs. For inference bf16 (or fp16) on a GPU, fp32 on CPU;
 * `trust_remote_code` only when the model (or its artifact) says so;
 * a tokenizer without a pad token pads with its eos.
 Imports torch/transformers at call time only.
@@ -34,8 +38,11 @@ def use_bf16(precision: str) -> bool:
     return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def pick_dtype(name: str | None, *, training: bool, lora: bool = False, precision: str = "auto"):
-    """The torch dtype to load weights in (the policy in the module docstring)."""
+def pick_dtype(name: str | None, *, training: bool, frozen_base: bool = False, precision: str = "auto",
+               deepspeed_half: bool = False):
+    """The torch dtype to load weights in (the policy in the module docstring). `frozen_base`: the
+    loaded weights are not trained (an adapter stage); `deepspeed_half`: DeepSpeed trains the stage
+    in the half precision `precision` gives (it casts the module and keeps fp32 masters itself)."""
     import torch
 
     if name and name != "auto":
@@ -45,8 +52,38 @@ def pick_dtype(name: str | None, *, training: bool, lora: bool = False, precisio
     if not torch.cuda.is_available():
         return torch.float32
     if training:
-        return torch.bfloat16 if lora and use_bf16(precision) else torch.float32
+        half = half_dtype(precision)
+        return half if half is not None and (frozen_base or deepspeed_half) else torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def half_dtype(precision: str):
+    """bf16 / fp16 when a stage with this `precision` trains in half precision, else None."""
+    import torch
+
+    return torch.bfloat16 if use_bf16(precision) else torch.float16 if precision == "fp16" else None
+
+
+def deepspeed_casts(config_path: str | None, precision: str) -> bool:
+    """Whether the stage's DeepSpeed config (None: no DeepSpeed) trains in the half precision of
+    `precision`: its `bf16`/`fp16` block enabled, or "auto" (filled from the same precision)."""
+    if not config_path:
+        return False
+    import json
+
+    cfg = json.loads(Path(config_path).read_text())
+    block = {"bf16": cfg.get("bf16") or {}, "fp16": cfg.get("fp16") or {}}
+    want = "bf16" if use_bf16(precision) else "fp16" if precision == "fp16" else None
+    return want is not None and block[want].get("enabled", False) in (True, "auto")
+
+
+def training_dtype(name: str | None, params: Any, *, deepspeed_config: str | None = None):
+    """The dtype a training stage loads its input model in: frozen when the stage has a `peft`
+    block or its kind trains adapters beside a frozen base (`frozen_base` on its params class)."""
+    frozen = getattr(params, "peft", None) is not None or bool(getattr(params, "frozen_base", False))
+    precision = getattr(params, "precision", "auto")
+    return pick_dtype(name, training=True, frozen_base=frozen, precision=precision,
+                      deepspeed_half=deepspeed_casts(deepspeed_config, precision))
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -38,8 +38,7 @@ def seed(ctx: Any) -> None:
 def load_model(ctx: Any, params: Any, path: str | None = None):
     """The stage's input model for training (dtype policy: medpipe.stages.models.loader), then
     the generators seeded (`seed`): what the caller builds on it next is reproducible."""
-    dtype = loader.pick_dtype(ctx.model.get("dtype"), training=True, lora=getattr(params, "peft", None) is not None,
-                              precision=getattr(params, "precision", "auto"))
+    dtype = loader.training_dtype(ctx.model.get("dtype"), params, deepspeed_config=getattr(ctx, "deepspeed_config", None))
     model = loader.load_causal_lm(path or ctx.input.model_path, dtype=dtype,
                                   trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
                                   attn_implementation=ctx.model.get("attn_implementation"))
