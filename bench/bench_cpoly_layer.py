@@ -3,6 +3,11 @@ trainable parameter count (issue 8). Same process, interleaved reps, median afte
 
     /work/main/.venv/bin/python bench/bench_cpoly_layer.py [--d 1024 --batch 8 --seq 256 --tasks 3
                                                             --shared 4 --rank 4 --reps 20]
+    ... --device cuda --dtype bf16 --tokens 4096   # on a GPU machine (bench/gpu_check.sh calls this)
+
+--tokens N: batch × seq = N (seq = N / batch). --dtype bf16: what a GPU run trains in — the frozen
+base weight, the input and the upstream gradient in bf16, the adapters (C-Poly's and PEFT's) fp32
+beside it, the forward under torch.autocast(device, bf16) (the Trainer's bf16 on the local launcher).
 
 Also times two alternatives to the chosen implementation (for the design record):
   gather  - shared skills as one concatenated product, the task-specific skill through a per-example
@@ -91,12 +96,21 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=None, help="batch × seq; sets seq = tokens / batch")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="fp32 (default) | bf16: bf16 base, input and gradient, fp32 adapters, bf16 autocast")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args()
+    if args.tokens is not None:
+        if args.tokens % args.batch:
+            ap.error(f"--tokens {args.tokens} is not a multiple of --batch {args.batch}")
+        args.seq = args.tokens // args.batch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dev, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
     d, T = args.d, args.tasks
-    base = nn.Linear(d, d, bias=False)
+    base = nn.Linear(d, d, bias=False, device=dev)
     base.weight.requires_grad_(False)
     state = _TaskState()
     cp = CPolyLinear(base, T, CPolyConfig(n_shared_skills=args.shared, r=args.rank), state).train()
@@ -107,11 +121,23 @@ def main() -> None:
     lora = peft_lora_layer(base, eq_rank).train()
     n_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     gather, pertask = GatherCPoly(cp), PerTaskCPoly(cp)
+    base.to(dtype)  # the frozen base in the run's dtype; C-Poly (adapter_dtype float32) and LoRA stay fp32
+    for p in lora.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
-    x = torch.randn(args.batch, args.seq, d, requires_grad=True)
-    g = torch.randn(args.batch, args.seq, d)
-    task_ids = torch.arange(args.batch) % T  # mixed-task batch
+    x = torch.randn(args.batch, args.seq, d, device=dev, dtype=dtype, requires_grad=True)
+    g = torch.randn(args.batch, args.seq, d, device=dev, dtype=dtype)
+    task_ids = torch.arange(args.batch, device=dev) % T  # mixed-task batch
     state.task_ids = task_ids
+    autocast = torch.autocast(dev.type, dtype, enabled=dtype != torch.float32)
+
+    def step(fn):
+        with autocast:
+            y = fn()
+        y.backward(g)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()  # time the kernels, not their launch
 
     def zero():
         for m in (cp, lora):
@@ -120,11 +146,11 @@ def main() -> None:
         x.grad = None
 
     runs = {
-        "frozen base linear only": lambda: base(x).backward(g),
-        "cpoly (concat, chosen)": lambda: cp(x).backward(g),
-        "lora r=%d (PEFT)" % eq_rank: lambda: lora(x).backward(g),
-        "cpoly gather (alt)": lambda: gather(x, task_ids).backward(g),
-        "cpoly per-task loop (alt)": lambda: pertask(x, task_ids).backward(g),
+        "frozen base linear only": lambda: step(lambda: base(x)),
+        "cpoly (concat, chosen)": lambda: step(lambda: cp(x)),
+        "lora r=%d (PEFT)" % eq_rank: lambda: step(lambda: lora(x)),
+        "cpoly gather (alt)": lambda: step(lambda: gather(x, task_ids)),
+        "cpoly per-task loop (alt)": lambda: step(lambda: pertask(x, task_ids)),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     keys = list(runs)
@@ -139,7 +165,7 @@ def main() -> None:
                 times[k].append(dt)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     lora_key = "lora r=%d (PEFT)" % eq_rank
-    print(f"d={d} batch={args.batch}x{args.seq} tasks={T} A={args.shared} r={args.rank} "
+    print(f"device={dev} {args.dtype} d={d} batch={args.batch}x{args.seq} tasks={T} A={args.shared} r={args.rank} "
           f"threads={args.threads} reps={args.reps} (median ms, fwd+bwd)")
     print(f"trainable params: cpoly {n_cp}  lora r={eq_rank} {n_lora}")
     for k, v in med.items():

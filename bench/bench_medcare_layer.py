@@ -1,7 +1,12 @@
 """Benchmark the MedCare FFN layer (issue 7) on CPU: forward + backward, median of reps.
 
     /work/main/.venv/bin/python bench/bench_medcare_layer.py [--reps 7] [--tokens 2048] [--threads 2]
-    ... --device cuda --tokens 4096      # on a GPU machine (the issue's GPU figure; not run here yet)
+    ... --device cuda --dtype bf16 --tokens 4096   # on a GPU machine (bench/gpu_check.sh calls this)
+
+--dtype bf16: what a GPU run trains in — the frozen base weight, the input and the upstream gradient
+in bf16, the adapters (MedCare's and PEFT's) fp32 beside it, the forward under
+torch.autocast(device, bf16) (the Trainer's bf16 on the local launcher / DDP). The equivalence
+check of the alternatives runs in fp32 whatever --dtype says.
 
 Compares, in one process, d_in=2048, d_out=5632, T tokens, float32, 2 threads (torch.set_num_threads):
   medcare        the library layer (frozen W + KA rank 32 + top-2 of 8 NA rank 16 + router);
@@ -47,6 +52,8 @@ from medpipe.stages.adapters.medcare import MedCareConfig, MedCareLinear
 D_IN, D_OUT = 2048, 5632
 CFG = MedCareConfig(r=16, alpha=32, s=2, n_experts=8, top_k=2)
 DEVICE = torch.device("cpu")  # --device cuda on a GPU machine (timings synchronised, CUDA peak memory)
+DTYPE = torch.float32  # --dtype bf16: bf16 base/input/gradient, fp32 adapters, bf16 autocast
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # -- alternative routed implementations (same parameters as MedCareLinear) -------------------
@@ -114,12 +121,13 @@ ALTS = {"cat_A_only": delta_cat_A_only, "separate": delta_separate,
 
 
 # -- layers ----------------------------------------------------------------------------------
-def make_medcare(seed=0):
+def make_medcare(seed=0, dtype=None):
     torch.manual_seed(seed)
     m = MedCareLinear(nn.Linear(D_IN, D_OUT, bias=False, device=DEVICE), CFG, "mka").train()
     m.linear.weight.requires_grad_(False)
     with torch.no_grad():  # nonzero B so the equivalence check means something (cost is the same)
         m.ka_B.normal_(0, 0.02), m.na_B.normal_(0, 0.02)
+    m.linear.to(dtype or DTYPE)  # the frozen base; the adapters stay fp32 (as on a bf16 base)
     return m
 
 
@@ -137,6 +145,10 @@ def make_peft(rank):
     layer = LoraLinear(base, "default", LoraConfig(r=rank, lora_alpha=2 * rank), r=rank, lora_alpha=2 * rank)
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.02)
+    base.to(DTYPE)
+    for p in layer.parameters():  # fp32 adapters on a half base, as get_peft_model's autocast_adapter_dtype
+        if p.requires_grad:
+            p.data = p.data.float()
     return layer
 
 
@@ -156,14 +168,18 @@ def build(name, peft_rank):
 
 def fwd_bwd(f, x, g):
     x.grad = None
-    f(x).backward(g)
+    with torch.autocast(DEVICE.type, DTYPE, enabled=DTYPE != torch.float32):
+        y = f(x)
+    y.backward(g)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()  # time the kernels, not their launch
 
 
-def inputs(tokens):
+def inputs(tokens, dtype=None):
     torch.manual_seed(1)
-    return (torch.randn(tokens, D_IN, device=DEVICE, requires_grad=True), torch.randn(tokens, D_OUT, device=DEVICE))
+    dt = dtype or DTYPE
+    return (torch.randn(tokens, D_IN, device=DEVICE, dtype=dt, requires_grad=True),
+            torch.randn(tokens, D_OUT, device=DEVICE, dtype=dt))
 
 
 def time_all(names, peft_rank, tokens, reps, warmup=2):
@@ -191,13 +207,13 @@ def time_all(names, peft_rank, tokens, reps, warmup=2):
 
 def check_equal(tokens):
     """Every alternative gives the same output and gradients as the library layer."""
-    x, g = inputs(min(tokens, 256))
-    ref_m = make_medcare()
+    x, g = inputs(min(tokens, 256), torch.float32)
+    ref_m = make_medcare(dtype=torch.float32)
     y = ref_m(x)
     y.backward(g)
     ref = [y.detach(), x.grad.clone()] + [p.grad.clone() for p in ref_m.parameters() if p.requires_grad]
     for name, fn in ALTS.items():
-        m = make_medcare()
+        m = make_medcare(dtype=torch.float32)
         x.grad = None
         y = m.linear(x) + fn(m, x)
         y.backward(g)
@@ -243,7 +259,8 @@ def mem_of(name, peft_rank, tokens):
     if DEVICE.type == "cuda":
         return cuda_extra_peak_mib(name, peft_rank, tokens)
     out = subprocess.run([sys.executable, __file__, "--mem-child", name, "--peft-rank", str(peft_rank),
-                          "--tokens", str(tokens)], capture_output=True, text=True, check=True)
+                          "--tokens", str(tokens), "--dtype", next(k for k, v in DTYPES.items() if v == DTYPE)],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_mib"]
 
 
@@ -254,10 +271,12 @@ def main():
     ap.add_argument("--peft-rank", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda (GPU machines; issue: 4096 tokens)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="fp32 (default) | bf16: bf16 base, input and gradient, fp32 adapters, bf16 autocast")
     ap.add_argument("--mem-child")
     a = ap.parse_args()
-    global DEVICE
-    DEVICE = torch.device(a.device)
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(a.device), DTYPES[a.dtype]
     torch.set_num_threads(a.threads)
     if a.mem_child:
         return mem_child(a.mem_child, a.peft_rank, a.tokens)
@@ -265,7 +284,7 @@ def main():
     n_mc = trainable(make_medcare())
     peft_rank = round(n_mc / (D_IN + D_OUT))  # LoRA rank r has r·(d_in + d_out) parameters
     check_equal(a.tokens)
-    print(f"device={DEVICE} d_in={D_IN} d_out={D_OUT} tokens={a.tokens} fp32 threads={torch.get_num_threads()} "
+    print(f"device={DEVICE} d_in={D_IN} d_out={D_OUT} tokens={a.tokens} {a.dtype} threads={torch.get_num_threads()} "
           f"reps={a.reps} (median, after 2 warm-up)  torch {torch.__version__}")
     print(f"MedCare trainable params {n_mc:,}; equivalent PEFT LoRA rank {peft_rank}")
     names = ["medcare", "base", "peft_lora", *ALTS]
