@@ -49,6 +49,14 @@ low-rank activation by the per-example allocation weights (the scale s folded in
 over examples or tasks. Columns of other tasks' specific skills get weight 0 for an example: they
 cost (T-1)*B*r extra rank columns, cheaper than gathering per-example weights (bench).
 
+Precision: the adapters are fp32 by default (``adapter_dtype: float32``) beside a bf16 base; under
+autocast the two GEMMs run in the autocast dtype (x is not copied to fp32 first); under DeepSpeed
+bf16 the engine casts them to bf16 (fp32 masters in its optimizer). Whatever the weights' dtype the
+allocation is computed in fp32: the Gumbel-sigmoid noise (bf16 uniforms would have 8 mantissa bits,
+a noise cut off at about ±5.5), the sigmoid, the normalisation; the weights are cast to the
+activations' dtype only where they scale them. No host sync per layer: the shared-only rows are
+selected with ``torch.where`` whether or not there are any.
+
 Task ids: ``model(input_ids, task_ids=...)`` and ``model.generate(..., task_ids=...)`` take a
 LongTensor/list of task indices, a list of task names, or one name/index for the whole batch.
 When the batch is expanded by generate (beams, num_return_sequences: repeat_interleave), the

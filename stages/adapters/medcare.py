@@ -31,6 +31,22 @@ all E experts are one low-rank product of rank (s+E)·r. x A_catᵀ gives [T, (s
 block of an expert is multiplied by its gate weight (0 for the experts a token did not select, 1
 for KA); one addmm with B_cat adds it to x Wᵀ. No loop over experts and no [E, T, d_out] stack.
 
+Precision (what a GPU run does; tests/test_gpu_precision.py proves what CPU can express):
+* Adapters are fp32 beside a half-precision base (`_adapter_dtype`, as PEFT's autocast_adapter_dtype).
+* Under autocast (the Trainer's bf16 on the local launcher or DDP) every adapter GEMM runs in the
+  autocast dtype: x is not copied to fp32 first, and the in-place addmm_ (in-place ops are not
+  autocast) gets B cast to the activations' dtype, so its gradient comes back in fp32.
+* Under DeepSpeed bf16 the engine casts the whole module, adapters included, to bf16 and keeps
+  fp32 masters in its optimizer: the adapters then compute in bf16 without autocast.
+* Whatever the weights' dtype, the routing math is fp32: router bias, softmax, top-K, gate
+  renormalisation and the balance term (`_gates`); so is DA's orthogonal term (`orth_term`). The
+  router's GEMM itself rides in the fused A-side GEMM in the compute dtype (bf16 tensor cores
+  accumulate in fp32; the logits are rounded to bf16 once): a separate fp32 router GEMM would need
+  an fp32 copy of x per FFN linear — by estimate (bytes moved at H100 bandwidth vs the rank-168
+  GEMM's flops) ~3x the time of all that linear's adapter GEMMs at Qwen-7B sizes — for a top-K
+  choice that differs only where two experts' logits are within a bf16 step of each other
+  (Megatron-Core's default router dtype is the compute dtype too).
+
 Attention projections get PEFT's LoRA: `inject_mka` wraps the FFN linears first, then calls
 `peft.get_peft_model` with target_modules = attention names only, then turns requires_grad back on
 for the FFN adapter parameters (PEFT freezes everything that is not its own). The wrapper keeps the
