@@ -102,14 +102,14 @@ def test_zero2_config_ties_to_stage_params():
     from omegaconf import OmegaConf
 
     ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
-    out = deepspeed_config(ds, type("P", (), {"precision": "bf16"})(), cpu=False)
+    out = deepspeed_config(ds, type("P", (), {"precision": "bf16"})())
     assert out["zero_optimization"]["stage"] == 2
     assert out["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
         assert out[key] == "auto"  # filled from the stage's params by transformers
-    assert out["optimizer"]["params"]["lr"] == "auto"  # DPO under ZeRO-2 has an optimizer
+    assert "optimizer" not in out and out["zero_force_ds_cpu_optimizer"] is False  # torch AdamW from transformers
     assert out["bf16"] == {"enabled": "auto"}
-    assert deepspeed_config(ds, type("P", (), {"precision": "auto"})(), cpu=True)["bf16"] == {"enabled": False}
+    assert deepspeed_config(ds, type("P", (), {"precision": "fp32"})())["bf16"] == {"enabled": False}
 
 
 def test_show_prints_the_launch_command_per_stage():
