@@ -111,3 +111,98 @@ def test_slurm_resources_default_from_the_gpus_and_show_them():
     r = medpipe("show", "recipe=qilin", "launcher=slurm", "launcher.sbatch.gpus_per_node=8")
     assert r.code == 0, r.out
     assert "#SBATCH --cpus-per-task=64" in r.out and "#SBATCH --mem=0" in r.out
+
+
+def _completion_logps(model, probe):
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, probe["input_ids"][:, 1:, None])[..., 0]
+    return (logp * probe["completion_mask"][:, 1:]).sum(1).chunk(2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", ["null", "{r: 4, alpha: 8}"])
+def test_dpo_ref_probe_after_training_is_the_input_models_logprobs(tmp_path, peft):
+    """The probe is now computed after training (where DeepSpeed placed the model): it must still be
+    the INPUT model's log-probs — LoRA: adapter disabled; full: TRL's frozen reference model — and
+    not the trained policy's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text('defaults: [base, model: tiny, data: sample, stage/dpo@stages.dpo, _self_]\nname: probe\n'
+                      'stages:\n  dpo: {data: "${data.preference}", lr: 5e-3, max_steps: 3, batch_size: 4, '
+                      f'max_length: 96, ref_probe: 4, reward_eval_pairs: 0, peft: {peft}}}\n')
+    run_dir = tmp_path / "runs" / "main"
+    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}")
+    assert r.code == 0, r.out
+    sdir = (run_dir / "01-dpo").resolve()
+    probe = torch.load(sdir / "ref_probe.pt")
+    assert probe["input_ids"].shape[0] == 8  # 4 pairs: chosen then rejected
+    stage = json.loads((sdir / "stage.json").read_text())
+    art = json.loads((sdir / "artifact.json").read_text())
+    given = AutoModelForCausalLM.from_pretrained(stage["input"]["model_path"]).eval()
+    trained = AutoModelForCausalLM.from_pretrained(art["merged_path"] or art["model_path"]).eval()
+    chosen, rejected = _completion_logps(given, probe)
+    assert torch.allclose(probe["ref_chosen_logps"], chosen, atol=1e-3)
+    assert torch.allclose(probe["ref_rejected_logps"], rejected, atol=1e-3)
+    policy, _ = _completion_logps(trained, probe)
+    assert (policy - chosen).abs().max() > 1e-2  # the policy did move: the probe is not the policy
+
+
+def test_paper_recipes_turn_gradient_checkpointing_on_for_real_models_only():
+    from medpipe.compose import compose
+
+    for recipe, stages in {"qilin": ("cpt", "sft", "dpo"), "iimedgpt": ("sft", "dpo"), "medcare": ("mka", "da"),
+                           "antglm": ("cpt", "sft", "cpoly")}.items():
+        real, _ = compose(recipe, ["model=qwen1.5-7b"])
+        tiny, _ = compose(recipe, [])
+        small, _ = compose(recipe, ["model=smollm2-135m"])
+        for s in stages:
+            assert real.stages[s].gradient_checkpointing is True, (recipe, s)
+            assert tiny.stages[s].gradient_checkpointing is False, (recipe, s)
+            assert small.stages[s].gradient_checkpointing is False, (recipe, s)
+    r = medpipe("show", "recipe=qilin", "model=qwen1.5-7b")
+    assert r.out.count("gradient_checkpointing: true") == 3, r.out  # (exit 2 after the config: no model.path)
+
+
+def test_checkpointing_arguments_are_non_reentrant():
+    from medpipe.stages.training.args import checkpointing_kwargs
+
+    assert checkpointing_kwargs(True) == {"activation_checkpointing": True,
+                                          "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    assert checkpointing_kwargs(False) == {"activation_checkpointing": False}
+
+
+SFT_GC = """
+defaults: [base, model: tiny, data: sample, stage/sft@stages.sft, _self_]
+name: gc
+stages:
+  sft: {data: "${data.dialogue}", lr: 5e-3, max_steps: 4, logging_steps: 1, batch_size: 4, max_length: 128,
+        peft: {r: 4, alpha: 8, dropout: 0.0}, gradient_checkpointing: GC}
+"""
+
+
+@pytest.mark.slow
+def test_sft_lora_with_gradient_checkpointing_trains_with_the_same_losses(tmp_path):
+    """Checkpointing recomputes activations; it must not change what is learnt: per-step losses of
+    a 4-step LoRA SFT on and off agree, the adapter trained, and the trainer really had it on."""
+    runs = {}
+    for gc in ("true", "false"):
+        recipe = tmp_path / f"gc_{gc}.yaml"
+        recipe.write_text(SFT_GC.replace("GC", gc))
+        run_dir = tmp_path / gc / "main"
+        r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/{gc}", f"run.dir={run_dir}")
+        assert r.code == 0, r.out
+        sdir = (run_dir / "01-sft").resolve()
+        losses = [h["loss"] for h in map(json.loads, (sdir / "log_history.jsonl").read_text().splitlines())
+                  if "loss" in h]
+        runs[gc] = (json.loads((sdir / "artifact.json").read_text())["metrics"], losses)
+    assert runs["true"][0]["activation_checkpointing"] is True
+    assert runs["false"][0]["activation_checkpointing"] is False
+    on, off = runs["true"][1], runs["false"][1]
+    assert len(on) == len(off) == 4
+    assert on == pytest.approx(off, rel=1e-4)
+    assert on[-1] < on[0]  # it trained

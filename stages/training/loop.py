@@ -45,6 +45,9 @@ def load_model(ctx: Any, params: Any, path: str | None = None):
                                   attn_implementation=ctx.model.get("attn_implementation"))
     if getattr(params, "gradient_checkpointing", False):
         model.config.use_cache = False
+        # a frozen embedding's output needs grad, or checkpointed layers over a frozen base (LoRA,
+        # MedCare, C-Poly) give their adapters no gradient; the hook stays on the base under PEFT
+        model.enable_input_require_grads()
     seed(ctx)
     return model
 
@@ -93,6 +96,8 @@ def distributed_facts(trainer, ctx: Any) -> dict:
     if trainer.is_deepspeed_enabled:
         facts["zero_stage"] = int(trainer.model_wrapped.zero_optimization_stage())
     model = trainer.accelerator.unwrap_model(trainer.model)
+    facts["activation_checkpointing"] = bool(getattr(model, "is_activation_checkpointing",
+                                                 getattr(model, "is_gradient_checkpointing", False)))
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         if param.requires_grad:
