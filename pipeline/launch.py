@@ -143,8 +143,11 @@ def run(launcher: dict, stage_file: Path, log_file: Path) -> None:
     if cmd is None:
         from .entry import run_stage_file
 
-        with StageDisplay(log_file) as display, display.quiet():
-            run_stage_file(stage_file)
+        try:
+            with StageDisplay(log_file) as display, display.quiet():
+                run_stage_file(stage_file)
+        finally:
+            release_memory()
         return
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -162,6 +165,19 @@ def run(launcher: dict, stage_file: Path, log_file: Path) -> None:
             raise
     if code != 0:
         raise StageFailed(f"launcher exited with code {code}\n{failing_rank_tail(stage_file.parent)}")
+
+
+def release_memory() -> None:
+    """After a stage that ran in the driver (eval, voc_label, any stage on launcher=local): collect
+    what it left in reference cycles (models with hooks; a vLLM backend, whose finalizer shuts its
+    engine down) and hand the cached CUDA blocks back, so the next stage's rank 0 gets all of GPU 0.
+    torch is only consulted when a stage imported it (the driver itself never does)."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:

@@ -206,3 +206,78 @@ def test_sft_lora_with_gradient_checkpointing_trains_with_the_same_losses(tmp_pa
     assert len(on) == len(off) == 4
     assert on == pytest.approx(off, rel=1e-4)
     assert on[-1] < on[0]  # it trained
+
+
+class _Model:
+    """Stands in for a model with hooks: it sits in a reference cycle, so only a collection frees it."""
+
+    def __init__(self):
+        self.hook = lambda: self
+
+
+def test_a_stage_run_in_the_driver_leaves_nothing_behind(tmp_path, monkeypatch):
+    """launcher=local stages (and every eval / voc_label stage) run inside the driver: what they
+    loaded must be gone when the stage returns (automatic collection off: only the driver's frees)."""
+    import gc
+    import sys
+    import types
+    import weakref
+
+    import medpipe.entry as entry
+    from medpipe import launch
+
+    refs = []
+
+    def fake_stage(path):
+        model = _Model()
+        refs.append(weakref.ref(model))
+
+    monkeypatch.setattr(entry, "run_stage_file", fake_stage)
+    emptied = []
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True,
+                                                                  empty_cache=lambda: emptied.append(1)))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    gc.disable()
+    try:
+        launch.run({"name": "local"}, tmp_path / "stage.json", tmp_path / "launcher.log")
+        alive = refs[0]() is not None
+    finally:
+        gc.enable()
+    assert not alive and emptied == [1]
+
+
+def test_vllm_gets_explicit_limits_and_is_shut_down_when_dropped(monkeypatch):
+    import gc
+    import sys
+    import types
+
+    from medpipe.stages.inference import backends
+
+    made, stopped = [], []
+
+    class LLM:
+        def __init__(self, **kw):
+            made.append(kw)
+            self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(
+                shutdown=lambda: stopped.append(kw["model"])))
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = LLM
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    art = types.SimpleNamespace(model_path=str(_tiny_path()), tokenizer_path=None, trust_remote_code=False)
+    b = backends.open_backend(art, "vllm", max_length=1024, model_opts={})
+    assert made[0]["gpu_memory_utilization"] == 0.85 and made[0]["max_model_len"] == 1024 + 2048
+    del b
+    gc.collect()
+    assert stopped == [art.model_path]
+    b = backends.open_backend(art, "vllm", model_opts={"vllm_gpu_memory_utilization": 0.4, "vllm_max_model_len": 8192})
+    assert made[1]["gpu_memory_utilization"] == 0.4 and made[1]["max_model_len"] == 8192
+    b.close()
+    assert stopped == [art.model_path] * 2
+    assert "vllm==0.30.0" in backends.VLLM_HINT
+
+
+def _tiny_path():
+    from medpipe.stages.models.tiny import ensure_tiny
+
+    return ensure_tiny()
