@@ -167,3 +167,25 @@ def test_deepspeed_optimizer_has_the_no_decay_groups_of_a_local_run(tmp_path):
             assert "optimizer" not in ds
     assert decays["local"] == [0.0, 0.1]
     assert decays["zero2"] == decays["local"]
+
+
+CPT = """
+defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, _self_]
+name: cpt2
+stages:
+  cpt: {data: {path: "${data.pretrain}", dedup: near}, lr: 1e-3, max_steps: 2, logging_steps: 1, batch_size: 2,
+        block_size: 64, peft: {r: 4, alpha: 8}, save_steps: 50}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cpt_data_is_prepared_once_per_node(tmp_path):
+    """Load, MinHash dedup and packing run on local rank 0 only; rank 1 maps the blocks it packed
+    (before, both ranks ran the whole pass at the same time) and both train on the same blocks."""
+    run_dir = run_on_two_ranks(tmp_path, CPT, port=29563)
+    art = zero2_stage(run_dir, "01-cpt")
+    logs = (run_dir / "01-cpt").resolve() / "logs"
+    rank0, rank1 = (logs / "rank0.log").read_text(), (logs / "rank1.log").read_text()
+    assert f"CPT data prepared on this rank: {art['metrics']['documents']} documents" in rank0
+    assert "CPT data prepared" not in rank1 and "CPT data: mapped the blocks local rank 0 prepared" in rank1

@@ -281,3 +281,33 @@ def _tiny_path():
     from medpipe.stages.models.tiny import ensure_tiny
 
     return ensure_tiny()
+
+
+def test_attention_flash_for_packed_sft_on_a_gpu_when_installed(monkeypatch):
+    """Packed SFT picks flash-attention 2 on a CUDA GPU in bf16 when flash-attn is installed; sdpa
+    (None) otherwise; an explicit model.attn_implementation always wins; unpacked stages keep sdpa."""
+    import types
+
+    import torch
+    import transformers.utils as tu
+
+    from medpipe.stages.training import loop
+
+    def params(packing, precision="auto"):
+        return types.SimpleNamespace(packing=packing, precision=precision)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(tu, "is_flash_attn_2_available", lambda *a, **k: True)
+    assert loop.pick_attention({}, params(None)) == "flash_attention_2"  # packing auto = on
+    assert loop.pick_attention({}, params(True, "fp16")) == "flash_attention_2"
+    assert loop.pick_attention({}, params(False)) is None  # padded batches: sdpa
+    assert loop.pick_attention({}, types.SimpleNamespace(precision="auto")) is None  # DPO, CPT, ...: no packing
+    assert loop.pick_attention({"trust_remote_code": True}, params(None)) is None  # remote code: packing auto off
+    assert loop.pick_attention({}, params(True, "fp32")) is None  # flash-attn needs half precision
+    assert loop.pick_attention({"attn_implementation": "eager"}, params(True)) == "eager"
+    monkeypatch.setattr(tu, "is_flash_attn_2_available", lambda *a, **k: False)
+    assert loop.pick_attention({}, params(True)) is None  # not installed: sdpa
+    monkeypatch.setattr(tu, "is_flash_attn_2_available", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loop.pick_attention({}, params(True)) is None  # CPU

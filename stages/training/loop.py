@@ -40,9 +40,12 @@ def load_model(ctx: Any, params: Any, path: str | None = None):
     the generators seeded (`seed`): what the caller builds on it next is reproducible."""
     dtype = loader.pick_dtype(ctx.model.get("dtype"), training=True, lora=getattr(params, "peft", None) is not None,
                               precision=getattr(params, "precision", "auto"))
+    attention = pick_attention(ctx.model, params)
+    if attention:
+        ctx.log.info("attention: %s", attention)
     model = loader.load_causal_lm(path or ctx.input.model_path, dtype=dtype,
                                   trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
-                                  attn_implementation=ctx.model.get("attn_implementation"))
+                                  attn_implementation=attention)
     if getattr(params, "gradient_checkpointing", False):
         model.config.use_cache = False
         # a frozen embedding's output needs grad, or checkpointed layers over a frozen base (LoRA,
@@ -53,6 +56,30 @@ def load_model(ctx: Any, params: Any, path: str | None = None):
 
 
 apply_lora = loader.apply_lora
+
+
+def pick_attention(model_opts: dict, params: Any) -> str | None:
+    """The attention kernel: `model.attn_implementation` when the recipe sets one (sdpa, eager,
+    flash_attention_2, a kernels-hub id); else flash-attention 2 for packed (padding-free) SFT on a
+    CUDA GPU in bf16/fp16 when the flash-attn package is installed — sdpa has no varlen kernel, so a
+    packed row of N conversations costs a full (micro × length)² attention, flash-attn's varlen path
+    attends within each conversation only; else None (transformers' default, sdpa)."""
+    chosen = model_opts.get("attn_implementation")
+    if chosen:
+        return chosen
+    packing = getattr(params, "packing", False)
+    packed = packing is True or (packing is None and not model_opts.get("trust_remote_code", False))
+    if not packed:
+        return None
+    import torch
+    from transformers.utils import is_flash_attn_2_available
+
+    from medpipe.stages.training.args import use_bf16
+
+    half = use_bf16(params) or getattr(params, "precision", "auto") == "fp16"
+    if torch.cuda.is_available() and half and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return None
 
 
 def train(trainer, ctx: Any) -> dict:
