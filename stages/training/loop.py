@@ -40,6 +40,10 @@ def load_model(ctx: Any, params: Any, path: str | None = None):
     the generators seeded (`seed`): what the caller builds on it next is reproducible."""
     dtype = loader.pick_dtype(ctx.model.get("dtype"), training=True, lora=getattr(params, "peft", None) is not None,
                               precision=getattr(params, "precision", "auto"))
+    import torch
+
+    if torch.cuda.is_available():  # the stage's own peak (distributed_facts), not the driver's earlier stages'
+        torch.cuda.reset_peak_memory_stats()
     attention = pick_attention(ctx.model, params)
     if attention:
         ctx.log.info("attention: %s", attention)
@@ -123,6 +127,10 @@ def distributed_facts(trainer, ctx: Any) -> dict:
     if trainer.is_deepspeed_enabled:
         facts["zero_stage"] = int(trainer.model_wrapped.zero_optimization_stage())
     model = trainer.accelerator.unwrap_model(trainer.model)
+    import torch
+
+    if torch.cuda.is_available():
+        facts["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     facts["activation_checkpointing"] = bool(getattr(model, "is_activation_checkpointing",
                                                  getattr(model, "is_gradient_checkpointing", False)))
     digest = hashlib.sha256()
