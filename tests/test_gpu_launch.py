@@ -311,3 +311,35 @@ def test_attention_flash_for_packed_sft_on_a_gpu_when_installed(monkeypatch):
     monkeypatch.setattr(tu, "is_flash_attn_2_available", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert loop.pick_attention({}, params(True)) is None  # CPU
+
+
+GPU_CHECK = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh"
+STEPS = ("qilin", "dpo_zero2", "medcare", "medcare_layer", "cpoly_layer", "sft_7b")
+
+
+def test_gpu_check_script_parses_and_refuses_unknown_arguments():
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True).returncode == 0
+    r = subprocess.run(["bash", str(GPU_CHECK), "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("usage: bash bench/gpu_check.sh [--dry-run]")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_prints_every_step_and_checks_what_a_cpu_can(tmp_path):
+    import os
+    import sys
+
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PY=sys.executable)
+    env.pop("WHEELS", None)
+    r = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    for step in STEPS:
+        assert f"gpu_check: step {step} (limit " in out
+    assert "bench/gpu_7b_sft.py --out" in out and "gpu_7b_sft: qwen1.5-7b: 7.72B parameters; 64 x 512 tokens" in out
+    assert "launcher=deepspeed launcher.num_gpus=1" in out and "deepspeed --num_gpus 1 --num_nodes 1" in out
+    assert "--device cuda --dtype bf16 --tokens 4096" in out
+    summary = (tmp_path / "out" / "gpu_check_summary.md").read_text()
+    assert summary.startswith("# bench/gpu_check.sh summary (dry run: nothing ran on a GPU)")
+    rows = [json.loads(l) for l in (tmp_path / "out" / "gpu_check.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(STEPS) and {row["status"] for row in rows} == {"dry-run"}
+    assert not (tmp_path / "out" / "runs").exists()  # nothing trained
