@@ -123,7 +123,8 @@ def srun_command(launcher: dict, stage_file: Path, module: str, find: Callable[[
 # task's GPUs where Slurm does not constrain devices (the task sees all and CUDA_VISIBLE_DEVICES=4,5,...):
 # the task's shell names its first N visible ids with --include instead (as medpipe.launch does locally).
 # Multi-node stages use each host's hostfile slots (whole-node or device-constrained allocations).
-_ONE_NODE_DEVICES = ('$([ -n "$CUDA_VISIBLE_DEVICES" ] && echo --include '
+# Only indices count: some Slurm versions set CUDA_VISIBLE_DEVICES=NoDevFiles on GPU-less steps.
+_ONE_NODE_DEVICES = ('$([[ "$CUDA_VISIBLE_DEVICES" =~ ^[0-9]+(,[0-9]+)*$ ]] && echo --include '
                      'localhost:$(echo "$CUDA_VISIBLE_DEVICES" | cut -d, -f1-{n}) || echo --num_gpus {n})')
 
 

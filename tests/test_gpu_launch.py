@@ -41,7 +41,7 @@ def test_deepspeed_takes_the_gpus_cuda_visible_devices_names(monkeypatch):
 
 @pytest.mark.parametrize("visible, expected", [("4,5,6,7", "--include localhost:4,5,6,7"),
                                                ("2,3,4,5,6", "--include localhost:2,3,4,5"),
-                                               (None, "--num_gpus 4")])
+                                               (None, "--num_gpus 4"), ("NoDevFiles", "--num_gpus 4")])
 def test_slurm_one_node_deepspeed_picks_the_tasks_gpus_in_its_shell(monkeypatch, tmp_path, visible, expected):
     """Under Slurm the task's CUDA_VISIBLE_DEVICES is only known inside the task: the srun line's
     shell expands the choice; run that shell with a stand-in deepspeed that prints its arguments."""
