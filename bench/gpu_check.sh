@@ -10,6 +10,7 @@
 #                    a GPU (checks this script's machinery: slow, no GPU figures)
 #
 # Steps (each under its own time limit; together <= 9 minutes after the install step):
+#   (every training stage with gradient checkpointing on, as the paper recipes run real models)
 #   1 qilin     the qilin recipe on the tiny model, bf16 (precision auto on a GPU), launcher=local
 #   2 dpo_zero2 a LoRA DPO stage under the real deepspeed launcher, ZeRO-2, 1 rank (2 with >= 2 GPUs)
 #   3 medcare   the medcare recipe (MKA -> DA) on the tiny model, bf16, launcher=local
@@ -103,13 +104,17 @@ fi
 
 # ---- the steps ------------------------------------------------------------------------------------------
 RANKS=1; [ "$GPUS" -ge 2 ] && RANKS=2
+# gradient checkpointing on, as the paper recipes run real models (the tiny profiles turn it off)
+GC_QILIN="stages.cpt.gradient_checkpointing=true stages.sft.gradient_checkpointing=true"
+GC_QILIN="$GC_QILIN stages.dpo.gradient_checkpointing=true"
+GC_MEDCARE="stages.mka.gradient_checkpointing=true stages.da.gradient_checkpointing=true"
 cat > "$OUT/dpo_zero2.yaml" <<EOF
 # written by bench/gpu_check.sh: one LoRA DPO stage under DeepSpeed ZeRO-2 on the tiny model
 defaults: [base, model: tiny, data: sample, stage/dpo@stages.dpo, _self_]
 name: gpucheck_dpo
 stages:
   dpo: {data: "\${data.preference}", lr: 5e-4, max_steps: 8, logging_steps: 1, batch_size: 8, max_length: 256,
-        peft: {r: 8, alpha: 16}, ref_probe: 4, reward_eval_pairs: 8, save_steps: 4}
+        peft: {r: 8, alpha: 16}, ref_probe: 4, reward_eval_pairs: 8, save_steps: 4, gradient_checkpointing: true}
 EOF
 
 run_step() {  # NAME LIMIT_S CMD... : run, time, sample GPU memory, record
@@ -167,10 +172,10 @@ EOF
 
 if [ $DRY = 1 ]; then  # what a CPU can check of each step
   say "dry run: composing each recipe as the steps run it"
-  "${MEDPIPE[@]}" show recipe=qilin | grep -E "^# (groups|stages)|^#  [0-9]" || exit 1
+  "${MEDPIPE[@]}" show recipe=qilin $GC_QILIN | grep -E "^# (groups|stages)|^#  [0-9]" || exit 1
   "${MEDPIPE[@]}" show "recipe=$OUT/dpo_zero2.yaml" launcher=deepspeed "launcher.num_gpus=$RANKS" \
     | grep -E "launch:|^#  [0-9]" || exit 1
-  "${MEDPIPE[@]}" show recipe=medcare | grep -E "^#  [0-9]" || exit 1
+  "${MEDPIPE[@]}" show recipe=medcare $GC_MEDCARE | grep -E "^#  [0-9]" || exit 1
   for b in bench/bench_medcare_layer.py bench/bench_cpoly_layer.py; do
     flags=$("$PY" "$b" --help 2>&1)
     for f in --device --dtype --tokens; do
@@ -181,10 +186,10 @@ if [ $DRY = 1 ]; then  # what a CPU can check of each step
 fi
 
 store() { echo "run.root=$OUT/runs/$1" "run.dir=$OUT/runs/$1/main"; }  # each pipeline its own store
-run_step qilin 100 "${MEDPIPE[@]}" run recipe=qilin $(store qilin)
+run_step qilin 100 "${MEDPIPE[@]}" run recipe=qilin $GC_QILIN $(store qilin)
 run_step dpo_zero2 80 "${MEDPIPE[@]}" run "recipe=$OUT/dpo_zero2.yaml" launcher=deepspeed "launcher.num_gpus=$RANKS" \
   $(store dpo_zero2)
-run_step medcare 90 "${MEDPIPE[@]}" run recipe=medcare $(store medcare)
+run_step medcare 90 "${MEDPIPE[@]}" run recipe=medcare $GC_MEDCARE $(store medcare)
 run_step medcare_layer 45 "$PY" bench/bench_medcare_layer.py --device cuda --dtype bf16 --tokens 4096 --reps 5
 run_step cpoly_layer 45 "$PY" bench/bench_cpoly_layer.py --device cuda --dtype bf16 --tokens 4096 --reps 10
 run_step sft_7b 170 "$PY" bench/gpu_7b_sft.py --out "$OUT/sft_7b" --steps 6
