@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medpipe-installed
 
-.PHONY: install run test test-fast test-cluster bench clean
+.PHONY: install run test test-fast test-cluster bench wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -32,6 +32,14 @@ test-fast: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+# pure-Python wheels for an offline GPU machine (bench/gpu_check.sh WHEELS=.whl); .whl/ is git-ignored
+wheels: install
+	bash bench/fetch_wheels.sh .whl
+
+# the one GPU check (issue 25): bench/gpu_check.sh --dry-run prints the steps on any machine
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -118,7 +118,8 @@ def _yaml_error(e: Exception) -> str | None:
 # ---- strict recipe keys ------------------------------------------------------------------------
 TOP_KEYS = ("name", "seed", "run", "model", "data", "stages", "launcher", "deepspeed")
 MODEL_KEYS = ("name", "path", "source", "trust_remote_code", "dtype", "attn_implementation", "allow_hub", "revision",
-              "gguf_file")  # gguf_file: stages/models/gguf.py (sources gguf, smollm2)
+              "gguf_file",  # gguf_file: stages/models/gguf.py (sources gguf, smollm2)
+              "vllm_gpu_memory_utilization", "vllm_max_model_len")  # eval backend=vllm (stages/inference/backends.py)
 DATA_OPTIONS = ("on_error", "seed", "cache_dir", "overlength", "root")  # the rest of `data:` are named sources
 
 

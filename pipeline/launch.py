@@ -59,7 +59,7 @@ def command(launcher: dict, stage_file: Path) -> list[str] | None:
     if name == "local":
         return None
     if name == "deepspeed":
-        cmd = [_bin("deepspeed"), "--num_gpus", str(gpus), "--num_nodes", str(nodes), "--master_port", port]
+        cmd = [_bin("deepspeed"), *deepspeed_devices(gpus, nodes, hostfile), "--master_port", port]
         if hostfile:
             cmd += ["--hostfile", str(hostfile)]
         if addr:
@@ -90,19 +90,41 @@ def command(launcher: dict, stage_file: Path) -> list[str] | None:
     raise MedpipeError(f"unknown launcher '{name}' (available: local, deepspeed, torchrun, accelerate, slurm)")
 
 
-def deepspeed_config(ds: dict, params: Any, cpu: bool) -> dict:
+def visible_gpus() -> list[str] | None:
+    """The GPU ids CUDA_VISIBLE_DEVICES restricts this process to; None when it is unset or empty."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return [x.strip() for x in raw.split(",") if x.strip()] or None
+
+
+def deepspeed_devices(gpus: int, nodes: int, hostfile: Any) -> list[str]:
+    """Which GPUs `deepspeed` starts ranks on. The launcher deletes CUDA_VISIBLE_DEVICES whenever it
+    gets --num_gpus and then uses GPUs 0..N-1, so on one node with CUDA_VISIBLE_DEVICES set the
+    first N of those ids are named with --include localhost:<ids> (--include excludes --num_gpus
+    and --num_nodes). Multi-node (hostfile) runs use each host's slots."""
+    ids = visible_gpus()
+    if ids is None or nodes > 1 or hostfile:
+        return ["--num_gpus", str(gpus), "--num_nodes", str(nodes)]
+    if not all(i.isdigit() for i in ids):
+        raise MedpipeError(f"CUDA_VISIBLE_DEVICES={','.join(ids)}: deepspeed --include takes GPU indices; "
+                           f"set CUDA_VISIBLE_DEVICES to indices (e.g. 2,3) or unset it")
+    if gpus > len(ids):
+        raise MedpipeError(f"launcher.num_gpus={gpus} but CUDA_VISIBLE_DEVICES={','.join(ids)} makes only "
+                           f"{len(ids)} GPU(s) visible")
+    return ["--include", "localhost:" + ",".join(ids[:gpus])]
+
+
+def deepspeed_config(ds: dict, params: Any) -> dict:
     """The stage's DeepSpeed JSON: "auto" wherever HF's integration fills values from the stage's
     TrainingArguments (batch size, accumulation, clipping, optimizer and scheduler values), so the
-    recipe stays the one source of truth."""
+    recipe stays the one source of truth. Precision too: bf16/fp16 stay "auto" and each rank's
+    TrainingArguments (`precision: auto` resolved where the rank runs, on its GPU) fill them, so a
+    driver on a GPU-less head node does not decide for the ranks; only an explicit fp32 is fixed here."""
     import copy
 
     cfg = copy.deepcopy(ds)
-    precision = getattr(params, "precision", "auto")
-    cfg["bf16"] = {"enabled": "auto"}
-    cfg["fp16"] = {"enabled": "auto"}
-    if cpu or precision == "fp32":
-        cfg["bf16"] = {"enabled": False}
-        cfg["fp16"] = {"enabled": False}
+    fixed = getattr(params, "precision", "auto") == "fp32"
+    cfg["bf16"] = {"enabled": False if fixed else "auto"}
+    cfg["fp16"] = {"enabled": False if fixed else "auto"}
     return cfg
 
 
@@ -121,8 +143,11 @@ def run(launcher: dict, stage_file: Path, log_file: Path) -> None:
     if cmd is None:
         from .entry import run_stage_file
 
-        with StageDisplay(log_file) as display, display.quiet():
-            run_stage_file(stage_file)
+        try:
+            with StageDisplay(log_file) as display, display.quiet():
+                run_stage_file(stage_file)
+        finally:
+            release_memory()
         return
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -140,6 +165,19 @@ def run(launcher: dict, stage_file: Path, log_file: Path) -> None:
             raise
     if code != 0:
         raise StageFailed(f"launcher exited with code {code}\n{failing_rank_tail(stage_file.parent)}")
+
+
+def release_memory() -> None:
+    """After a stage that ran in the driver (eval, voc_label, any stage on launcher=local): collect
+    what it left in reference cycles (models with hooks; a vLLM backend, whose finalizer shuts its
+    engine down) and hand the cached CUDA blocks back, so the next stage's rank 0 gets all of GPU 0.
+    torch is only consulted when a stage imported it (the driver itself never does)."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:

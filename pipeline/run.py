@@ -369,7 +369,7 @@ class Pipeline:
         launcher = OmegaConf.to_container(self.cfg.launcher, resolve=True)
         if launcher["name"] != "local" and launcher.get("deepspeed", True) and getattr(plan.cls, "trains", True):
             ds = OmegaConf.to_container(self.cfg.deepspeed, resolve=True)
-            write_json_atomic(sdir / launch.DEEPSPEED_FILE, launch.deepspeed_config(ds, plan.params, cpu=_no_cuda()))
+            write_json_atomic(sdir / launch.DEEPSPEED_FILE, launch.deepspeed_config(ds, plan.params))
             launcher["deepspeed_config"] = str(sdir / launch.DEEPSPEED_FILE)
         if not getattr(plan.cls, "trains", True):
             launcher = {"name": "local"}
@@ -427,15 +427,6 @@ class Pipeline:
             "stages": [{"name": k.plan.name, "kind": k.plan.kind, "link": stage_dir_name(k.plan),
                         "store_dir": str(k.store_dir.resolve()), "key": k.key} for k in keyed],
         })
-
-
-def _no_cuda() -> bool:
-    try:
-        import torch
-
-        return not torch.cuda.is_available()
-    except ImportError:
-        return True
 
 
 def _fmt(seconds: float) -> str:

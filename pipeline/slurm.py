@@ -29,8 +29,8 @@ from .errors import ConfigError, MedpipeError
 SBATCH_FILE = "slurm.sbatch"   # in the run dir; `medpipe show` prints it
 JOBS_FILE = "slurm.json"       # job ids submitted for this run dir, newest last
 HOSTFILE = "hostfile"          # deepspeed's, written into the stage dir on multi-node allocations
-SBATCH_KEYS = ("partition", "nodes", "gpus_per_node", "cpus_per_task", "mem", "time", "account", "qos",
-               "job_name", "signal_margin", "requeue", "extra")
+SBATCH_KEYS = ("partition", "nodes", "gpus_per_node", "cpus_per_task", "cpus_per_gpu", "mem", "time", "account",
+               "qos", "job_name", "signal_margin", "requeue", "extra")
 
 
 def _slurm(args: list[str]) -> subprocess.CompletedProcess:
@@ -99,7 +99,7 @@ def srun_command(launcher: dict, stage_file: Path, module: str, find: Callable[[
             inner += ["--hostfile", str(stage_file.parent / HOSTFILE), "--no_ssh", "--node_rank=$SLURM_NODEID",
                       "--master_addr", master]
         else:
-            inner += ["--num_gpus", str(gpus)]
+            inner.append(_ONE_NODE_DEVICES.format(n=gpus))
         inner += ["--master_port", port, *extra, "--module", module, str(stage_file)]
     elif backend == "torchrun":
         inner = [find("torchrun"), "--nnodes", str(nodes), "--nproc_per_node", str(gpus)]
@@ -111,11 +111,34 @@ def srun_command(launcher: dict, stage_file: Path, module: str, find: Callable[[
         inner += [*extra, "-m", module, str(stage_file)]
     else:
         raise ConfigError(f"launcher.backend: '{backend}' (launcher=slurm runs deepspeed or torchrun on each node)")
-    if nodes == 1:
-        return srun + inner
-    # $SLURM_NODEID / $SLURM_JOB_ID are each task's own: quote everything else, expand those in the task
-    script = " ".join(a if "$SLURM_" in a else shlex.quote(a) for a in inner)
+    if nodes == 1 and backend != "deepspeed":
+        return srun + inner  # torchrun keeps the task's CUDA_VISIBLE_DEVICES
+    # $SLURM_NODEID / $SLURM_JOB_ID / the device choice are each task's own: quote everything else,
+    # expand those in the task's shell
+    script = " ".join(a if "$SLURM_" in a or a.startswith("$(") else shlex.quote(a) for a in inner)
     return srun + ["bash", "-c", "exec " + script]
+
+
+# `deepspeed --num_gpus N` deletes CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1, which are not the
+# task's GPUs where Slurm does not constrain devices (the task sees all and CUDA_VISIBLE_DEVICES=4,5,...):
+# the task's shell names its first N visible ids with --include instead (as medpipe.launch does locally).
+# Multi-node stages use each host's hostfile slots (whole-node or device-constrained allocations).
+# Only indices count: some Slurm versions set CUDA_VISIBLE_DEVICES=NoDevFiles on GPU-less steps.
+_ONE_NODE_DEVICES = ('$([[ "$CUDA_VISIBLE_DEVICES" =~ ^[0-9]+(,[0-9]+)*$ ]] && echo --include '
+                     'localhost:$(echo "$CUDA_VISIBLE_DEVICES" | cut -d, -f1-{n}) || echo --num_gpus {n})')
+
+
+def sbatch_resources(sb: dict) -> dict:
+    """cpus-per-task and mem as submitted: the given values, else, when GPUs are asked for, every
+    rank its share of cores (cpus_per_gpu × gpus_per_node on the one task per node that spawns the
+    ranks; unset, Slurm gives that task ONE CPU and 8 ranks share it) and the node's whole memory
+    (--mem=0: each rank loads the model into host memory before DeepSpeed places it)."""
+    gpus = int(sb.get("gpus_per_node") or 0)
+    cpus, mem = sb.get("cpus_per_task"), sb.get("mem")
+    if gpus > 0:
+        cpus = cpus or int(sb.get("cpus_per_gpu") or 8) * gpus
+        mem = mem if mem not in (None, "") else "0"
+    return {"cpus_per_task": cpus, "mem": None if mem is None else str(mem)}
 
 
 # ---- the driver inside the job --------------------------------------------------------------------
@@ -162,8 +185,9 @@ def sbatch_script(sb: dict, run_dir: Path, driver: list[str], workdir: Path) -> 
     opt("nodes", int(sb.get("nodes") or 1))
     lines.append("#SBATCH --ntasks-per-node=1")
     opt("gpus-per-node", sb.get("gpus_per_node"))
-    opt("cpus-per-task", sb.get("cpus_per_task"))
-    opt("mem", sb.get("mem"))
+    res = sbatch_resources(sb)
+    opt("cpus-per-task", res["cpus_per_task"])
+    opt("mem", res["mem"])
     opt("time", sb.get("time"))
     lines.append("#SBATCH --requeue" if sb.get("requeue", True) else "#SBATCH --no-requeue")
     lines.append("#SBATCH --open-mode=append")

@@ -105,6 +105,36 @@ def _require_a_block(records: list[dict], tok: Any, block_size: int) -> None:
                            f"{len(records)} documents); lower block_size or add text")
 
 
+def prepared_once_per_node(ctx: Any, args: Any, prepare: Any) -> tuple[Any, int, int]:
+    """`prepare()` -> (blocks, documents, excluded) on the node's local rank 0 first; it leaves a
+    note naming its packed Arrow file, which the node's other ranks memory-map after the barrier.
+    A rank with no note (a single process, an in-memory result) prepares for itself."""
+    import json
+    import os
+    import socket
+
+    from datasets import Dataset
+
+    note = ctx.output_dir / f".cpt-blocks.{socket.gethostname()}.json"
+    with args.main_process_first(local=True, desc="CPT blocks"):
+        if args.local_process_index == 0 or args.world_size == 1:
+            blocks, documents, excluded = prepare()
+            ctx.log.info("CPT data prepared on this rank: %d documents, %d blocks", documents, len(blocks))
+            files = [f["filename"] for f in getattr(blocks, "cache_files", [])]
+            tmp = note.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"files": files, "documents": documents, "excluded": excluded}))
+            os.replace(tmp, note)
+            return blocks, documents, excluded
+    try:
+        made = json.loads(note.read_text())
+    except (OSError, ValueError):
+        made = {}
+    if len(made.get("files") or []) != 1:
+        return prepare()
+    ctx.log.info("CPT data: mapped the blocks local rank 0 prepared (%s)", made["files"][0])
+    return Dataset.from_file(made["files"][0]), int(made["documents"]), int(made["excluded"])
+
+
 class CPTStage:
     """Continued pretraining on plain text (txt, json/jsonl text field, parquet), full or LoRA."""
 
@@ -135,14 +165,21 @@ class CPTStage:
         tok = common.load_tokenizer(ctx)
         if p.stream:
             return self._run_streamed(ctx, p, tok)
-        records = load_records(p.data, "text", **data_options(p, ctx.data)).records
-        records, excluded = drop_eval_overlap(records, p, ctx.data)
-        if p.exclude_data:
-            ctx.say(f"{excluded} document(s) overlapping exclude_data dropped")
-        blocks = pack_texts([r["text"] for r in records], tok, p.block_size, num_proc=p.num_proc,
-                            cache_dir=common.data_cache_dir(ctx))
-        return self._train_on_blocks(ctx, p, tok, blocks, TrainingArguments(**common.training_kwargs(ctx, p)),
-                                     f"{len(records)} documents → ", documents=len(records),
+        args = TrainingArguments(**common.training_kwargs(ctx, p))
+
+        def prepare() -> tuple[Any, int, int]:
+            records = load_records(p.data, "text", **data_options(p, ctx.data)).records
+            records, excluded = drop_eval_overlap(records, p, ctx.data)
+            if p.exclude_data:
+                ctx.say(f"{excluded} document(s) overlapping exclude_data dropped")
+            blocks = pack_texts([r["text"] for r in records], tok, p.block_size, num_proc=p.num_proc,
+                                cache_dir=common.data_cache_dir(ctx))
+            return blocks, len(records), excluded
+
+        # once per node: local rank 0 loads, dedups and packs (num_proc workers) while the other ranks
+        # wait, then they map its packed blocks instead of each redoing the whole pass at once
+        blocks, documents, excluded = prepared_once_per_node(ctx, args, prepare)
+        return self._train_on_blocks(ctx, p, tok, blocks, args, f"{documents} documents → ", documents=documents,
                                      excluded_documents=excluded)
 
     @staticmethod

@@ -118,9 +118,9 @@ class DPOStage:
                              processing_class=tok, callbacks=callbacks(ctx, p))
         trainer.train_dataset = cut_lengths(trainer.train_dataset, p.max_prompt_length, p.max_response_length)
         trainer.eval_dataset = cut_lengths(trainer.eval_dataset, p.max_prompt_length, p.max_response_length)
+        metrics = train(trainer, ctx)
         if p.ref_probe > 0 and trainer.is_world_process_zero():
             save_ref_probe(trainer, trainer.train_dataset, p.ref_probe, ctx.output_dir / "ref_probe.pt")
-        metrics = train(trainer, ctx)
         if p.reward_eval_pairs > 0:
             metrics.update(reward_metrics(trainer, trainer.train_dataset, p.reward_eval_pairs))
             ctx.say(f"reward accuracy on the training pairs {metrics['reward_accuracy']:.3f}, "
@@ -131,15 +131,25 @@ class DPOStage:
 
 
 def save_ref_probe(trainer, dataset, n: int, path) -> None:
-    """Reference log-probs of the first n pairs, computed by the trainer's own reference path."""
+    """Reference log-probs of the first n pairs, by the trainer's own reference path. Computed after
+    training: only then has the trainer placed the model (DeepSpeed moves it to the rank's GPU when
+    training starts; before, the batch is on cuda:LOCAL_RANK and the weights on the CPU), and the
+    reference is unchanged by training (the adapter disabled, TRL's frozen `ref` adapter, or the
+    separate frozen reference model). Rank 0 alone: a forward with no collective in it."""
     import torch
 
-    loader = trainer.get_eval_dataloader(dataset.select(range(min(n, len(dataset)))))
-    batch = next(iter(loader))
-    chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    rows = dataset.select(range(min(n, len(dataset))))
+    batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in range(len(rows))]))
+    model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        chosen, rejected = trainer.compute_ref_log_probs(model, batch)
+    finally:
+        model.train(was_training)
     torch.save({"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
                 "completion_mask": batch["completion_mask"].cpu(),
-                "ref_chosen_logps": chosen.cpu(), "ref_rejected_logps": rejected.cpu()}, path)
+                "ref_chosen_logps": chosen.float().cpu(), "ref_rejected_logps": rejected.float().cpu()}, path)
 
 
 def reward_metrics(trainer, dataset, limit: int) -> dict:

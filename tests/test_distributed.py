@@ -2,6 +2,7 @@
 GPU cluster; and the launch commands/configs generated for clusters."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -102,17 +103,88 @@ def test_zero2_config_ties_to_stage_params():
     from omegaconf import OmegaConf
 
     ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
-    out = deepspeed_config(ds, type("P", (), {"precision": "bf16"})(), cpu=False)
+    out = deepspeed_config(ds, type("P", (), {"precision": "bf16"})())
     assert out["zero_optimization"]["stage"] == 2
     assert out["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
         assert out[key] == "auto"  # filled from the stage's params by transformers
-    assert out["optimizer"]["params"]["lr"] == "auto"  # DPO under ZeRO-2 has an optimizer
+    assert "optimizer" not in out and out["zero_force_ds_cpu_optimizer"] is False  # torch AdamW from transformers
     assert out["bf16"] == {"enabled": "auto"}
-    assert deepspeed_config(ds, type("P", (), {"precision": "auto"})(), cpu=True)["bf16"] == {"enabled": False}
+    assert deepspeed_config(ds, type("P", (), {"precision": "fp32"})())["bf16"] == {"enabled": False}
 
 
 def test_show_prints_the_launch_command_per_stage():
     r = medpipe("show", "recipe=qilin", "launcher=deepspeed", "launcher.num_gpus=8")
     lines = [l for l in r.out.splitlines() if "launch:" in l]
     assert len(lines) == 3 and all("deepspeed --num_gpus 8" in l and "--module medpipe.entry" in l for l in lines)
+
+
+FULL = """
+defaults: [base, model: tiny, data: sample, stage/sft@stages.sft, _self_]
+name: groups
+stages:
+  sft: {data: "${data.dialogue}", lr: 1e-3, max_steps: 2, logging_steps: 1, batch_size: 2, max_length: 64,
+        weight_decay: 0.1, save_steps: 2}
+"""
+
+
+def _param_groups(obj) -> list[dict] | None:
+    """The first `param_groups` list in a saved optimizer state (DeepSpeed nests it)."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get("param_groups"), list):
+            return obj["param_groups"]
+        for v in obj.values():
+            found = _param_groups(v)
+            if found is not None:
+                return found
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_optimizer_has_the_no_decay_groups_of_a_local_run(tmp_path):
+    """Full-parameter SFT with weight decay: the local run's AdamW keeps biases and norms at
+    weight_decay 0 in a group of their own; under ZeRO-2 on 2 ranks the optimizer is the same
+    torch AdamW with the same groups (DeepSpeed's own AdamW took one flat group, all decayed)."""
+    import torch
+
+    recipe = tmp_path / "groups.yaml"
+    recipe.write_text(FULL)
+    local_dir = tmp_path / "local" / "main"
+    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/local", f"run.dir={local_dir}")
+    assert r.code == 0, r.out
+    two_dir = run_on_two_ranks(tmp_path, FULL, port=29557)
+    zero2_stage(two_dir, "01-sft")
+    decays = {}
+    for name, run_dir, pattern in (("local", local_dir, "optimizer.pt"), ("zero2", two_dir, "**/*optim_states.pt")):
+        ckpt = (run_dir / "01-sft").resolve() / "checkpoints" / "checkpoint-2"
+        files = sorted(ckpt.glob(pattern))
+        assert files, f"{name}: no optimizer state under {ckpt}"
+        groups = _param_groups(torch.load(files[0], map_location="cpu", weights_only=False))
+        decays[name] = sorted(g["weight_decay"] for g in groups)
+    assert decays["local"] == [0.0, 0.1]
+    assert decays["zero2"] == decays["local"]
+    ds = json.loads(((two_dir / "01-sft").resolve() / "deepspeed.json").read_text())
+    assert "optimizer" not in ds
+
+
+CPT = """
+defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, _self_]
+name: cpt2
+stages:
+  cpt: {data: {path: "${data.pretrain}", dedup: near}, lr: 1e-3, max_steps: 2, logging_steps: 1, batch_size: 2,
+        block_size: 64, peft: {r: 4, alpha: 8}, save_steps: 50}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cpt_data_is_prepared_once_per_node(tmp_path):
+    """Load, MinHash dedup and packing run on local rank 0 only; rank 1 maps the blocks it packed
+    (before, both ranks ran the whole pass at the same time) and both train on the same blocks."""
+    run_dir = run_on_two_ranks(tmp_path, CPT, port=29563)
+    art = zero2_stage(run_dir, "01-cpt")
+    logs = (run_dir / "01-cpt").resolve() / "logs"
+    rank0, rank1 = (logs / "rank0.log").read_text(), (logs / "rank1.log").read_text()
+    assert f"CPT data prepared on this rank: {art['metrics']['documents']} documents" in rank0
+    assert "CPT data prepared" not in rank1 and "CPT data: mapped the blocks local rank 0 prepared" in rank1

@@ -230,7 +230,7 @@ class FakeVLLM:
     class LLM:
         requests: list = []
 
-        def __init__(self, model, tokenizer=None, trust_remote_code=False):
+        def __init__(self, model, tokenizer=None, trust_remote_code=False, **limits):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             self.model = AutoModelForCausalLM.from_pretrained(model).eval()

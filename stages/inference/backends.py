@@ -83,24 +83,41 @@ class TransformersBackend:
         return token_logits(self.model, enc, candidates, self.batch_size, pad_id(self.tok))
 
 
+VLLM_HINT = "pip install 'vllm==0.30.0'"  # the last vLLM that resolves beside medpipe's torch/transformers pins
+VLLM_GPU_MEMORY = 0.85  # vLLM's own default is 0.9 of the GPU, KV cache included
+
+
 class VLLMBackend:
     name = "vllm"
     model = None
 
     def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool = False,
-                 max_length: int | None = None):
+                 max_length: int | None = None, gpu_memory_utilization: float = VLLM_GPU_MEMORY,
+                 max_model_len: int | None = None):
         try:
             from vllm import LLM
         except ImportError:
             from medpipe.errors import ConfigError
 
-            raise ConfigError("eval.backend=vllm but vLLM is not installed (pip install vllm on a GPU machine); "
+            raise ConfigError(f"eval.backend=vllm but vLLM is not installed ({VLLM_HINT} on a GPU machine); "
                               "use backend=transformers") from None
+        import weakref
+
         from medpipe.stages.models.loader import load_tokenizer
 
-        self.llm = LLM(model=model_path, tokenizer=tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+        # explicit memory and context: vLLM's defaults take 90 % of the GPU and size the KV cache for
+        # the model's whole context (32k for Qwen1.5), which may not fit beside anything else
+        self.llm = LLM(model=model_path, tokenizer=tokenizer_path or model_path, trust_remote_code=trust_remote_code,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+        # the engine (its worker process and the GPU memory it holds) is shut down when this backend
+        # is dropped, or at close(): the driver's next training stage needs that GPU
+        self._finalizer = weakref.finalize(self, shutdown_vllm, self.llm)
         self.tok = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
         self.max_length = max_length
+
+    def close(self) -> None:
+        self.llm = None
+        self._finalizer()
 
     @property
     def has_template(self) -> bool:
@@ -141,13 +158,45 @@ class VLLMBackend:
         return out
 
 
+def shutdown_vllm(llm: Any) -> None:
+    """Free what a vLLM engine holds: its engine core (a worker process in vLLM v1), its model-
+    parallel groups, the cached CUDA blocks. Each step is the one this vLLM version has."""
+    import gc
+    import sys
+
+    for stop in (getattr(llm, "shutdown", None),
+                 getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)):
+        if callable(stop):
+            stop()
+            break
+    parallel = sys.modules.get("vllm.distributed.parallel_state")
+    for name in ("destroy_model_parallel", "destroy_distributed_environment"):
+        if parallel is not None and callable(getattr(parallel, name, None)):
+            getattr(parallel, name)()
+    del llm
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def vllm_limits(model_opts: dict | None, max_length: int | None) -> dict:
+    """gpu_memory_utilization and max_model_len for vLLM: `model.vllm_gpu_memory_utilization` /
+    `model.vllm_max_model_len` when the recipe sets them (`+model.vllm_max_model_len=8192`), else
+    0.85 and the eval's prompt limit + 2048 generated tokens (null: the model's own context)."""
+    opts = model_opts or {}
+    max_model_len = opts.get("vllm_max_model_len") or (max_length + 2048 if max_length else None)
+    return {"gpu_memory_utilization": float(opts.get("vllm_gpu_memory_utilization") or VLLM_GPU_MEMORY),
+            "max_model_len": int(max_model_len) if max_model_len else None}
+
+
 def open_backend(art: Any, backend: str = "transformers", batch_size: int = 16, max_length: int | None = None,
                  model_opts: dict | None = None) -> EvalBackend:
     """The backend for artifact `art`'s model (its kind may load it its own way:
     `LocalModel.from_artifact`)."""
     if backend == "vllm":
         trust = art.trust_remote_code or bool((model_opts or {}).get("trust_remote_code"))
-        return VLLMBackend(art.model_path, art.tokenizer_path, trust, max_length)
+        return VLLMBackend(art.model_path, art.tokenizer_path, trust, max_length, **vllm_limits(model_opts, max_length))
     from .runtime import LocalModel
 
     return TransformersBackend(LocalModel.from_artifact(art), batch_size, max_length)

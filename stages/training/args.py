@@ -44,9 +44,10 @@ def training_kwargs(ctx: Any, p: Any) -> dict:
         logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
         save_total_limit=p.save_total_limit, **tracking.report_kwargs(ctx), seed=ctx.seed, data_seed=ctx.seed,
         use_cpu=not cuda, bf16=use_bf16(p), fp16=p.precision == "fp16",
-        activation_checkpointing=p.gradient_checkpointing, deepspeed=ctx.deepspeed_config,
+        deepspeed=ctx.deepspeed_config,
         disable_tqdm=True, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
     )
+    kw.update(checkpointing_kwargs(p.gradient_checkpointing))
     if not cuda and world_size() > 1:
         kw["ddp_backend"] = "gloo"
     if p.heldout > 0:
@@ -55,3 +56,17 @@ def training_kwargs(ctx: Any, p: Any) -> dict:
         if p.keep_best:
             kw.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     return kw
+
+
+def checkpointing_kwargs(on: bool) -> dict:
+    """Activation (gradient) checkpointing, non-reentrant: the reentrant variant drops the gradient
+    of a frozen base whose inputs do not require grad (PEFT LoRA) and cannot run under DDP's unused-
+    parameter search. transformers >= 5.20 names it activation_checkpointing (gradient_* kept as a
+    deprecated alias); earlier 5.x only know gradient_checkpointing."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    if not on:
+        return {name: False}
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}

@@ -39,16 +39,50 @@ def load_model(ctx: Any, params: Any, path: str | None = None):
     """The stage's input model for training (dtype policy: medpipe.stages.models.loader), then
     the generators seeded (`seed`): what the caller builds on it next is reproducible."""
     dtype = loader.training_dtype(ctx.model.get("dtype"), params, deepspeed_config=getattr(ctx, "deepspeed_config", None))
+    import torch
+
+    if torch.cuda.is_available():  # the stage's own peak (distributed_facts), not the driver's earlier stages'
+        torch.cuda.reset_peak_memory_stats()
+    attention = pick_attention(ctx.model, params)
+    if attention:
+        ctx.log.info("attention: %s", attention)
     model = loader.load_causal_lm(path or ctx.input.model_path, dtype=dtype,
                                   trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
-                                  attn_implementation=ctx.model.get("attn_implementation"))
+                                  attn_implementation=attention)
     if getattr(params, "gradient_checkpointing", False):
         model.config.use_cache = False
+        # a frozen embedding's output needs grad, or checkpointed layers over a frozen base (LoRA,
+        # MedCare, C-Poly) give their adapters no gradient; the hook stays on the base under PEFT
+        model.enable_input_require_grads()
     seed(ctx)
     return model
 
 
 apply_lora = loader.apply_lora
+
+
+def pick_attention(model_opts: dict, params: Any) -> str | None:
+    """The attention kernel: `model.attn_implementation` when the recipe sets one (sdpa, eager,
+    flash_attention_2, a kernels-hub id); else flash-attention 2 for packed (padding-free) SFT on a
+    CUDA GPU in bf16/fp16 when the flash-attn package is installed — sdpa has no varlen kernel, so a
+    packed row of N conversations costs a full (micro × length)² attention, flash-attn's varlen path
+    attends within each conversation only; else None (transformers' default, sdpa)."""
+    chosen = model_opts.get("attn_implementation")
+    if chosen:
+        return chosen
+    packing = getattr(params, "packing", False)
+    packed = packing is True or (packing is None and not model_opts.get("trust_remote_code", False))
+    if not packed:
+        return None
+    import torch
+    from transformers.utils import is_flash_attn_2_available
+
+    from medpipe.stages.training.args import use_bf16
+
+    half = use_bf16(params) or getattr(params, "precision", "auto") == "fp16"
+    if torch.cuda.is_available() and half and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return None
 
 
 def train(trainer, ctx: Any) -> dict:
@@ -92,6 +126,12 @@ def distributed_facts(trainer, ctx: Any) -> dict:
     if trainer.is_deepspeed_enabled:
         facts["zero_stage"] = int(trainer.model_wrapped.zero_optimization_stage())
     model = trainer.accelerator.unwrap_model(trainer.model)
+    import torch
+
+    if torch.cuda.is_available():
+        facts["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    facts["activation_checkpointing"] = bool(getattr(model, "is_activation_checkpointing",
+                                                 getattr(model, "is_gradient_checkpointing", False)))
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         if param.requires_grad:
