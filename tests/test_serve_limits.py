@@ -71,19 +71,19 @@ MSGS_JSON = json.dumps(MSG)
 
 
 @pytest.mark.parametrize("raw, status, code, message", [
-    ('{"messages": %s, "max_tokens": 0}' % MSGS_JSON, 422, "invalid_value", "'max_tokens' must be between 1 and 2147483648, got 0"),
-    ('{"messages": %s, "max_tokens": 1e400}' % MSGS_JSON, 422, "invalid_type", "'max_tokens' must be an integer, got Infinity"),
-    ('{"messages": %s, "max_tokens": 2.5}' % MSGS_JSON, 422, "invalid_type", "'max_tokens' must be an integer, got 2.5"),
-    ('{"messages": %s, "temperature": NaN}' % MSGS_JSON, 422, "invalid_type", "'temperature' must be a finite number, got NaN"),
-    ('{"messages": %s, "temperature": 3}' % MSGS_JSON, 422, "invalid_value", "'temperature' must be in [0, 2], got 3"),
-    ('{"messages": %s, "top_p": 0}' % MSGS_JSON, 422, "invalid_value", "'top_p' must be in (0, 1], got 0"),
-    ('{"messages": %s, "n": "two"}' % MSGS_JSON, 422, "invalid_type", "'n' must be an integer, got \"two\""),
+    ('{"messages": %s, "max_tokens": 0}' % MSGS_JSON, 400, "invalid_value", "'max_tokens' must be between 1 and 2147483648, got 0"),
+    ('{"messages": %s, "max_tokens": 1e400}' % MSGS_JSON, 400, "invalid_type", "'max_tokens' must be an integer, got Infinity"),
+    ('{"messages": %s, "max_tokens": 2.5}' % MSGS_JSON, 400, "invalid_type", "'max_tokens' must be an integer, got 2.5"),
+    ('{"messages": %s, "temperature": NaN}' % MSGS_JSON, 400, "invalid_type", "'temperature' must be a finite number, got NaN"),
+    ('{"messages": %s, "temperature": 3}' % MSGS_JSON, 400, "invalid_value", "'temperature' must be in [0, 2], got 3"),
+    ('{"messages": %s, "top_p": 0}' % MSGS_JSON, 400, "invalid_value", "'top_p' must be in (0, 1], got 0"),
+    ('{"messages": %s, "n": "two"}' % MSGS_JSON, 400, "invalid_type", "'n' must be an integer, got \"two\""),
     ('{"messages": %s, "n": 2}' % MSGS_JSON, 400, "unsupported_value", "n > 1 is not supported"),
-    ('{"messages": %s, "seed": %d}' % (MSGS_JSON, 2**70), 422, "invalid_value", f"'seed' must be between 0 and {2**63 - 1}, got {2**70}"),
-    ('{"messages": %s, "seed": true}' % MSGS_JSON, 422, "invalid_type", "'seed' must be an integer, got true"),
-    ('{"messages": %s, "stream": "yes"}' % MSGS_JSON, 422, "invalid_type", "'stream' must be true or false"),
+    ('{"messages": %s, "seed": %d}' % (MSGS_JSON, 2**70), 400, "invalid_value", f"'seed' must be between 0 and {2**63 - 1}, got {2**70}"),
+    ('{"messages": %s, "seed": true}' % MSGS_JSON, 400, "invalid_type", "'seed' must be an integer, got true"),
+    ('{"messages": %s, "stream": "yes"}' % MSGS_JSON, 400, "invalid_type", "'stream' must be true or false"),
     ('{"messages": %s, "model": "gpt-4"}' % MSGS_JSON, 404, "model_not_found", "the model 'gpt-4' does not exist; this server serves 'tiny'"),
-    ('{"messages": %s, "model": 7}' % MSGS_JSON, 422, "invalid_type", "'model' must be a string"),
+    ('{"messages": %s, "model": 7}' % MSGS_JSON, 400, "invalid_type", "'model' must be a string"),
     ('{"messages": [{"role": "user", "content": 5}]}', 400, "invalid_messages", "messages[0]: content must be a string"),
     ('[1, 2]', 400, "invalid_json", "the body must be a JSON object"),
     ('{"messages": ', 400, "invalid_json", "the body is not JSON"),
@@ -118,8 +118,9 @@ def test_limits_on_body_context_and_max_tokens(server, model):
     assert error_of(r)["message"] == (f"the prompt is {tokens:,} tokens; with max_tokens=200 it exceeds the model's "
                                       f"context of 4096 tokens: shorten the messages or lower max_tokens")
     assert error_of(r)["code"] == "context_length_exceeded"
-    r = post(url, {"messages": MSG, "max_tokens": 10**9})  # capped to the context, which the prompt then overflows
-    assert r.status_code == 400 and "with max_tokens=4096 it exceeds" in error_of(r)["message"]
+    r = post(url, {"messages": MSG, "max_tokens": 100000})  # the error names the value the client sent
+    assert r.status_code == 400 and error_of(r)["message"].startswith("the prompt is 30 tokens; with max_tokens=100000 "
+                                                                      "it exceeds the model's context of 4096 tokens")
     r = post(url, {"messages": MSG, "max_tokens": 5})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
 

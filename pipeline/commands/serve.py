@@ -48,7 +48,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from medpipe.commands.serve_requests import ApiError, fit_to_context, model_context, parse_request
+from medpipe.commands.serve_requests import ApiError, fit_to_context, model_context, parse_completion, parse_request
 
 API_KEY_ENV = "MEDPIPE_API_KEY"
 INLINE_PREPARE_CHARS = 4096  # longer conversations are rendered and tokenised in a worker thread
@@ -70,11 +70,13 @@ class Limits:
 # --- the batching worker --------------------------------------------------------------------------
 @dataclass
 class Job:
-    prompt: str
+    prompt: str | list
     gen: dict
     deadline: float
     ids: list | None = None  # the prompt's tokens when the limit check encoded it (not encoded twice)
+    opts: dict = field(default_factory=dict)  # stop, logprobs, echo, strip (generate_ids' serving options)
     future: Future = field(default_factory=Future)
+    gone: threading.Event = field(default_factory=threading.Event)  # set: its client left, stop generating it
 
     @property
     def group(self) -> tuple:
@@ -82,7 +84,7 @@ class Job:
         is a group of its own (a shared batch would share its random stream)."""
         if self.gen["temperature"] > 0:
             return ("sampled", id(self))
-        return ("greedy", self.gen["max_new_tokens"], self.gen.get("max_length"))
+        return ("greedy", self.gen["max_new_tokens"], self.gen.get("max_length"), tuple(sorted(self.opts.items())))
 
 
 class Batcher:
@@ -103,8 +105,9 @@ class Batcher:
         with self.counter:
             self.preparing += delta
 
-    def submit(self, prompt: str, gen: dict, timeout: float, ids: list | None = None) -> Job:
-        job = Job(prompt, gen, time.monotonic() + timeout, ids)
+    def submit(self, prompt: str | list, gen: dict, timeout: float, ids: list | None = None,
+               opts: dict | None = None) -> Job:
+        job = Job(prompt, gen, time.monotonic() + timeout, ids, dict(opts or {}))
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -131,7 +134,7 @@ class Batcher:
             now = time.monotonic()
             live = []
             for job in jobs:
-                if job.future.cancelled() or not job.future.set_running_or_notify_cancel():
+                if job.gone.is_set() or job.future.cancelled() or not job.future.set_running_or_notify_cancel():
                     continue
                 if now > job.deadline:  # waited out its timeout in the queue: do not generate it
                     job.future.set_exception(ApiError(503, "the request timed out waiting for the model", "timeout"))
@@ -148,6 +151,8 @@ class Batcher:
         gen = dict(batch[0].gen)
         if gen.get("max_length") is None:
             gen.pop("max_length", None)
+        # stop strings, logprobs, echo as asked; every row ends at the next step once its client left
+        gen.update(batch[0].opts, cancel=[j.gone for j in batch])
         try:
             if all(j.ids is not None for j in batch) and hasattr(self.model, "generate_ids"):
                 out = self.model.generate_ids([j.ids for j in batch], batch_size=len(batch), **gen)
@@ -176,9 +181,16 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
 
     from medpipe.commands.chat import augment
 
+    from medpipe.commands.serve_openai import chat_response, completions_response, sse, static_stream, wait_or_gone
+    from medpipe.stages.inference.continuous import GenerationFailed
+
     limits = limits or Limits()
     context = limits.context or model_context(model)
     encode = getattr(model, "encode", None)
+    tok = getattr(model, "tok", None)
+    # a completions prompt is raw text: the tokenizer's own special tokens (BOS where it adds one)
+    encode_raw = (lambda text: model.encode(text, add_special_tokens=True)) if encode is not None else None
+    vocab = len(tok) if tok is not None else None
     batcher = Batcher(model, limits.max_batch, limits.max_queue)
     engine, app_batching = start_engine(model, limits, context, encode)
     app = FastAPI(title="medpipe", version="1")
@@ -195,7 +207,7 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
-        return reply(ApiError(422, str(exc), "invalid_value"))
+        return reply(ApiError(400, str(exc), "invalid_value"))
 
     @app.exception_handler(Exception)
     async def server_error(request, exc):
@@ -230,89 +242,140 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
     def health() -> dict:
         return {"status": "ok"}
 
+    listed = {"id": model_id, "object": "model", "created": created, "owned_by": "medpipe"}
+
     @app.get("/v1/models")
     def models(request: Request):
         try:
             authorise(request)
         except ApiError as e:
             return reply(e)
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "medpipe"}]}
+        return {"object": "list", "data": [listed]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        arrived = time.monotonic()
-        batcher.arriving(1)
+    @app.get("/v1/models/{name:path}")
+    def model_object(name: str, request: Request):
         try:
             authorise(request)
-            req = parse_request(await read_body(request), model_id)
+            if name != model_id:
+                raise ApiError(404, f"the model '{name}' does not exist; this server serves '{model_id}'",
+                               "model_not_found", "model")
+        except ApiError as e:
+            return reply(e)
+        return listed
+
+    def fit(prompt: Any, req: dict) -> tuple:
+        """(prompt, max_tokens, max_length, ids) within the context (ApiError when it cannot fit)."""
+        return (prompt, *fit_to_context(prompt, encode_raw if req["kind"] == "completion" else encode, context,
+                                        req["max_tokens"], default_max_tokens, limits.truncate, req["max_tokens_param"]))
+
+    async def prepared(request: Request, kind: str) -> tuple[dict, list[tuple]]:
+        """The checked request and its prompts fitted to the context (rendered, tokenised)."""
+        authorise(request)
+        body = await read_body(request)
+        if kind == "chat":
+            req = parse_request(body, model_id)
             messages = req["messages"]
             if retriever is not None:
                 last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
                 if last is not None:
                     messages[last] = {"role": "user", "content": augment(messages[last]["content"], retriever)}
+            prompts: list = [None]
+            size = sum(len(m["content"]) for m in messages)
+        else:
+            req = parse_completion(body, model_id, vocab)
+            if encode is None and any(not isinstance(p, str) for p in req["prompts"]):
+                raise ApiError(400, "token-id prompts need the model's tokenizer", "unsupported_value", "prompt")
+            prompts, size = req["prompts"], sum(len(p) for p in req["prompts"])
+        req["kind"] = kind
 
-            def prepare() -> tuple:  # template + tokenising: off the event loop
-                prompt = model.render(messages)
-                return (prompt, *fit_to_context(prompt, encode, context, req["max_tokens"], default_max_tokens,
-                                                limits.truncate, req["max_tokens_param"]))
+        def prepare() -> list[tuple]:  # template + tokenising: off the event loop when long
+            if kind == "chat":
+                return [fit(model.render(req["messages"]), req)]
+            return [fit(p, req) for p in prompts]
 
-            # a short conversation is rendered and tokenised right here (well under a millisecond): the
-            # hop to a worker thread and back cost more than that under load; a long one goes off the loop
-            short = sum(len(m["content"]) for m in messages) <= INLINE_PREPARE_CHARS
-            prompt, max_tokens, max_length, ids = prepare() if short else await anyio.to_thread.run_sync(prepare)
+        # a short request is rendered and tokenised right here (well under a millisecond): the hop to a
+        # worker thread and back cost more than that under load; a long one goes off the loop
+        return req, (prepare() if size <= INLINE_PREPARE_CHARS else await anyio.to_thread.run_sync(prepare))
+
+    async def answer(request: Request, kind: str):
+        arrived = time.monotonic()
+        batcher.arriving(1)
+        try:
+            req, items = await prepared(request, kind)
         except ApiError as e:
             return reply(e)
         finally:
             batcher.arriving(-1)
-        gen = dict(max_new_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"], seed=req["seed"],
-                   max_length=max_length)
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        opts = {"stop": req["stop"], "logprobs": req["logprobs"], "echo": req["echo"], "strip": kind == "chat"}
+        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
         deadline = arrived + limits.timeout
         timed_out = ApiError(503, f"the request was not answered within {limits.timeout:g} s", "timeout")
-        if engine is not None and ids is not None and not req["temperature"] > 0:  # continuous batching
-            from medpipe.stages.inference.continuous import GenerationFailed
-
-            try:
-                if engine.in_flight >= limits.max_queue + limits.max_batch:
-                    raise ApiError(503, f"the server is busy ({engine.in_flight} requests in flight); retry later",
-                                   "server_busy")
-                if req["stream"]:
-                    pieces = engine.stream(ids, max_tokens, max_length, deadline)
-                    return StreamingResponse(sse_events(model_id, cid, now, pieces, timed_out),
-                                             media_type="text/event-stream")
-                work = engine.submit(ids, max_tokens, max_length=max_length)
-            except ApiError as e:
-                return reply(e)
-            except GenerationFailed as e:
-                return reply(ApiError(503, f"generation is not available: {e}", "server_error"))
-            try:
-                c = await asyncio.wait_for(asyncio.wrap_future(work.future), timeout=max(0.001, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                engine.cancel(work)
-                return reply(timed_out)
-            except asyncio.CancelledError:  # the client went away
-                engine.cancel(work)
-                raise
-            except GenerationFailed as e:
-                return reply(ApiError(500, f"generation failed: {e}", "internal_error"))
-        elif req["stream"]:
-            return StreamingResponse(stream_events(model, model_id, cid, now, prompt, gen), media_type="text/event-stream")
-        else:
-            try:
-                job = batcher.submit(prompt, gen, limits.timeout - (time.monotonic() - arrived), ids)
-                left = max(0.001, job.deadline - time.monotonic())
-                c = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=left)
-            except ApiError as e:
-                return reply(e)
-            except asyncio.TimeoutError:
-                return reply(timed_out)
-        usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                 "total_tokens": c.prompt_tokens + c.completion_tokens}
+        sampled = req["temperature"] > 0
+        continuous = engine is not None and all(ids is not None for *_, ids in items) and not sampled
+        base = {"id": cid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": now, "model": model_id}
+        texts = [prompt_text(p, ids) for p, _, _, ids in items]
+        try:
+            if continuous and engine.in_flight + len(items) > limits.max_queue + limits.max_batch:
+                raise ApiError(503, f"the server is busy ({engine.in_flight} requests in flight); retry later",
+                               "server_busy")
+            if req["stream"]:
+                prompt, max_tokens, max_length, ids = items[0]
+                if continuous:
+                    pieces = engine.stream(ids, max_tokens, max_length, deadline, **opts)
+                    lps = pieces.new_logprobs
+                else:
+                    gen = dict(max_new_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"],
+                               seed=req["seed"], max_length=max_length)
+                    pieces, lps = static_stream(model, ids if ids is not None else prompt, gen, opts, deadline), None
+                return StreamingResponse(sse(kind, tok, base, pieces, timed_out, req, lps, texts[0], ids),
+                                         media_type="text/event-stream")
+            if continuous:
+                works = [engine.submit(ids, mt, max_length=ml, **opts) for _, mt, ml, ids in items]
+                futures, stop = [w.future for w in works], (lambda: [engine.cancel(w) for w in works])
+            else:
+                jobs = [batcher.submit(p, dict(max_new_tokens=mt, temperature=req["temperature"], top_p=req["top_p"],
+                                                seed=req["seed"], max_length=ml),
+                                       limits.timeout - (time.monotonic() - arrived), ids, opts) for p, mt, ml, ids in items]
+                futures, stop = [j.future for j in jobs], (lambda: [j.gone.set() for j in jobs])
+        except ApiError as e:
+            return reply(e)
+        except GenerationFailed as e:
+            return reply(ApiError(503, f"generation is not available: {e}", "server_error"))
+        try:
+            cs = await wait_or_gone(request, futures, max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            stop()
+            return reply(timed_out)
+        except asyncio.CancelledError:
+            stop()
+            raise
+        except ApiError as e:
+            stop()
+            return reply(e)
+        except GenerationFailed as e:
+            return reply(ApiError(500, f"generation failed: {e}", "internal_error"))
+        if cs is None:  # the client went away: its sequences leave the batch at the next step
+            stop()
+            return reply(ApiError(499, "the client closed the connection", "client_closed"))
         # a JSONResponse, not a dict: FastAPI would walk the dict through jsonable_encoder first
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": now, "model": model_id,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                                          "finish_reason": c.finish_reason}], "usage": usage})
+        if kind == "chat":
+            return JSONResponse(chat_response(tok, cid, now, model_id, cs[0]))
+        return JSONResponse(completions_response(tok, cid, now, model_id, cs, texts, req))
+
+    def prompt_text(prompt: Any, ids: list | None) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return tok.decode(ids, skip_special_tokens=False) if ids is not None and tok is not None else ""
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await answer(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(request, "completion")
 
     return app
 
@@ -338,51 +401,6 @@ def start_engine(model: Any, limits: Limits, context: int | None, encode: Any) -
             engine.close()
             engine = None
     return engine, "continuous" if engine is not None else f"static ({why})"
-
-
-def chunk_event(base: dict, delta: dict, finish: str | None = None) -> str:
-    return "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]},
-                                 ensure_ascii=False) + "\n\n"
-
-
-def error_event(e: BaseException) -> str:
-    if isinstance(e, ApiError):
-        err = e
-    else:
-        from medpipe.stages.inference.continuous import GenerationFailed
-
-        what = str(e) if isinstance(e, GenerationFailed) else f"{type(e).__name__}: {e}"
-        err = ApiError(500, f"generation failed: {what}", "internal_error")
-    return "data: " + json.dumps(err.body(), ensure_ascii=False) + "\n\n"
-
-
-def stream_events(model: Any, model_id: str, cid: str, now: int, prompt: str, gen: dict) -> Iterator[str]:
-    """Server-sent events of one streamed completion generated alone; a sync generator (Starlette
-    iterates it in a worker thread). A failure after the first event is sent as an error event, then [DONE]."""
-    base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id}
-    yield chunk_event(base, {"role": "assistant"})
-    kw = {k: v for k, v in gen.items() if not (k == "max_length" and v is None)}
-    try:
-        for piece in model.stream(prompt, **kw):  # text pieces as decoded, then the Completion
-            yield chunk_event(base, {"content": piece}) if isinstance(piece, str) else chunk_event(base, {}, piece.finish_reason)
-    except Exception as e:
-        yield error_event(e)
-    yield "data: [DONE]\n\n"
-
-
-async def sse_events(model_id: str, cid: str, now: int, pieces: Any, timed_out: ApiError):
-    """Server-sent events of one streamed request of the continuous batch (an async iterator of text
-    pieces, then the Completion); a failure or timeout is an error event, then [DONE]."""
-    base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id}
-    yield chunk_event(base, {"role": "assistant"})
-    try:
-        async for piece in pieces:
-            yield chunk_event(base, {"content": piece}) if isinstance(piece, str) else chunk_event(base, {}, piece.finish_reason)
-    except TimeoutError:
-        yield error_event(timed_out)
-    except Exception as e:
-        yield error_event(e)
-    yield "data: [DONE]\n\n"
 
 
 # --- running it -----------------------------------------------------------------------------------
