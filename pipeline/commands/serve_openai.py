@@ -37,17 +37,18 @@ def chat_logprobs(tok: Any, entries: list | None) -> dict | None:
     return {"content": out}
 
 
-def legacy_logprobs(tok: Any, entries: list, start: int = 0) -> dict:
+def legacy_logprobs(tok: Any, entries: list) -> dict:
     """text_completion's `logprobs` for (id, logprob | None, top) entries (None: the first prompt
-    token, which nothing predicts); text offsets count from `start`."""
-    texts = token_texts(tok, [e[0] for e in entries])
+    token, which nothing predicts); `text_offset`: where each token's text begins in the text of
+    all of them (decoded together: a character split over tokens counts once)."""
+    ids = [e[0] for e in entries]
+    texts = token_texts(tok, ids)
     alts = token_texts(tok, [i for e in entries if e[2] for i, _ in e[2]])
-    tokens, lps, tops, offsets, j, at = [], [], [], [], 0, start
-    for text, (_, lp, top) in zip(texts, entries):
+    tokens, lps, tops, offsets, j = [], [], [], [], 0
+    for k, (text, (_, lp, top)) in enumerate(zip(texts, entries)):
         tokens.append(text)
         lps.append(lp)
-        offsets.append(at)
-        at += len(text)
+        offsets.append(len(tok.decode(ids[:k], skip_special_tokens=False)) if k else 0)
         if lp is None:
             tops.append(None)
             continue
@@ -83,15 +84,7 @@ def completion_choice(tok: Any, index: int, c: Any, prompt_text: str, echo: bool
     text = (prompt_text + c.text) if echo else c.text
     lp = None
     if logprobs is not None:
-        entries = (prompt_entries(c) if echo else []) + list(c.logprobs or [])
-        lp = legacy_logprobs(tok, entries)
-        if echo:  # offsets of the generated tokens count from the end of the prompt's text as returned
-            gen_at = len(prompt_text)
-            n = len(entries) - len(c.logprobs or [])
-            acc = gen_at
-            for k in range(n, len(entries)):
-                lp["text_offset"][k] = acc
-                acc += len(lp["tokens"][k])
+        lp = legacy_logprobs(tok, (prompt_entries(c) if echo else []) + list(c.logprobs or []))
     return {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
 
 
