@@ -474,8 +474,9 @@ def serve_vllm(art: Any, name: str, host: str, port: int, api_key: str | None, s
 
 def serve(run_dir: str, stage: str | None = None, host: str = "127.0.0.1", port: int = 8000, rag: bool = False,
           rag_corpus: str | None = None, stop_after: float | None = None, say=print, engine: str = "transformers",
-          limits: Limits | None = None) -> int:
-    """Load the stage's model and serve it until interrupted (or `stop_after` seconds)."""
+          limits: Limits | None = None, exit_on_signal: bool = False) -> int:
+    """Load the stage's model and serve it until interrupted (or `stop_after` seconds); with
+    `exit_on_signal` (the CLI) an interrupt ends the process right after the server finished."""
     from medpipe.commands.rundir import stage_artifact
     from medpipe.errors import MedpipeError
 
@@ -508,7 +509,18 @@ def serve(run_dir: str, stage: str | None = None, host: str = "127.0.0.1", port:
         f"(OpenAI-compatible: /v1/models, /v1/chat/completions){'; API key required' if limits.api_key else ''}; "
         f"Ctrl-C stops; {batching} batching")
     try:
-        server.run()
+        server.run()  # on SIGINT/SIGTERM uvicorn shuts down, then raises the signal again (KeyboardInterrupt)
+    except KeyboardInterrupt:
+        close_engine(app)
+        if exit_on_signal:
+            # the interpreter's own teardown (threads, the model's tensors) took seconds after "Finished
+            # server process": nothing is left to save, so the process ends here
+            import sys
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        raise
     finally:
         close_engine(app)
     return 0
