@@ -1,53 +1,52 @@
 """`medpipe serve RUN_DIR [--stage S] [--rag]`: an OpenAI-compatible HTTP server for a stage's model.
 
 FastAPI app served by uvicorn on 127.0.0.1 (default port 8000):
-* `GET /v1/models` → `{"object": "list", "data": [{"id": <stage>, "object": "model", ...}]}`
-* `POST /v1/chat/completions` with `{"model", "messages": [{"role", "content"}], "max_tokens"
-  (or "max_completion_tokens"), "temperature" (0 = greedy, the default), "top_p", "seed",
-  "stream"}` → `{"id", "object": "chat.completion", "created", "model", "choices": [{"index": 0,
-  "message": {"role": "assistant", "content"}, "finish_reason": "stop"|"length"}], "usage"}`.
-  `stream: true` is answered as server-sent events (`chat.completion.chunk`s: the role, the
-  text piece by piece as it is decoded, the finish reason; then `[DONE]`); an error after the
-  stream began is sent as a `data: {"error": ...}` event before `[DONE]`.
+* `GET /v1/models`, `GET /v1/models/{id}` → the model object(s).
+* `POST /v1/chat/completions` (`messages` with roles system, developer (= system), user, assistant;
+  text content parts) and `POST /v1/completions` (`prompt`: a string, strings, or token ids; `echo`;
+  `logprobs` k in the legacy layout; `max_tokens` 0 scores the prompt only), both with `max_tokens`
+  (or `max_completion_tokens`), `temperature` (0 = greedy, the default), `top_p`, `seed`, `stop` (a
+  string or a list: the text ends before it, finish_reason "stop"), chat's `logprobs`/`top_logprobs`,
+  `stream` (server-sent events: chunks as decoded, then `[DONE]`; an error after the stream began is a
+  `data: {"error": ...}` event) and `stream_options.include_usage` (a last chunk with `choices: []`
+  and the usage). Shapes: medpipe.commands.serve_openai; checks: medpipe.commands.serve_requests.
+  Parameters it does not honour (response_format, tools, logit_bias, penalties, image parts, role
+  tool, n > 1, ...) are refused with 400 naming them, never silently ignored.
 * `GET /health` → `{"status": "ok"}` (no API key needed).
 
 Limits (`Limits`): a body over `max_body_bytes` → 413; a prompt longer than the model's context
-minus max_tokens → 400 (or, with `truncate="left"`, its oldest tokens dropped); max_tokens is capped
-to the context; a request not answered within `timeout` s → 503, as is one arriving to a full queue.
-With an API key (`--api-key` or $MEDPIPE_API_KEY), /v1/* needs `Authorization: Bearer KEY` (401).
-Every error has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 a request
-that cannot be served (not JSON, bad messages, prompt too long, n > 1), 401, 404 unknown model or
-path, 413, 422 a parameter of the wrong type or out of range (max_tokens 0, NaN temperature,
-1e400, seed 2^70, n "two"), 503.
+minus max_tokens → 400 naming the max_tokens sent (or, with `truncate="left"`, its oldest tokens
+dropped); a request not answered within `timeout` s → 503, as is one arriving to a full queue. With
+an API key (`--api-key` or $MEDPIPE_API_KEY), /v1/* needs `Authorization: Bearer KEY` (401). Every
+error has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 a request that
+cannot be served (not JSON, a value of the wrong type or out of range, prompt too long), 401, 404
+unknown model or path, 413, 503. A client that goes away (a stream closed, a plain request
+abandoned) stops its generation at the next step, greedy or sampled.
 
 Batching (`Limits.batching`): "continuous" (the default) runs greedy requests, streamed or not,
 through `ContinuousEngine` (medpipe.stages.inference.continuous): a request joins the running batch
 at the next decoding step and leaves it when done, a stream gets its tokens as the shared batch
 produces them. Models it cannot serve, or that answer its start-up probe differently from
-sequential generation, fall back to "static": requests wait in one queue; a worker thread takes
-every request waiting when the model frees up and generates them as one batch per setting (same
-max_tokens, greedy) through `LocalModel.generate(prompts=[...])`. Sampled requests (temperature
-> 0) run alone either way, so a seed gives the same text as it does sequentially (their streams
-through `LocalModel.stream`).
+sequential generation, fall back to "static" (medpipe.commands.serve_batcher): requests wait in one
+queue; a worker thread takes every request waiting when the model frees up and generates them as one
+batch per setting through `LocalModel.generate_ids`. Sampled requests (temperature > 0) run alone
+either way, so a seed gives the same text as it does sequentially (their streams through
+`LocalModel.stream`).
 With `--rag` the last user message gets the top-k passages of the run's knowledge index
 (the first cpt stage's corpus, or `--rag-corpus`) prepended, as in `medpipe chat --rag`.
 `--engine vllm` starts vLLM's own OpenAI server on the stage's merged model instead.
-
-(Over 400 lines: the app, the static batcher and both streaming paths share the request checks
-and error shapes here; the continuous batching engine itself is stages/inference/continuous.py.)
 """
 import contextlib
 import json
 import os
-import queue
 import socket
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
+from medpipe.commands.serve_batcher import Batcher
 from medpipe.commands.serve_requests import ApiError, fit_to_context, model_context, parse_completion, parse_request
 
 API_KEY_ENV = "MEDPIPE_API_KEY"
@@ -65,106 +64,6 @@ class Limits:
     api_key: str | None = None
     batching: str = "continuous"  # continuous: requests join the running batch; static: micro-batches
     kv_cache_mb: int = 1024  # the continuous batcher's paged KV cache (at least one full-context request)
-
-
-# --- the batching worker --------------------------------------------------------------------------
-@dataclass
-class Job:
-    prompt: str | list
-    gen: dict
-    deadline: float
-    ids: list | None = None  # the prompt's tokens when the limit check encoded it (not encoded twice)
-    opts: dict = field(default_factory=dict)  # stop, logprobs, echo, strip (generate_ids' serving options)
-    future: Future = field(default_factory=Future)
-    gone: threading.Event = field(default_factory=threading.Event)  # set: its client left, stop generating it
-
-    @property
-    def group(self) -> tuple:
-        """Jobs with one group key can share a batch: greedy with the same settings. A sampled job
-        is a group of its own (a shared batch would share its random stream)."""
-        if self.gen["temperature"] > 0:
-            return ("sampled", id(self))
-        return ("greedy", self.gen["max_new_tokens"], self.gen.get("max_length"), tuple(sorted(self.opts.items())))
-
-
-class Batcher:
-    """One worker thread owns the model: it takes every waiting job and generates each group of them
-    as one batch (micro-batching), so N concurrent requests cost about one batched generate."""
-
-    def __init__(self, model: Any, max_batch: int = 32, max_queue: int = 256, gather: float = 0.02):
-        self.model, self.max_batch, self.gather = model, max(1, max_batch), gather
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, max_queue))
-        self.batches = 0
-        # requests read and being tokenised: about to be submitted, so worth a short wait for
-        self.preparing = 0
-        self.counter = threading.Lock()
-        self.last_size = 1  # jobs the last round took: under steady load, as many come back
-        threading.Thread(target=self._work, name="medpipe-batcher", daemon=True).start()
-
-    def arriving(self, delta: int) -> None:
-        with self.counter:
-            self.preparing += delta
-
-    def submit(self, prompt: str | list, gen: dict, timeout: float, ids: list | None = None,
-               opts: dict | None = None) -> Job:
-        job = Job(prompt, gen, time.monotonic() + timeout, ids, dict(opts or {}))
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(503, f"the server is busy ({self.jobs.maxsize} requests waiting); retry later",
-                           "server_busy") from None
-        return job
-
-    def _work(self) -> None:
-        while True:
-            jobs = [self.jobs.get()]
-            until = time.monotonic() + self.gather
-            while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self.jobs.get_nowait())
-                    continue
-                except queue.Empty:
-                    pass
-                # wait up to `gather` s for requests being tokenised, and for as many as the last round
-                # had (clients answered then send their next one): full batches under steady load
-                if self.preparing <= 0 and len(jobs) >= self.last_size or time.monotonic() >= until:
-                    break
-                time.sleep(0.001)
-            self.last_size = len(jobs)
-            now = time.monotonic()
-            live = []
-            for job in jobs:
-                if job.gone.is_set() or job.future.cancelled() or not job.future.set_running_or_notify_cancel():
-                    continue
-                if now > job.deadline:  # waited out its timeout in the queue: do not generate it
-                    job.future.set_exception(ApiError(503, "the request timed out waiting for the model", "timeout"))
-                    continue
-                live.append(job)
-            groups: dict[tuple, list[Job]] = {}
-            for job in live:
-                groups.setdefault(job.group, []).append(job)
-            for group in groups.values():
-                for b0 in range(0, len(group), self.max_batch):
-                    self._generate(group[b0:b0 + self.max_batch])
-
-    def _generate(self, batch: list[Job]) -> None:
-        gen = dict(batch[0].gen)
-        if gen.get("max_length") is None:
-            gen.pop("max_length", None)
-        # stop strings, logprobs, echo as asked; every row ends at the next step once its client left
-        gen.update(batch[0].opts, cancel=[j.gone for j in batch])
-        try:
-            if all(j.ids is not None for j in batch) and hasattr(self.model, "generate_ids"):
-                out = self.model.generate_ids([j.ids for j in batch], batch_size=len(batch), **gen)
-            else:
-                out = self.model.generate([j.prompt for j in batch], batch_size=len(batch), **gen)
-            self.batches += 1
-        except BaseException as e:  # every waiting request learns of it
-            for j in batch:
-                j.future.set_exception(e)
-            return
-        for j, c in zip(batch, out):
-            j.future.set_result(c)
 
 
 # --- the app --------------------------------------------------------------------------------------
