@@ -200,10 +200,12 @@ def test_timeout_and_full_queue_answer_503():
             time.sleep(0.1)
         for t in threads:
             t.join()
-    codes = sorted(error_of(r)["code"] for r in results.values() if r.status_code == 503)
-    assert all(r.status_code in (200, 503) for r in results.values())
-    assert "timeout" in codes and "server_busy" in codes, [r.text for r in results.values()]
-    assert len(slow.batches) < 4  # timed-out queued requests are not generated
+    # every request times out before the 1.5 s generate ends: the first two (one generating, one
+    # queued) answer 503 timeout, the two arriving to the full queue 503 server_busy
+    assert [r.status_code for r in results.values()] == [503] * 4, [r.text for r in results.values()]
+    codes = sorted(error_of(r)["code"] for r in results.values())
+    assert codes == ["server_busy", "server_busy", "timeout", "timeout"], codes
+    assert slow.batches == [1]  # the queued request that timed out is not generated
 
 
 def test_concurrent_requests_are_batched_and_answer_as_sequential(server, model):
@@ -312,8 +314,22 @@ def test_continuous_requests_past_their_timeout_answer_503_and_stop_generating(m
         assert app.state.engine.in_flight == 0  # both cancelled in the batch, not generated to the end
 
 
-def test_a_1mb_prompt_is_refused_fast_while_a_small_request_is_served(server):
+def test_a_1mb_prompt_is_refused_fast_while_a_small_request_is_served(server, model, monkeypatch):
     url, _ = server
+    encoded: list[int] = []
+
+    class Counting:  # the tokenizer, recording the length of every text it tokenises
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __call__(self, text, *a, **kw):
+            encoded.append(len(text))
+            return self.tok(text, *a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+    monkeypatch.setattr(model, "tok", Counting(model.tok))
     small: dict = {}
 
     def ask_small():
@@ -325,8 +341,10 @@ def test_a_1mb_prompt_is_refused_fast_while_a_small_request_is_served(server):
     big = post(url, {"messages": [{"role": "user", "content": "头痛" * 500_000}]})  # 1M characters
     took = time.monotonic() - t0
     t.join()
-    assert big.status_code in (400, 413) and took < 1.0, (big.status_code, took)
-    assert small["r"].status_code == 200
+    # refused by its size while reading (3 MB over the 1 MiB limit), never tokenised; the generous
+    # time bound only catches a hang on this shared machine
+    assert big.status_code == 413 and error_of(big)["code"] == "request_too_large" and took < 5.0, (big.text, took)
+    assert small["r"].status_code == 200 and max(encoded) < 1000, encoded
 
 
 def test_engine_vllm_without_vllm_is_one_clear_error(tmp_path):
@@ -355,7 +373,8 @@ def test_a_1mb_ascii_prompt_within_the_body_limit_is_refused_400_untokenised(mod
         t0 = time.monotonic()
         r = post(url, {"messages": [{"role": "user", "content": "a" * 1_000_000}]})
         took = time.monotonic() - t0
-    assert r.status_code == 400 and took < 1.0, (r.text, took)
+    # refused by its character count, untokenised (the message says so); the time bound only catches a hang
+    assert r.status_code == 400 and took < 5.0, (r.text, took)
     assert error_of(r)["message"].startswith("the prompt is over 524,288 characters; with max_tokens=256 it exceeds")
 
 
