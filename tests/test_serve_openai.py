@@ -146,6 +146,20 @@ def test_completions_echo_logprobs_score_the_prompt(served, model):
     assert plain.choices[0].text == want.text  # raw text: not stripped as chat's is
 
 
+def test_a_long_prompt_prefilled_in_chunks_is_scored_whole(served, model):
+    """A prompt over the engine's 256-token prefill chunk: each chunk's last logits score the next
+    chunk's first token, so every prompt token is scored as one plain forward scores it."""
+    client, _ = served
+    text = "头痛发热咳嗽胸闷，" * 80
+    ids = model.tok(text)["input_ids"]
+    assert len(ids) > 2 * 256
+    r = client.completions.create(model="tiny", prompt=text, max_tokens=2, echo=True, logprobs=0)
+    _, lp = reference_logprobs(model, ids, [])
+    got = r.choices[0].logprobs.token_logprobs
+    assert len(got) == len(ids) + r.usage.completion_tokens and got[0] is None
+    assert max(abs(got[i] - lp[i - 1, ids[i]].item()) for i in range(1, len(ids))) <= 1e-4
+
+
 def test_completions_stream_and_limits_shared_with_chat(served, model):
     client, url = served
     text = "头痛发热咳嗽三天，"

@@ -405,7 +405,7 @@ def serve(run_dir: str, stage: str | None = None, host: str = "127.0.0.1", port:
         timer.start()
     batching = getattr(getattr(app, "state", None), "batching", limits.batching)
     say(f"serving {name} ({art.model_path}){' + RAG' if retriever else ''} at http://{host}:{port}/v1 "
-        f"(OpenAI-compatible: /v1/models, /v1/chat/completions){'; API key required' if limits.api_key else ''}; "
+        f"(OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions){'; API key required' if limits.api_key else ''}; "
         f"Ctrl-C stops; {batching} batching")
     try:
         server.run()  # on SIGINT/SIGTERM uvicorn shuts down, then raises the signal again (KeyboardInterrupt)
