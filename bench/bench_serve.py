@@ -15,6 +15,12 @@ AsyncClient, whose ≈ 2 ms of CPU a request is taken from the server on a 2-cor
 CPU time per request (/proc) is printed beside each row.
 
     /work/main/.venv/bin/python bench/bench_serve.py [--requests 64 --new 16 --threads 1 --client raw]
+
+Issue 29's columns: `--logprobs` adds the continuous server answering with `logprobs: true,
+top_logprobs: 5` (their cost), `--peer` adds transformers 5.23's own OpenAI server
+(`transformers serve --continuous-batching`, same model dir, same requests, its texts compared too);
+`--model smollm2` (SmolLM2-135M-Instruct, converted once) or a model dir instead of the tiny one;
+`--modes` picks the medpipe servers (e.g. "one at a time,continuous").
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def load(url: str, prompts: list[str], concurrency: int, new: int, client: str = "raw") -> tuple[float, list[float], list[str]]:
+def load(url: str, prompts: list[str], concurrency: int, new: int, client: str = "raw",
+         extra: dict | None = None) -> tuple[float, list[float], list[str]]:
     """`concurrency` clients, each sending its next request as soon as the last is answered; (wall s,
     latency per request, answer texts). client "raw": keep-alive HTTP/1.1 on asyncio streams (≈ 0.2 ms
     of CPU a request, as wrk-like load generators are); "httpx": one httpx.AsyncClient (≈ 2 ms a
@@ -40,7 +47,8 @@ def load(url: str, prompts: list[str], concurrency: int, new: int, client: str =
     latencies: list[float] = [0.0] * len(prompts)
     texts: list[str] = [""] * len(prompts)
     next_i = iter(range(len(prompts)))
-    body = lambda i: {"messages": [{"role": "user", "content": prompts[i]}], "max_tokens": new}  # noqa: E731
+    body = lambda i: {"messages": [{"role": "user", "content": prompts[i]}], "max_tokens": new,  # noqa: E731
+                      **(extra or {})}
 
     async def raw_client(host: str, port: int):
         reader, writer = await asyncio.open_connection(host, port)
@@ -120,23 +128,30 @@ def stall_test(url: str) -> dict:
     return out
 
 
-MODES = (("one at a time", "static", 1), ("micro-batched", "static", 32), ("continuous", "continuous", 32))
+# (mode, server: medpipe batching and max_batch, or "peer": transformers serve, what each request adds)
+MODES = (("one at a time", ("static", 1), {}), ("micro-batched", ("static", 32), {}),
+         ("continuous", ("continuous", 32), {}))
+LOGPROBS = ("continuous + logprobs", ("continuous", 32), {"logprobs": True, "top_logprobs": 5})
+PEER = ("transformers serve", "peer", {"temperature": 0})
 
 
-def serve_only(port: int, batching: str, max_batch: int, threads: int) -> None:
-    """The server process: the redrawn tiny model behind build_app, until killed."""
+def serve_only(port: int, batching: str, max_batch: int, threads: int, model_dir: str) -> None:
+    """The server process: the model dir behind build_app, until killed."""
     import torch
 
     from medpipe.commands.serve import Limits, build_app, make_server
-    from test_serve_limits import varied_tiny
+    from medpipe.stages.inference.runtime import LocalModel
 
     torch.set_num_threads(threads)
-    app = build_app(varied_tiny(), "tiny", limits=Limits(max_batch=max_batch, batching=batching))
+    model = LocalModel(model_dir, model_dir, name="m")
+    app = build_app(model, "m", limits=Limits(max_batch=max_batch, batching=batching))
     print(json.dumps({"server": port, "batching": app.state.batching, "max_batch": max_batch}), flush=True)
     make_server(app, "127.0.0.1", port, log_level="warning").run()
 
 
-def start_server(batching: str, max_batch: int, threads: int):
+def start_server(server: tuple | str, threads: int, model_dir: str):
+    """`medpipe serve`'s app in its own process, or ("peer") transformers 5.23's own OpenAI server
+    (`transformers serve --continuous-batching`) on the same model dir, with as many torch threads."""
     import subprocess
 
     import httpx
@@ -144,10 +159,17 @@ def start_server(batching: str, max_batch: int, threads: int):
     from medpipe.commands.serve import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-only", str(port), "--batching", batching, "--max-batch", str(max_batch),
-                             "--threads", str(threads)], stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    if server == "peer":
+        cmd = [str(Path(sys.executable).with_name("transformers")), "serve", "--continuous-batching", "--device", "cpu",
+               "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), model_dir]
+    else:
+        batching, max_batch = server
+        cmd = [sys.executable, __file__, "--serve-only", str(port), "--batching", batching, "--max-batch", str(max_batch),
+               "--threads", str(threads), "--model-dir", model_dir]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
@@ -169,15 +191,37 @@ def main() -> None:
     ap.add_argument("--serve-only", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--batching", default="continuous", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="tiny", help="tiny (redrawn weights), smollm2 (SmolLM2-135M-Instruct) or a model dir")
+    ap.add_argument("--modes", default="one at a time,micro-batched,continuous", help="which of the medpipe servers")
+    ap.add_argument("--logprobs", action="store_true", help="also the continuous server with logprobs + top_logprobs 5")
+    ap.add_argument("--peer", action="store_true", help="also transformers serve --continuous-batching")
+    ap.add_argument("--stall", action="store_true", help="also the 1 MB prompt stall test")
     args = ap.parse_args()
     if args.serve_only:
-        return serve_only(args.serve_only, args.batching, args.max_batch, args.threads)
+        return serve_only(args.serve_only, args.batching, args.max_batch, args.threads, args.model_dir)
+    import tempfile
+
     import torch
 
+    from medpipe.stages.inference.runtime import LocalModel
     from test_serve_limits import questions, varied_tiny
 
     torch.set_num_threads(args.threads)
-    model = varied_tiny()
+    if args.model == "tiny":  # saved once, so every server (and the peer) loads the same weights
+        model = varied_tiny()
+        model_dir = tempfile.mkdtemp(prefix="bench-serve-")
+        model.model.save_pretrained(model_dir)
+        model.tok.save_pretrained(model_dir)
+    else:
+        model_dir = args.model
+        if args.model == "smollm2":
+            from medpipe import registry
+
+            model_dir = registry.model_source("smollm2").materialize({})
+        model = LocalModel(model_dir, model_dir, name="m")
+    modes = [m for m in MODES if m[0] in args.modes.split(",")] + ([LOGPROBS] if args.logprobs else []) \
+        + ([PEER] if args.peer else [])
     prompts = questions(args.requests)
     want = [model.chat([{"role": "user", "content": q}], max_new_tokens=args.new).text for q in prompts]
     # the ceiling batching can reach here: 8 prompts as one generate vs one by one, no HTTP
@@ -192,10 +236,15 @@ def main() -> None:
                                                "one_batch_s": round(time.monotonic() - t0, 3)}}), flush=True)
     del model
     rows = []
-    servers = {mode: start_server(batching, max_batch, args.threads) for mode, batching, max_batch in MODES}
+    procs = {}
+    for _, server, _ in modes:  # one process per server (the logprobs mode shares continuous's)
+        if server not in procs:
+            procs[server] = start_server(server, args.threads, model_dir)
+    servers = {mode: procs[server] for mode, server, _ in modes}
+    extra = {mode: ({**add, "model": model_dir} if server == "peer" else add) for mode, server, add in modes}
     try:
         for mode, (_, url) in servers.items():
-            load(url, prompts[:4], 2, args.new, args.client)  # warm-up
+            load(url, prompts[:4], 2, args.new, args.client, extra[mode])  # warm-up
         for c in [int(x) for x in args.concurrency.split(",")]:
             n = len(prompts) if c > 1 else max(8, len(prompts) // 4)
             runs: dict[str, list] = {mode: [] for mode in servers}
@@ -204,7 +253,7 @@ def main() -> None:
                 for mode in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
                     proc, url = servers[mode]
                     before = cpu_seconds(proc.pid)
-                    runs[mode].append(load(url, prompts[:n], c, args.new, args.client))
+                    runs[mode].append(load(url, prompts[:n], c, args.new, args.client, extra[mode]))
                     cpu[mode] += cpu_seconds(proc.pid) - before
             for mode, got in runs.items():
                 wall = statistics.median(g[0] for g in got)
@@ -214,20 +263,27 @@ def main() -> None:
                              "p95_s": round(pct(lat, 0.95), 3), "server_cpu_ms_per_req": round(cpu[mode] / (n * args.reps) * 1e3, 2),
                              "client": args.client, "same_as_sequential": all(g[2] == want[:n] for g in got)})
                 print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
-        print(json.dumps({"stall": stall_test(servers["continuous"][1])}, ensure_ascii=False), flush=True)
+        if args.stall and "continuous" in servers:
+            print(json.dumps({"stall": stall_test(servers["continuous"][1])}, ensure_ascii=False), flush=True)
     finally:
-        for proc, _ in servers.values():
+        for proc, _ in procs.values():
             proc.kill()
             proc.wait()
-    print(f"client {args.client}; req/s (p50/p95 s; server CPU per request)")
-    print("| concurrency | " + " | ".join(f"{m}" for m, *_ in MODES) + " | × vs one at a time |")
+    names = [m for m, *_ in modes]
+    print(f"model {args.model}; client {args.client}; {args.new} new tokens; req/s (p50/p95 s; server CPU per request)")
+    print("| concurrency | " + " | ".join(names) + " | × vs " + names[0] + " |")
     for c in sorted({r["concurrency"] for r in rows}):
         got = {r["mode"]: r for r in rows if r["concurrency"] == c}
-        one = got[MODES[0][0]]["req_per_s"]
+        one = got[names[0]]["req_per_s"]
         cells = [f"{got[m]['req_per_s']} ({got[m]['p50_s']}/{got[m]['p95_s']}; {got[m]['server_cpu_ms_per_req']} ms)"
-                 for m, *_ in MODES]
-        ratios = ", ".join(f"{got[m]['req_per_s'] / one:.2f}" for m, *_ in MODES[1:])
+                 for m in names]
+        ratios = ", ".join(f"{m}: {got[m]['req_per_s'] / one:.2f}" for m in names[1:])
         print(f"| {c} | " + " | ".join(cells) + f" | {ratios} |")
+    if "continuous" in names and len(names) > 1:
+        for c in sorted({r["concurrency"] for r in rows}):
+            got = {r["mode"]: r["req_per_s"] for r in rows if r["concurrency"] == c}
+            vs = {m: round(got["continuous"] / got[m], 2) for m in names if m != "continuous"}
+            print(json.dumps({"concurrency": c, "continuous_over": vs}), flush=True)
 
 
 if __name__ == "__main__":

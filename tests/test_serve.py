@@ -70,7 +70,7 @@ def test_streaming_and_bad_requests(server, tiny_model):
         r = httpx.post(f"{server}/v1/chat/completions", json=bad)
         assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
     r = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"})
-    assert r.status_code == 422 and r.json()["error"]["message"] == "'max_tokens' must be an integer, got \"many\""
+    assert r.status_code == 400 and r.json()["error"]["message"] == "'max_tokens' must be an integer, got \"many\""
     assert httpx.post(f"{server}/v1/chat/completions", content=b"not json").status_code == 400
 
 

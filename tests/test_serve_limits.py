@@ -71,19 +71,19 @@ MSGS_JSON = json.dumps(MSG)
 
 
 @pytest.mark.parametrize("raw, status, code, message", [
-    ('{"messages": %s, "max_tokens": 0}' % MSGS_JSON, 422, "invalid_value", "'max_tokens' must be between 1 and 2147483648, got 0"),
-    ('{"messages": %s, "max_tokens": 1e400}' % MSGS_JSON, 422, "invalid_type", "'max_tokens' must be an integer, got Infinity"),
-    ('{"messages": %s, "max_tokens": 2.5}' % MSGS_JSON, 422, "invalid_type", "'max_tokens' must be an integer, got 2.5"),
-    ('{"messages": %s, "temperature": NaN}' % MSGS_JSON, 422, "invalid_type", "'temperature' must be a finite number, got NaN"),
-    ('{"messages": %s, "temperature": 3}' % MSGS_JSON, 422, "invalid_value", "'temperature' must be in [0, 2], got 3"),
-    ('{"messages": %s, "top_p": 0}' % MSGS_JSON, 422, "invalid_value", "'top_p' must be in (0, 1], got 0"),
-    ('{"messages": %s, "n": "two"}' % MSGS_JSON, 422, "invalid_type", "'n' must be an integer, got \"two\""),
+    ('{"messages": %s, "max_tokens": 0}' % MSGS_JSON, 400, "invalid_value", "'max_tokens' must be between 1 and 2147483648, got 0"),
+    ('{"messages": %s, "max_tokens": 1e400}' % MSGS_JSON, 400, "invalid_type", "'max_tokens' must be an integer, got Infinity"),
+    ('{"messages": %s, "max_tokens": 2.5}' % MSGS_JSON, 400, "invalid_type", "'max_tokens' must be an integer, got 2.5"),
+    ('{"messages": %s, "temperature": NaN}' % MSGS_JSON, 400, "invalid_type", "'temperature' must be a finite number, got NaN"),
+    ('{"messages": %s, "temperature": 3}' % MSGS_JSON, 400, "invalid_value", "'temperature' must be in [0, 2], got 3"),
+    ('{"messages": %s, "top_p": 0}' % MSGS_JSON, 400, "invalid_value", "'top_p' must be in (0, 1], got 0"),
+    ('{"messages": %s, "n": "two"}' % MSGS_JSON, 400, "invalid_type", "'n' must be an integer, got \"two\""),
     ('{"messages": %s, "n": 2}' % MSGS_JSON, 400, "unsupported_value", "n > 1 is not supported"),
-    ('{"messages": %s, "seed": %d}' % (MSGS_JSON, 2**70), 422, "invalid_value", f"'seed' must be between 0 and {2**63 - 1}, got {2**70}"),
-    ('{"messages": %s, "seed": true}' % MSGS_JSON, 422, "invalid_type", "'seed' must be an integer, got true"),
-    ('{"messages": %s, "stream": "yes"}' % MSGS_JSON, 422, "invalid_type", "'stream' must be true or false"),
+    ('{"messages": %s, "seed": %d}' % (MSGS_JSON, 2**70), 400, "invalid_value", f"'seed' must be between 0 and {2**63 - 1}, got {2**70}"),
+    ('{"messages": %s, "seed": true}' % MSGS_JSON, 400, "invalid_type", "'seed' must be an integer, got true"),
+    ('{"messages": %s, "stream": "yes"}' % MSGS_JSON, 400, "invalid_type", "'stream' must be true or false"),
     ('{"messages": %s, "model": "gpt-4"}' % MSGS_JSON, 404, "model_not_found", "the model 'gpt-4' does not exist; this server serves 'tiny'"),
-    ('{"messages": %s, "model": 7}' % MSGS_JSON, 422, "invalid_type", "'model' must be a string"),
+    ('{"messages": %s, "model": 7}' % MSGS_JSON, 400, "invalid_type", "'model' must be a string"),
     ('{"messages": [{"role": "user", "content": 5}]}', 400, "invalid_messages", "messages[0]: content must be a string"),
     ('[1, 2]', 400, "invalid_json", "the body must be a JSON object"),
     ('{"messages": ', 400, "invalid_json", "the body is not JSON"),
@@ -118,8 +118,9 @@ def test_limits_on_body_context_and_max_tokens(server, model):
     assert error_of(r)["message"] == (f"the prompt is {tokens:,} tokens; with max_tokens=200 it exceeds the model's "
                                       f"context of 4096 tokens: shorten the messages or lower max_tokens")
     assert error_of(r)["code"] == "context_length_exceeded"
-    r = post(url, {"messages": MSG, "max_tokens": 10**9})  # capped to the context, which the prompt then overflows
-    assert r.status_code == 400 and "with max_tokens=4096 it exceeds" in error_of(r)["message"]
+    r = post(url, {"messages": MSG, "max_tokens": 100000})  # the error names the value the client sent
+    assert r.status_code == 400 and error_of(r)["message"].startswith("the prompt is 30 tokens; with max_tokens=100000 "
+                                                                      "it exceeds the model's context of 4096 tokens")
     r = post(url, {"messages": MSG, "max_tokens": 5})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
 
@@ -199,10 +200,12 @@ def test_timeout_and_full_queue_answer_503():
             time.sleep(0.1)
         for t in threads:
             t.join()
-    codes = sorted(error_of(r)["code"] for r in results.values() if r.status_code == 503)
-    assert all(r.status_code in (200, 503) for r in results.values())
-    assert "timeout" in codes and "server_busy" in codes, [r.text for r in results.values()]
-    assert len(slow.batches) < 4  # timed-out queued requests are not generated
+    # every request times out before the 1.5 s generate ends: the first two (one generating, one
+    # queued) answer 503 timeout, the two arriving to the full queue 503 server_busy
+    assert [r.status_code for r in results.values()] == [503] * 4, [r.text for r in results.values()]
+    codes = sorted(error_of(r)["code"] for r in results.values())
+    assert codes == ["server_busy", "server_busy", "timeout", "timeout"], codes
+    assert slow.batches == [1]  # the queued request that timed out is not generated
 
 
 def test_concurrent_requests_are_batched_and_answer_as_sequential(server, model):
@@ -311,8 +314,22 @@ def test_continuous_requests_past_their_timeout_answer_503_and_stop_generating(m
         assert app.state.engine.in_flight == 0  # both cancelled in the batch, not generated to the end
 
 
-def test_a_1mb_prompt_is_refused_fast_while_a_small_request_is_served(server):
+def test_a_1mb_prompt_is_refused_fast_while_a_small_request_is_served(server, model, monkeypatch):
     url, _ = server
+    encoded: list[int] = []
+
+    class Counting:  # the tokenizer, recording the length of every text it tokenises
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __call__(self, text, *a, **kw):
+            encoded.append(len(text))
+            return self.tok(text, *a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+    monkeypatch.setattr(model, "tok", Counting(model.tok))
     small: dict = {}
 
     def ask_small():
@@ -324,8 +341,10 @@ def test_a_1mb_prompt_is_refused_fast_while_a_small_request_is_served(server):
     big = post(url, {"messages": [{"role": "user", "content": "头痛" * 500_000}]})  # 1M characters
     took = time.monotonic() - t0
     t.join()
-    assert big.status_code in (400, 413) and took < 1.0, (big.status_code, took)
-    assert small["r"].status_code == 200
+    # refused by its size while reading (3 MB over the 1 MiB limit), never tokenised; the generous
+    # time bound only catches a hang on this shared machine
+    assert big.status_code == 413 and error_of(big)["code"] == "request_too_large" and took < 5.0, (big.text, took)
+    assert small["r"].status_code == 200 and max(encoded) < 1000, encoded
 
 
 def test_engine_vllm_without_vllm_is_one_clear_error(tmp_path):
@@ -354,7 +373,8 @@ def test_a_1mb_ascii_prompt_within_the_body_limit_is_refused_400_untokenised(mod
         t0 = time.monotonic()
         r = post(url, {"messages": [{"role": "user", "content": "a" * 1_000_000}]})
         took = time.monotonic() - t0
-    assert r.status_code == 400 and took < 1.0, (r.text, took)
+    # refused by its character count, untokenised (the message says so); the time bound only catches a hang
+    assert r.status_code == 400 and took < 5.0, (r.text, took)
     assert error_of(r)["message"].startswith("the prompt is over 524,288 characters; with max_tokens=256 it exceeds")
 
 

@@ -320,7 +320,8 @@ def serve(
 
         limits = Limits(max_body_bytes=max_body_bytes, timeout=timeout, truncate=truncate, max_batch=max_batch,
                         api_key=api_key, batching=batching)
-        code = run_server(run_dir, stage, host, port, rag, rag_corpus, stop_after, engine=engine, limits=limits)
+        code = run_server(run_dir, stage, host, port, rag, rag_corpus, stop_after, engine=engine, limits=limits,
+                          exit_on_signal=True)
         if code:
             raise typer.Exit(code)
     except _user_errors() as e:

@@ -1,54 +1,53 @@
 """`medpipe serve RUN_DIR [--stage S] [--rag]`: an OpenAI-compatible HTTP server for a stage's model.
 
 FastAPI app served by uvicorn on 127.0.0.1 (default port 8000):
-* `GET /v1/models` → `{"object": "list", "data": [{"id": <stage>, "object": "model", ...}]}`
-* `POST /v1/chat/completions` with `{"model", "messages": [{"role", "content"}], "max_tokens"
-  (or "max_completion_tokens"), "temperature" (0 = greedy, the default), "top_p", "seed",
-  "stream"}` → `{"id", "object": "chat.completion", "created", "model", "choices": [{"index": 0,
-  "message": {"role": "assistant", "content"}, "finish_reason": "stop"|"length"}], "usage"}`.
-  `stream: true` is answered as server-sent events (`chat.completion.chunk`s: the role, the
-  text piece by piece as it is decoded, the finish reason; then `[DONE]`); an error after the
-  stream began is sent as a `data: {"error": ...}` event before `[DONE]`.
+* `GET /v1/models`, `GET /v1/models/{id}` → the model object(s).
+* `POST /v1/chat/completions` (`messages` with roles system, developer (= system), user, assistant;
+  text content parts) and `POST /v1/completions` (`prompt`: a string, strings, or token ids; `echo`;
+  `logprobs` k in the legacy layout; `max_tokens` 0 scores the prompt only), both with `max_tokens`
+  (or `max_completion_tokens`), `temperature` (0 = greedy, the default), `top_p`, `seed`, `stop` (a
+  string or a list: the text ends before it, finish_reason "stop"), chat's `logprobs`/`top_logprobs`,
+  `stream` (server-sent events: chunks as decoded, then `[DONE]`; an error after the stream began is a
+  `data: {"error": ...}` event) and `stream_options.include_usage` (a last chunk with `choices: []`
+  and the usage). Shapes: medpipe.commands.serve_openai; checks: medpipe.commands.serve_requests.
+  Parameters it does not honour (response_format, tools, logit_bias, penalties, image parts, role
+  tool, n > 1, ...) are refused with 400 naming them, never silently ignored.
 * `GET /health` → `{"status": "ok"}` (no API key needed).
 
 Limits (`Limits`): a body over `max_body_bytes` → 413; a prompt longer than the model's context
-minus max_tokens → 400 (or, with `truncate="left"`, its oldest tokens dropped); max_tokens is capped
-to the context; a request not answered within `timeout` s → 503, as is one arriving to a full queue.
-With an API key (`--api-key` or $MEDPIPE_API_KEY), /v1/* needs `Authorization: Bearer KEY` (401).
-Every error has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 a request
-that cannot be served (not JSON, bad messages, prompt too long, n > 1), 401, 404 unknown model or
-path, 413, 422 a parameter of the wrong type or out of range (max_tokens 0, NaN temperature,
-1e400, seed 2^70, n "two"), 503.
+minus max_tokens → 400 naming the max_tokens sent (or, with `truncate="left"`, its oldest tokens
+dropped); a request not answered within `timeout` s → 503, as is one arriving to a full queue. With
+an API key (`--api-key` or $MEDPIPE_API_KEY), /v1/* needs `Authorization: Bearer KEY` (401). Every
+error has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 a request that
+cannot be served (not JSON, a value of the wrong type or out of range, prompt too long), 401, 404
+unknown model or path, 413, 503. A client that goes away (a stream closed, a plain request
+abandoned) stops its generation at the next step, greedy or sampled.
 
 Batching (`Limits.batching`): "continuous" (the default) runs greedy requests, streamed or not,
 through `ContinuousEngine` (medpipe.stages.inference.continuous): a request joins the running batch
 at the next decoding step and leaves it when done, a stream gets its tokens as the shared batch
 produces them. Models it cannot serve, or that answer its start-up probe differently from
-sequential generation, fall back to "static": requests wait in one queue; a worker thread takes
-every request waiting when the model frees up and generates them as one batch per setting (same
-max_tokens, greedy) through `LocalModel.generate(prompts=[...])`. Sampled requests (temperature
-> 0) run alone either way, so a seed gives the same text as it does sequentially (their streams
-through `LocalModel.stream`).
+sequential generation, fall back to "static" (medpipe.commands.serve_batcher): requests wait in one
+queue; a worker thread takes every request waiting when the model frees up and generates them as one
+batch per setting through `LocalModel.generate_ids`. Sampled requests (temperature > 0) run alone
+either way, so a seed gives the same text as it does sequentially (their streams through
+`LocalModel.stream`).
 With `--rag` the last user message gets the top-k passages of the run's knowledge index
 (the first cpt stage's corpus, or `--rag-corpus`) prepended, as in `medpipe chat --rag`.
 `--engine vllm` starts vLLM's own OpenAI server on the stage's merged model instead.
-
-(Over 400 lines: the app, the static batcher and both streaming paths share the request checks
-and error shapes here; the continuous batching engine itself is stages/inference/continuous.py.)
 """
 import contextlib
 import json
 import os
-import queue
 import socket
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
-from medpipe.commands.serve_requests import ApiError, fit_to_context, model_context, parse_request
+from medpipe.commands.serve_batcher import Batcher
+from medpipe.commands.serve_requests import ApiError, fit_to_context, model_context, parse_completion, parse_request
 
 API_KEY_ENV = "MEDPIPE_API_KEY"
 INLINE_PREPARE_CHARS = 4096  # longer conversations are rendered and tokenised in a worker thread
@@ -67,101 +66,6 @@ class Limits:
     kv_cache_mb: int = 1024  # the continuous batcher's paged KV cache (at least one full-context request)
 
 
-# --- the batching worker --------------------------------------------------------------------------
-@dataclass
-class Job:
-    prompt: str
-    gen: dict
-    deadline: float
-    ids: list | None = None  # the prompt's tokens when the limit check encoded it (not encoded twice)
-    future: Future = field(default_factory=Future)
-
-    @property
-    def group(self) -> tuple:
-        """Jobs with one group key can share a batch: greedy with the same settings. A sampled job
-        is a group of its own (a shared batch would share its random stream)."""
-        if self.gen["temperature"] > 0:
-            return ("sampled", id(self))
-        return ("greedy", self.gen["max_new_tokens"], self.gen.get("max_length"))
-
-
-class Batcher:
-    """One worker thread owns the model: it takes every waiting job and generates each group of them
-    as one batch (micro-batching), so N concurrent requests cost about one batched generate."""
-
-    def __init__(self, model: Any, max_batch: int = 32, max_queue: int = 256, gather: float = 0.02):
-        self.model, self.max_batch, self.gather = model, max(1, max_batch), gather
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, max_queue))
-        self.batches = 0
-        # requests read and being tokenised: about to be submitted, so worth a short wait for
-        self.preparing = 0
-        self.counter = threading.Lock()
-        self.last_size = 1  # jobs the last round took: under steady load, as many come back
-        threading.Thread(target=self._work, name="medpipe-batcher", daemon=True).start()
-
-    def arriving(self, delta: int) -> None:
-        with self.counter:
-            self.preparing += delta
-
-    def submit(self, prompt: str, gen: dict, timeout: float, ids: list | None = None) -> Job:
-        job = Job(prompt, gen, time.monotonic() + timeout, ids)
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(503, f"the server is busy ({self.jobs.maxsize} requests waiting); retry later",
-                           "server_busy") from None
-        return job
-
-    def _work(self) -> None:
-        while True:
-            jobs = [self.jobs.get()]
-            until = time.monotonic() + self.gather
-            while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self.jobs.get_nowait())
-                    continue
-                except queue.Empty:
-                    pass
-                # wait up to `gather` s for requests being tokenised, and for as many as the last round
-                # had (clients answered then send their next one): full batches under steady load
-                if self.preparing <= 0 and len(jobs) >= self.last_size or time.monotonic() >= until:
-                    break
-                time.sleep(0.001)
-            self.last_size = len(jobs)
-            now = time.monotonic()
-            live = []
-            for job in jobs:
-                if job.future.cancelled() or not job.future.set_running_or_notify_cancel():
-                    continue
-                if now > job.deadline:  # waited out its timeout in the queue: do not generate it
-                    job.future.set_exception(ApiError(503, "the request timed out waiting for the model", "timeout"))
-                    continue
-                live.append(job)
-            groups: dict[tuple, list[Job]] = {}
-            for job in live:
-                groups.setdefault(job.group, []).append(job)
-            for group in groups.values():
-                for b0 in range(0, len(group), self.max_batch):
-                    self._generate(group[b0:b0 + self.max_batch])
-
-    def _generate(self, batch: list[Job]) -> None:
-        gen = dict(batch[0].gen)
-        if gen.get("max_length") is None:
-            gen.pop("max_length", None)
-        try:
-            if all(j.ids is not None for j in batch) and hasattr(self.model, "generate_ids"):
-                out = self.model.generate_ids([j.ids for j in batch], batch_size=len(batch), **gen)
-            else:
-                out = self.model.generate([j.prompt for j in batch], batch_size=len(batch), **gen)
-            self.batches += 1
-        except BaseException as e:  # every waiting request learns of it
-            for j in batch:
-                j.future.set_exception(e)
-            return
-        for j, c in zip(batch, out):
-            j.future.set_result(c)
-
-
 # --- the app --------------------------------------------------------------------------------------
 def build_app(model: Any, model_id: str, retriever: Any = None, default_max_tokens: int = 256,
               limits: Limits | None = None):
@@ -176,9 +80,16 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
 
     from medpipe.commands.chat import augment
 
+    from medpipe.commands.serve_openai import chat_response, completions_response, sse, static_stream, wait_or_gone
+    from medpipe.stages.inference.continuous import GenerationFailed
+
     limits = limits or Limits()
     context = limits.context or model_context(model)
     encode = getattr(model, "encode", None)
+    tok = getattr(model, "tok", None)
+    # a completions prompt is raw text: the tokenizer's own special tokens (BOS where it adds one)
+    encode_raw = (lambda text: model.encode(text, add_special_tokens=True)) if encode is not None else None
+    vocab = len(tok) if tok is not None else None
     batcher = Batcher(model, limits.max_batch, limits.max_queue)
     engine, app_batching = start_engine(model, limits, context, encode)
     app = FastAPI(title="medpipe", version="1")
@@ -195,7 +106,7 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
-        return reply(ApiError(422, str(exc), "invalid_value"))
+        return reply(ApiError(400, str(exc), "invalid_value"))
 
     @app.exception_handler(Exception)
     async def server_error(request, exc):
@@ -230,89 +141,140 @@ def build_app(model: Any, model_id: str, retriever: Any = None, default_max_toke
     def health() -> dict:
         return {"status": "ok"}
 
+    listed = {"id": model_id, "object": "model", "created": created, "owned_by": "medpipe"}
+
     @app.get("/v1/models")
     def models(request: Request):
         try:
             authorise(request)
         except ApiError as e:
             return reply(e)
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "medpipe"}]}
+        return {"object": "list", "data": [listed]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        arrived = time.monotonic()
-        batcher.arriving(1)
+    @app.get("/v1/models/{name:path}")
+    def model_object(name: str, request: Request):
         try:
             authorise(request)
-            req = parse_request(await read_body(request), model_id)
+            if name != model_id:
+                raise ApiError(404, f"the model '{name}' does not exist; this server serves '{model_id}'",
+                               "model_not_found", "model")
+        except ApiError as e:
+            return reply(e)
+        return listed
+
+    def fit(prompt: Any, req: dict) -> tuple:
+        """(prompt, max_tokens, max_length, ids) within the context (ApiError when it cannot fit)."""
+        return (prompt, *fit_to_context(prompt, encode_raw if req["kind"] == "completion" else encode, context,
+                                        req["max_tokens"], default_max_tokens, limits.truncate, req["max_tokens_param"]))
+
+    async def prepared(request: Request, kind: str) -> tuple[dict, list[tuple]]:
+        """The checked request and its prompts fitted to the context (rendered, tokenised)."""
+        authorise(request)
+        body = await read_body(request)
+        if kind == "chat":
+            req = parse_request(body, model_id)
             messages = req["messages"]
             if retriever is not None:
                 last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
                 if last is not None:
                     messages[last] = {"role": "user", "content": augment(messages[last]["content"], retriever)}
+            prompts: list = [None]
+            size = sum(len(m["content"]) for m in messages)
+        else:
+            req = parse_completion(body, model_id, vocab)
+            if encode is None and any(not isinstance(p, str) for p in req["prompts"]):
+                raise ApiError(400, "token-id prompts need the model's tokenizer", "unsupported_value", "prompt")
+            prompts, size = req["prompts"], sum(len(p) for p in req["prompts"])
+        req["kind"] = kind
 
-            def prepare() -> tuple:  # template + tokenising: off the event loop
-                prompt = model.render(messages)
-                return (prompt, *fit_to_context(prompt, encode, context, req["max_tokens"], default_max_tokens,
-                                                limits.truncate, req["max_tokens_param"]))
+        def prepare() -> list[tuple]:  # template + tokenising: off the event loop when long
+            if kind == "chat":
+                return [fit(model.render(req["messages"]), req)]
+            return [fit(p, req) for p in prompts]
 
-            # a short conversation is rendered and tokenised right here (well under a millisecond): the
-            # hop to a worker thread and back cost more than that under load; a long one goes off the loop
-            short = sum(len(m["content"]) for m in messages) <= INLINE_PREPARE_CHARS
-            prompt, max_tokens, max_length, ids = prepare() if short else await anyio.to_thread.run_sync(prepare)
+        # a short request is rendered and tokenised right here (well under a millisecond): the hop to a
+        # worker thread and back cost more than that under load; a long one goes off the loop
+        return req, (prepare() if size <= INLINE_PREPARE_CHARS else await anyio.to_thread.run_sync(prepare))
+
+    async def answer(request: Request, kind: str):
+        arrived = time.monotonic()
+        batcher.arriving(1)
+        try:
+            req, items = await prepared(request, kind)
         except ApiError as e:
             return reply(e)
         finally:
             batcher.arriving(-1)
-        gen = dict(max_new_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"], seed=req["seed"],
-                   max_length=max_length)
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        opts = {"stop": req["stop"], "logprobs": req["logprobs"], "echo": req["echo"], "strip": kind == "chat"}
+        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
         deadline = arrived + limits.timeout
         timed_out = ApiError(503, f"the request was not answered within {limits.timeout:g} s", "timeout")
-        if engine is not None and ids is not None and not req["temperature"] > 0:  # continuous batching
-            from medpipe.stages.inference.continuous import GenerationFailed
-
-            try:
-                if engine.in_flight >= limits.max_queue + limits.max_batch:
-                    raise ApiError(503, f"the server is busy ({engine.in_flight} requests in flight); retry later",
-                                   "server_busy")
-                if req["stream"]:
-                    pieces = engine.stream(ids, max_tokens, max_length, deadline)
-                    return StreamingResponse(sse_events(model_id, cid, now, pieces, timed_out),
-                                             media_type="text/event-stream")
-                work = engine.submit(ids, max_tokens, max_length=max_length)
-            except ApiError as e:
-                return reply(e)
-            except GenerationFailed as e:
-                return reply(ApiError(503, f"generation is not available: {e}", "server_error"))
-            try:
-                c = await asyncio.wait_for(asyncio.wrap_future(work.future), timeout=max(0.001, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                engine.cancel(work)
-                return reply(timed_out)
-            except asyncio.CancelledError:  # the client went away
-                engine.cancel(work)
-                raise
-            except GenerationFailed as e:
-                return reply(ApiError(500, f"generation failed: {e}", "internal_error"))
-        elif req["stream"]:
-            return StreamingResponse(stream_events(model, model_id, cid, now, prompt, gen), media_type="text/event-stream")
-        else:
-            try:
-                job = batcher.submit(prompt, gen, limits.timeout - (time.monotonic() - arrived), ids)
-                left = max(0.001, job.deadline - time.monotonic())
-                c = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=left)
-            except ApiError as e:
-                return reply(e)
-            except asyncio.TimeoutError:
-                return reply(timed_out)
-        usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                 "total_tokens": c.prompt_tokens + c.completion_tokens}
+        sampled = req["temperature"] > 0
+        continuous = engine is not None and all(ids is not None for *_, ids in items) and not sampled
+        base = {"id": cid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": now, "model": model_id}
+        texts = [prompt_text(p, ids) for p, _, _, ids in items]
+        try:
+            if continuous and engine.in_flight + len(items) > limits.max_queue + limits.max_batch:
+                raise ApiError(503, f"the server is busy ({engine.in_flight} requests in flight); retry later",
+                               "server_busy")
+            if req["stream"]:
+                prompt, max_tokens, max_length, ids = items[0]
+                if continuous:
+                    pieces = engine.stream(ids, max_tokens, max_length, deadline, **opts)
+                    lps = pieces.new_logprobs
+                else:
+                    gen = dict(max_new_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"],
+                               seed=req["seed"], max_length=max_length)
+                    pieces, lps = static_stream(model, ids if ids is not None else prompt, gen, opts, deadline), None
+                return StreamingResponse(sse(kind, tok, base, pieces, timed_out, req, lps, texts[0], ids),
+                                         media_type="text/event-stream")
+            if continuous:
+                works = [engine.submit(ids, mt, max_length=ml, **opts) for _, mt, ml, ids in items]
+                futures, stop = [w.future for w in works], (lambda: [engine.cancel(w) for w in works])
+            else:
+                jobs = [batcher.submit(p, dict(max_new_tokens=mt, temperature=req["temperature"], top_p=req["top_p"],
+                                                seed=req["seed"], max_length=ml),
+                                       limits.timeout - (time.monotonic() - arrived), ids, opts) for p, mt, ml, ids in items]
+                futures, stop = [j.future for j in jobs], (lambda: [j.gone.set() for j in jobs])
+        except ApiError as e:
+            return reply(e)
+        except GenerationFailed as e:
+            return reply(ApiError(503, f"generation is not available: {e}", "server_error"))
+        try:
+            cs = await wait_or_gone(request, futures, max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            stop()
+            return reply(timed_out)
+        except asyncio.CancelledError:
+            stop()
+            raise
+        except ApiError as e:
+            stop()
+            return reply(e)
+        except GenerationFailed as e:
+            return reply(ApiError(500, f"generation failed: {e}", "internal_error"))
+        if cs is None:  # the client went away: its sequences leave the batch at the next step
+            stop()
+            return reply(ApiError(499, "the client closed the connection", "client_closed"))
         # a JSONResponse, not a dict: FastAPI would walk the dict through jsonable_encoder first
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": now, "model": model_id,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                                          "finish_reason": c.finish_reason}], "usage": usage})
+        if kind == "chat":
+            return JSONResponse(chat_response(tok, cid, now, model_id, cs[0]))
+        return JSONResponse(completions_response(tok, cid, now, model_id, cs, texts, req))
+
+    def prompt_text(prompt: Any, ids: list | None) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return tok.decode(ids, skip_special_tokens=False) if ids is not None and tok is not None else ""
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await answer(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(request, "completion")
 
     return app
 
@@ -338,51 +300,6 @@ def start_engine(model: Any, limits: Limits, context: int | None, encode: Any) -
             engine.close()
             engine = None
     return engine, "continuous" if engine is not None else f"static ({why})"
-
-
-def chunk_event(base: dict, delta: dict, finish: str | None = None) -> str:
-    return "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]},
-                                 ensure_ascii=False) + "\n\n"
-
-
-def error_event(e: BaseException) -> str:
-    if isinstance(e, ApiError):
-        err = e
-    else:
-        from medpipe.stages.inference.continuous import GenerationFailed
-
-        what = str(e) if isinstance(e, GenerationFailed) else f"{type(e).__name__}: {e}"
-        err = ApiError(500, f"generation failed: {what}", "internal_error")
-    return "data: " + json.dumps(err.body(), ensure_ascii=False) + "\n\n"
-
-
-def stream_events(model: Any, model_id: str, cid: str, now: int, prompt: str, gen: dict) -> Iterator[str]:
-    """Server-sent events of one streamed completion generated alone; a sync generator (Starlette
-    iterates it in a worker thread). A failure after the first event is sent as an error event, then [DONE]."""
-    base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id}
-    yield chunk_event(base, {"role": "assistant"})
-    kw = {k: v for k, v in gen.items() if not (k == "max_length" and v is None)}
-    try:
-        for piece in model.stream(prompt, **kw):  # text pieces as decoded, then the Completion
-            yield chunk_event(base, {"content": piece}) if isinstance(piece, str) else chunk_event(base, {}, piece.finish_reason)
-    except Exception as e:
-        yield error_event(e)
-    yield "data: [DONE]\n\n"
-
-
-async def sse_events(model_id: str, cid: str, now: int, pieces: Any, timed_out: ApiError):
-    """Server-sent events of one streamed request of the continuous batch (an async iterator of text
-    pieces, then the Completion); a failure or timeout is an error event, then [DONE]."""
-    base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id}
-    yield chunk_event(base, {"role": "assistant"})
-    try:
-        async for piece in pieces:
-            yield chunk_event(base, {"content": piece}) if isinstance(piece, str) else chunk_event(base, {}, piece.finish_reason)
-    except TimeoutError:
-        yield error_event(timed_out)
-    except Exception as e:
-        yield error_event(e)
-    yield "data: [DONE]\n\n"
 
 
 # --- running it -----------------------------------------------------------------------------------
@@ -456,8 +373,9 @@ def serve_vllm(art: Any, name: str, host: str, port: int, api_key: str | None, s
 
 def serve(run_dir: str, stage: str | None = None, host: str = "127.0.0.1", port: int = 8000, rag: bool = False,
           rag_corpus: str | None = None, stop_after: float | None = None, say=print, engine: str = "transformers",
-          limits: Limits | None = None) -> int:
-    """Load the stage's model and serve it until interrupted (or `stop_after` seconds)."""
+          limits: Limits | None = None, exit_on_signal: bool = False) -> int:
+    """Load the stage's model and serve it until interrupted (or `stop_after` seconds); with
+    `exit_on_signal` (the CLI) an interrupt ends the process right after the server finished."""
     from medpipe.commands.rundir import stage_artifact
     from medpipe.errors import MedpipeError
 
@@ -487,10 +405,21 @@ def serve(run_dir: str, stage: str | None = None, host: str = "127.0.0.1", port:
         timer.start()
     batching = getattr(getattr(app, "state", None), "batching", limits.batching)
     say(f"serving {name} ({art.model_path}){' + RAG' if retriever else ''} at http://{host}:{port}/v1 "
-        f"(OpenAI-compatible: /v1/models, /v1/chat/completions){'; API key required' if limits.api_key else ''}; "
+        f"(OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions){'; API key required' if limits.api_key else ''}; "
         f"Ctrl-C stops; {batching} batching")
     try:
-        server.run()
+        server.run()  # on SIGINT/SIGTERM uvicorn shuts down, then raises the signal again (KeyboardInterrupt)
+    except KeyboardInterrupt:
+        close_engine(app)
+        if exit_on_signal:
+            # the interpreter's own teardown (threads, the model's tensors) took seconds after "Finished
+            # server process": nothing is left to save, so the process ends here
+            import sys
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        raise
     finally:
         close_engine(app)
     return 0

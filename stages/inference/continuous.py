@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from medpipe.errors import MedpipeError
 
-from .runtime import Completion, left_padded_batches, pad_id
+from .runtime import Completion, find_stop, held_back, left_padded_batches, pad_id, top_logprobs, visible_text
 
 
 class GenerationFailed(MedpipeError):
@@ -51,8 +51,15 @@ class EngineRequest:
     on_tokens: Callable[[list[int]], None] | None = None  # streamed: the tokens so far (loop thread)
     future: Future = field(default_factory=Future)
     tokens: list[int] = field(default_factory=list)  # generated so far (a stop token last when stopped)
-    stopped: bool = False
+    stopped: bool = False  # by a stop token
     cancelled: bool = False
+    stop: tuple = ()  # stop strings: the request ends once its text holds one
+    logprobs: int | None = None  # top-k log-probabilities per token (0: the chosen token's only)
+    echo: bool = False  # the prompt tokens' log-probabilities too (scoring, /v1/completions)
+    strip: bool = True  # chat text is stripped; completions text is returned raw
+    lps: list = field(default_factory=list)  # per generated token (id, logprob, top-k) with logprobs on
+    prompt_lps: list | None = None
+    stop_hit: bool = False  # its text reached a stop string
 
 
 def unsupported(local: Any) -> str | None:
@@ -84,18 +91,23 @@ def kv_bytes_per_token(config: Any, dtype_size: int) -> int:
 
 class TextPieces:
     """Text of a growing token list, piece by piece, joining to exactly `Completion.text`
-    (decode(tokens).strip()): leading whitespace dropped, trailing whitespace and an unfinished
-    multi-byte character held back until more text follows."""
+    (decode(tokens).strip() for chat, raw for completions): leading whitespace dropped, trailing
+    whitespace, an unfinished multi-byte character and what could begin a stop string held back
+    until more text follows; nothing from a stop string on."""
 
-    def __init__(self, tok: Any, stop_ids: set[int]):
-        self.tok, self.stops, self.sent = tok, stop_ids, ""
+    def __init__(self, tok: Any, stop_ids: set[int], stop: tuple = (), strip: bool = True):
+        self.tok, self.stops, self.sent, self.stop, self.strip = tok, stop_ids, "", stop, strip
 
     def feed(self, tokens: list[int]) -> str:
         cut = next((j for j, t in enumerate(tokens) if t in self.stops), len(tokens))
-        text = self.tok.decode(tokens[:cut], skip_special_tokens=True).lstrip()
+        text = self.tok.decode(tokens[:cut], skip_special_tokens=True)
+        text = text.lstrip() if self.strip else text
         if text.endswith("\ufffd"):
             return ""
-        body = text.rstrip()
+        if self.stop:
+            at = find_stop(text, self.stop)
+            text = text[:at] if at >= 0 else text[:len(text) - held_back(text, self.stop)]
+        body = text.rstrip() if self.strip else text
         if not body.startswith(self.sent) or len(body) == len(self.sent):
             return ""
         piece, self.sent = body[len(self.sent):], body
@@ -146,13 +158,16 @@ class ContinuousEngine:
         return len(self.pending)
 
     def submit(self, ids: list[int], max_new_tokens: int, on_tokens: Callable[[list[int]], None] | None = None,
-               max_length: int | None = None) -> EngineRequest:
+               max_length: int | None = None, stop: tuple = (), logprobs: int | None = None, echo: bool = False,
+               strip: bool = True) -> EngineRequest:
+        """A request; `max_new_tokens` 0 (with `echo`: scoring the prompt) ends after its prefill."""
         if self.closed:
             raise GenerationFailed("the engine is closed")
         ids = list(ids[-max_length:] if max_length else ids)
         if not ids:
             raise GenerationFailed("the prompt has no tokens")
-        req = EngineRequest(f"mp-{next(self.ids)}", ids, max(1, int(max_new_tokens)), on_tokens)
+        req = EngineRequest(f"mp-{next(self.ids)}", ids, max(0, int(max_new_tokens)), on_tokens, stop=tuple(stop),
+                            logprobs=logprobs, echo=echo, strip=strip)
         with self.wake:
             self.pending[req.rid] = req
             self.inbox.append(req)
@@ -160,12 +175,12 @@ class ContinuousEngine:
         return req
 
     def stream(self, ids: list[int], max_new_tokens: int, max_length: int | None = None,
-               deadline: float | None = None) -> "EngineStream":
+               deadline: float | None = None, **opts: Any) -> "EngineStream":
         """A streamed request, for a caller on an asyncio loop: `async for x in engine.stream(...)`
         yields text pieces as the batch produces tokens, then the Completion."""
         import asyncio
 
-        return EngineStream(self, asyncio.get_running_loop(), ids, max_new_tokens, max_length, deadline)
+        return EngineStream(self, asyncio.get_running_loop(), ids, max_new_tokens, max_length, deadline, opts)
 
     def cancel(self, req: EngineRequest) -> None:
         """Stop generating for a request nobody waits for any more (timed out, client gone): it leaves
@@ -194,8 +209,14 @@ class ContinuousEngine:
 
     def completion(self, req: EngineRequest) -> Completion:
         toks = req.tokens[:-1] if req.stopped else req.tokens
-        text = self.local.tok.decode(toks, skip_special_tokens=True).strip()
-        return Completion(text, "stop" if req.stopped else "length", len(req.ids), len(toks))
+        if not req.stop and req.strip:  # the common case: one decode
+            text, covered = self.local.tok.decode(toks, skip_special_tokens=True).strip(), None
+        else:
+            text, covered = visible_text(self.local.tok, toks, req.stop, req.strip)
+        if covered is not None:
+            toks = toks[:covered]
+        return Completion(text, "stop" if req.stopped or covered is not None else "length", len(req.ids), len(toks),
+                          req.lps[:len(toks)] if req.logprobs is not None else None, req.prompt_lps, req.ids)
 
     def close(self) -> None:
         if self.closed:
@@ -257,8 +278,8 @@ class ContinuousEngine:
         return not self.batch.rows or any(f.waited or f.done for f in self.filling) \
             or len(self.batch.rows) + len(self.filling) >= self.max_batch
 
-    def _forward(self, **kw: Any) -> Any:
-        if self.keep_logits:
+    def _forward(self, all_logits: bool = False, **kw: Any) -> Any:
+        if self.keep_logits and not all_logits:
             kw["logits_to_keep"] = 1
         self.steps += 1
         return self.model(use_cache=True, **kw)
@@ -281,11 +302,16 @@ class ContinuousEngine:
             _, ids, mask = next(left_padded_batches([f.req.ids for f in group], len(group), self.pad))
             ids, mask = ids.to(self.device), mask.to(self.device)
             cache = DynamicCache(config=self.model.config)
-            out = self._forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                                past_key_values=cache)
-            for f in group:
+            echo = any(f.req.echo for f in group)
+            out = self._forward(echo, input_ids=ids, attention_mask=mask,
+                                position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache)
+            for r, f in enumerate(group):
                 f.done = len(f.req.ids)
-            self._join(group, out.past_key_values, mask, out.logits[:, -1].argmax(-1))
+                if f.req.echo:  # each prompt token given the ones before it, from this same forward
+                    start = ids.shape[1] - len(f.req.ids)
+                    f.req.prompt_lps = [None] + top_logprobs(out.logits[r, start:-1], ids[r, start + 1:],
+                                                             f.req.logprobs or 0)
+            self._join(group, out.past_key_values, mask, out.logits[:, -1])
             return
         f = self.filling[0]  # a long prompt: its next chunk, with its own cache
         if f.cache is None:
@@ -293,18 +319,66 @@ class ContinuousEngine:
         end = min(len(f.req.ids), f.done + self.prefill_chunk)
         chunk = torch.tensor([f.req.ids[f.done:end]], device=self.device)
         mask = torch.ones(1, end, dtype=torch.long, device=self.device)
-        out = self._forward(input_ids=chunk, attention_mask=mask,
+        out = self._forward(f.req.echo, input_ids=chunk, attention_mask=mask,
                             position_ids=torch.arange(f.done, end, device=self.device)[None], past_key_values=f.cache)
+        if f.req.echo:  # the previous chunk's last logits predict this chunk's first token
+            k = f.req.logprobs or 0
+            if f.last is None:
+                f.req.prompt_lps = [None]
+            else:
+                f.req.prompt_lps += top_logprobs(f.last, chunk[0, :1], k)
+            f.req.prompt_lps += top_logprobs(out.logits[0, :-1], chunk[0, 1:], k)
+            f.last = out.logits[:1, -1]
         f.done = end
         if end == len(f.req.ids):
-            self._join([f], out.past_key_values, mask, out.logits[:, -1].argmax(-1))
+            self._join([f], out.past_key_values, mask, out.logits[:, -1])
 
-    def _join(self, group: list["Prefill"], cache: Any, mask: Any, first: Any) -> None:
-        """Prefilled prompts (their cache, mask and first token) into the running batch."""
+    def _join(self, group: list["Prefill"], cache: Any, mask: Any, logits: Any) -> None:
+        """Prefilled prompts (their cache, mask and the logits of their first token) into the running
+        batch; a request for no new tokens (scoring) ends here."""
+        import torch
+
         self.filling = [f for f in self.filling if f not in group]
         reqs = [f.req for f in group]
+        scored = [r for r in reqs if r.max_new_tokens == 0]
+        if scored:
+            self._finish(scored)
+            keep = [i for i, r in enumerate(reqs) if r.max_new_tokens > 0]
+            if not keep:
+                return
+            index = torch.tensor(keep, device=mask.device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+            reqs, mask, logits = [reqs[i] for i in keep], mask[index], logits[index]
+            lead = int(mask.argmax(1).min())  # columns every kept row pads
+            if lead:
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+                mask = mask[:, lead:]
+        first = logits.argmax(-1)
         self.batch.merge(reqs, cache, mask, first)
-        self._emit(first.tolist(), reqs)
+        self._emit(first.tolist(), reqs, self._logprobs(reqs, logits, first))
+
+    def _logprobs(self, rows: list[EngineRequest], logits: Any, chosen: Any) -> list | None:
+        """Per row, the chosen token's (id, logprob, top-k) where the row asked for them (same logits)."""
+        want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        if not want:
+            return None
+        k = max(rows[i].logprobs for i in want)
+        index = chosen.new_tensor(want)
+        got = top_logprobs(logits[index], chosen[index], k)
+        out: list = [None] * len(rows)
+        for i, g in zip(want, got):
+            out[i] = (g[0], g[1], g[2][:rows[i].logprobs])
+        return out
+
+    def _finish(self, reqs: list[EngineRequest]) -> None:
+        with self.wake:
+            for req in reqs:
+                self.pending.pop(req.rid, None)
+        for req in reqs:
+            if not req.future.done():
+                req.future.set_result(self.completion(req))
 
     def _decode(self) -> None:
         """One decoding step for every row of the batch."""
@@ -313,9 +387,11 @@ class ContinuousEngine:
         out = self._forward(input_ids=b.last[:, None], attention_mask=self._step_mask(b), position_ids=b.pos[:, None] - 1,
                             past_key_values=b.cache)
         b.cache = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1)
+        logits = out.logits[:, -1]
+        nxt = logits.argmax(-1)
         b.last = nxt
-        self._emit(nxt.tolist(), list(b.rows))
+        rows = list(b.rows)
+        self._emit(nxt.tolist(), rows, self._logprobs(rows, logits, nxt))
 
     def _step_mask(self, b: "Batch") -> Any:
         """The decode step's attention mask, built here rather than by the model from the 2-D mask every
@@ -333,16 +409,21 @@ class ContinuousEngine:
                 b.mask == 0, torch.finfo(dtype).min)[:, None, None, :]
         return b.mask  # other kernels (flash): the model builds its own from the 2-D mask
 
-    def _emit(self, tokens: list[int], rows: list[EngineRequest]) -> None:
-        """Each row's new token: streamed, finished (stop token or max_new_tokens) or cancelled rows leave."""
+    def _emit(self, tokens: list[int], rows: list[EngineRequest], lps: list | None = None) -> None:
+        """Each row's new token: streamed, finished (stop token or string, max_new_tokens) or cancelled rows leave."""
         gone = []
-        for req, t in zip(rows, tokens):
+        for i, (req, t) in enumerate(zip(rows, tokens)):
             if req.cancelled:
                 gone.append(req)
                 continue
             req.tokens.append(t)
+            if lps is not None and lps[i] is not None:
+                req.lps.append(lps[i])
             req.stopped = t in self.stops
-            finished = req.stopped or len(req.tokens) >= req.max_new_tokens
+            if req.stop and not req.stopped:
+                text = self.local.tok.decode(req.tokens, skip_special_tokens=True)
+                req.stop_hit = find_stop(text.lstrip() if req.strip else text, req.stop) >= 0
+            finished = req.stopped or req.stop_hit or len(req.tokens) >= req.max_new_tokens
             try:
                 if finished:
                     with self.wake:
@@ -374,6 +455,7 @@ class Prefill:
     done: int = 0  # prompt tokens in `cache` so far (a long prompt is prefilled chunk by chunk)
     cache: Any = None
     waited: int = 0  # decode steps run since it was admitted
+    last: Any = None  # echo of a chunked prompt: the last chunk's final logits (they predict the next chunk's first token)
 
 
 class Batch:
@@ -452,15 +534,23 @@ class EngineStream:
     newest list matters: each holds all tokens so far); iterating decodes them into text pieces."""
 
     def __init__(self, engine: ContinuousEngine, loop: Any, ids: list[int], max_new_tokens: int,
-                 max_length: int | None, deadline: float | None):
+                 max_length: int | None, deadline: float | None, opts: dict | None = None):
         import asyncio
 
         self.engine, self.deadline = engine, deadline
         self.queue: asyncio.Queue = asyncio.Queue()
         post = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
-        self.req = engine.submit(ids, max_new_tokens, on_tokens=post, max_length=max_length)
+        self.req = engine.submit(ids, max_new_tokens, on_tokens=post, max_length=max_length, **(opts or {}))
         self.req.future.add_done_callback(lambda f: post(None))
-        self.pieces = TextPieces(engine.local.tok, engine.stops)
+        self.pieces = TextPieces(engine.local.tok, engine.stops, self.req.stop, self.req.strip)
+        self.seen = 0  # tokens the pieces so far were decoded from
+        self.lp_sent = 0
+
+    def new_logprobs(self) -> list:
+        """The per-token log-probabilities of tokens the pieces so far came from, not yet sent."""
+        got = self.req.lps[self.lp_sent:self.seen]
+        self.lp_sent += len(got)
+        return got
 
     async def __aiter__(self):
         import asyncio
@@ -484,6 +574,7 @@ class EngineStream:
                         self.queue.put_nowait(None)
                         break
                     item = newer
+                self.seen = len(item)
                 piece = self.pieces.feed(item)
                 if piece:
                     yield piece

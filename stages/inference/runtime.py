@@ -41,6 +41,63 @@ class Completion:
     finish_reason: str  # stop | length
     prompt_tokens: int
     completion_tokens: int
+    # with logprobs asked for: per returned token (token id, log-probability, [(id, logprob)] top-k),
+    # from the forward that chose it; prompt_logprobs (echo): the same per prompt token, None first
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+    prompt_ids: list | None = None
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the first of the stop strings begins in text (-1: none does)."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else -1
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of text could begin a stop string (not to be shown yet)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def visible_text(tok: Any, toks: Sequence[int], stops: Sequence[str], strip: bool) -> tuple[str, int | None]:
+    """(the text of generated tokens as returned, the number of tokens it covers when a stop string
+    cut it, else None): chat text is stripped, completions text is raw; generation ends at a stop string,
+    which is not returned."""
+    text = tok.decode(list(toks), skip_special_tokens=True)
+    text = text.lstrip() if strip else text
+    cut = find_stop(text, stops) if stops else -1
+    if cut < 0:
+        return (text.rstrip() if strip else text), None
+    text = text[:cut]
+    n = len(toks)
+    for k in range(1, len(toks) + 1):  # the fewest tokens whose text reaches the cut
+        t = tok.decode(list(toks[:k]), skip_special_tokens=True)
+        if len(t.lstrip() if strip else t) >= cut:
+            n = k
+            break
+    return (text.rstrip() if strip else text), n
+
+
+def top_logprobs(logits: Any, chosen: Any, k: int) -> list[tuple[int, float, list]]:
+    """Per row: (chosen id, its log-probability, the top-k [(id, logprob)]) from one step's logits
+    (rows × vocab): the distribution of the forward that chose the token (raw logits, before any
+    temperature or top_p)."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), -1)
+    mine = lp.gather(-1, chosen.view(-1, 1))[:, 0].tolist()
+    if k > 0:
+        vals, idx = lp.topk(k, -1)
+        tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    else:
+        tops = [[] for _ in mine]
+    return [(int(c), m, t) for c, m, t in zip(chosen.view(-1).tolist(), mine, tops)]
 
 
 def encode_prompts(tok: Any, prompts: Sequence[str], add_special_tokens: bool, max_length: int | None) -> list[list[int]]:
@@ -135,20 +192,27 @@ class LocalModel:
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
                  add_special_tokens: bool | None = None, seed: int | None = None,
-                 ignore_eos: bool = False, tasks: Sequence[Any] | None = None, num_beams: int = 1) -> list[Completion]:
+                 ignore_eos: bool = False, tasks: Sequence[Any] | None = None, num_beams: int = 1,
+                 **serving: Any) -> list[Completion]:
         """Batched generation (sorted by length, left padding); greedy when temperature == 0.
-        `ignore_eos` generates exactly `max_new_tokens` (benchmarks)."""
+        `ignore_eos` generates exactly `max_new_tokens` (benchmarks); `serving`: generate_ids' stop,
+        logprobs, echo, cancel, strip."""
         enc = [self.encode(p, add_special_tokens) for p in prompts]
         return self.generate_ids(enc, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  batch_size=batch_size, max_length=max_length, seed=seed, ignore_eos=ignore_eos,
-                                 tasks=tasks, num_beams=num_beams)
+                                 tasks=tasks, num_beams=num_beams, **serving)
 
     def generate_ids(self, enc: Sequence[list[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, batch_size: int = 8, max_length: int | None = None,
                      seed: int | None = None, ignore_eos: bool = False, streamer: Any = None,
-                     tasks: Sequence[Any] | None = None, num_beams: int = 1) -> list[Completion]:
+                     tasks: Sequence[Any] | None = None, num_beams: int = 1, stop: Sequence[str] = (),
+                     logprobs: int | None = None, echo: bool = False, cancel: Sequence[Any] | None = None,
+                     strip: bool = True) -> list[Completion]:
         """The generate loop. `tasks`: one task per prompt for models that take task ids (C-Poly);
-        `num_beams` > 1: beam search instead of greedy (CMExam's inference)."""
+        `num_beams` > 1: beam search instead of greedy (CMExam's inference). Serving: `stop` strings end
+        a row (not returned); `logprobs` (top-k count, 0 = the chosen token's only) come from the logits
+        of the step that chose each token; `echo` scores the prompt tokens too; `cancel`: per prompt an
+        Event (or None) that, once set, ends that row at the next step; `strip=False` returns raw text."""
         import torch
 
         if max_length is not None:
@@ -160,6 +224,12 @@ class LocalModel:
             if seed is not None:
                 torch.manual_seed(seed)
             for chunk, ids, attn in left_padded_batches(enc, batch_size, pad):
+                prompt_lps = self._prompt_logprobs(ids, attn, logprobs or 0) if echo else [None] * len(chunk)
+                if max_new_tokens <= 0:  # scoring only (/v1/completions with max_tokens 0)
+                    for r, k in enumerate(chunk):
+                        out[k] = Completion("", "length", len(enc[k]), 0, [] if logprobs is not None else None,
+                                            prompt_lps[r], list(enc[k]))
+                    continue
                 kw: dict = dict(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids or None)
                 if ignore_eos:
@@ -172,21 +242,45 @@ class LocalModel:
                     kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
                 else:
                     kw.update(do_sample=False, num_beams=num_beams, temperature=None, top_p=None, top_k=None)
-                gen = self.model.generate(**kw)[:, ids.shape[1]:].tolist()
+                events = [cancel[k] for k in chunk] if cancel is not None else None
+                if stop or events:
+                    kw["stopping_criteria"] = [_ServingStop(self.tok, ids.shape[1], list(stop), strip, events)]
+                if logprobs is not None:
+                    kw.update(output_logits=True, return_dict_in_generate=True)
+                res = self.model.generate(**kw)
+                seqs = res.sequences if logprobs is not None else res
+                gen = seqs[:, ids.shape[1]:]
+                steps = (top_logprobs(torch.stack(res.logits, 1).flatten(0, 1), gen.flatten(), logprobs)
+                         if logprobs is not None else None)
+                gen = gen.tolist()
                 for r, k in enumerate(chunk):
                     toks, reason = gen[r], "length"
                     for j, t in enumerate(toks if not ignore_eos else []):
                         if t in stops:
                             toks, reason = toks[:j], "stop"
                             break
-                    text = self.tok.decode(toks, skip_special_tokens=True).strip()
-                    out[k] = Completion(text, reason, len(enc[k]), len(toks))
+                    text, covered = visible_text(self.tok, toks, stop, strip)
+                    if covered is not None:
+                        toks, reason = toks[:covered], "stop"
+                    lps = steps[r * len(gen[r]):r * len(gen[r]) + len(toks)] if steps is not None else None
+                    out[k] = Completion(text, reason, len(enc[k]), len(toks), lps, prompt_lps[r], list(enc[k]))
         return out  # type: ignore[return-value]
+
+    def _prompt_logprobs(self, ids: Any, attn: Any, k: int) -> list[list]:
+        """Per row of a left-padded batch: None, then each further prompt token's (id, logprob, top-k)
+        given the tokens before it (one forward, every position's logits)."""
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                            position_ids=(attn.cumsum(1) - 1).clamp(min=0).to(self.device)).logits
+        rows = []
+        for r in range(ids.shape[0]):
+            start = int((attn[r] == 0).sum())
+            rows.append([None] + top_logprobs(logits[r, start:-1], ids[r, start + 1:].to(self.device), k))
+        return rows
 
     def chat(self, messages: Sequence[dict], **kw: Any) -> Completion:
         return self.generate([self.render(messages)], **kw)[0]
 
-    def stream(self, prompt: str, **kw: Any) -> Iterator[str | Completion]:
+    def stream(self, prompt: str | list, **kw: Any) -> Iterator[str | Completion]:
         """Generate for one prompt, yielding the text as it is decoded (str pieces, joined they
         are the completion's text), then the Completion itself (finish reason, token counts).
         Keyword arguments as for generate()."""
@@ -194,10 +288,12 @@ class LocalModel:
 
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=None)
         result: dict = {}
+        strip = kw.get("strip", True)
+        ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt)  # token ids: /v1/completions
 
         def work() -> None:
             try:
-                result["done"] = self.generate_ids([self.encode(prompt)], streamer=streamer, **kw)[0]
+                result["done"] = self.generate_ids([ids], streamer=streamer, **kw)[0]
             except BaseException as e:  # re-raised in the caller's thread
                 result["error"] = e
                 streamer.end()
@@ -208,8 +304,8 @@ class LocalModel:
         for piece in streamer:
             # generate() strips the text: leading whitespace is dropped, trailing whitespace is held
             # back until more text follows, so the pieces join to exactly the completion's text
-            text = pending + (piece if sent else piece.lstrip())
-            body = text.rstrip()
+            text = pending + (piece if sent or not strip else piece.lstrip())
+            body = text.rstrip() if strip else text
             pending = text[len(body):]
             if body:
                 sent += body
@@ -221,6 +317,40 @@ class LocalModel:
         if done.text.startswith(sent) and len(done.text) > len(sent):  # trailing text the streamer held back
             yield done.text[len(sent):]
         yield done
+
+
+def _serving_stop_class():
+    from transformers import StoppingCriteria
+
+    class ServingStop(StoppingCriteria):
+        """Ends a row of `generate` once its text holds a stop string, or its client went away."""
+
+        def __init__(self, tok: Any, prompt_len: int, stop: list[str], strip: bool, events: list | None):
+            self.tok, self.prompt_len, self.stop, self.strip, self.events = tok, prompt_len, stop, strip, events
+
+        def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+            import torch
+
+            done = []
+            for r, row in enumerate(input_ids[:, self.prompt_len:].tolist()):
+                gone = bool(self.events and self.events[r] is not None and self.events[r].is_set())
+                if not gone and self.stop:
+                    text = self.tok.decode(row, skip_special_tokens=True)
+                    gone = find_stop(text.lstrip() if self.strip else text, self.stop) >= 0
+                done.append(gone)
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return ServingStop
+
+
+def _ServingStop(*a: Any) -> Any:  # noqa: N802 - built on first use: transformers is imported lazily
+    global _SERVING_STOP
+    if _SERVING_STOP is None:
+        _SERVING_STOP = _serving_stop_class()
+    return _SERVING_STOP(*a)
+
+
+_SERVING_STOP = None
 
 
 # --- an OpenAI-compatible endpoint --------------------------------------------------------------
