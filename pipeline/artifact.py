@@ -60,9 +60,13 @@ class Artifact:
         return stage_key(self.config_hash, self.inputs_hash)
 
     def save(self, directory: str | Path) -> Path:
+        """artifact.json in `directory`; paths inside it are written relative to it (a store moved
+        with its runs, or read from another working directory, still finds them), others absolute."""
         if not self.created:
             self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return write_json_atomic(Path(directory) / ARTIFACT_FILE, dataclasses.asdict(self))
+        data = dataclasses.asdict(self)
+        _map_paths(data, lambda p: _portable(p, Path(directory)))
+        return write_json_atomic(Path(directory) / ARTIFACT_FILE, data)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Artifact":
@@ -86,13 +90,56 @@ class Artifact:
         if missing:
             raise ArtifactError(f"{path}: field {missing[0]!r} missing or not a string")
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
+            art = cls(**{k: v for k, v in data.items() if k in known})
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{path}: {e}") from None
+        _map_paths(art, lambda p: _located(p, Path(directory)))
+        return art
 
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
         return (Path(directory) / ARTIFACT_FILE).is_file()
+
+
+PATH_FIELDS = ("model_path", "tokenizer_path", "base_model_path", "merged_path", "dataset_path")
+
+
+def _map_paths(obj: Any, fn) -> None:
+    """Apply `fn` to every path an artifact (or its dict) records."""
+    get = obj.get if isinstance(obj, dict) else lambda k: getattr(obj, k)
+    put = obj.__setitem__ if isinstance(obj, dict) else lambda k, v: setattr(obj, k, v)
+    for name in PATH_FIELDS:
+        if isinstance(get(name), str) and get(name):
+            put(name, fn(get(name)))
+    models = get("task_models")
+    if isinstance(models, dict):
+        put("task_models", {t: fn(p) if isinstance(p, str) and p else p for t, p in models.items()})
+
+
+def _portable(path: str, directory: Path) -> str:
+    """A path inside the artifact's own directory relative to it ("model", "."), else absolute."""
+    p, root = Path(path).expanduser().resolve(), directory.expanduser().resolve()
+    if p == root or root in p.parents:
+        return p.relative_to(root).as_posix() or "."
+    if Path(path).expanduser().is_absolute() or Path(path).expanduser().exists():
+        return str(p)
+    return path   # a Hub id (model.allow_hub), kept as given
+
+
+def _located(path: str, directory: Path) -> str:
+    """An absolute path for a recorded one. Relative paths are relative to the artifact's directory;
+    artifacts written before that recorded them relative to the run's working directory
+    ("runs/.store/sft-KEY/merged"): the part after the entry's own name is taken under it."""
+    p = Path(path)
+    if p.is_absolute():
+        return path
+    root = directory.expanduser().resolve()
+    if root.name in p.parts:
+        rest = p.parts[p.parts.index(root.name) + 1:]
+        return str(root.joinpath(*rest))
+    if len(p.parts) == 2 and not path.startswith(".") and not (root / p).exists():
+        return path   # "org/name": a Hub id (model.allow_hub) kept as given
+    return str((root / p).resolve())
 
 
 class ArtifactError(MedpipeError):
@@ -258,6 +305,17 @@ def model_fingerprint(path: str | Path) -> str:
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
     config = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
     return stable_hash({"files": files, "config": config})
+
+
+def missing_model(art: Artifact, directory: str | Path) -> str | None:
+    """One line naming the artifact.json whose model / tokenizer / merged dir is gone (else the
+    loader would take the path for a Hub id: "Repo id must be in the form ..."), or None."""
+    for name in ("model_path", "tokenizer_path", "merged_path"):
+        value = getattr(art, name)
+        if value and Path(value).is_absolute() and not Path(value).exists():
+            return (f"{Path(directory) / ARTIFACT_FILE}: {name} {value} does not exist (moved or deleted; "
+                    f"`medpipe run` retrains the stage)")
+    return None
 
 
 def merged_view(art: Artifact) -> Artifact:

@@ -171,6 +171,12 @@ def read_run_file(run_dir: Path) -> dict:
         raise MedpipeError(f"{path}: not a readable run file ({e})") from None
     if not isinstance(info, dict) or not isinstance(info.get("stages"), list):
         raise MedpipeError(f"{path}: not a medpipe run file (no 'stages' list)")
+    for s in info["stages"]:
+        # the run dir's relative link NN-<stage> first: it still points at the entry when the run
+        # dir was moved or copied together with its store (the recorded absolute path would not)
+        linked = Path(run_dir) / str(s.get("link") or "")
+        if s.get("link") and linked.is_symlink() and linked.exists():
+            s["store_dir"] = str(linked.resolve())
     return info
 
 
