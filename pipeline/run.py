@@ -320,12 +320,15 @@ class Pipeline:
     def check_data(self, base: Artifact) -> None:
         """Validate every stage's data before the first stage trains."""
         from .cluster_values import check_launcher
+        from .store import check_places
         from .data import DataError
 
         from omegaconf import OmegaConf
 
         launcher = OmegaConf.to_container(self.cfg.launcher, resolve=True)
         check_launcher(launcher)   # counts, ports, sbatch values: one line naming the key
+        check_places(self.cfg)     # run dir and store writable
+        tracking.check_trackers(self.cfg)   # each configured tracker answers (short timeout)
         world = launch.world_size(launcher)
         for plan in self.plans:
             if hasattr(plan.params, "batch_layout") and getattr(plan.cls, "trains", True):
