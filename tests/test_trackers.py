@@ -83,9 +83,11 @@ def test_one_mlflow_parent_per_pipeline_a_child_per_stage_and_wandb_groups(tmp_p
         losses = client.get_metric_history(children[name].info.run_id, "loss")
         assert [m.step for m in losses] == [2, 4]
         assert children[name].data.params["learning_rate"] in ("0.003", "0.005")
-        assert children[name].data.tags["path.model"] == arts[name]["model_path"]
+        # artifact.json records paths inside its entry relative to it; trackers get them absolute
+        entry = (run_dir / f"0{list(arts).index(name) + 1}-{name}").resolve()
+        assert children[name].data.tags["path.model"] == str(entry / arts[name]["model_path"])
         assert parent.data.metrics[f"{name}.last_loss"] == pytest.approx(arts[name]["metrics"]["last_loss"])
-    assert children["sft"].data.tags["path.merged"] == arts["sft"]["merged_path"]
+    assert children["sft"].data.tags["path.merged"] == str((run_dir / "02-sft").resolve() / arts["sft"]["merged_path"])
     assert parent.data.metrics["eval.cmexam_acc"] == arts["eval"]["metrics"]["cmexam/acc"]
     # W&B offline: one run per training stage and the pipeline's own, all in the run dir's group
     offline = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
