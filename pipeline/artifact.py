@@ -166,12 +166,13 @@ def file_sha256(path: Path) -> str:
 SET_VALUED = ("target_modules", "modules_to_save", "exclude_modules", "layers_to_transform")
 
 
-def canonical_json_sha256(path: Path) -> str:
+def canonical_json_sha256(path: Path, places: dict[str, str] | None = None) -> str:
     """sha256 of a JSON file's content, not its bytes: keys sorted, set-valued lists sorted, so the
     same settings give the same digest in every process (PEFT writes target_modules from a set,
-    whose order changes with PYTHONHASHSEED). A file that is not JSON: its bytes."""
+    whose order changes with PYTHONHASHSEED). A file that is not JSON: its bytes. `places` maps
+    where things are on this machine (the store, the cache) to a neutral name first."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_placeless(path.read_text(encoding="utf-8"), places))
     except (UnicodeDecodeError, ValueError):
         return file_sha256(path)
 
@@ -184,6 +185,28 @@ def canonical_json_sha256(path: Path) -> str:
 
     blob = json.dumps(canon(data), sort_keys=True, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _places(entry: Path) -> dict[str, str]:
+    """Where the store and the cache are here: an adapter's config and model card name its base
+    model by path (`base_model_name_or_path`), which must not make the same weights another
+    content in another store, cache or machine."""
+    from .paths import cache_root
+
+    return {str(entry.parent) + os.sep: "<store>/", str(cache_root().expanduser().resolve()) + os.sep: "<cache>/"}
+
+
+def _placeless(text: str, places: dict[str, str] | None) -> str:
+    for where, name in (places or {}).items():
+        text = text.replace(where, name)
+    return text
+
+
+def _text_sha256(path: Path, places: dict[str, str]) -> str:
+    try:
+        return hashlib.sha256(_placeless(path.read_text(encoding="utf-8"), places).encode()).hexdigest()
+    except (UnicodeDecodeError, ValueError):
+        return file_sha256(path)
 
 
 def record_files(art: "Artifact", directory: str | Path, input_digest: str = "") -> None:
@@ -205,7 +228,9 @@ def record_files(art: "Artifact", directory: str | Path, input_digest: str = "")
             if rel not in files and not f.name.startswith("."):
                 files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
     art.files = files
-    content = {rel: (canonical_json_sha256(root / rel) if rel.endswith(".json") else v["sha256"])
+    places = _places(root)
+    content = {rel: (canonical_json_sha256(root / rel, places) if rel.endswith(".json") else
+                     _text_sha256(root / rel, places) if rel.endswith(".md") else v["sha256"])
                for rel, v in files.items() if Path(rel).name not in RUN_METADATA}
     art.content_digest = stable_hash({"format": art.format, "files": content, "input": input_digest if outside else "",
                                       "handoff": art.handoff, "dataset_records": art.dataset_records}, length=32)
