@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import MedpipeError
+from .paths import not_regular
 
 ARTIFACT_FILE = "artifact.json"
 FORMATS = ("full", "adapter", "merged")
@@ -73,6 +74,9 @@ class Artifact:
         """The artifact in `directory`; a file that is not a readable artifact raises ArtifactError
         naming it (a torn or hand-edited artifact.json is never taken for a finished stage)."""
         path = Path(directory) / ARTIFACT_FILE
+        why = not_regular(path)
+        if why:   # a FIFO in its place would block the reader forever
+            raise ArtifactError(f"{path}: {why}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
@@ -98,7 +102,8 @@ class Artifact:
 
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
-        return (Path(directory) / ARTIFACT_FILE).is_file()
+        # any file type: a FIFO or a directory in its place is a broken artifact (load names it)
+        return (Path(directory) / ARTIFACT_FILE).exists()
 
 
 PATH_FIELDS = ("model_path", "tokenizer_path", "base_model_path", "merged_path", "dataset_path")

@@ -14,6 +14,7 @@ from typing import Any
 
 from .artifact import Artifact, ArtifactError, check_files, write_json_atomic
 from .errors import MedpipeError
+from .paths import not_regular
 
 RUN_FILE = "run.json"
 STATUS_FILE = "status.json"
@@ -163,6 +164,9 @@ LOW_SPACE = 64 << 20
 
 def read_run_file(run_dir: Path) -> dict:
     path = Path(run_dir) / RUN_FILE
+    why = not_regular(path)
+    if why:
+        raise MedpipeError(f"{path}: {why}")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
