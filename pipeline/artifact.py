@@ -238,7 +238,8 @@ def record_files(art: "Artifact", directory: str | Path, input_digest: str = "")
                      _text_sha256(root / rel, places) if rel.endswith(".md") else v["sha256"])
                for rel, v in files.items() if Path(rel).name not in RUN_METADATA}
     art.content_digest = stable_hash({"format": art.format, "files": content, "input": input_digest if outside else "",
-                                      "handoff": art.handoff, "dataset_records": art.dataset_records}, length=32)
+                                      "handoff": json.loads(_placeless(json.dumps(art.handoff), places)),
+                                      "dataset_records": art.dataset_records}, length=32)
 
 
 def check_files(art: "Artifact", directory: str | Path, full: bool = False) -> list[str]:
