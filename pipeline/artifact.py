@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import MedpipeError
+from .paths import not_regular
 
 ARTIFACT_FILE = "artifact.json"
 FORMATS = ("full", "adapter", "merged")
@@ -60,15 +61,22 @@ class Artifact:
         return stage_key(self.config_hash, self.inputs_hash)
 
     def save(self, directory: str | Path) -> Path:
+        """artifact.json in `directory`; paths inside it are written relative to it (a store moved
+        with its runs, or read from another working directory, still finds them), others absolute."""
         if not self.created:
             self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return write_json_atomic(Path(directory) / ARTIFACT_FILE, dataclasses.asdict(self))
+        data = dataclasses.asdict(self)
+        _map_paths(data, lambda p: _portable(p, Path(directory)))
+        return write_json_atomic(Path(directory) / ARTIFACT_FILE, data)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Artifact":
         """The artifact in `directory`; a file that is not a readable artifact raises ArtifactError
         naming it (a torn or hand-edited artifact.json is never taken for a finished stage)."""
         path = Path(directory) / ARTIFACT_FILE
+        why = not_regular(path)
+        if why:   # a FIFO in its place would block the reader forever
+            raise ArtifactError(f"{path}: {why}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
@@ -86,13 +94,57 @@ class Artifact:
         if missing:
             raise ArtifactError(f"{path}: field {missing[0]!r} missing or not a string")
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
+            art = cls(**{k: v for k, v in data.items() if k in known})
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{path}: {e}") from None
+        _map_paths(art, lambda p: _located(p, Path(directory)))
+        return art
 
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
-        return (Path(directory) / ARTIFACT_FILE).is_file()
+        # any file type: a FIFO or a directory in its place is a broken artifact (load names it)
+        return (Path(directory) / ARTIFACT_FILE).exists()
+
+
+PATH_FIELDS = ("model_path", "tokenizer_path", "base_model_path", "merged_path", "dataset_path")
+
+
+def _map_paths(obj: Any, fn) -> None:
+    """Apply `fn` to every path an artifact (or its dict) records."""
+    get = obj.get if isinstance(obj, dict) else lambda k: getattr(obj, k)
+    put = obj.__setitem__ if isinstance(obj, dict) else lambda k, v: setattr(obj, k, v)
+    for name in PATH_FIELDS:
+        if isinstance(get(name), str) and get(name):
+            put(name, fn(get(name)))
+    models = get("task_models")
+    if isinstance(models, dict):
+        put("task_models", {t: fn(p) if isinstance(p, str) and p else p for t, p in models.items()})
+
+
+def _portable(path: str, directory: Path) -> str:
+    """A path inside the artifact's own directory relative to it ("model", "."), else absolute."""
+    p, root = Path(path).expanduser().resolve(), directory.expanduser().resolve()
+    if p == root or root in p.parents:
+        return p.relative_to(root).as_posix() or "."
+    if Path(path).expanduser().is_absolute() or Path(path).expanduser().exists():
+        return str(p)
+    return path   # a Hub id (model.allow_hub), kept as given
+
+
+def _located(path: str, directory: Path) -> str:
+    """An absolute path for a recorded one. Relative paths are relative to the artifact's directory;
+    artifacts written before that recorded them relative to the run's working directory
+    ("runs/.store/sft-KEY/merged"): the part after the entry's own name is taken under it."""
+    p = Path(path)
+    if p.is_absolute():
+        return path
+    root = directory.expanduser().resolve()
+    if root.name in p.parts:
+        rest = p.parts[p.parts.index(root.name) + 1:]
+        return str(root.joinpath(*rest))
+    if len(p.parts) == 2 and not path.startswith(".") and not (root / p).exists():
+        return path   # "org/name": a Hub id (model.allow_hub) kept as given
+    return str((root / p).resolve())
 
 
 class ArtifactError(MedpipeError):
@@ -119,12 +171,13 @@ def file_sha256(path: Path) -> str:
 SET_VALUED = ("target_modules", "modules_to_save", "exclude_modules", "layers_to_transform")
 
 
-def canonical_json_sha256(path: Path) -> str:
+def canonical_json_sha256(path: Path, places: dict[str, str] | None = None) -> str:
     """sha256 of a JSON file's content, not its bytes: keys sorted, set-valued lists sorted, so the
     same settings give the same digest in every process (PEFT writes target_modules from a set,
-    whose order changes with PYTHONHASHSEED). A file that is not JSON: its bytes."""
+    whose order changes with PYTHONHASHSEED). A file that is not JSON: its bytes. `places` maps
+    where things are on this machine (the store, the cache) to a neutral name first."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_placeless(path.read_text(encoding="utf-8"), places))
     except (UnicodeDecodeError, ValueError):
         return file_sha256(path)
 
@@ -137,6 +190,28 @@ def canonical_json_sha256(path: Path) -> str:
 
     blob = json.dumps(canon(data), sort_keys=True, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _places(entry: Path) -> dict[str, str]:
+    """Where the store and the cache are here: an adapter's config and model card name its base
+    model by path (`base_model_name_or_path`), which must not make the same weights another
+    content in another store, cache or machine."""
+    from .paths import cache_root
+
+    return {str(entry.parent) + os.sep: "<store>/", str(cache_root().expanduser().resolve()) + os.sep: "<cache>/"}
+
+
+def _placeless(text: str, places: dict[str, str] | None) -> str:
+    for where, name in (places or {}).items():
+        text = text.replace(where, name)
+    return text
+
+
+def _text_sha256(path: Path, places: dict[str, str]) -> str:
+    try:
+        return hashlib.sha256(_placeless(path.read_text(encoding="utf-8"), places).encode()).hexdigest()
+    except (UnicodeDecodeError, ValueError):
+        return file_sha256(path)
 
 
 def record_files(art: "Artifact", directory: str | Path, input_digest: str = "") -> None:
@@ -158,10 +233,13 @@ def record_files(art: "Artifact", directory: str | Path, input_digest: str = "")
             if rel not in files and not f.name.startswith("."):
                 files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
     art.files = files
-    content = {rel: (canonical_json_sha256(root / rel) if rel.endswith(".json") else v["sha256"])
+    places = _places(root)
+    content = {rel: (canonical_json_sha256(root / rel, places) if rel.endswith(".json") else
+                     _text_sha256(root / rel, places) if rel.endswith(".md") else v["sha256"])
                for rel, v in files.items() if Path(rel).name not in RUN_METADATA}
     art.content_digest = stable_hash({"format": art.format, "files": content, "input": input_digest if outside else "",
-                                      "handoff": art.handoff, "dataset_records": art.dataset_records}, length=32)
+                                      "handoff": json.loads(_placeless(json.dumps(art.handoff), places)),
+                                      "dataset_records": art.dataset_records}, length=32)
 
 
 def check_files(art: "Artifact", directory: str | Path, full: bool = False) -> list[str]:
@@ -258,6 +336,17 @@ def model_fingerprint(path: str | Path) -> str:
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
     config = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
     return stable_hash({"files": files, "config": config})
+
+
+def missing_model(art: Artifact, directory: str | Path) -> str | None:
+    """One line naming the artifact.json whose model / tokenizer / merged dir is gone (else the
+    loader would take the path for a Hub id: "Repo id must be in the form ..."), or None."""
+    for name in ("model_path", "tokenizer_path", "merged_path"):
+        value = getattr(art, name)
+        if value and Path(value).is_absolute() and not Path(value).exists():
+            return (f"{Path(directory) / ARTIFACT_FILE}: {name} {value} does not exist (moved or deleted; "
+                    f"`medpipe run` retrains the stage)")
+    return None
 
 
 def merged_view(art: Artifact) -> Artifact:

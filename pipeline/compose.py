@@ -99,7 +99,22 @@ def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     if OmegaConf.is_missing(cfg, "name") or "stages" not in cfg or not cfg.stages:
         raise ConfigError(f"recipe '{recipe}' must set `name` and at least one entry under `stages`")
     check_recipe_keys(cfg)
+    _absolute_run_paths(cfg)
     return cfg, {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+
+
+def _absolute_run_paths(cfg: Any) -> None:
+    """run.root, run.store and run.dir as absolute paths, resolved once against the working directory
+    of this command: every path the run records then finds its files from any other directory."""
+    import os
+
+    run = cfg.get("run")
+    if run is None:
+        return
+    for key in ("root", "store", "dir"):
+        value = run.get(key)
+        if isinstance(value, str) and value:
+            run[key] = os.path.abspath(os.path.expanduser(value))
 
 
 def _yaml_error(e: Exception) -> str | None:

@@ -319,11 +319,17 @@ class Pipeline:
 
     def check_data(self, base: Artifact) -> None:
         """Validate every stage's data before the first stage trains."""
+        from .cluster_values import check_launcher
+        from .store import check_places
         from .data import DataError
 
         from omegaconf import OmegaConf
 
-        world = launch.world_size(OmegaConf.to_container(self.cfg.launcher, resolve=True))
+        launcher = OmegaConf.to_container(self.cfg.launcher, resolve=True)
+        check_launcher(launcher)   # counts, ports, sbatch values: one line naming the key
+        check_places(self.cfg)     # run dir and store writable
+        tracking.check_trackers(self.cfg)   # each configured tracker answers (short timeout)
+        world = launch.world_size(launcher)
         for plan in self.plans:
             if hasattr(plan.params, "batch_layout") and getattr(plan.cls, "trains", True):
                 try:  # the global batch must divide over the launcher's ranks: fail before anything trains

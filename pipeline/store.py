@@ -14,6 +14,7 @@ from typing import Any
 
 from .artifact import Artifact, ArtifactError, check_files, write_json_atomic
 from .errors import MedpipeError
+from .paths import not_regular
 
 RUN_FILE = "run.json"
 STATUS_FILE = "status.json"
@@ -163,6 +164,9 @@ LOW_SPACE = 64 << 20
 
 def read_run_file(run_dir: Path) -> dict:
     path = Path(run_dir) / RUN_FILE
+    why = not_regular(path)
+    if why:
+        raise MedpipeError(f"{path}: {why}")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -171,6 +175,12 @@ def read_run_file(run_dir: Path) -> dict:
         raise MedpipeError(f"{path}: not a readable run file ({e})") from None
     if not isinstance(info, dict) or not isinstance(info.get("stages"), list):
         raise MedpipeError(f"{path}: not a medpipe run file (no 'stages' list)")
+    for s in info["stages"]:
+        # the run dir's relative link NN-<stage> first: it still points at the entry when the run
+        # dir was moved or copied together with its store (the recorded absolute path would not)
+        linked = Path(run_dir) / str(s.get("link") or "")
+        if s.get("link") and linked.is_symlink() and linked.exists():
+            s["store_dir"] = str(linked.resolve())
     return info
 
 
@@ -186,3 +196,42 @@ def stage_table(run_dir: Path) -> list[dict]:
                      "artifact": str(sdir / "artifact.json") if st.get("state") == "done" else "",
                      "error": st.get("error")})
     return rows
+
+
+def unwritable(path: Path) -> str | None:
+    """Why medpipe could not create files at `path` (a read-only mount or directory, a file in the
+    way), or None. Tried for real in the nearest directory that exists: a mode check alone says yes
+    to root on a read-only filesystem."""
+    import tempfile
+
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            return "no existing parent directory"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".medpipe-write-check-")
+    except OSError as e:
+        return f"{probe} is not writable ({e.strerror})"
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def check_places(cfg: Any) -> None:
+    """run.dir (or run.root, where run dirs go) and the store are writable: checked by `validate`
+    and before `run` writes anything (else a read-only store fails after the run dir was made and
+    the first stage started)."""
+    from .errors import ConfigError
+
+    run = cfg.run
+    places = [("run.dir", run.get("dir")) if run.get("dir") else ("run.root", run.get("root")),
+              ("run.store", run.get("store") or str(Path(str(run.get("root"))).expanduser() / ".store"))]
+    for key, value in places:
+        if value:
+            why = unwritable(Path(str(value)).expanduser())
+            if why:
+                raise ConfigError(f"{key}: cannot write to {value}: {why}")

@@ -148,7 +148,8 @@ class EvalStage:
 
         sets = plan_sets(params, data_opts)
         if params.shots:
-            check_pool(read_pool(params.fewshot_data, params.on_error or data_opts.get("on_error") or "fail"), params)
+            check_pool(read_pool(params.fewshot_data, params.on_error or data_opts.get("on_error") or "fail"), params,
+                       sets)
         return sets_table(sets)
 
     def run(self, ctx: Any):

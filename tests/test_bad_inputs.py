@@ -238,9 +238,150 @@ def c_cpt_no_full_block(t):
         "stages.cpt", "no full block of block_size=512"]
 
 
+# ---- unbounded reads: every path is type-checked before it is read, one record is size-capped ----
+def c_data_is_a_fifo(t):
+    f = t / "pipe.jsonl"
+    os.mkfifo(f)
+    return recipe(t, SFT.format(data=str(f), extra="")), [], [f"{f}:", "a FIFO (named pipe), not a regular file"]
+
+
+def c_data_is_dev_zero(t):
+    return recipe(t, SFT.format(data="/dev/zero", extra="")), [], ["/dev/zero:", "a character device, not a regular file"]
+
+
+def c_one_record_over_the_cap(t):
+    d = write(t, "a.jsonl", ALPACA_OK + json.dumps({"instruction": "头" * 100, "output": "x"}) + "\n")
+    return recipe(t, SFT.format(data=f"{{path: {d}, max_record_bytes: 200}}", extra="")), [], [
+        f"{d}:2:", "record longer than max_record_bytes=200 bytes"]
+
+
+def c_one_line_over_the_default_cap(t):
+    """A file without line breaks (17 MiB in one JSONL line) never reaches the tokenizer whole."""
+    d = t / "a.jsonl"
+    with open(d, "w", encoding="utf-8") as f:
+        f.write('{"instruction": "' + "x" * (17 << 20) + '", "output": "y"}\n')
+    return recipe(t, SFT.format(data=str(d), extra="")), [], [f"{d}:1:", "max_record_bytes=16777216"]
+
+
+def c_gguf_not_gguf(t):
+    g = write(t, "m.gguf", b"PK\x03\x04 this is a zip file" * 10)
+    return recipe(t, SFT.format(data=write(t, "a.jsonl", ALPACA_OK), extra="")), ["model=gguf", f"model.gguf_file={g}"], [
+        "model.gguf_file", g, "does not start with the GGUF magic bytes"]
+
+
+def c_gguf_truncated(t):
+    from medpipe.stages.models.gguf import smollm2_gguf_path
+
+    src = smollm2_gguf_path()
+    g = t / "half.gguf"
+    with open(src, "rb") as f:
+        g.write_bytes(f.read(src.stat().st_size // 2))
+    return recipe(t, SFT.format(data=write(t, "a.jsonl", ALPACA_OK), extra="")), ["model=gguf", f"model.gguf_file={g}"], [
+        "model.gguf_file", str(g), "truncated or corrupt"]
+
+
+def c_gguf_is_a_fifo(t):
+    g = t / "m.gguf"
+    os.mkfifo(g)
+    return recipe(t, SFT.format(data=write(t, "a.jsonl", ALPACA_OK), extra="")), ["model=gguf", f"model.gguf_file={g}"], [
+        "model.gguf_file", "a FIFO (named pipe), not a regular file"]
+
+
+# ---- values that reach a launcher or an sbatch script: range-checked, one line naming the key ----
+def _slurm(t, key, value, expect):
+    return recipe(t, SFT.format(data=write(t, "a.jsonl", ALPACA_OK), extra="")), [
+        "launcher=slurm", f"launcher.sbatch.{key}={value}"], [f"slurm.{key}:", *expect]
+
+
+def c_slurm_nodes_zero(t):
+    return _slurm(t, "nodes", 0, ["an integer >= 1", "got 0"])
+
+
+def c_slurm_nodes_negative(t):
+    return _slurm(t, "nodes", -2, ["an integer >= 1", "got -2"])
+
+
+def c_slurm_time_garbage(t):
+    return _slurm(t, "time", "garbage", ["a Slurm time limit", "'garbage'"])
+
+
+def c_slurm_time_minutes_over_59(t):
+    return _slurm(t, "time", "'2:75:00'", ["minutes and seconds below 60"])
+
+
+def c_slurm_mem_unit(t):
+    return _slurm(t, "mem", "12Q", ["a memory size", "'12Q'"])
+
+
+def c_launcher_gpus_zero(t):
+    return recipe(t, SFT.format(data=write(t, "a.jsonl", ALPACA_OK), extra="")), [
+        "launcher=deepspeed", "launcher.num_gpus=0"], ["launcher.num_gpus:", "an integer >= 1"]
+
+
+# ---- results that would be labelled with what did not run ----
+def c_shots_pool_is_the_eval_set(t):
+    """shots=2 from a 2-item pool that is also the eval set: each item would get 1 shot, saved as 2-shot."""
+    d = write(t, "clinical_medicine_dev.csv", "id,question,A,B,C,D,answer,explanation\n"
+                                              "0,头痛首选？,休息,吃药,手术,观察,A,\n1,发热首选？,退热,补液,手术,观察,B,\n")
+    stage = f"eval: {{kind: eval, data: {d}, shots: 2, fewshot_data: {d}}}"
+    return recipe(t, stage), [], [f"{d}:2:", "field 'fewshot_data'", "gets 1 of shots=2", "set shots=1"]
+
+
+def c_cmexam_option_letter_repeats(t):
+    d = write(t, "exam.csv", 'Question,Options,Answer\n"头痛首选？","A 休息\nB 吃药\nB 手术\nC 观察",B\n')
+    return recipe(t, SFT.format(data=d, extra="")), [], [f"{d}:2:", "field 'Options'", "option letter B repeats"]
+
+
+# ---- a wrong-typed source option names its own key ----
+def c_limit_not_a_number(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=f"{{path: {d}, limit: abc}}", extra="")), [], [
+        "field 'limit': expected an integer, got 'abc'"]
+
+
+def c_heldout_not_a_number(t):
+    d = write(t, "a.jsonl", ALPACA_OK)
+    return recipe(t, SFT.format(data=f"{{path: {d}, heldout: lots}}", extra="")), [], [
+        "field 'heldout': expected a number, got 'lots'"]
+
+
+# ---- places medpipe writes: checked writable before anything is written ----
+MOUNTS: list[Path] = []
+
+
+def _read_only_dir(t: Path) -> Path:
+    ro = t / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o ro,size=1m tmpfs {ro} 2>/dev/null") != 0:
+        pytest.skip("a read-only mount needs root (chmod does not stop root)")
+    MOUNTS.append(ro)
+    return ro
+
+
+@pytest.fixture(autouse=True)
+def _unmount():
+    yield
+    while MOUNTS:
+        os.system(f"umount {MOUNTS.pop()}")
+
+
+def c_read_only_run_root(t):
+    ro = _read_only_dir(t)
+    return recipe(t, SFT.format(data=write(t, "a.jsonl", ALPACA_OK), extra="")), [f"run.root={ro}/runs"], [
+        "run.root: cannot write to", "Read-only file system"]
+
+
+def c_read_only_store(t):
+    ro = _read_only_dir(t)
+    return recipe(t, SFT.format(data=write(t, "a.jsonl", ALPACA_OK), extra="")), [f"run.store={ro}/store"], [
+        "run.store: cannot write to", "Read-only file system"]
+
+
 CASES = {name[2:]: fn for name, fn in globals().items() if name.startswith("c_")}
 ALSO_RUN = {"bad_json_line", "shots_from_an_unlabeled_pool", "gbk_csv", "duplicate_key_jsonl", "overlength_error", "span_not_found",
-            "recipe_typo_top", "model_dir_without_config", "nothing_left_after_truncation", "cpt_no_full_block"}
+            "recipe_typo_top", "model_dir_without_config", "nothing_left_after_truncation", "cpt_no_full_block",
+            "data_is_a_fifo", "one_record_over_the_cap", "gguf_truncated", "slurm_nodes_zero", "shots_pool_is_the_eval_set",
+            "read_only_run_root", "read_only_store"}
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])
@@ -265,7 +406,7 @@ def test_bad_input_is_one_line_exit_2_nothing_trained(tmp_path, case, command):
 
 def test_the_suite_size():
     """The number quoted in the README's reliability line."""
-    assert len(CASES) == 32, len(CASES)
+    assert len(CASES) == 51, len(CASES)
 
 
 def test_cmexam_skipped_letters_and_mistral_system_turns_validate(tmp_path):

@@ -365,3 +365,19 @@ def test_content_digest_ignores_the_order_peft_writes_its_module_set_in(tmp_path
     assert entry_with(["o_proj", "q_proj", "v_proj"], b"w1") == a  # same set, other hash order
     assert entry_with(["o_proj", "q_proj"], b"w1") != a
     assert entry_with(["q_proj", "v_proj", "o_proj"], b"w2") != a
+
+
+def test_a_fifo_in_place_of_an_artifact_or_run_file_is_named_never_read(kinds, tmp_path):
+    """Files medpipe reads from the store are type-checked before reading: a FIFO would block forever."""
+    args = recipe(tmp_path, TWO)
+    assert medpipe("run", *args).code == 0
+    run_dir = tmp_path / "runs" / "r"
+    art_file = entry(tmp_path, "01-w") / "artifact.json"
+    art_file.unlink()
+    os.mkfifo(art_file)
+    assert states(run_dir)["w"][0] == f"broken ({art_file}: a FIFO (named pipe), not a regular file)"
+    (run_dir / "run.json").unlink()
+    os.mkfifo(run_dir / "run.json")
+    for cmd in ("status", "report", "verify"):
+        r = medpipe(cmd, str(run_dir))
+        assert r.code == 2 and f"{run_dir / 'run.json'}: a FIFO (named pipe), not a regular file" in r.out, (cmd, r.out)

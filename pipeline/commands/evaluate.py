@@ -83,7 +83,19 @@ def evaluate_run_stage(run_dir: str | Path, stage: str | None, overrides: list[s
     p, data_cfg = params_from_overrides(run_dir, overrides)
     say(f"evaluating {name} ({art.model_path})")
     out_dir = run_dir / "eval" / name
-    metrics, results = evaluate(p, art, out_dir, data_cfg, say)
+    fresh = not out_dir.exists()
+    try:
+        metrics, results = evaluate(p, art, out_dir, data_cfg, say)
+    except BaseException:
+        if fresh:  # nothing half-written that a rerun or `report` would read
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+            try:
+                out_dir.parent.rmdir()   # eval/ itself when it holds nothing else
+            except OSError:
+                pass
+        raise
     path = run_dir / "eval" / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     # keyed by set AND method (`cmexam@cue`, `cmexam@ppl-5shot`): another method adds a result, the

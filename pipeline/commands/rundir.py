@@ -17,7 +17,7 @@ def stage_artifact(run_dir: str | Path, stage: str | None = None, merged: bool =
     """(stage name, Artifact) of a done stage; `stage=None`: the last done stage that trains a model
     (not one that `evaluates` another). Its files are size-checked against its artifact.json first,
     so a truncated model is named here instead of failing inside the loader."""
-    from medpipe.artifact import Artifact, check_files, merged_view
+    from medpipe.artifact import Artifact, check_files, merged_view, missing_model
 
     info = run_info(run_dir)
     names = [s["name"] for s in info["stages"]]
@@ -37,6 +37,9 @@ def stage_artifact(run_dir: str | Path, stage: str | None = None, merged: bool =
             raise MedpipeError(f"{run_dir}: stage '{stage}' is not done (no artifact.json)")
     art = Artifact.load(entry["store_dir"])  # ArtifactError (a MedpipeError) names a torn file
     problems = check_files(art, entry["store_dir"])
+    gone = missing_model(art, entry["store_dir"])
+    if gone:
+        raise MedpipeError(gone)
     if problems:
         raise MedpipeError(f"stage '{entry['name']}' is broken: {problems[0]}; `medpipe run` retrains it")
     return entry["name"], (merged_view(art) if merged else art)

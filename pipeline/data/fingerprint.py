@@ -5,6 +5,9 @@ import hashlib
 import json
 import os
 
+from medpipe.paths import not_regular
+
+from .errors import DataError
 from .sources import expand_paths, parse_spec
 
 BIG = 256 * 1024 * 1024
@@ -14,6 +17,9 @@ CHUNK = 1024 * 1024
 
 def file_digest(path: str) -> str:
     """sha256 of the file, streamed; files over 256 MB: size + mtime + first/last 8 MB."""
+    why = not_regular(path)
+    if why:   # a FIFO or /dev/zero would be hashed forever
+        raise DataError(why, path, None, None, reason="not_regular")
     h = hashlib.sha256()
     st = os.stat(path)
     with open(path, "rb") as f:

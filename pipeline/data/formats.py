@@ -369,6 +369,7 @@ def fmt_preference(r, ctx):
 
 _OPT_LINE = re.compile(r"^\s*([A-Z])\s*(?:[\.\:：、．\)）]\s*|\s+)(.*)$")
 _SPLIT_LETTERS = re.compile(r"[A-Z]")
+_PUNCT_OPT = re.compile(r"^\s*[A-Z]\s*[\.\:：、．\)）]")  # "B." / "B、": a letter, not a word
 
 
 def _answer_letters(v, options, ctx, key) -> list[str]:
@@ -422,6 +423,12 @@ def parse_cmexam_options(s: str, ctx, key="Options") -> dict:
         m = _OPT_LINE.match(raw)
         # an option line's letter comes after the previous one; letters may be skipped (A, B, D,
         # E): D stays D (folding it into B would change which option is the answer)
+        if m and m.group(1) in opts and m.group(2).strip() and (
+                m.group(1) == last or _PUNCT_OPT.match(raw)):
+            # "B ..." twice in a row: merging the second into the first would score the item with
+            # one option fewer and maybe the wrong answer text
+            raise ctx.err(f"option letter {m.group(1)} repeats ({raw.strip()[:40]!r}); each option "
+                          f"needs its own letter", key, "duplicate_option")
         if m and (m.group(1) not in opts) and (last is None or ord(m.group(1)) > ord(last)):
             last = m.group(1)
             opts[last] = m.group(2).strip()

@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Iterator
 
+from medpipe.paths import not_regular
+
 from .errors import DataError
 
 JSON_EXT = (".json", ".jsonl", ".ndjson")
@@ -31,6 +33,9 @@ WRAPPER_KEYS = ("data", "train", "validation", "test", "dev", "examples", "insta
                 "records", "items")
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+# the longest physical line read (a record of line-based files); per source: max_record_bytes
+MAX_RECORD_BYTES = 16 << 20
 
 # hendrycks/test data/{dev,val,test}/<subject>_<split>.csv: rows question,A,B,C,D,answer, no header
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
@@ -87,8 +92,13 @@ class RawReader:
     """Iterates one file. ``errors`` collects DataErrors that were skippable (bad JSONL lines),
     only used when ``on_error='skip'``; otherwise they raise."""
 
-    def __init__(self, path: str, on_error: str = "fail", paragraphs: bool = False):
+    def __init__(self, path: str, on_error: str = "fail", paragraphs: bool = False,
+                 max_record_bytes: int | None = None):
+        why = not_regular(path)
+        if why:   # a FIFO or a device would block or never end
+            raise DataError(why, path, None, None, reason="not_regular")
         self.path = path
+        self.max_record_bytes = max_record_bytes or MAX_RECORD_BYTES
         self.paragraphs = paragraphs  # txt: one document per blank-line-separated paragraph
         self.on_error = on_error
         self.kind = container_of(path)
@@ -122,8 +132,10 @@ class RawReader:
             if head[0] != "{":
                 return "jsonl"  # let the line reader report the first bad line
             f.seek(0)
-            first = f.readline()
+            first = f.readline(self.max_record_bytes + 1)
             rest = f.read(4096).strip()
+        if len(first) > self.max_record_bytes:
+            return "jsonl"   # one over-long line: the line reader refuses it with its line number
         try:
             obj = json.loads(first)
         except json.JSONDecodeError:
@@ -183,7 +195,14 @@ class RawReader:
     def _decoded(self, f):
         """Physical lines decoded one by one, so a non-UTF-8 byte (a GBK/GB18030 export) or a NUL
         byte is reported on the line it is on, not where a decoding buffer happened to end."""
-        for n, raw in enumerate(f, 1):
+        cap = self.max_record_bytes
+        for n, raw in enumerate(iter(lambda: f.readline(cap + 1), b""), 1):
+            if len(raw) > cap:
+                # one huge line would go to the parser and the tokenizer whole (a 200 MB line
+                # aborts tokenisation at ~9 GB): refused here, before it is decoded
+                raise DataError(f"record longer than max_record_bytes={cap} bytes (a file without line "
+                                f"breaks? raise it with the source option max_record_bytes)", self.path, n,
+                                None, reason="too_long")
             self.bytes_read += len(raw)
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from medpipe.paths import not_regular
+
 from .errors import DataError
 
 DEDUP_MODES = ("none", "exact", "near")
@@ -38,6 +40,7 @@ class SourceSpec:
               or 0 (the Hub's parquet copy, 0-3). Required for parquet: never guessed.
     heldout   fraction of this source carved out as held-out (duplicate clusters never straddle)
     dedup     ``none`` | ``exact`` (normalised text hash) | ``near`` (exact + MinHash LSH)
+    max_record_bytes  the longest record (physical line) read, in bytes (default 16 MiB)
     ids       keep only records whose id is listed: a list, or a file (a JSON list, a JSON object
               whose keys are the ids such as PubMedQA's test_ground_truth.json, or one id a line)
     """
@@ -53,6 +56,9 @@ class SourceSpec:
     heldout: float = 0.0
     dedup: str = "none"
     ids: Any = None
+    # one record (a physical line) longer than this is refused with its file:line before it is
+    # parsed or tokenised (None: readers.MAX_RECORD_BYTES); hashed only when set
+    max_record_bytes: int | None = None
     # where the spec came from (recipe / conf file) for error messages; not part of the hash
     origin: str | None = field(default=None, compare=False, repr=False)
     # where the set is published (conf/data/public.yaml): named when its file is missing; not hashed
@@ -63,6 +69,8 @@ class SourceSpec:
         d = asdict(self)
         d.pop("origin", None)
         d.pop("published", None)
+        if d["max_record_bytes"] is None:
+            d.pop("max_record_bytes")   # keeps the keys of data hashed before the option existed
         return d
 
 
@@ -151,14 +159,13 @@ def _from_dict(d: dict, base_dir, origin: str | None) -> SourceSpec:
     if cb is not None and int(cb) not in (0, 1):
         raise DataError("cop_base must be 1 (original MedMCQA JSON, cop 1-4) or 0 (Hub parquet, "
                         "cop 0-3)", where, None, "cop_base", reason="type")
-    try:
-        w = None if d.get("weight") is None else float(d["weight"])
-        h = float(d.get("heldout", 0.0) or 0.0)
-        lim = d.get("limit")
-        lim = None if lim is None else int(lim)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"bad number: {e}", where, None, "weight/heldout/limit",
-                        reason="type") from None
+    w = _number(d, "weight", float, where)
+    h = _number(d, "heldout", float, where) or 0.0
+    lim = _number(d, "limit", int, where)
+    cap = _number(d, "max_record_bytes", int, where)
+    if cap is not None and cap < 1:
+        raise DataError(f"max_record_bytes must be >= 1, got {cap}", where, None, "max_record_bytes",
+                        reason="type")
     if lim is not None and lim < 1:
         raise DataError(f"limit must be >= 1 (how many records to read), got {lim}", where, None,
                         "limit", reason="type")
@@ -174,10 +181,25 @@ def _from_dict(d: dict, base_dir, origin: str | None) -> SourceSpec:
         raise DataError("heldout must be a fraction in [0, 1)", where, None, "heldout",
                         reason="type")
     return SourceSpec(path=resolve_path(d["path"], base_dir), format=fmt, columns=cols,
+                      max_record_bytes=cap,
                       split=d.get("split"), limit=lim, weight=w, task=d.get("task"),
                       cop_base=None if cb is None else int(cb), heldout=h, dedup=dd,
                       ids=list(ids) if isinstance(ids, tuple) else ids, origin=origin,
                       published=None if d.get("published") is None else str(d["published"]))
+
+
+def _number(d: dict, key: str, kind: type, where: str):
+    """d[key] as int/float (None stays None); a wrong type names this one key."""
+    v = d.get(key)
+    if v is None:
+        return None
+    try:
+        if isinstance(v, bool) or kind is int and isinstance(v, float) and not v.is_integer():
+            raise ValueError
+        return kind(v)
+    except (TypeError, ValueError):
+        raise DataError(f"expected {'an integer' if kind is int else 'a number'}, got {v!r}", where,
+                        None, key, reason="type") from None
 
 
 def _load_named(name: str) -> tuple[Any, str]:
@@ -261,9 +283,9 @@ def expand_paths(src: SourceSpec) -> list[str]:
         files = sorted(str(x) for x in Path(p).iterdir() if x.is_file()
                        and not x.name.startswith((".", "_")))
     elif glob.has_magic(p):
-        files = sorted(glob.glob(p))
+        files = sorted(f for f in glob.glob(p) if not os.path.isdir(f))
     elif os.path.exists(p):
-        return [p]
+        files = [p]
     elif os.path.islink(p):
         try:
             os.stat(p)
@@ -275,6 +297,12 @@ def expand_paths(src: SourceSpec) -> list[str]:
         raise DataError(_not_found(src), p, None, None, reason="missing_file")
     else:
         raise DataError(_not_found(src), p, None, None, reason="missing_file")
+    for f in files:
+        why = not_regular(f)
+        if why:
+            raise DataError(why, f, None, None, reason="not_regular")
+    if len(files) == 1 and files[0] == p:
+        return files
     if src.split:
         files = [f for f in files if src.split in Path(f).stem]
     if not files:

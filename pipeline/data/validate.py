@@ -161,7 +161,8 @@ def _iter_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, r
                             "cop 0-3) or 1 (original JSON, 1-4); it is never guessed", path,
                             None, "cop_base", reason="cop_base")
         cop_base = 1   # the original JSON(-lines) files number cop 1-4
-    reader = RawReader(path, on_error=on_error, paragraphs=fmt == "paragraphs")
+    reader = RawReader(path, on_error=on_error, paragraphs=fmt == "paragraphs",
+                       max_record_bytes=src.max_record_bytes)
     ids = ids_cache.get(id(src)) if ids_cache is not None else None
     ctx = Ctx(path=path, rev={v: k for k, v in (src.columns or {}).items()},
               task=src.task, cop_base=cop_base, container=reader.kind)

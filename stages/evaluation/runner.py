@@ -63,7 +63,7 @@ def evaluate(p: Any, art: Any, out_dir: Path, data_opts: dict | None = None, say
         client = judge_client(p.judge)  # reached before any generation: an unreachable judge fails fast
         say(f"judge: {client.model} at {client.base}")
     pool = read_pool(p.fewshot_data, on_error) if p.shots and p.fewshot_data is not None else []
-    check_pool(pool, p)
+    check_pool(pool, p, sets)
     index = None
     if p.rag.index is not None:
         from .rag import build_or_load

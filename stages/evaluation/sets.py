@@ -177,19 +177,44 @@ def sets_table(sets: list[EvalSet]) -> list[str]:
     return [line(hdr), line(["-" * x for x in w])] + [line(x) for x in rows]
 
 
-def check_pool(pool: list[dict], p: Any) -> None:
+def _shot_key(rec: dict) -> tuple:
+    """What makes an example the item itself (prompts.pick_shots never gives an item itself)."""
+    return rec.get("question"), tuple(sorted((rec.get("options") or {}).items()))
+
+
+def check_pool(pool: list[dict], p: Any, sets: list[EvalSet] | None = None) -> None:
     """`shots=k` needs k labeled examples in `fewshot_data`: an unlabeled split (a test file given
-    as the dev split) would otherwise run fewer shots than the results say."""
+    as the dev split) would otherwise run fewer shots than the results say. Counted per item of the
+    multiple-choice `sets` too: an item in the pool is never its own example, so a pool of k that is
+    also the eval set gives each item k-1 shots while the result would say k."""
+    from collections import Counter
+
     from medpipe.data import DataError, parse_spec
 
     if not p.shots:
         return
-    labeled = sum(1 for e in pool if e.get("answer"))
-    if labeled < p.shots:
-        where = ", ".join(s.path for s in parse_spec(p.fewshot_data))
-        raise DataError(f"fewshot_data: {labeled} of {len(pool)} example(s) have an answer; shots={p.shots} "
+    labeled = [e for e in pool if e.get("answer")]
+    where = ", ".join(s.path for s in parse_spec(p.fewshot_data)) if p.fewshot_data is not None else "fewshot_data"
+    if len(labeled) < p.shots:
+        raise DataError(f"fewshot_data: {len(labeled)} of {len(pool)} example(s) have an answer; shots={p.shots} "
                         f"needs at least {p.shots} labeled examples (is this an unlabeled test split?)",
                         where, None, None, reason="no_reference")
+    if getattr(p, "protocol", "native") != "native":
+        return   # the harness protocols pick their shots their own way
+    copies = Counter(_shot_key(e) for e in labeled)
+    for s in sets or []:
+        for item in s.records if s.kind == "mcq" else []:
+            gets = len(labeled) - copies.get(_shot_key(item), 0)
+            if gets < p.shots:
+                raise DataError(f"fewshot_data: this item is also in the pool ({where}) and is never its own "
+                                f"example, so it gets {gets} of shots={p.shots}; give the pool at least "
+                                f"{p.shots + copies[_shot_key(item)]} labeled examples or set shots={gets}",
+                                *_loc_parts(item), "fewshot_data", reason="too_few_shots")
+
+
+def _loc_parts(rec: dict) -> tuple:
+    path, _, line = str(rec.get("_loc") or "eval set:").rpartition(":")
+    return path, (int(line) if line.isdigit() else line or None)
 
 
 def read_promptcblue(src: Any, on_error: str) -> tuple[list[dict], Any]:

