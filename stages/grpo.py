@@ -8,7 +8,7 @@ against its group's mean (÷ std with `scale_rewards: group`).
   policy with the adapter disabled (the merged input); in full training a frozen copy TRL
   reloads from `config._name_or_path`, which this stage points at the input artifact's directory.
   `beta: 0` (TRL's default) builds no reference. `ref_probe: true` saves the reference log-probs
-  of the first batch (ref_probe.pt), so the choice of reference is checkable from outside.
+  of the latest batch (ref_probe.pt), so the choice of reference is checkable from outside.
 * Prompts: exam items in any mcq format medpipe reads (MedQA, MedMCQA, CMExam, CMB, C-Eval,
   CMMLU, PubMedQA, MMLU), listed as the eval stage lists them, with the answer-format instruction
   (`<answer>X</answer>`; `think: true` asks for `<think>…</think>` first) and `shots` solved
@@ -68,7 +68,7 @@ class GRPOParams(TrainParams):
     think: bool = param(False, "ask for <think>…</think> before the <answer> (the format reward's think option too)")
     lang: str = param("auto", "prompt language: auto (per item) | en | zh")
     heldout_eval: bool = param(True, "sample and score the held-out prompts before and after training")
-    ref_probe: bool = param(True, "save the first batch's reference log-probs to ref_probe.pt (beta > 0)")
+    ref_probe: bool = param(True, "save the latest batch's reference log-probs to ref_probe.pt (beta > 0)")
     use_vllm: Optional[bool] = param(None, "generate with vLLM colocated (GPU); null = when CUDA and vLLM are there")
     vllm_gpu_memory_utilization: float = param(0.3, "GPU memory share vLLM may take when colocated")
 
@@ -228,20 +228,24 @@ class GRPOStage:
 
     @staticmethod
     def _probe_reference(trainer: Any, path) -> None:
-        """Save the reference log-probs TRL computes for the first generated batch (with the ids
-        and masks they belong to), once: a resumed run keeps the first attempt's probe."""
+        """Save the reference log-probs TRL computes for each generated batch, with the ids and
+        masks they belong to (the file keeps the latest batch: by then the policy has moved away
+        from the reference, so a probe that still equals the input model shows the reference
+        stayed frozen)."""
+        import os
+
         import torch
 
-        if path.exists():
-            return
         original = trainer._generate_and_score_completions
 
         def probed(inputs):
             out = original(inputs)
-            if "ref_per_token_logps" in out and not path.exists():
-                torch.save({k: out[k].detach().cpu() for k in ("prompt_ids", "prompt_mask", "completion_ids",
-                                                                 "completion_mask", "ref_per_token_logps")}
-                           | {"temperature": trainer.temperature}, path)
+            if "ref_per_token_logps" in out:
+                keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "ref_per_token_logps")
+                torch.save({k: out[k].detach().cpu() for k in keep} | {"temperature": trainer.temperature,
+                                                                       "step": trainer.state.global_step},
+                           str(path) + ".tmp")
+                os.replace(str(path) + ".tmp", path)
             return out
 
         trainer._generate_and_score_completions = probed

@@ -53,16 +53,20 @@ class Format:
 
 
 class Length:
-    """`scale` × the completion's tokens beyond `target` (scale < 0: a penalty on long answers;
-    tokens = TRL's completion ids, or characters / 4 when none are given)."""
+    """`scale` × the completion's length beyond `target` (scale < 0: a penalty on long answers),
+    counted in `unit`: tokens (TRL's completion ids) or chars (of the decoded text)."""
 
-    def __init__(self, scale: float = -0.001, target: int = 0):
+    def __init__(self, scale: float = -0.001, target: int = 0, unit: str = "tokens"):
         if target < 0:
             raise ValueError(f"target must be >= 0, got {target}")
-        self.scale, self.target = float(scale), int(target)
+        if unit not in ("tokens", "chars"):
+            raise ValueError(f"unit must be tokens or chars, got {unit!r}")
+        self.scale, self.target, self.unit = float(scale), int(target), unit
 
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
                  **_: Any) -> list[float]:
-        sizes = ([len(ids) for ids in completion_ids] if completion_ids is not None
-                 else [len(completion_text(c)) // 4 for c in completions])
+        if self.unit == "tokens" and completion_ids is None:
+            raise ValueError("length (unit tokens) needs TRL's completion_ids")
+        sizes = ([len(ids) for ids in completion_ids] if self.unit == "tokens"
+                 else [len(completion_text(c)) for c in completions])
         return [self.scale * max(0, n - self.target) for n in sizes]
