@@ -52,3 +52,12 @@ def test_kto_trains_on_unpaired_answers(tmp_path):
     from medpipe.stages.models.tiny import ensure_tiny
 
     assert changed(str(ensure_tiny()), art["model_path"])
+
+
+def test_simpo_is_cpo_with_one_parameter(tmp_path):
+    art = run(tmp_path, "simpo: {kind: cpo, loss_type: simpo, beta: 2.0, data: '${data.preference}', lr: 5e-3, "
+                        "max_steps: 4, batch_size: 4, max_length: 128, logging_steps: 1, peft: {r: 4, alpha: 8}}")
+    m = art["metrics"]
+    assert art["kind"] == "cpo" and m["cpo_alpha"] == 0.0 and m["steps"] == 4   # pure SimPO: no NLL term
+    assert m["last_loss"] < m["first_loss"]
+    assert changed(art["base_model_path"], art["merged_path"])
