@@ -131,8 +131,10 @@ class GRPOStage:
 
     def check(self, params: GRPOParams, base: Any, data_opts: dict) -> list[str]:
         from medpipe.data import load_records
+        from medpipe.stages import rewards as reward_plugins
         from medpipe.stages.training.params import data_options
 
+        reward_plugins.build(params.rewards)  # options and python imports fail here, before any stage trains
         return load_records(params.data, "mcq", heldout=params.heldout,
                             **data_options(params, data_opts)).summary_table().splitlines()
 

@@ -119,7 +119,11 @@ def test_validate_refuses_what_trl_would(tmp_path):
                  "stages.grpo: batch_size must be a multiple of num_generations (4)",
              ("stages.grpo.rewards=[{name: nope}]",): "rewards[0].name: unknown reward 'nope'",
              ("stages.grpo.loss_type=ppo",): "stages.grpo: loss_type must be one of grpo, dapo",
-             ("stages.grpo.keep_best=true",): "keep_best must be false (GRPO has no held-out loss"}
+             ("stages.grpo.keep_best=true",): "keep_best must be false (GRPO has no held-out loss",
+             ("stages.grpo.rewards=[{name: format, valdi: 1}]",):
+                 "rewards[0] (format): Format.__init__() got an unexpected keyword argument 'valdi'",
+             ("stages.grpo.rewards=[{python: 'no_such_module:f'}]",):
+                 "python reward 'no_such_module:f' cannot be loaded: ModuleNotFoundError"}
     for overrides, line in cases.items():
         out = medpipe("validate", f"recipe={r}", *overrides)
         assert out.code == 2 and line in out.out, out.out
