@@ -168,3 +168,16 @@ def test_judge_failure_modes(monkeypatch):
     fail.client = OpenAIClient("http://x/v1", model="m")
     with pytest.raises(MedpipeError, match="judge reward: endpoint x timed out; the stage stopped"):
         fail(prompts=["q"], completions=["a"], answer=[["A"]])
+
+
+def test_heldout_score_exact_figures():
+    from medpipe.stages.rewards.heldout import score
+
+    funcs, weights = rewards.build([{"name": "mcq_exact", "require_tag": True},
+                                    {"name": "format", "valid": 0.0, "malformed": -1.0}])
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "answer": ["A"], "letters": "ABCD", "id": str(i)}
+            for i in range(4)]
+    samples = [("<answer>A</answer>", 5), ("<answer>B</answer>", 5), ("The answer is A", 4), ("", 1)]
+    m = score(rows, samples, funcs, weights)
+    assert m == {"n": 4, "reward_mcq_exact": 0.25, "reward_format": -0.5, "reward": (1 + 0 - 1 - 1) / 4,
+                 "format_valid": 0.5, "accuracy": 0.5, "completion_tokens": 3.75}
