@@ -50,6 +50,7 @@ class GRPOParams(TrainParams):
     batch_size: int = param(8, "GLOBAL completions per optimizer step = prompts × num_generations")
     logging_steps: int = param(1, "optimizer steps between log lines (rewards, zero-variance groups)")
     max_length: int = param(1024, "prompt tokens (chat template included); longer prompts are dropped and counted")
+    heldout: float = param(0.0, "fraction of the items never trained on: sampled and scored before and after training")
     num_generations: int = param(4, "completions sampled per prompt (a group; >= 2)")
     max_completion_length: int = param(256, "new tokens per completion")
     temperature: float = param(1.0, "sampling temperature of the rollouts (also of the held-out passes)")
@@ -92,6 +93,7 @@ class GRPOParams(TrainParams):
             ("num_iterations", self.num_iterations >= 1, ">= 1"),
             ("shots", self.shots >= 0, ">= 0"),
             ("lang", self.lang in ("auto", "en", "zh"), "auto, en or zh"),
+            ("eval_steps", self.eval_steps is None, "null (the held-out prompts are scored before and after training)"),
             ("keep_best", not self.keep_best, "false (GRPO has no held-out loss; see heldout_eval)"),
             ("vllm_gpu_memory_utilization", 0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
             ("rewards", not bad, "valid: " + "; ".join(bad))]
