@@ -211,7 +211,8 @@ def test_list_params_prints_each_default_with_its_help():
     assert "spike_guard.mode='skip' skip (drop the update) | halve_loss (IIMedGPT: apply it with the loss halved)" in lines
     every = medpipe("list", "--params")
     kinds = [x[:-1] for x in every.out.splitlines() if x and not x.startswith(" ")]
-    assert kinds == ["cpoly", "cpt", "dpo", "eval", "medcare_da", "medcare_mka", "sft", "voc_label"]
+    assert kinds == ["cpo", "cpoly", "cpt", "dpo", "eval", "grpo", "kto", "medcare_da", "medcare_mka", "orpo", "sft",
+                     "voc_label"]
     bad = medpipe("list", "--params", "nope")
     assert bad.code == 2 and "unknown stage kind 'nope'" in bad.out
 

@@ -4,7 +4,7 @@ Layers, lowest first (a module may import its own layer and those below, never a
   0 base       medpipe, medpipe.errors, medpipe.paths, medpipe.params
   1 data       medpipe.data.*            (torch-free records, validation, mixing, dedup)
   2 engine     medpipe.artifact, compose, registry, run, entry, launch, sweep
-  3 libraries  medpipe.stages.{models < adapters < training < inference < evaluation}
+  3 libraries  medpipe.stages.{models < adapters < training < inference < evaluation < rewards}
   4 kinds      medpipe.stages.<kind>     (one module per stage kind; kinds never import kinds)
   5 commands   medpipe.commands.*        (cli, show, report, serve, chat, eval, run-dir helpers)
 Every import counts, also those inside functions (they are how heavy imports stay lazy).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"medpipe": ROOT / "pipeline", "medpipe.stages": ROOT / "stages"}
-LIBRARIES = ("models", "adapters", "training", "inference", "evaluation")
+LIBRARIES = ("models", "adapters", "training", "inference", "evaluation", "rewards")
 BASE = {"medpipe", "medpipe.errors", "medpipe.paths", "medpipe.params"}
 
 
