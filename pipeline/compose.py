@@ -19,6 +19,7 @@ from . import registry
 from .errors import ConfigError
 
 ENGINE_KEYS = ("kind", "from")  # stage keys the engine consumes; everything else is the kind's Params
+BASE = "base"  # `from: base`: the recipe's model (a stage after a base-model eval trains on the model itself)
 
 
 def package_dir(name: str) -> Path:
@@ -232,16 +233,24 @@ def bind_stages(cfg: Any) -> list[StagePlan]:
         body = dict(body)
         kind = body.pop("kind")
         source = body.pop("from", None)
+        if source == BASE and BASE not in names:
+            plans.append(_bind(index, name, kind, None, body))
+            names.append(name)
+            continue
         if source is not None and source not in names:
             before = ", ".join(names) or "none: it is the first stage"
             raise ConfigError(f"stages.{name}.from: '{source}' is not an earlier stage (earlier stages: {before})")
         if source is None and names:
             source = names[-1]
-        cls = registry.load(kind)
-        params = bind_params(cls.Params, body, f"stages.{name}")
-        plans.append(StagePlan(index, name, kind, source, params, dataclasses.asdict(params), cls))
+        plans.append(_bind(index, name, kind, source, body))
         names.append(name)
     return plans
+
+
+def _bind(index: int, name: str, kind: str, source: str | None, body: dict) -> StagePlan:
+    cls = registry.load(kind)
+    params = bind_params(cls.Params, body, f"stages.{name}")
+    return StagePlan(index, name, kind, source, params, dataclasses.asdict(params), cls)
 
 
 def bind_params(dc: type, values: dict, where: str) -> Any:
