@@ -129,6 +129,9 @@ class EvalParams(Checked):
                                   "(after vs before DPO), judged pairwise (judge.template=iimedgpt) on the chat sets, "
                                   "win / tie / lose and each side's mean response length; needs judge.url (else "
                                   "skipped with one line)")
+    groups: Any = param(None, "{group: [set names or patterns]}: each group's item-weighted accuracy over its mcq "
+                              "sets as `<group>/acc` (a benchmark published as several files, e.g. "
+                              "{cmmlu_med: ['cmmlu*']}; MedCare's cross-lingual set)")
     heldout: HeldoutParams = param(help="held-out perplexity / chat loss / preference accuracy (tiny profiles)",
                                    factory=HeldoutParams)
 
@@ -152,8 +155,28 @@ class EvalParams(Checked):
                 ("max_length", self.max_length is None or self.max_length >= 1, ">= 1 or null"),
                 ("limit", self.limit is None or self.limit >= 1, ">= 1 or null"),
                 ("on_error", self.on_error in (None, "fail", "skip"), "fail, skip or null"),
+                ("groups", self.groups is None or (isinstance(self.groups, dict) and all(
+                    isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) for v in self.groups.values())),
+                 "a mapping {group: [set name or pattern, ...]}"),
                 ("judge.template", not self.pairwise or self.judge.template in ("iimedgpt", "medpipe"),
                  "iimedgpt or medpipe with pairwise: true (a pairwise prompt)")]
+
+
+def add_groups(groups: dict, metrics: dict, results: dict, say=print) -> None:
+    """`<group>/acc`: the item-weighted accuracy of the mcq sets whose names match the group's patterns."""
+    from fnmatch import fnmatchcase
+
+    for group, patterns in groups.items():
+        members = [n for n, r in results.items() if r.get("kind") == "mcq"
+                   and any(fnmatchcase(n, pat) for pat in patterns)]
+        n = sum(results[m]["n"] for m in members)
+        if not n:
+            say(f"{group}: no mcq set matches {list(patterns)}")
+            continue
+        acc = sum(results[m]["metrics"]["acc"] * results[m]["n"] for m in members) / n
+        results[group] = {"kind": "group", "n": n, "metrics": {"acc": acc}, "members": members}
+        metrics[f"{group}/acc"] = acc
+        say(f"{group}: acc={acc:.4g} ({n} items of {', '.join(members)})")
 
 
 class EvalStage:
@@ -190,6 +213,7 @@ class EvalStage:
         else:
             ctx.say(f"evaluating {evaluated} ({ctx.input.model_path})")
             metrics, results = evaluate(p, ctx.input, ctx.output_dir, ctx.data, ctx.say, ctx.model)
+            add_groups(p.groups or {}, metrics, results, ctx.say)
             if p.heldout.active():
                 from medpipe.stages.evaluation.heldout import measure
 
