@@ -185,10 +185,42 @@ def check_recipe_keys(cfg: Any) -> None:
             if isinstance(value, (bool, int, float)) or value is None or \
                     difflib.get_close_matches(key, DATA_OPTIONS, n=1, cutoff=0.75):
                 _reject("data.", key, [*DATA_OPTIONS, "<name>: a data source (path, {path: ...} or a list)"])
+    check_reference(cfg)
     run = cfg.get("run")
     run_dir = run.get("dir") if run is not None else None
     if run_dir and Path(str(run_dir)).expanduser().exists() and not Path(str(run_dir)).expanduser().is_dir():
         raise ConfigError(f"run.dir: '{run_dir}' is a file, not a directory; choose another run.dir")
+
+
+REFERENCE_KEYS = ("table", "row", "stage", "column", "value", "metric", "data", "quote")  # conf/base.yaml `reference`
+
+
+def check_reference(cfg: Any) -> None:
+    """`reference:` is a list of the paper's values: {table, row, column, value (a number), stage?,
+    metric?, data?, quote?}; anything else is an error naming the entry and key."""
+    from omegaconf import OmegaConf
+
+    refs = cfg.get("reference")
+    if refs is None:
+        return
+    refs = OmegaConf.to_container(refs, resolve=True) if OmegaConf.is_config(refs) else refs
+    if not isinstance(refs, list):
+        raise ConfigError("reference: a list of {table, row, column, value, stage, metric, data} entries")
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, dict):
+            raise ConfigError(f"reference[{i}]: an entry is a mapping {{table, row, column, value, ...}}")
+        for key in ref:
+            if key not in REFERENCE_KEYS:
+                _reject(f"reference[{i}].", str(key), REFERENCE_KEYS)
+        for key in ("table", "row", "column", "value"):
+            if ref.get(key) is None:
+                raise ConfigError(f"reference[{i}].{key}: required")
+        if isinstance(ref["value"], bool) or not isinstance(ref["value"], (int, float)):
+            raise ConfigError(f"reference[{i}].value: a number as the paper prints it, got {ref['value']!r}")
+        stages = [str(k) for k in (cfg.get("stages") or {})]
+        if ref.get("stage") not in (None, BASE, *stages):
+            raise ConfigError(f"reference[{i}].stage: '{ref['stage']}' is not a stage of this recipe "
+                              f"(base, {', '.join(stages)}, or null for another setting)")
 
 
 def _explain(e: Exception, recipe: str) -> str:

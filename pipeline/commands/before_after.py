@@ -37,10 +37,7 @@ def scale(key: str, value: Any) -> float | None:
 def fmt(v: float | None, signed: bool = False) -> str:
     if v is None:
         return "–"
-    text = f"{v:+.2f}" if signed else f"{v:.2f}"
-    if abs(v) >= 1000:
-        text = f"{v:+.4g}" if signed else f"{v:.4g}"
-    return text
+    return f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
 def references(config: dict) -> list[dict]:
