@@ -89,5 +89,5 @@ def test_a_malformed_reference_is_one_line_naming_the_entry():
     assert r.code == 2 and "reference[2].value: a number as the paper prints it, got 'high'" in r.out
     r = medpipe("show", "recipe=qilin", "+reference.0.page=3")
     assert r.code == 2 and "reference[0].page: unknown key" in r.out
-    r = medpipe("show", "recipe=qilin", "reference.0.stage=cpx")
-    assert r.code == 2 and "reference[0].stage: 'cpx' is not a stage of this recipe" in r.out
+    r = medpipe("show", "recipe=qilin", "~reference.3.row")
+    assert r.code == 2 and "reference[3].row: required" in r.out
