@@ -19,6 +19,7 @@ from . import registry
 from .errors import ConfigError
 
 ENGINE_KEYS = ("kind", "from")  # stage keys the engine consumes; everything else is the kind's Params
+BASE = "base"  # `from: base`: the recipe's model (a stage after a base-model eval trains on the model itself)
 
 
 def package_dir(name: str) -> Path:
@@ -200,10 +201,39 @@ def check_recipe_keys(cfg: Any) -> None:
             if isinstance(value, (bool, int, float)) or value is None or \
                     difflib.get_close_matches(key, DATA_OPTIONS, n=1, cutoff=0.75):
                 _reject("data.", key, [*DATA_OPTIONS, "<name>: a data source (path, {path: ...} or a list)"])
+    check_reference(cfg)
     run = cfg.get("run")
     run_dir = run.get("dir") if run is not None else None
     if run_dir and Path(str(run_dir)).expanduser().exists() and not Path(str(run_dir)).expanduser().is_dir():
         raise ConfigError(f"run.dir: '{run_dir}' is a file, not a directory; choose another run.dir")
+
+
+REFERENCE_KEYS = ("table", "row", "stage", "column", "value", "metric", "data", "quote")  # conf/base.yaml `reference`
+
+
+def check_reference(cfg: Any) -> None:
+    """`reference:` is a list of the paper's values: {table, row, column, value (a number), stage?,
+    metric?, data?, quote?}; anything else is an error naming the entry and key. A `stage` the
+    recipe lacks (dropped with ~stages.X) is no error: the report lists that value as not measured."""
+    from omegaconf import OmegaConf
+
+    refs = cfg.get("reference")
+    if refs is None:
+        return
+    refs = OmegaConf.to_container(refs, resolve=True) if OmegaConf.is_config(refs) else refs
+    if not isinstance(refs, list):
+        raise ConfigError("reference: a list of {table, row, column, value, stage, metric, data} entries")
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, dict):
+            raise ConfigError(f"reference[{i}]: an entry is a mapping {{table, row, column, value, ...}}")
+        for key in ref:
+            if key not in REFERENCE_KEYS:
+                _reject(f"reference[{i}].", str(key), REFERENCE_KEYS)
+        for key in ("table", "row", "column", "value"):
+            if ref.get(key) is None:
+                raise ConfigError(f"reference[{i}].{key}: required")
+        if isinstance(ref["value"], bool) or not isinstance(ref["value"], (int, float)):
+            raise ConfigError(f"reference[{i}].value: a number as the paper prints it, got {ref['value']!r}")
 
 
 def _explain(e: Exception, recipe: str) -> str:
@@ -248,16 +278,24 @@ def bind_stages(cfg: Any) -> list[StagePlan]:
         body = dict(body)
         kind = body.pop("kind")
         source = body.pop("from", None)
+        if source == BASE and BASE not in names:
+            plans.append(_bind(index, name, kind, None, body))
+            names.append(name)
+            continue
         if source is not None and source not in names:
             before = ", ".join(names) or "none: it is the first stage"
             raise ConfigError(f"stages.{name}.from: '{source}' is not an earlier stage (earlier stages: {before})")
         if source is None and names:
             source = names[-1]
-        cls = registry.load(kind)
-        params = bind_params(cls.Params, body, f"stages.{name}")
-        plans.append(StagePlan(index, name, kind, source, params, dataclasses.asdict(params), cls))
+        plans.append(_bind(index, name, kind, source, body))
         names.append(name)
     return plans
+
+
+def _bind(index: int, name: str, kind: str, source: str | None, body: dict) -> StagePlan:
+    cls = registry.load(kind)
+    params = bind_params(cls.Params, body, f"stages.{name}")
+    return StagePlan(index, name, kind, source, params, dataclasses.asdict(params), cls)
 
 
 def bind_params(dc: type, values: dict, where: str) -> Any:

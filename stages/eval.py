@@ -51,6 +51,15 @@ the set's result records it as `task_model`.
 corpus (stages/evaluation/rag.py) to every prompt: in the item's context for mcq, before the user's message
 for generation.
 
+Judge stages. `needs_judge: true` (MedCare's CCTE) and `pairwise: true` (IIMedGPT Fig. 5: the
+input model against the model its adapter was trained on — after vs before DPO — win / tie / lose
+and each side's mean response length, stages/evaluation/pairwise.py) need `judge.url`; without one
+the stage says "skipped: no judge endpoint configured ..." and records no metrics; the run goes on.
+
+Held-out figures (`heldout: {text, chat, preference}`, stages/evaluation/heldout.py): perplexity
+of held-out documents, the last answer's NLL on held-out conversations, log p(chosen) >
+log p(rejected) on held-out pairs — scores any model has, random or trained (the tiny profiles).
+
 Records (the shapes the report reads):
 * the eval stage's artifact: `kind: eval`, the input model passed through unchanged (model_path,
   format) so a later stage may train on it, `metrics` = flat `{"<set>/<metric>": number}`,
@@ -78,6 +87,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import Checked, param
+from medpipe.stages.evaluation.heldout import HeldoutParams
 from medpipe.stages.evaluation.judge import JudgeParams
 from medpipe.stages.evaluation.rag import RagParams
 
@@ -113,6 +123,17 @@ class EvalParams(Checked):
     on_error: Optional[str] = param(None, "fail | skip; default: the recipe's data.on_error")
     rag: RagParams = param(help="retrieval-augmented prompts (rag.index = the corpus; null = off)", factory=RagParams)
     judge: JudgeParams = param(help="LLM judge for generation sets (judge.url; null = no judge)", factory=JudgeParams)
+    needs_judge: bool = param(False, "the stage is a judge's (CCTE): without judge.url it is skipped with one line, "
+                                     "the run goes on")
+    pairwise: bool = param(False, "IIMedGPT Fig. 5: the input model against the model its adapter was trained on "
+                                  "(after vs before DPO), judged pairwise (judge.template=iimedgpt) on the chat sets, "
+                                  "win / tie / lose and each side's mean response length; needs judge.url (else "
+                                  "skipped with one line)")
+    groups: Any = param(None, "{group: [set names or patterns]}: each group's item-weighted accuracy over its mcq "
+                              "sets as `<group>/acc` (a benchmark published as several files, e.g. "
+                              "{cmmlu_med: ['cmmlu*']}; MedCare's cross-lingual set)")
+    heldout: HeldoutParams = param(help="held-out perplexity / chat loss / preference accuracy (tiny profiles)",
+                                   factory=HeldoutParams)
 
     def _rules(self):
         return [("protocol", self.protocol in PROTOCOLS, "one of " + ", ".join(PROTOCOLS)),
@@ -133,7 +154,29 @@ class EvalParams(Checked):
                 ("batch_size", self.batch_size >= 1, ">= 1"),
                 ("max_length", self.max_length is None or self.max_length >= 1, ">= 1 or null"),
                 ("limit", self.limit is None or self.limit >= 1, ">= 1 or null"),
-                ("on_error", self.on_error in (None, "fail", "skip"), "fail, skip or null")]
+                ("on_error", self.on_error in (None, "fail", "skip"), "fail, skip or null"),
+                ("groups", self.groups is None or (isinstance(self.groups, dict) and all(
+                    isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) for v in self.groups.values())),
+                 "a mapping {group: [set name or pattern, ...]}"),
+                ("judge.template", not self.pairwise or self.judge.template in ("iimedgpt", "medpipe"),
+                 "iimedgpt or medpipe with pairwise: true (a pairwise prompt)")]
+
+
+def add_groups(groups: dict, metrics: dict, results: dict, say=print) -> None:
+    """`<group>/acc`: the item-weighted accuracy of the mcq sets whose names match the group's patterns."""
+    from fnmatch import fnmatchcase
+
+    for group, patterns in groups.items():
+        members = [n for n, r in results.items() if r.get("kind") == "mcq"
+                   and any(fnmatchcase(n, pat) for pat in patterns)]
+        n = sum(results[m]["n"] for m in members)
+        if not n:
+            say(f"{group}: no mcq set matches {list(patterns)}")
+            continue
+        acc = sum(results[m]["metrics"]["acc"] * results[m]["n"] for m in members) / n
+        results[group] = {"kind": "group", "n": n, "metrics": {"acc": acc}, "members": members}
+        metrics[f"{group}/acc"] = acc
+        say(f"{group}: acc={acc:.4g} ({n} items of {', '.join(members)})")
 
 
 class EvalStage:
@@ -158,10 +201,29 @@ class EvalStage:
 
         p: EvalParams = ctx.params
         evaluated = ctx.input.stage
-        ctx.say(f"evaluating {evaluated} ({ctx.input.model_path})")
-        metrics, results = evaluate(p, ctx.input, ctx.output_dir, ctx.data, ctx.say, ctx.model)
+        skipped = None
+        if (p.needs_judge or p.pairwise) and not p.judge.url:
+            skipped = (f"skipped: no judge endpoint configured (set stages.{ctx.name}.judge.url=http://HOST:PORT/v1 "
+                       f"to score {'after vs before' if p.pairwise else 'with'} judge.template={p.judge.template})")
+            ctx.say(skipped)
+            metrics, results = {}, {}
+        elif p.pairwise:
+            from medpipe.stages.evaluation.pairwise import judge_before_after
+
+            metrics, results = judge_before_after(p, ctx.input, ctx.data, ctx.say)
+        else:
+            ctx.say(f"evaluating {evaluated} ({ctx.input.model_path})")
+            metrics, results = evaluate(p, ctx.input, ctx.output_dir, ctx.data, ctx.say, ctx.model)
+            add_groups(p.groups or {}, metrics, results, ctx.say)
+            if p.heldout.active():
+                from medpipe.stages.evaluation.heldout import measure
+
+                for set_name, res in measure(ctx.input.model_path, p.heldout, ctx.data or {}, ctx.say).items():
+                    results[set_name] = res
+                    metrics.update({f"{set_name}/{k}": v for k, v in res["metrics"].items()})
         # the input model passes through, so a stage after an eval trains on the evaluated model
         return Artifact(stage=ctx.name, kind=ctx.kind, format=ctx.input.format, model_path=ctx.input.model_path,
                         tokenizer_path=ctx.input.tokenizer_path, base_model_path=ctx.input.base_model_path,
                         merged_path=ctx.input.merged_path, trust_remote_code=ctx.input.trust_remote_code,
-                        metrics=metrics, evaluated_stage=evaluated, results=results)
+                        metrics=metrics, evaluated_stage=evaluated, results=results,
+                        handoff={"skipped": skipped} if skipped else {})

@@ -40,20 +40,20 @@ def test_antglm_end_to_end(tmp_path):
     assert r.code == 0, r.out
     arts = {d.name: json.loads((d / "artifact.json").read_text()) for d in sorted(run_dir.iterdir())
             if (d / "artifact.json").exists()}
-    assert list(arts) == ["01-cpt", "02-sft", "03-voc", "04-cpoly", "05-eval"]
-    for name in ("01-cpt", "02-sft", "04-cpoly"):
+    assert list(arts) == ["01-base_eval", "02-cpt", "03-eval_cpt", "04-sft", "05-eval_sft", "06-voc", "07-cpoly", "08-eval"]
+    for name in ("02-cpt", "04-sft", "07-cpoly"):
         m = arts[name]["metrics"]
         assert m["last_loss"] < m["first_loss"], (name, m)
     # cpt: Adam β2 0.95 and cosine down to 10 % of the peak lr
-    targs = torch.load(Path(arts["01-cpt"]["model_path"]) / "training_args.bin", weights_only=False)
+    targs = torch.load(Path(arts["02-cpt"]["model_path"]) / "training_args.bin", weights_only=False)
     assert (targs.adam_beta2, targs.weight_decay, str(targs.lr_scheduler_type)) == (0.95, 0.1, "SchedulerType.COSINE_WITH_MIN_LR")
-    lrs = [json.loads(x)["learning_rate"] for x in (run_dir / "01-cpt" / "log_history.jsonl").read_text().splitlines()
+    lrs = [json.loads(x)["learning_rate"] for x in (run_dir / "02-cpt" / "log_history.jsonl").read_text().splitlines()
            if "learning_rate" in json.loads(x)]
     peak = max(lrs)
     assert min(lrs[1:]) >= 0.1 * peak * 0.999 and lrs[-1] < 0.5 * peak
     # voc passes the SFT model through and hands its dataset on; cpoly read it
-    voc, cp, ev = arts["03-voc"], arts["04-cpoly"], arts["05-eval"]
-    assert voc["model_path"] == Path(arts["02-sft"]["model_path"]).as_posix()
+    voc, cp, ev = arts["06-voc"], arts["07-cpoly"], arts["08-eval"]
+    assert voc["model_path"] == Path(arts["04-sft"]["model_path"]).as_posix()
     assert voc["metrics"]["items"] == 4 and voc["metrics"]["labeled"] + voc["metrics"]["unparseable"] == 4
     assert cp["metrics"]["input_dataset_records"] == voc["metrics"]["labeled"]
     assert cp["format"] == "full" and cp["model_path"] == cp["task_models"]["pubmedqa"]

@@ -19,7 +19,8 @@ def plans(recipe="qilin", *overrides):
 def test_overrides_reach_the_typed_params():
     cfg, _, ps = plans("qilin", "stages.sft.lr=1e-4", "stages.cpt.epochs=1", "stages.dpo.adam_beta2=0.95")
     by = {p.name: p for p in ps}
-    assert [p.name for p in ps] == ["cpt", "cmexam_cpt", "ceval_cpt", "sft", "cmexam_sft", "ceval_sft", "dpo", "eval"]
+    assert [p.name for p in ps] == ["cmexam_base", "ceval_base", "huatuo_base", "cpt", "cmexam_cpt", "ceval_cpt", "huatuo_cpt",
+                                    "sft", "cmexam_sft", "ceval_sft", "huatuo_sft", "dpo", "eval"]
     assert [(p.name, p.source) for p in ps if p.kind != "eval"] == [("cpt", None), ("sft", "cpt"), ("dpo", "sft")]
     assert by["sft"].params.lr == 1e-4 and isinstance(by["sft"].params.lr, float)
     assert by["cpt"].params.epochs == 1.0
@@ -39,7 +40,8 @@ def test_tiny_profile_is_applied_and_named():
 
 def test_drop_a_stage_and_add_a_param_with_hydra_grammar():
     _, _, ps = plans("qilin", "~stages.dpo", "~stages.eval", "~stages.cmexam_cpt", "~stages.ceval_cpt",
-                     "~stages.cmexam_sft", "~stages.ceval_sft")
+                     "~stages.cmexam_sft", "~stages.ceval_sft", "~stages.cmexam_base", "~stages.ceval_base",
+                     "~stages.huatuo_base", "~stages.huatuo_cpt", "~stages.huatuo_sft")
     assert [p.name for p in ps] == ["cpt", "sft"]
     _, _, ps = plans("qilin", "+stages.sft.scheduler_kwargs.min_lr_rate=0.1")
     assert {p.name: p for p in ps}["sft"].params.scheduler_kwargs == {"min_lr_rate": 0.1}
@@ -52,7 +54,8 @@ def test_drop_a_stage_and_add_a_param_with_hydra_grammar():
     ("stages.sft.peft.rank=4", "unknown key 'stages.sft.peft.rank'"),
     ("+stages.sft.peft.rank=4", "stages.sft.peft.rank: unknown parameter. Allowed: type, r, alpha, dropout, target_modules"),
     ("model=nope", "available model options: baichuan-7b"),
-    ("stages.sft.from=dpo", "stages.sft.from: 'dpo' is not an earlier stage (earlier stages: cpt, cmexam_cpt, ceval_cpt)"),
+    ("stages.sft.from=dpo", "stages.sft.from: 'dpo' is not an earlier stage (earlier stages: cmexam_base, ceval_base, huatuo_base, cpt, "
+     "cmexam_cpt, ceval_cpt, huatuo_cpt)"),
     ("stages.cpt.kind=nokind", "unknown stage kind 'nokind'. Available kinds: "),
     # values of the right type but impossible: every bad field named, before anything trains
     ("stages.sft.lr=-1", "stages.sft: lr must be > 0, got -1.0"),

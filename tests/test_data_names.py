@@ -40,7 +40,7 @@ def test_validate_names_every_missing_file_and_where_it_is_published(tmp_path):
     lines = r.out.splitlines()
     assert f"missing: stages.cpt.data: {tmp_path}/ChiMed/cpt.txt: file not found (published: " \
            f"huggingface.co/datasets/williamliu/ChiMed cpt.txt (4.9 GB))" in lines
-    assert f"missing: stages.cmexam_cpt.data: {tmp_path}/CMExam/data/test_with_annotations.csv: file not found " \
+    assert f"missing: stages.cmexam_base.data: {tmp_path}/CMExam/data/test_with_annotations.csv: file not found " \
            f"(published: github.com/williamliujl/CMExam data/test_with_annotations.csv)" in lines
     assert f"missing: stages.dpo.data: {tmp_path}/ChiMed/dpo.json: file not found (published: " \
            f"huggingface.co/datasets/williamliu/ChiMed dpo.json)" in lines

@@ -44,8 +44,8 @@ def test_iimedgpt_runs_end_to_end(tmp_path):
                 "stages.sft.max_steps=12", "stages.sft.eval_steps=6", "stages.sft.logging_steps=2",
                 "stages.dpo.max_steps=8", "stages.dpo.logging_steps=2", "stages.dpo.reward_eval_pairs=16")
     assert r.code == 0, r.out
-    sft = json.loads((run_dir / "01-sft" / "artifact.json").read_text())
-    dpo = json.loads((run_dir / "02-dpo" / "artifact.json").read_text())
+    sft = json.loads((run_dir / "02-sft" / "artifact.json").read_text())
+    dpo = json.loads((run_dir / "04-dpo" / "artifact.json").read_text())
     m = sft["metrics"]
     assert m["heldout"] > 0 and m["best_eval_loss"] <= m["last_eval_loss"]  # 10 % held out, best kept
     assert (m["spike_guard_skipped"], m["spike_guard_halved"]) == (0, 0)  # guard on, nothing to guard on clean data

@@ -25,7 +25,8 @@ def artifacts(run_dir: Path) -> dict:
             if (d / "artifact.json").exists()}
 
 
-STAGES = ["01-cpt", "02-cmexam_cpt", "03-ceval_cpt", "04-sft", "05-cmexam_sft", "06-ceval_sft", "07-dpo", "08-eval"]
+STAGES = ["01-cmexam_base", "02-ceval_base", "03-huatuo_base", "04-cpt", "05-cmexam_cpt", "06-ceval_cpt", "07-huatuo_cpt",
+          "08-sft", "09-cmexam_sft", "10-ceval_sft", "11-huatuo_sft", "12-dpo", "13-eval"]
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 64, 12]])
 
 
@@ -49,34 +50,36 @@ def test_every_stage_trains_and_hands_on(qilin):
     _, run_dir, out = qilin
     arts = artifacts(run_dir)
     assert list(arts) == STAGES
-    # the paper's tables: CMExam accuracy + explanation BLEU/ROUGE and C-Eval 5-shot after CPT and SFT,
-    # Huatuo-26M BLEU/ROUGE (stand-in: the instruction set) after DPO
-    for name, evaluated in (("02-cmexam_cpt", "cpt"), ("05-cmexam_sft", "sft")):
+    # the paper's tables: CMExam accuracy + explanation BLEU/ROUGE and C-Eval 5-shot on the base model,
+    # after CPT and after SFT; Huatuo-26M BLEU/ROUGE on the base model and after CPT, SFT and DPO
+    for name, evaluated in (("01-cmexam_base", "base"), ("05-cmexam_cpt", "cpt"), ("09-cmexam_sft", "sft")):
         assert arts[name]["evaluated_stage"] == evaluated
         assert {"cmexam/acc", "cmexam/expl_bleu1", "cmexam/expl_bleu4", "cmexam/expl_rouge1", "cmexam/expl_rouge2",
                 "cmexam/expl_rougeL"} <= set(arts[name]["metrics"])
-    assert (arts["03-ceval_cpt"]["evaluated_stage"], arts["06-ceval_sft"]["evaluated_stage"]) == ("cpt", "sft")
-    assert arts["08-eval"]["evaluated_stage"] == "dpo"
-    assert {f"sft_alpaca/{m}" for m in ("bleu1", "bleu4", "rouge1", "rouge2", "rougeL")} <= set(arts["08-eval"]["metrics"])
-    assert arts["01-cpt"]["format"] == "full"
-    assert arts["04-sft"]["format"] == "adapter" and arts["07-dpo"]["format"] == "adapter"
+    assert [arts[n]["evaluated_stage"] for n in ("02-ceval_base", "06-ceval_cpt", "10-ceval_sft")] == ["base", "cpt", "sft"]
+    for name, evaluated in (("03-huatuo_base", "base"), ("07-huatuo_cpt", "cpt"), ("11-huatuo_sft", "sft"),
+                            ("13-eval", "dpo")):
+        assert arts[name]["evaluated_stage"] == evaluated
+        assert {f"huatuo26m_test/{m}" for m in ("bleu1", "bleu4", "rouge1", "rouge2", "rougeL")} <= set(arts[name]["metrics"])
+    assert arts["04-cpt"]["format"] == "full"
+    assert arts["08-sft"]["format"] == "adapter" and arts["12-dpo"]["format"] == "adapter"
     # sft trained on top of cpt's output, dpo on top of sft's merged output
-    assert arts["04-sft"]["base_model_path"] == arts["01-cpt"]["model_path"]
-    assert arts["07-dpo"]["base_model_path"].endswith("/merged")
-    assert Path(arts["07-dpo"]["base_model_path"]).parent == Path(arts["04-sft"]["model_path"]).parent
-    inputs = {"01-cpt": ensure_tiny(), "04-sft": arts["04-sft"]["base_model_path"],
-              "07-dpo": arts["07-dpo"]["base_model_path"]}
+    assert arts["08-sft"]["base_model_path"] == arts["04-cpt"]["model_path"]
+    assert arts["12-dpo"]["base_model_path"].endswith("/merged")
+    assert Path(arts["12-dpo"]["base_model_path"]).parent == Path(arts["08-sft"]["model_path"]).parent
+    inputs = {"04-cpt": ensure_tiny(), "08-sft": arts["08-sft"]["base_model_path"],
+              "12-dpo": arts["12-dpo"]["base_model_path"]}
     for name, input_path in inputs.items():
         art = arts[name]
         assert art["metrics"]["last_loss"] < art["metrics"]["first_loss"], (name, art["metrics"])
         assert_trained_on(art, input_path)
-    assert "Stage 8/8" in out and "Pipeline qilin complete" in out
+    assert "Stage 13/13" in out and "Pipeline qilin complete" in out
     assert (run_dir / "config.yaml").is_file() and (run_dir / "run.json").is_file()
-    assert list((run_dir / "01-cpt" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "04-cpt" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_dpo_reward_accuracy_rose(qilin):
-    m = artifacts(qilin[1])["07-dpo"]["metrics"]
+    m = artifacts(qilin[1])["12-dpo"]["metrics"]
     # at step 0 the policy is the reference: every reward is 0 and no pair is ranked right
     assert m["first_reward_accuracy"] == 0.0
     assert m["reward_accuracy"] > m["first_reward_accuracy"] and m["reward_margin"] > 0, m
@@ -94,9 +97,9 @@ def test_dpo_reference_is_the_sft_model_not_the_base(qilin):
     from transformers import AutoModelForCausalLM
 
     arts = artifacts(qilin[1])
-    probe = torch.load(Path(arts["07-dpo"]["model_path"]).parent / "ref_probe.pt")
-    sft = AutoModelForCausalLM.from_pretrained(arts["07-dpo"]["base_model_path"])  # merged SFT artifact
-    cpt = AutoModelForCausalLM.from_pretrained(arts["01-cpt"]["model_path"])  # the model before SFT
+    probe = torch.load(Path(arts["12-dpo"]["model_path"]).parent / "ref_probe.pt")
+    sft = AutoModelForCausalLM.from_pretrained(arts["12-dpo"]["base_model_path"])  # merged SFT artifact
+    cpt = AutoModelForCausalLM.from_pretrained(arts["04-cpt"]["model_path"])  # the model before SFT
     sft_c, sft_r = _completion_logps(sft, probe)
     cpt_c, _ = _completion_logps(cpt, probe)
     assert torch.allclose(probe["ref_chosen_logps"], sft_c, atol=1e-3)
@@ -108,7 +111,7 @@ def test_merged_weights_equal_base_plus_scaled_lora(qilin):
     from safetensors.torch import load_file
 
     arts = artifacts(qilin[1])
-    sft = arts["04-sft"]
+    sft = arts["08-sft"]
     base = load_file(str(Path(sft["base_model_path"]) / "model.safetensors"))
     merged = load_file(str(Path(sft["model_path"]).parent / "merged" / "model.safetensors"))
     adapter = load_file(str(Path(sft["model_path"]) / "adapter_model.safetensors"))
@@ -135,9 +138,9 @@ def test_rerun_skips_done_stages_and_a_change_reruns_from_there(qilin):
     assert {n: a["created"] for n, a in artifacts(run_dir).items()} == before
 
     changed = medpipe("run", "recipe=qilin", f"run.root={root}", *QUICK, "stages.dpo.beta=0.3")
-    assert changed.code == 0 and changed.out.count("✓ reused") == 6, changed.out  # cpt, sft + their evals; dpo, eval rerun
+    assert changed.code == 0 and changed.out.count("✓ reused") == 11, changed.out  # base evals, cpt, sft + evals; dpo, eval rerun
     changed = medpipe("run", "recipe=qilin", f"run.root={root}", *QUICK, "stages.sft.lr=1e-3")
-    assert changed.code == 0 and changed.out.count("✓ reused") == 3, changed.out  # only cpt and its two evals
+    assert changed.code == 0 and changed.out.count("✓ reused") == 7, changed.out  # base evals, cpt and its three evals
 
 
 def test_status_reports_each_stage(qilin):
@@ -151,7 +154,7 @@ def test_only_and_force_keep_previous_results(qilin):
     r = medpipe("run", "recipe=qilin", f"run.root={root}", f"run.dir={run_dir}", *QUICK, "--only", "dpo", "--force")
     assert r.code == 0, r.out
     assert "previous result kept at" in r.out and r.out.count("Stage ") == 1
-    store = Path(json.loads((run_dir / "run.json").read_text())["stages"][STAGES.index("07-dpo")]["store_dir"]).parent
+    store = Path(json.loads((run_dir / "run.json").read_text())["stages"][STAGES.index("12-dpo")]["store_dir"]).parent
     assert list(store.glob("dpo-*.replaced-*"))
 
 
@@ -174,11 +177,50 @@ def test_sweep_trains_shared_stages_once_and_runs_survive_deletion(qilin):
     r = medpipe("run", "recipe=qilin", f"run.root={root}", *QUICK, "stages.dpo.beta=0.05,0.5", "--multirun")
     assert r.code == 0, r.out
     assert "sweep 1/2" in r.out and "sweep 2/2" in r.out
-    assert r.out.count("✓ reused") == 12  # cpt and sft and their four evals, in both runs
+    assert r.out.count("✓ reused") == 22  # the base evals, cpt and sft and their six evals, in both runs
     new = set((root / ".store").glob("dpo-*")) - before
     assert len([p for p in new if "replaced" not in p.name]) == 2
     runs = sorted(p for p in root.glob("qilin-*") if (p / "run.json").exists())[-2:]
     shutil.rmtree(runs[0])  # deleting one run never breaks another that shares its stages
-    kept = {stage: json.loads((runs[1] / stage / "artifact.json").read_text()) for stage in ("01-cpt", "04-sft", "07-dpo")}
-    assert_trained_on(kept["04-sft"], kept["01-cpt"]["model_path"])
-    assert_trained_on(kept["07-dpo"], kept["04-sft"]["model_path"])
+    kept = {stage: json.loads((runs[1] / stage / "artifact.json").read_text()) for stage in ("04-cpt", "08-sft", "12-dpo")}
+    assert_trained_on(kept["08-sft"], kept["04-cpt"]["model_path"])
+    assert_trained_on(kept["12-dpo"], kept["08-sft"]["model_path"])
+
+
+def _row(out: str, metric: str) -> list[str]:
+    line = next(x for x in out.splitlines() if x.startswith(metric + " "))
+    return line.split()
+
+
+def test_the_run_ends_with_the_before_after_table(qilin):
+    """What each stage changed, readable from the terminal alone: held-out perplexity falls with CPT,
+    the held-out answer loss falls with SFT, exams beside the paper's numbers, the chance note."""
+    _, run_dir, out = qilin
+    summary = out.split("Before → after: the base model, then each stage")[1]
+    head = summary.splitlines()[1].split()
+    assert head == ["metric", "base", "cpt", "sft", "dpo", "change", "paper", "paper", "change"]
+    ppl = _row(summary, "heldout_text/ppl")
+    assert float(ppl[2]) < float(ppl[1]) / 2  # CPT: perplexity of held-out documents at least halves
+    loss = _row(summary, "heldout_chat/loss")
+    assert float(loss[3]) < float(loss[2])  # SFT: the answer loss on held-out conversations falls
+    assert float(loss[5]) == pytest.approx(float(loss[4]) - float(loss[1]), abs=0.011)  # change = last − first
+    acc = " ".join(_row(summary, "cmexam/acc"))
+    assert "33.5 (base) → 38.4 (cpt) → 40 (sft) +6.50" in acc
+    assert ("paper (Table 5): Baichuan-7B on CMExam test; this run: tiny on the 60-item bundled sample "
+            "(model and data differ)") in summary
+    assert "note: the tiny model is randomly initialised, so its exam accuracies sit at chance" in summary
+    r = medpipe("report", str(run_dir))
+    assert r.code == 0 and (run_dir / "report.csv").read_text().startswith("metric,base,cpt,sft,dpo,change,paper,")
+
+
+def test_a_fresh_machine_builds_the_tiny_model_quietly(tmp_path):
+    """DeepSpeed's accelerator warning and transformers' shard bar go to the build log."""
+    import os
+
+    from conftest import medpipe_proc
+
+    r = medpipe_proc("validate", "recipe=iimedgpt", env={**os.environ, "MEDPIPE_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Setting accelerator" not in r.stdout + r.stderr and "Writing model shards" not in r.stdout + r.stderr
+    logs = list(tmp_path.glob("tiny-*.build.log"))
+    assert len(logs) == 1 and "Writing model shards" in logs[0].read_text()

@@ -86,3 +86,74 @@ def test_report_without_evals_and_on_a_non_run(tmp_path):
     assert "No evaluation results yet" in md and "Training curves" not in md
     r = medpipe("report", str(tmp_path / "nowhere"))
     assert r.code == 2 and "not a medpipe run dir" in r.out
+
+
+def _paper_run(tmp_path):
+    """A fake qilin-like run: the base model, cpt and sft evaluated (dpo not), references in config.yaml."""
+    from _evalrun import samples
+
+    run_dir = fake_run(tmp_path)
+    cm = {"cmexam": {"kind": "mcq", "n": 60, "metrics": {}}}
+    add_eval_stage(run_dir, "cmexam_base", "base", {"cmexam/acc": 0.25, "cmexam/invalid": 3,
+                                                     "heldout_text/ppl": 4000.0}, cm)
+    add_eval_stage(run_dir, "cmexam_cpt", "cpt", {"cmexam/acc": 0.30, "cmexam/invalid": 0,
+                                                   "heldout_text/ppl": 500.0}, cm)
+    add_eval_stage(run_dir, "cmexam_sft", "sft", {"cmexam/acc": 0.40, "heldout_text/ppl": 450.0,
+                                                   "huatuo26m_test/bleu1": 0.125}, cm)
+    ref = "  - {{table: {t}, row: {r}, stage: {s}, column: {c}, value: {v}, metric: {m}, data: {d}}}\n"
+    (run_dir / "config.yaml").write_text(
+        "name: fake\nmodel: {name: tiny}\n"
+        f"data:\n  cmexam: {{path: {samples()}/mcq_cmexam.csv, format: cmexam}}\nreference:\n"
+        + ref.format(t="Table 5", r="Baichuan-7B", s="base", c="Accuracy", v=33.5, m="cmexam/acc", d="CMExam test")
+        + ref.format(t="Table 5", r="Qilin-Med-7B-CPT", s="cpt", c="Accuracy", v=38.4, m="cmexam/acc", d="CMExam test")
+        + ref.format(t="Table 5", r="Qilin-Med-7B-SFT", s="sft", c="Accuracy", v=40.0, m="cmexam/acc", d="CMExam test")
+        + ref.format(t="Table 4", r="Baichuan-7B", s="base", c="Average", v=42.8, m="null", d="C-Eval")
+        + ref.format(t="Table 7", r="LoRA", s="null", c="PubMedQA", v=86.6, m="pubmedqa/acc", d="PubMedQA"))
+    return run_dir
+
+
+def test_before_after_table_beside_the_paper(tmp_path):
+    import csv
+
+    run_dir = _paper_run(tmp_path)
+    r = medpipe("report", str(run_dir))
+    assert r.code == 0, r.out
+    note = ("paper (Table 5): Baichuan-7B on CMExam test; this run: tiny on the 60-item bundled sample "
+            "(model and data differ)")
+    rows = list(csv.reader((run_dir / "report.csv").read_text().splitlines()))
+    assert rows == [
+        ["metric", "base", "cpt", "sft", "change", "paper", "paper_change", "note"],
+        ["cmexam/acc", "25.0", "30.0", "40.0", "15.0", "33.5 (base) → 38.4 (cpt) → 40 (sft)", "6.5", note],
+        ["heldout_text/ppl", "4000.0", "500.0", "450.0", "-3550.0", "", "", ""],
+        ["huatuo26m_test/bleu1", "", "", "12.5", "", "", "", ""],
+    ]  # counts (cmexam/invalid) are not in the table; dpo has no eval, so no column
+    md = (run_dir / "report.md").read_text()
+    section = md.split("## Before → after, beside the paper")[1].split("## Metrics")[0]
+    assert "| metric | base | cpt | sft | change | paper | paper change | note |" in section
+    assert f"| cmexam/acc | 25.00 | 30.00 | 40.00 | +15.00 | 33.5 (base) → 38.4 (cpt) → 40 (sft) | +6.50 | {note} |" in section
+    assert "| heldout_text/ppl | 4000.00 | 500.00 | 450.00 | -3550.00 |  | – |  |" in section
+    assert "| Table 4 | Baichuan-7B | Average | 42.8 | this recipe measures no counterpart |" in section
+    assert "| Table 7 | LoRA | PubMedQA | 86.6 | another setting than this recipe's default |" in section
+    assert "note: the tiny model is randomly initialised" in section
+    data = json.loads((run_dir / "report.json").read_text())
+    assert data["stages"] == ["base", "cpt", "sft"] and data["model"] == "tiny"
+    acc = data["rows"][0]
+    assert acc["values"] == {"base": 25.0, "cpt": 30.0, "sft": 40.0} and acc["change"] == 15.0
+    assert [p["value"] for p in acc["paper"]] == [33.5, 38.4, 40.0] and acc["paper_change"] == 6.5
+    assert "Before → after, beside the paper" in (run_dir / "report.html").read_text()
+
+
+def test_a_skipped_judge_stage_says_why_in_the_report(tmp_path):
+    run_dir = fake_run(tmp_path)
+    info = json.loads((run_dir / "run.json").read_text())
+    sdir = run_dir.parent / ".store" / "eval-ccte"
+    sdir.mkdir(parents=True)
+    why = "skipped: no judge endpoint configured (set stages.ccte.judge.url=http://HOST:PORT/v1 ...)"
+    Artifact(stage="ccte", kind="eval", format="full", model_path="m", tokenizer_path="m", evaluated_stage="sft",
+             handoff={"skipped": why}).save(sdir)
+    write_json_atomic(sdir / "status.json", {"state": "done", "elapsed": 1.0})
+    (run_dir / "04-ccte").symlink_to(sdir)
+    info["stages"].append({"name": "ccte", "kind": "eval", "link": "04-ccte", "store_dir": str(sdir), "key": "c"})
+    write_json_atomic(run_dir / "run.json", info)
+    assert medpipe("report", str(run_dir)).code == 0
+    assert f"| ccte | eval | done | 1s |  |  | evaluates sft: {why} |" in (run_dir / "report.md").read_text()

@@ -89,8 +89,12 @@ def _run_one(recipe, overrides, console, force, from_stage, only) -> None:
     from medpipe.compose import bind_stages, compose
     from medpipe.run import Pipeline
 
+    from .report import print_summary
+
     cfg, _ = compose(recipe, overrides)
-    Pipeline(cfg, bind_stages(cfg), recipe, console, overrides).run(force=force, from_stage=from_stage, only=only)
+    run_dir = Pipeline(cfg, bind_stages(cfg), recipe, console, overrides).run(force=force, from_stage=from_stage,
+                                                                              only=only)
+    print_summary(run_dir, console)  # the before → after table: what each stage changed
 
 
 @app.command("list")

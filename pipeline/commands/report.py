@@ -1,7 +1,8 @@
 """`medpipe report RUN_DIR`: report.md and report.html for a run, PNG curves in report_files/.
 
 Contents: recipe and run facts, every stage's status / time / artifact / tokens seen / training
-summary, the metrics table (one row per evaluated stage, one column per `<set>/<metric>`), the
+summary, the before → after table beside the paper's values (before_after.py; also report.csv and
+report.json), the metrics table (one row per evaluated stage, one column per `<set>/<metric>`), the
 per-subject accuracy of mcq sets, pairwise judge verdicts, loss curves per training stage (train
 and held-out loss; for DPO also the reward margin and accuracy), and the resolved config.
 
@@ -19,6 +20,8 @@ import html
 import json
 from pathlib import Path
 from typing import Any
+
+from .before_after import RAW
 
 TRAIN_KEYS = ("first_loss", "last_loss", "best_eval_loss", "reward_accuracy", "reward_margin")
 COUNT_SUFFIXES = ("invalid", "judge_malformed")
@@ -102,6 +105,8 @@ def fmt_metric(key: str, value: Any) -> str:
         return str(int(value))
     if name.startswith("judge_"):
         return f"{value:.2f}"
+    if name in RAW:  # perplexity, losses, margins, lengths: not ratios
+        return f"{value:.4g}"
     if 0.0 <= value <= 1.0:
         return f"{value * 100:.1f}"
     return f"{value:.4g}"
@@ -202,12 +207,32 @@ def _columns(data: dict) -> list[str]:
     return [c for group in sets.values() for c in group]
 
 
+def print_summary(run_dir: Path, console: Any) -> None:
+    """The end of `medpipe run`: the before → after table, so the terminal shows what every stage
+    changed (`medpipe report` writes it with the rest)."""
+    from .before_after import render_terminal, table
+
+    data = collect(Path(run_dir))
+    lines = render_terminal(table(data), data)
+    if not lines:
+        return
+    console.rule("Before → after: the base model, then each stage (% for accuracy, BLEU, ROUGE)")
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"report.md / .html / .csv / .json: medpipe report {run_dir}", markup=False, highlight=False,
+                  soft_wrap=True)
+
+
 def build(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write report.md, report.html and report_files/*.png into the run dir."""
+    """Write report.md, report.html, report.csv, report.json and report_files/*.png into the run dir."""
     from medpipe.artifact import write_text_atomic
+
+    from .before_after import table, write_exports
 
     run_dir = Path(run_dir)
     data = collect(run_dir)
+    data["before_after"] = table(data)
+    write_exports(run_dir, data["before_after"])
     files = run_dir / "report_files"
     curves = {}
     for s in data["stages"]:
@@ -230,6 +255,8 @@ def _stage_rows(data: dict) -> list[list[str]]:
             elapsed += f" ({s['attempts']} attempts)"
         if art is None:
             what = ""
+        elif art.handoff.get("skipped"):
+            what = f"evaluates {art.evaluated_stage}: {art.handoff['skipped']}"
         elif art.evaluated_stage:
             what = f"evaluates {art.evaluated_stage or '?'}"
         else:
@@ -282,7 +309,9 @@ def render_md(data: dict, curves: dict) -> str:
     out = [f"# medpipe report: {info.get('name')}", "",
            f"- recipe: `{info.get('recipe')}`", f"- created: {info.get('created')}",
            f"- stages: {' → '.join(s['name'] for s in info['stages'])}", "", "## Stages", "",
-           _md_table(STAGE_HEAD, _stage_rows(data)), "", "## Metrics", ""]
+           _md_table(STAGE_HEAD, _stage_rows(data)), ""]
+    out += _md_before_after(data)
+    out += ["## Metrics", ""]
     if data["rows"]:
         head, rows = _metric_table(data)
         out += ["One row per evaluated stage. Accuracy, F1, BLEU, ROUGE and PromptCBLUE scores in %; "
@@ -297,6 +326,41 @@ def render_md(data: dict, curves: dict) -> str:
         out += ["## Training curves", ""] + [f"![{name}]({png})" for name, png in curves.items()] + [""]
     out += ["## Resolved config", "", "```yaml", data["config"].rstrip(), "```", ""]
     return "\n".join(out)
+
+
+BEFORE_AFTER_NOTE = ("Each metric on the base model and after each stage (accuracy, F1, BLEU, ROUGE, win rates in %; "
+                     "changes in points), the change from the first to the last value, and the paper's reported values "
+                     "for the same cells (the recipe's `reference:`). Also in report.csv and report.json.")
+
+
+def _before_after_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    from .before_after import chance_note, paper_only_rows, text_rows
+
+    t = data.get("before_after")
+    if not t:
+        return []
+    out = []
+    if t["rows"]:
+        out.append(("", *text_rows(t)))
+    if t["paper_only"]:
+        out.append(("The paper's values with no counterpart in this run", *paper_only_rows(t)))
+    note = chance_note(data, t["model"])
+    if note:
+        out.append((note, [], []))
+    return out
+
+
+def _md_before_after(data: dict) -> list[str]:
+    parts = _before_after_tables(data)
+    if not parts:
+        return []
+    out = ["## Before → after, beside the paper", "", BEFORE_AFTER_NOTE, ""]
+    for title, head, rows in parts:
+        if title:
+            out += [f"{title}:" if head else title, ""]
+        if head:
+            out += [_md_table(head, rows), ""]
+    return out
 
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;
@@ -349,8 +413,16 @@ def render_html(data: dict, curves: dict) -> str:
              f"<h1>medpipe report: {e(str(info.get('name')))}</h1>",
              f"<p>recipe <code>{e(str(info.get('recipe')))}</code> · created {e(str(info.get('created')))} · "
              f"stages {e(' → '.join(s['name'] for s in info['stages']))}</p>",
-             "<h2>Stages</h2>", _html_table(STAGE_HEAD, _stage_rows(data), classes={2: "state", 6: "path"}),
-             "<h2>Metrics</h2>"]
+             "<h2>Stages</h2>", _html_table(STAGE_HEAD, _stage_rows(data), classes={2: "state", 6: "path"})]
+    parts_ba = _before_after_tables(data)
+    if parts_ba:
+        parts += ["<h2>Before → after, beside the paper</h2>", f"<p class=\"note\">{e(BEFORE_AFTER_NOTE)}</p>"]
+        for title, head, rows in parts_ba:
+            if title:
+                parts.append(f"<p class=\"note\">{e(title)}</p>")
+            if head:
+                parts.append(f"<div class=\"wide\">{_html_table(head, rows, num_from=1)}</div>")
+    parts.append("<h2>Metrics</h2>")
     if data["rows"]:
         head, rows = _metric_table(data)
         parts += ["<p class=\"note\">One row per evaluated stage. Accuracy, F1, BLEU, ROUGE and PromptCBLUE scores "

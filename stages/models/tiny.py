@@ -70,7 +70,7 @@ def ensure_tiny(spec: dict | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tiny-"))
     try:
-        build(spec, tmp)
+        _quietly(build, spec, tmp, log=out.parent / f"{out.name}.build.log")
         try:
             os.replace(tmp, out)
         except OSError:  # another process built it first
@@ -79,6 +79,16 @@ def ensure_tiny(spec: dict | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _quietly(fn, *args, log: Path) -> None:
+    """Run `fn` with what the libraries print (DeepSpeed's "Setting accelerator to CPU" warning on
+    its first import, transformers' "Writing model shards" bar) in `log`, as stages keep theirs in
+    launcher.log; MEDPIPE_VERBOSE=1 shows it."""
+    from medpipe.console import StageDisplay
+
+    with StageDisplay(log).quiet():
+        fn(*args)
 
 
 def corpus_texts() -> list[str]:
