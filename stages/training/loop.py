@@ -40,6 +40,10 @@ def load_model(ctx: Any, params: Any, path: str | None = None):
     the generators seeded (`seed`): what the caller builds on it next is reproducible."""
     dtype = loader.pick_dtype(ctx.model.get("dtype"), training=True, lora=getattr(params, "peft", None) is not None,
                               precision=getattr(params, "precision", "auto"))
+    if zero3(ctx):  # transformers loads under deepspeed.zero.Init, which needs DeepSpeed's process group first
+        import deepspeed
+
+        deepspeed.init_distributed()
     model = loader.load_causal_lm(path or ctx.input.model_path, dtype=dtype,
                                   trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
                                   attn_implementation=ctx.model.get("attn_implementation"))
@@ -50,6 +54,14 @@ def load_model(ctx: Any, params: Any, path: str | None = None):
 
 
 apply_lora = loader.apply_lora
+
+
+def zero3(ctx: Any) -> bool:
+    """Whether this stage runs under DeepSpeed ZeRO-3 (parameters partitioned over the ranks)."""
+    import json
+
+    path = ctx.deepspeed_config
+    return bool(path) and json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage") == 3
 
 
 def train(trainer, ctx: Any) -> dict:
@@ -94,14 +106,26 @@ def distributed_facts(trainer, ctx: Any) -> dict:
         facts["zero_stage"] = int(trainer.model_wrapped.zero_optimization_stage())
     model = trainer.accelerator.unwrap_model(trainer.model)
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
+    trained = [(n, p) for n, p in sorted(model.named_parameters()) if p.requires_grad]
+    with _gathered([p for _, p in trained], facts.get("zero_stage") == 3):  # ZeRO-3: each rank holds a slice
+        for name, param in trained:
             digest.update(name.encode())
             digest.update(param.detach().float().cpu().numpy().tobytes())
     ctx.log.info("distributed: world_size=%d zero_stage=%s weights_sha256=%s", facts["world_size"],
                  facts.get("zero_stage", "none"), digest.hexdigest())
     facts["weights_sha256"] = digest.hexdigest()
     return facts
+
+
+def _gathered(params: list, partitioned: bool):
+    """The whole tensors of ZeRO-3-partitioned parameters for the duration of the block."""
+    import contextlib
+
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def last_complete_checkpoint(ckpt_dir: Path, say: Any = None) -> str | None:
