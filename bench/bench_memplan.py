@@ -1,7 +1,8 @@
 """The memory plan (medpipe.memplan) beside the measured peak: every training stage of the four
 recipes, each trained alone in its own process (`medpipe run ... --only STAGE`, local launcher,
 one CPU process, fp32), its peak RSS read by os.wait4 (ru_maxrss). The baseline is the peak RSS of
-a process that imports what a training stage imports (torch, transformers, trl, peft, datasets)
+a process that imports what a training stage imports (torch, the transformers / trl / peft
+trainer stack, tensorboard)
 and validates the same recipe: `measured - baseline` is what the stage itself added, compared with
 the plan's total minus its CPU runtime constant (memplan.CPU_RUNTIME).
 
@@ -24,6 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ("qilin", "medcare", "iimedgpt", "antglm")
 STEPS = 3
+# what a training stage process imports before its model (transformers and trl import lazily: name
+# the trainer stack itself), for the baseline process
+IMPORTS = ("import torch, datasets, accelerate; from transformers import Trainer, TrainingArguments, "
+           "AutoModelForCausalLM; from trl import SFTTrainer, DPOTrainer; from peft import get_peft_model; "
+           "from torch.utils.tensorboard import SummaryWriter; ")
 
 
 def peak_rss(cmd: list[str], log: Path) -> tuple[int, float, int]:
@@ -73,7 +79,7 @@ def main() -> None:
     rows = []
     for recipe in args.recipes:
         ov, plans = overrides_for(recipe, args.model, root)
-        imports = "import torch, transformers, trl, peft, datasets; from medpipe.commands.cli import app; "
+        imports = IMPORTS + "from medpipe.commands.cli import app; "
         code, _, base = peak_rss([py, "-c", imports + f"app({['validate', f'recipe={recipe}', *ov]!r})"], log)
         assert code == 0, f"baseline for {recipe} failed: see {log}"
         print(f"{recipe}: baseline peak RSS {base / 2**20:.0f} MiB", flush=True)
