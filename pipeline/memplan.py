@@ -453,9 +453,13 @@ def _fix(p: Any, shape: Shape, setup: Setup, cap: float) -> str:
         if fits(m):
             on = "" if ckpt else f"{knob}.gradient_checkpointing=true "
             return f"set {on}{knob}.micro_batch_size={smaller} (~{m.total / GB:.0f} GB)"
-    if setup.zero != 3 and not getattr(p.cls, "refuses_zero3", None):
-        return "the model states alone do not fit: use deepspeed=zero3 (or zero3_offload) on more GPUs"
-    return "the model states alone do not fit: use deepspeed=zero3_offload, more GPUs, or a smaller max_length"
+    if getattr(p.cls, "refuses_zero3", None):
+        return "even micro_batch_size=1 with checkpointing does not fit: more GPUs (ZeRO-2 splits gradients and optimizer state)"
+    if setup.zero != 3:
+        return "even micro_batch_size=1 with checkpointing does not fit: use deepspeed=zero3 (or zero3_offload)"
+    if not (setup.offload_param and setup.offload_optimizer):
+        return "even micro_batch_size=1 with checkpointing does not fit: use deepspeed=zero3_offload or more GPUs"
+    return "even micro_batch_size=1 with checkpointing does not fit: more GPUs or a smaller max_length"
 
 
 def zero3_refusal(cfg: Any, plans: list) -> str | None:

@@ -182,3 +182,16 @@ def test_show_under_zero3_names_the_refusal():
     r = medpipe("show", "recipe=medcare", "launcher=deepspeed", "launcher.num_gpus=2", "deepspeed=zero3")
     assert r.code == 0
     assert "#  REFUSED by validate/run: stages.mka: kind medcare_mka cannot run under DeepSpeed ZeRO-3" in r.out
+
+
+def test_model_states_that_cannot_fit_name_zero3():
+    # full-parameter CPT of Qwen1.5-14B on 2 GPUs under ZeRO-2: 28 GB of 16-bit weights + 18 bytes per
+    # parameter over 2 ranks (127 GB) whatever the micro batch
+    cfg, plans, m = plan("antglm", "model=qwen1.5-14b", "launcher=deepspeed", "launcher.num_gpus=2")
+    assert memplan.refusal(cfg, plans).endswith(
+        "even micro_batch_size=1 with checkpointing does not fit: use deepspeed=zero3 (or zero3_offload)")
+    cfg, plans, m = plan("antglm", "model=qwen1.5-14b", "launcher=deepspeed", "launcher.num_gpus=2",
+                         "deepspeed=zero3_offload", "stages.cpt.gradient_checkpointing=true",
+                         "stages.sft.gradient_checkpointing=true", "stages.sft.micro_batch_size=1")
+    assert m["cpt"].parts["optimizer"] == 0 and m["cpt"].parts["weights"] == 4 * 152064 * 5120  # only the gather buffer
+    assert m["cpt"].host > 14e9 * 16  # the offloaded fp32 states live in host RAM
