@@ -25,9 +25,10 @@ from typing import Any
 GB = 1e9
 MARGIN = 0.10          # refuse only when the estimate exceeds the GPU's memory by more than this
 CUDA_RUNTIME = 1.0e9   # CUDA context, cuBLAS workspaces, allocator slack per GPU process
-# Resident size of one CPU training process before any model (python + torch + transformers + trl +
-# datasets + medpipe imported, a tokenizer loaded); measured by bench/bench_memplan.py on this repo's
-# machine (torch 2.13 CPU): the CPU plan adds it so that it compares with a process's peak RSS.
+# Resident size of one CPU training process beyond its model: python, torch and the trainer stack
+# imported, tokenizer, data, allocator arenas. bench/bench_memplan.py measures it on the tiny model
+# (peak RSS minus the model-dependent parts: 650-880 MiB per stage on torch 2.13 CPU, BENCHMARKS.md);
+# the CPU plan adds it so that it compares with a process's peak RSS.
 CPU_RUNTIME = 0.75e9
 
 
