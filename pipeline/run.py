@@ -330,6 +330,7 @@ class Pipeline:
         check_places(self.cfg)     # run dir and store writable
         tracking.check_trackers(self.cfg)   # each configured tracker answers (short timeout)
         world = launch.world_size(launcher)
+        self.check_memory(base)
         for plan in self.plans:
             if hasattr(plan.params, "batch_layout") and getattr(plan.cls, "trains", True):
                 try:  # the global batch must divide over the launcher's ranks: fail before anything trains
@@ -349,6 +350,16 @@ class Pipeline:
             self.console.print(f"[bold]{plan.name}[/] data:")
             for line in lines:
                 self.console.print(f"  {line}", soft_wrap=True)
+
+    def check_memory(self, base: Artifact) -> None:
+        """A kind that cannot run under the chosen ZeRO stage, or a stage whose memory estimate
+        exceeds the GPU's (medpipe.memplan): one line naming the knob, before anything trains."""
+        from . import memplan
+
+        for problem in (memplan.zero3_refusal(self.cfg, self.plans),
+                        memplan.refusal(self.cfg, self.plans, base.model_path)):
+            if problem:
+                raise ConfigError(problem)
 
     def global_data(self) -> dict:
         from omegaconf import OmegaConf

@@ -189,6 +189,10 @@ def validate(args: Overrides = None) -> None:
         pipe = Pipeline(cfg, plans, recipe, console)
         base = base_artifact(cfg)
         console.print(f"model: {base.model_path}")
+        from .show import memory_lines
+
+        for line in memory_lines(cfg, plans, base.model_path):  # `check_data` refuses what does not fit
+            console.print(line.lstrip("# "), soft_wrap=True, markup=False)
         from medpipe.errors import ConfigError
 
         from .datacheck import missing_data

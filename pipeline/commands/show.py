@@ -38,9 +38,23 @@ def describe(cfg: Any, plans: list[StagePlan], recipe: str | None = None, overri
         if launcher["name"] != "local" and getattr(p.cls, "trains", True):
             cmd = launch.command(launcher, Path(k.store_dir) / STAGE_FILE)
             lines.append(f"#     launch: {shlex.join(cmd)}")
+    lines += memory_lines(cfg, plans)
     if launcher["name"] == "slurm":
         lines += sbatch_lines(cfg, recipe, overrides or [])
     return lines
+
+
+def memory_lines(cfg: Any, plans: list[StagePlan], model_dir: str | None = None) -> list[str]:
+    """The per-GPU memory plan of every training stage (medpipe.memplan), and why a stage cannot run
+    under the chosen ZeRO stage; `validate` and `run` refuse what these lines flag."""
+    from medpipe import memplan
+
+    memories, where = memplan.plan_recipe(cfg, plans, model_dir)
+    out = memplan.lines(cfg, memories, where)
+    for problem in (memplan.zero3_refusal(cfg, plans), memplan.refusal(cfg, plans, model_dir)):
+        if problem:
+            out.append(f"#  REFUSED by validate/run: {problem}")
+    return out
 
 
 def sbatch_lines(cfg: Any, recipe: str | None, overrides: list[str]) -> list[str]:

@@ -46,6 +46,10 @@ def load_model(ctx: Any, params: Any, path: str | None = None):
     attention = pick_attention(ctx.model, params)
     if attention:
         ctx.log.info("attention: %s", attention)
+    if zero3(ctx):  # transformers loads under deepspeed.zero.Init, which needs DeepSpeed's process group first
+        import deepspeed
+
+        deepspeed.init_distributed()
     model = loader.load_causal_lm(path or ctx.input.model_path, dtype=dtype,
                                   trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
                                   attn_implementation=attention)
@@ -83,6 +87,14 @@ def pick_attention(model_opts: dict, params: Any) -> str | None:
     if torch.cuda.is_available() and half and is_flash_attn_2_available():
         return "flash_attention_2"
     return None
+
+
+def zero3(ctx: Any) -> bool:
+    """Whether this stage runs under DeepSpeed ZeRO-3 (parameters partitioned over the ranks)."""
+    import json
+
+    path = ctx.deepspeed_config
+    return bool(path) and json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage") == 3
 
 
 def train(trainer, ctx: Any) -> dict:
@@ -133,14 +145,26 @@ def distributed_facts(trainer, ctx: Any) -> dict:
     facts["activation_checkpointing"] = bool(getattr(model, "is_activation_checkpointing",
                                                  getattr(model, "is_gradient_checkpointing", False)))
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
+    trained = [(n, p) for n, p in sorted(model.named_parameters()) if p.requires_grad]
+    with _gathered([p for _, p in trained], facts.get("zero_stage") == 3):  # ZeRO-3: each rank holds a slice
+        for name, param in trained:
             digest.update(name.encode())
             digest.update(param.detach().float().cpu().numpy().tobytes())
     ctx.log.info("distributed: world_size=%d zero_stage=%s weights_sha256=%s", facts["world_size"],
                  facts.get("zero_stage", "none"), digest.hexdigest())
     facts["weights_sha256"] = digest.hexdigest()
     return facts
+
+
+def _gathered(params: list, partitioned: bool):
+    """The whole tensors of ZeRO-3-partitioned parameters for the duration of the block."""
+    import contextlib
+
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def last_complete_checkpoint(ckpt_dir: Path, say: Any = None) -> str | None:
