@@ -51,6 +51,7 @@ from typing import Any, List, Optional
 
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.adapters.settings import CPolyConfig
 from medpipe.stages.training.params import TrainParams
 
@@ -225,7 +226,7 @@ def encode(records: list[dict], tasks: list[str], tok: Any, p: CPolyParams):
 
 
 # --- stage ----------------------------------------------------------------------------------------
-class CPolyStage:
+class CPolyStage(StageKind):
     """Multi-task multiple-choice adaptation: C-Poly (shared + task-specific LoRA skills) or a LoRA baseline."""
 
     Params = CPolyParams

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams, data_options
 
 
@@ -105,7 +106,7 @@ def _require_a_block(records: list[dict], tok: Any, block_size: int) -> None:
                            f"{len(records)} documents); lower block_size or add text")
 
 
-class CPTStage:
+class CPTStage(StageKind):
     """Continued pretraining on plain text (txt, json/jsonl text field, parquet), full or LoRA."""
 
     Params = CPTParams

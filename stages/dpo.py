@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
 
 
@@ -74,7 +75,7 @@ def preference_rows(records: list[dict], say) -> list[dict]:
     return rows
 
 
-class DPOStage:
+class DPOStage(StageKind):
     """Direct preference optimisation (TRL), reference = the input model; LoRA or full."""
 
     Params = DPOParams

@@ -78,6 +78,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import Checked, param
+from medpipe.stagekind import StageKind
 from medpipe.stages.evaluation.judge import JudgeParams
 from medpipe.stages.evaluation.rag import RagParams
 
@@ -136,7 +137,7 @@ class EvalParams(Checked):
                 ("on_error", self.on_error in (None, "fail", "skip"), "fail, skip or null")]
 
 
-class EvalStage:
+class EvalStage(StageKind):
     """Evaluate the input model: exam accuracy (ppl | cue | generate), BLEU/ROUGE, PromptCBLUE, judge."""
 
     Params = EvalParams

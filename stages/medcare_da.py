@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.adapters.settings import MedCareConfig
 from medpipe.stages.training.params import TrainParams
 
@@ -37,7 +38,7 @@ class MedCareDAParams(TrainParams):
         return super()._rules() + [("orth_lambda", self.orth_lambda >= 0, ">= 0 (0 = no orthogonal loss)")]
 
 
-class MedCareDAStage:
+class MedCareDAStage(StageKind):
     """MedCare DA: KA + Align LoRA on FFN with the orthogonal loss; exports a plain merged model."""
 
     Params = MedCareDAParams

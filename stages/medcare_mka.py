@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.adapters.settings import MedCareConfig
 from medpipe.stages.training.params import TrainParams
 
@@ -38,7 +39,7 @@ def training_config(p: MedCareMKAParams) -> MedCareConfig:
     return dataclasses.replace(p.medcare, keep_na=False)
 
 
-class MedCareMKAStage:
+class MedCareMKAStage(StageKind):
     """MedCare MKA: KA + mixture-of-LoRA NA on FFN, LoRA on attention; hands on merged attention + KA."""
 
     Params = MedCareMKAParams

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
 
 OVERLENGTH = ("truncate", "drop", "error")
@@ -49,7 +50,7 @@ def packing_on(p: SFTParams, model_opts: dict) -> bool:
     return not bool(model_opts.get("trust_remote_code", False))
 
 
-class SFTStage:
+class SFTStage(StageKind):
     """Supervised fine-tuning: prompt/response or multi-turn chat, loss on assistant turns, LoRA or full."""
 
     Params = SFTParams

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import Checked, param
+from medpipe.stagekind import StageKind
 
 
 METHODS = ("voc", "long_answer")
@@ -81,7 +82,7 @@ def missing_long_answer(items: list[dict]) -> list[str]:
     return [str(r.get("_loc", r.get("id"))) for r in items if not (r.get("long_answer") or r.get("explanation"))]
 
 
-class VocLabelStage:
+class VocLabelStage(StageKind):
     """Pseudo-label unlabeled multiple-choice items (PubMedQA PQA-U) with Verification-of-Choice."""
 
     Params = VocLabelParams

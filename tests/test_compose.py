@@ -110,22 +110,54 @@ def test_help_and_show_import_no_torch():
         assert not {"torch", "transformers", "trl", "peft", "datasets"} & mods
 
 
-def test_a_third_party_stage_kind_plugs_in_through_the_entry_point_group(monkeypatch):
+@pytest.fixture
+def echo_kind(monkeypatch):
+    """tests/plugins/plugin_stage.py's kind, registered as a plugin package would register it."""
+    from medpipe import registry
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent / "plugins"))
+    from plugin_stage import EchoStage
+
+    registry.register("echo", EchoStage)
+    yield EchoStage
+    registry.unregister("echo")
+
+
+def test_a_third_party_stage_kind_plugs_in_without_an_engine_change(echo_kind):
     import dataclasses
-    from importlib.metadata import EntryPoint
 
     from medpipe import registry
 
-    eps = dict(registry._entry_points())
-    eps["echo"] = EntryPoint(name="echo", value="plugin_stage:EchoStage", group=registry.GROUP)
-    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent / "plugins"))
+    assert "echo" in registry.kinds() and registry.load("echo") is echo_kind
     cfg, _ = compose("qilin", ["+stages.echo={kind: echo, message: hi}"])
     echo = bind_stages(cfg)[-1]
     assert echo.kind == "echo" and echo.params.message == "hi" and echo.source == "eval"
     assert dataclasses.asdict(echo.params) == {"message": "hi", "times": 1}
     with pytest.raises(ConfigError, match="stages.echo: unknown parameter 'loud'"):
         bind_stages(compose("qilin", ["+stages.echo={kind: echo, loud: true}"])[0])
+
+
+
+def test_a_kind_must_subclass_stagekind():
+    from dataclasses import dataclass
+
+    from medpipe import registry
+
+    @dataclass
+    class P:
+        x: int = 1
+
+    class Duck:  # Params and run, but not the contract's class
+        Params = P
+
+        def run(self, ctx):
+            return ctx.input
+
+    with pytest.raises(ConfigError) as e:
+        registry.register("duck", Duck)
+    assert str(e.value) == (f"stage kind 'duck' ({Duck.__module__}:{Duck.__qualname__}) must subclass "
+                            "medpipe.stagekind.StageKind and define a Params dataclass")
+    assert "duck" not in registry.kinds()
 
 
 def test_from_only_and_force_select_the_stages_to_retrain():

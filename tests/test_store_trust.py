@@ -18,19 +18,20 @@ PLUGINS = Path(__file__).parent / "plugins"
 @pytest.fixture
 def kinds(monkeypatch, tmp_path):
     """The test stage kinds of tests/plugins/store_stages.py, registered as a plugin would be."""
-    from importlib.metadata import EntryPoint
-
     from medpipe import registry
 
-    real = registry._entry_points
-    extra = {name: EntryPoint(name=name, value=f"store_stages:{cls}", group=registry.GROUP)
-             for name, cls in (("weights", "WeightsStage"), ("consume", "ConsumeStage"), ("fail", "FailStage"))}
-    monkeypatch.setattr(registry, "_entry_points",
-                        lambda group=registry.GROUP: {**real(group), **extra} if group == registry.GROUP else real(group))
     monkeypatch.syspath_prepend(str(PLUGINS))
+    import store_stages
+
+    names = {"weights": store_stages.WeightsStage, "consume": store_stages.ConsumeStage, "fail": store_stages.FailStage}
+    for name, cls in names.items():
+        registry.register(name, cls)
     monkeypatch.setenv("MEDPIPE_TEST_COUNT", str(tmp_path / "count"))
     monkeypatch.setenv("MEDPIPE_TEST_WEIGHTS", "a")
     monkeypatch.setenv("COLUMNS", "400")  # one table row per line in `status`
+    yield
+    for name in names:
+        registry.unregister(name)
 
 
 def states(run_dir: Path) -> dict[str, tuple[str, str]]:

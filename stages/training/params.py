@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
-from medpipe.params import Checked, param
+from medpipe.params import Checked, GlobalBatch, param
 
 
 @dataclass
@@ -53,7 +53,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
-class TrainParams(Checked):
+class TrainParams(Checked, GlobalBatch):
     data: Any = param(None, "path | conf/data entry | {path, format, columns, split, limit, weight} | list of those")
     lr: float = param(2e-5, "peak learning rate")
     epochs: float = param(1.0, "passes over the data")
