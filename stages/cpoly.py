@@ -64,12 +64,8 @@ INPUT_DATASET = ("auto", "require", "ignore")
 class CPolyParams(TrainParams):
     # AntGLM-Med stage 3 (§3.3 / Table 8): 10 epochs, batch 12, AdamW lr 5e-5, linear decay, wd 0.01,
     # warmup 0.06. Recipes override per run.
-    lr: float = param(5e-5, "peak learning rate")
-    epochs: float = param(10.0, "passes over the data")
-    batch_size: int = param(12, "GLOBAL batch: samples per optimizer step over all ranks")
-    scheduler: str = param("linear", "transformers scheduler name")
-    weight_decay: float = param(0.01, "AdamW weight decay")
-    warmup: float = param(0.06, "< 1: fraction of the total steps; >= 1: steps")
+    changed_defaults = {"lr": 5e-5, "epochs": 10.0, "batch_size": 12, "scheduler": "linear", "weight_decay": 0.01,
+                        "warmup": 0.06}
     max_length: int = param(1024, "tokens per example (the ppl prompt is cut from the left)")
     adapter: str = param("cpoly", "cpoly | lora (the LoRA baseline: settings in `peft`, default r=8 alpha=16)")
     cpoly: CPolyConfig = param(help="C-Poly layer settings (adapter=cpoly)", factory=CPolyConfig)

@@ -12,10 +12,7 @@ from medpipe.stages.training.params import TrainParams, data_options
 @dataclass
 class CPTParams(TrainParams):
     # Qilin-Med's CPT settings (§4.2); recipes override per paper.
-    lr: float = param(2e-4, "peak learning rate")
-    epochs: float = param(3.0, "passes over the data")
-    warmup: float = param(0.05, "< 1: fraction of the total steps; >= 1: steps")
-    weight_decay: float = param(0.01, "AdamW weight decay")
+    changed_defaults = {"lr": 2e-4, "epochs": 3.0, "warmup": 0.05, "weight_decay": 0.01}
     block_size: int = param(1024, "tokens per packed training block")
     exclude_data: Any = param(None, "eval sets (mcq sources, e.g. PubMedQA PQA-L) whose passages must not be "
                                     "pretrained on: documents matching an item's context + long answer (exact or "

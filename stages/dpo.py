@@ -17,10 +17,7 @@ from medpipe.stages.training.params import TrainParams
 
 @dataclass
 class DPOParams(TrainParams):
-    lr: float = param(2e-5, "peak learning rate")
-    epochs: float = param(1.0, "passes over the pairs")
-    warmup: float = param(0.05, "< 1: fraction of the total steps; >= 1: steps")
-    weight_decay: float = param(0.05, "AdamW weight decay")
+    changed_defaults = {"warmup": 0.05, "weight_decay": 0.05}
     max_length: int = param(512, "tokens of prompt + response (TRL cuts the rest, see truncation_mode)")
     max_prompt_length: Optional[int] = param(None, "prompt tokens kept (its END, nearest the answer, as TRL < 0.20 "
                                                    "did); null = no separate prompt limit")

@@ -22,10 +22,7 @@ from medpipe.stages.training.params import TrainParams
 @dataclass
 class MedCareDAParams(TrainParams):
     # MedCare Appendix (training details): lr 2e-4, warmup_ratio 0.03, cosine, max length 3072, DA 3 epochs, λ = 1
-    lr: float = param(2e-4, "peak learning rate")
-    epochs: float = param(3.0, "passes over the data")
-    warmup: float = param(0.03, "< 1: fraction of the total steps; >= 1: steps")
-    scheduler: str = param("cosine", "transformers scheduler name")
+    changed_defaults = {"lr": 2e-4, "epochs": 3.0, "warmup": 0.03}
     max_length: int = param(3072, "tokens per conversation")
     orth_lambda: float = param(1.0, "λ of the orthogonal loss λ·Σ|A_KA A_Alignᵀ| (0 = the ablation without it)")
     medcare: MedCareConfig = param(help="MedCare layer settings (r, alpha, s must match MKA's: checked against "

@@ -22,10 +22,7 @@ from medpipe.stages.training.params import TrainParams
 @dataclass
 class MedCareMKAParams(TrainParams):
     # MedCare Appendix (training details): lr 2e-4, warmup_ratio 0.03, cosine, max length 3072, MKA 1 epoch
-    lr: float = param(2e-4, "peak learning rate")
-    epochs: float = param(1.0, "passes over the data")
-    warmup: float = param(0.03, "< 1: fraction of the total steps; >= 1: steps")
-    scheduler: str = param("cosine", "transformers scheduler name")
+    changed_defaults = {"lr": 2e-4, "warmup": 0.03}
     max_length: int = param(3072, "tokens per conversation")
     medcare: MedCareConfig = param(help="MedCare layer settings (KA, NA experts, routers, attention LoRA)",
                                    factory=MedCareConfig)

@@ -13,10 +13,7 @@ OVERLENGTH = ("truncate", "drop", "error")
 
 @dataclass
 class SFTParams(TrainParams):
-    lr: float = param(2e-5, "peak learning rate")
-    epochs: float = param(3.0, "passes over the data")
-    warmup: float = param(0.05, "< 1: fraction of the total steps; >= 1: steps")
-    weight_decay: float = param(0.05, "AdamW weight decay")
+    changed_defaults = {"epochs": 3.0, "warmup": 0.05, "weight_decay": 0.05}
     max_length: int = param(2048, "tokens per conversation")
     max_prompt_length: Optional[int] = param(None, "each prompt run (the text before an answer) cut to this many tokens "
                                                    "(Qilin-Med: 256); it loses the end of its user text, the template's "
