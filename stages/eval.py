@@ -83,7 +83,7 @@ from medpipe.stages.evaluation.judge import JudgeParams
 from medpipe.stages.evaluation.rag import RagParams
 
 METHODS = ("ppl", "cue", "generate", "generate_then_cue")
-PROTOCOLS = ("native", "lm-eval", "opencompass", "medcare", "cmexam")  # = protocols.PROTOCOLS (kept light here)
+from medpipe.stages.evaluation.protocols import PROTOCOLS  # noqa: E402 - the one list (a light module)
 BACKENDS = ("transformers", "vllm")
 LANGS = ("auto", "en", "zh")
 

@@ -1,4 +1,4 @@
-"""`medcare_da` — MedCare's downstream alignment (METHODS.md, MedCare).
+"""`medcare_da` — MedCare's downstream alignment (the MedCare paper).
 
 Input: MKA's hand-off (attention LoRA merged, frozen) + its KA weights (trainable by default).
 Adds an Align LoRA (rank s·r) on the same FFN linears; loss = CE + λ·Σ|A_KA A_Alignᵀ|, scaled for

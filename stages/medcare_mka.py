@@ -1,4 +1,4 @@
-"""`medcare_mka` — MedCare's mixture-of-knowledge aggregation (METHODS.md, MedCare).
+"""`medcare_mka` — MedCare's mixture-of-knowledge aggregation (the MedCare paper).
 
 Trains, on every FFN linear, KA (one LoRA of rank s·r, never routed) + NA (E routed LoRA experts
 of rank r, top-K) + routers, and plain LoRA on the attention projections. Hands on: the attention

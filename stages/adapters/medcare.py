@@ -6,7 +6,7 @@ routed product and the inject/merge/keep-NA code that must agree on one weight l
 Training-only module: it imports torch at top level, so only training code may import it
 (see docs/CONTRACTS.md, "Heavy imports").
 
-Per FFN linear (gate/up/down), see /work/shared/METHODS.md, MedCare:
+Per FFN linear (gate/up/down), as the MedCare paper describes it:
 
     MKA:  y = x Wᵀ + KA(x) + NA(x)
           KA(x) = (α/r) · B_ka A_ka x                    one LoRA of rank s·r, never routed, weight 1
