@@ -22,7 +22,7 @@ class SFTParams(TrainParams):
                                                      "null = no separate limit")
     overlength: Optional[str] = param(None, "a conversation still longer than max_length: truncate (keep its start; "
                                             "counted) | drop (counted) | error; null: the recipe's data.overlength, "
-                                            "else truncate")
+                                            "else truncate", choices=(*OVERLENGTH, None))
     chat_template: Optional[str] = param(None, "Jinja template for tokenizers that have none")
     # packing (tests/test_sft_encoding.py: packed per-conversation loss == alone). null = auto: on for
     # models built by transformers itself (sdpa / eager / flash attention), off for trust_remote_code
@@ -36,8 +36,7 @@ class SFTParams(TrainParams):
     def _rules(self):
         return super()._rules() + [
             ("max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, ">= 1 or null"),
-            ("max_response_length", self.max_response_length is None or self.max_response_length >= 1, ">= 1 or null"),
-            ("overlength", self.overlength in (None, *OVERLENGTH), "one of " + ", ".join(OVERLENGTH) + " or null")]
+            ("max_response_length", self.max_response_length is None or self.max_response_length >= 1, ">= 1 or null")]
 
 
 def packing_on(p: SFTParams, model_opts: dict) -> bool:

@@ -104,6 +104,8 @@ def list_(
     from medpipe import registry
     from medpipe.compose import bundled_recipes, group_options
 
+    from .listing import choices_text
+
     if params:
         from medpipe.errors import ConfigError
 
@@ -123,7 +125,7 @@ def list_(
         cls = registry.load(kind)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         out.append(f"  {kind}: {doc}")
-        fields = [f"{f.name}={_default(f)}" for f in dataclasses.fields(cls.Params)]
+        fields = [" ".join(filter(None, (f"{f.name}={_default(f)}", choices_text(f)))) for f in dataclasses.fields(cls.Params)]
         out.append("    " + ", ".join(fields))
     print("\n".join(out))
 
