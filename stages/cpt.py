@@ -126,11 +126,12 @@ class CPTStage(StageKind):
     def run(self, ctx: Any):
         from transformers import TrainingArguments
 
-        from medpipe.stages.training import common
+        from medpipe.stages.training.args import training_kwargs
+        from medpipe.stages.training.loop import data_cache_dir, load_tokenizer
         from medpipe.data import load_records, pack_texts
 
         p: CPTParams = ctx.params
-        tok = common.load_tokenizer(ctx)
+        tok = load_tokenizer(ctx)
         if p.stream:
             return self._run_streamed(ctx, p, tok)
         records = load_records(p.data, "text", **data_options(p, ctx.data)).records
@@ -138,8 +139,8 @@ class CPTStage(StageKind):
         if p.exclude_data:
             ctx.say(f"{excluded} document(s) overlapping exclude_data dropped")
         blocks = pack_texts([r["text"] for r in records], tok, p.block_size, num_proc=p.num_proc,
-                            cache_dir=common.data_cache_dir(ctx))
-        return self._train_on_blocks(ctx, p, tok, blocks, TrainingArguments(**common.training_kwargs(ctx, p)),
+                            cache_dir=data_cache_dir(ctx))
+        return self._train_on_blocks(ctx, p, tok, blocks, TrainingArguments(**training_kwargs(ctx, p)),
                                      f"{len(records)} documents → ", documents=len(records),
                                      excluded_documents=excluded)
 
@@ -150,19 +151,20 @@ class CPTStage(StageKind):
         from transformers import Trainer, default_data_collator
 
         from medpipe.errors import MedpipeError
-        from medpipe.stages.training import common
+        from medpipe.stages.training.callbacks import callbacks
+        from medpipe.stages.training.loop import apply_lora, load_model, save_result, train
 
         if len(blocks) == 0:
             raise MedpipeError(f"stages.{ctx.name}: the data gives no full block of {p.block_size} tokens; "
                                f"lower block_size or add text")
         blocks = blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True)
         ctx.say(f"{said}{len(blocks)} blocks of {p.block_size} tokens" + (" (streamed)" if p.stream else ""))
-        model = common.apply_lora(common.load_model(ctx, p), p.peft)
+        model = apply_lora(load_model(ctx, p), p.peft)
         trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
-                          processing_class=tok, callbacks=common.callbacks(ctx, p))
-        metrics = common.train(trainer, ctx)
+                          processing_class=tok, callbacks=callbacks(ctx, p))
+        metrics = train(trainer, ctx)
         metrics.update(blocks=len(blocks), **counts)
-        return common.save_result(ctx, trainer, tok, p, metrics)
+        return save_result(ctx, trainer, tok, p, metrics)
 
     def _run_streamed(self, ctx: Any, p: CPTParams, tok: Any):
         from transformers import TrainingArguments
@@ -170,7 +172,8 @@ class CPTStage(StageKind):
         from medpipe.data import fingerprint
         from medpipe.data.pack import pack_stream
         from medpipe.data.validate import SourceReport, check_source_result, iter_source
-        from medpipe.stages.training import common
+        from medpipe.stages.training.args import training_kwargs
+        from medpipe.stages.training.loop import data_cache_dir
 
         opts = data_options(p, ctx.data)
         srcs = _plain_corpus(p, f"stages.{ctx.name}.stream")
@@ -185,8 +188,8 @@ class CPTStage(StageKind):
                     yield rec["text"]
                 check_source_result(src, rep, n, "text")
 
-        args = TrainingArguments(**common.training_kwargs(ctx, p))
+        args = TrainingArguments(**training_kwargs(ctx, p))
         with args.main_process_first(local=True, desc="CPT blocks"):
             blocks = pack_stream(texts(), tok, p.block_size, fingerprint(p.data, want="text", stream=True, **opts),
-                                 common.data_cache_dir(ctx), num_proc=p.num_proc, counts=counted)
+                                 data_cache_dir(ctx), num_proc=p.num_proc, counts=counted)
         return self._train_on_blocks(ctx, p, tok, blocks, args, "", documents=counted["documents"], streamed=True)
