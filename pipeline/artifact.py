@@ -1,4 +1,4 @@
-"""The artifact a stage hands to the next one (DESIGN.md), its atomic writes, and the stable
+"""The artifact a stage hands to the next one (docs/CONTRACTS.md), its atomic writes, and the stable
 hashes that give a stage its identity in the content-addressed store."""
 from __future__ import annotations
 

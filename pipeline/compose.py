@@ -18,7 +18,6 @@ from typing import Any
 from . import registry
 from .errors import ConfigError
 
-ENGINE_KEYS = ("kind", "from")  # stage keys the engine consumes; everything else is the kind's Params
 BASE = "base"  # `from: base`: the recipe's model (a stage after a base-model eval trains on the model itself)
 
 
@@ -317,7 +316,7 @@ def bind_params(dc: type, values: dict, where: str) -> Any:
         raise ConfigError(f"{where}.{_key_of(e)}: a value is required") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}.{_key_of(e)}: {_first_line(e)}") from None
-    except ValueError as e:  # a range check of the params dataclass (stages/params.py: Checked)
+    except ValueError as e:  # a range check of the params dataclass (medpipe.params.Checked)
         raise ConfigError(f"{where}: {e}") from None
 
 

@@ -10,61 +10,15 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .artifact import Artifact, record_files, write_text_atomic
 from .compose import bind_params
-from . import console, registry
+from . import registry
+from .stagekind import StageContext, process_world_size, rank
 
 STAGE_FILE = "stage.json"
 HISTORY_FILE = "log_history.jsonl"
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-@dataclass
-class StageContext:
-    """Everything a stage may use. Stages never learn which stage came before them."""
-
-    name: str
-    kind: str
-    index: int  # 0-based position in the recipe
-    total: int
-    params: Any  # the kind's Params dataclass instance
-    input: Artifact  # model to start from (merged, unless the kind wants the adapter)
-    output_dir: Path
-    model: dict  # the recipe's model options (trust_remote_code, dtype, ...)
-    data: dict  # the recipe's global data options (on_error, cache_dir, ...)
-    seed: int
-    launcher: dict  # launcher options + `deepspeed_config` (path) when DeepSpeed is on
-    log: logging.Logger = field(default_factory=lambda: logging.getLogger("medpipe.stage"))
-
-    @property
-    def is_main(self) -> bool:
-        return rank() == 0
-
-    @property
-    def deepspeed_config(self) -> str | None:
-        return self.launcher.get("deepspeed_config")
-
-    def say(self, message: str) -> None:
-        """A progress line on the terminal (rank 0 only) and in the stage log."""
-        self.log.info(message)
-        if self.is_main:
-            console.say(f"{self.index + 1}/{self.total} {self.name}", message)
-
-    def progress(self, step: int, total: int, **values: float) -> None:
-        """The stage's one progress display (rank 0 only; medpipe.console)."""
-        if self.is_main:
-            console.progress(f"{self.index + 1}/{self.total} {self.name}", step, total, **values)
 
 
 class _QuietFileHandler(logging.FileHandler):
@@ -108,7 +62,7 @@ def run_stage_file(path: str | Path) -> Artifact:
         launcher=spec["launcher"],
         log=log,
     )
-    log.info("stage %s (%s) rank %d/%d starting", ctx.name, ctx.kind, rank(), world_size())
+    log.info("stage %s (%s) rank %d/%d starting", ctx.name, ctx.kind, rank(), process_world_size())
     kept_lines = trim_history(output_dir, checkpoint_step(output_dir)) if ctx.is_main else 0
     try:
         artifact = cls().run(ctx)
@@ -126,7 +80,7 @@ def run_stage_file(path: str | Path) -> Artifact:
     if ctx.is_main:
         artifact.config_hash = spec["config_hash"]
         artifact.inputs_hash = spec["inputs_hash"]
-        artifact.metrics.setdefault("world_size", world_size())
+        artifact.metrics.setdefault("world_size", process_world_size())
         resumed = artifact.metrics.get("resumed_from")
         if resumed:  # the checkpoint the trainer actually took may be older than the newest one
             trim_history(output_dir, _step(resumed), only_first=kept_lines)

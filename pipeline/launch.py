@@ -32,7 +32,7 @@ def _bin(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
-def world_size(launcher: dict) -> int:
+def planned_world_size(launcher: dict) -> int:
     """Ranks a training stage runs on under this launcher (local: one process)."""
     if launcher.get("name", "local") == "local":
         return 1

@@ -140,11 +140,11 @@ class Setup:
 def setup_of(cfg: Any) -> Setup:
     from omegaconf import OmegaConf
 
-    from .launch import world_size
+    from .launch import planned_world_size
 
     launcher = OmegaConf.to_container(cfg.launcher, resolve=True)
     name = launcher.get("name", "local")
-    s = Setup(world=world_size(launcher), gpu=name != "local" or device_memory() is not None)
+    s = Setup(world=planned_world_size(launcher), gpu=name != "local" or device_memory() is not None)
     s.gpus_per_node = int(launcher.get("num_gpus") or 1) if name != "local" else 1
     if name != "local" and launcher.get("deepspeed", True) and "deepspeed" in cfg:
         zero = (OmegaConf.to_container(cfg.deepspeed, resolve=True) or {}).get("zero_optimization") or {}

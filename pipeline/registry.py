@@ -7,37 +7,23 @@
   `materialize(opts) -> str` (a plain HF model directory, built or converted once and cached).
 
 
-A third-party package adds a kind by declaring an entry point in that group; nothing in the
-engine changes. A kind is a class with a `Params` dataclass and a `run(ctx) -> Artifact` method
-(see `Stage`). Stage modules keep heavy imports (torch, transformers...) inside `run`, so reading
-`Params` here stays cheap for `medpipe --help`, `list` and `show`.
+A third-party package adds a kind by declaring an entry point in that group (or, in-process, by
+`register(name, cls)`); nothing in the engine changes. A kind subclasses
+`medpipe.stagekind.StageKind` (the contract: `Params`, `run(ctx)`, optional behaviours). Stage
+modules keep heavy imports (torch, transformers...) inside `run`, so reading `Params` here stays
+cheap for `medpipe --help`, `list` and `show`.
 """
 from __future__ import annotations
 
 import dataclasses
 from functools import lru_cache
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from .errors import ConfigError
+from .stagekind import StageKind
 
 GROUP = "medpipe.stages"
 MODEL_GROUP = "medpipe.models"
-
-
-@runtime_checkable
-class Stage(Protocol):
-    """What the engine needs from a stage kind.
-
-    Optional class attributes the engine reads:
-    - `wants_adapter` (bool): receive the previous LoRA stage's adapter instead of a merged model.
-    - `trains` (bool, default True): whether the stage goes through the launcher (eval does not).
-    - `check(self, params, ctx) -> list[str]`: validate data before the first stage trains;
-      returns human-readable summary lines, raises MedpipeError on broken input.
-    """
-
-    Params: type
-
-    def run(self, ctx: Any) -> Any: ...
 
 
 class ModelSource(Protocol):
@@ -63,19 +49,33 @@ def model_source(name: str) -> ModelSource:
     return eps[name].load()()
 
 
+_registered: dict[str, type] = {}  # kinds added in-process (register), beside the entry points
+
+
+def register(name: str, cls: type) -> None:
+    """Add a stage kind in this process, as an entry point would (plugins loaded by hand, tests)."""
+    _registered[name] = _checked(name, cls, f"{cls.__module__}:{cls.__qualname__}")
+
+
+def unregister(name: str) -> None:
+    _registered.pop(name, None)
+
+
 def kinds() -> list[str]:
-    return sorted(_entry_points())
+    return sorted(set(_entry_points()) | set(_registered))
 
 
-def load(kind: str) -> type:
+def load(kind: str) -> type[StageKind]:
+    if kind in _registered:
+        return _registered[kind]
     eps = _entry_points()
     if kind not in eps:
-        raise ConfigError(f"unknown stage kind '{kind}'. Available kinds: {', '.join(sorted(eps)) or '(none)'}")
-    cls = eps[kind].load()
-    if not dataclasses.is_dataclass(getattr(cls, "Params", None)) or not callable(getattr(cls, "run", None)):
-        raise ConfigError(f"stage kind '{kind}' ({eps[kind].value}) must define a Params dataclass and run(ctx)")
+        raise ConfigError(f"unknown stage kind '{kind}'. Available kinds: {', '.join(kinds()) or '(none)'}")
+    return _checked(kind, eps[kind].load(), eps[kind].value)
+
+
+def _checked(kind: str, cls: Any, where: str) -> type[StageKind]:
+    if not (isinstance(cls, type) and issubclass(cls, StageKind)) or not dataclasses.is_dataclass(getattr(cls, "Params", None)):
+        raise ConfigError(f"stage kind '{kind}' ({where}) must subclass medpipe.stagekind.StageKind "
+                          f"and define a Params dataclass")
     return cls
-
-
-def param_fields(cls: type) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls.Params))

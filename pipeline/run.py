@@ -25,6 +25,7 @@ from .artifact import (Artifact, ArtifactError, check_files, merged_view, model_
 from .compose import StagePlan
 from .entry import STAGE_FILE
 from .errors import ConfigError, MedpipeError
+from .params import GlobalBatch
 from .store import (RUN_FILE, STATUS_FILE, StageLock, _earlier_attempts, _reserve_space, now,  # noqa: F401
                     os_error_message, read_run_file, read_status, stage_table, write_status)
 
@@ -329,10 +330,10 @@ class Pipeline:
         check_launcher(launcher)   # counts, ports, sbatch values: one line naming the key
         check_places(self.cfg)     # run dir and store writable
         tracking.check_trackers(self.cfg)   # each configured tracker answers (short timeout)
-        world = launch.world_size(launcher)
+        world = launch.planned_world_size(launcher)
         self.check_memory(base)
         for plan in self.plans:
-            if hasattr(plan.params, "batch_layout") and getattr(plan.cls, "trains", True):
+            if isinstance(plan.params, GlobalBatch) and plan.cls.trains:
                 try:  # the global batch must divide over the launcher's ranks: fail before anything trains
                     plan.params.batch_layout(world)
                 except ValueError as e:
@@ -340,13 +341,12 @@ class Pipeline:
             if hasattr(plan.params, "data") and plan.params.data is None:
                 raise ConfigError(f"stages.{plan.name}.data: required (a path, a conf/data entry such as "
                                   f"${{data.sft}}, or a list of sources)")
-            check = getattr(plan.cls, "check", None)
-            if check is None:
-                continue
             try:
-                lines = check(plan.cls(), plan.params, base, self.global_data()) or []
+                lines = plan.cls().check(plan.params, base, self.global_data()) or []
             except (DataError, MedpipeError) as e:
                 raise MedpipeError(f"stages.{plan.name}: {e}") from None
+            if not lines:  # a kind without data to check (StageKind.check's default)
+                continue
             self.console.print(f"[bold]{plan.name}[/] data:")
             for line in lines:
                 self.console.print(f"  {line}", soft_wrap=True)
@@ -379,16 +379,15 @@ class Pipeline:
             os.replace(sdir, kept)
             self.console.print(f"  previous result kept at {kept}")
         sdir.mkdir(parents=True, exist_ok=True)
-        wants_adapter = getattr(plan.cls, "wants_adapter", False)
-        model_in = source if wants_adapter else merged_view(source)
+        model_in = merged_view(source)
         if plan.source is None and plan.index == 0:
             self.console.print(f"  input model: {model_in.model_path}")
         launcher = OmegaConf.to_container(self.cfg.launcher, resolve=True)
-        if launcher["name"] != "local" and launcher.get("deepspeed", True) and getattr(plan.cls, "trains", True):
+        if launcher["name"] != "local" and launcher.get("deepspeed", True) and plan.cls.trains:
             ds = OmegaConf.to_container(self.cfg.deepspeed, resolve=True)
             write_json_atomic(sdir / launch.DEEPSPEED_FILE, launch.deepspeed_config(ds, plan.params))
             launcher["deepspeed_config"] = str(sdir / launch.DEEPSPEED_FILE)
-        if not getattr(plan.cls, "trains", True):
+        if not plan.cls.trains:
             launcher = {"name": "local"}
         stage_file = sdir / STAGE_FILE
         write_json_atomic(stage_file, {

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
@@ -31,7 +32,7 @@ class CPOParams(TrainParams):
                                    ("cpo_alpha", self.cpo_alpha is None or self.cpo_alpha >= 0, ">= 0 or null")]
 
 
-class CPOStage:
+class CPOStage(StageKind):
     """CPO / SimPO (TRL, experimental): reference-free preference optimisation; LoRA or full."""
 
     Params = CPOParams

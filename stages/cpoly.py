@@ -51,6 +51,7 @@ from typing import Any, List, Optional
 
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.adapters.settings import CPolyConfig
 from medpipe.stages.training.params import TrainParams
 
@@ -63,31 +64,26 @@ INPUT_DATASET = ("auto", "require", "ignore")
 class CPolyParams(TrainParams):
     # AntGLM-Med stage 3 (§3.3 / Table 8): 10 epochs, batch 12, AdamW lr 5e-5, linear decay, wd 0.01,
     # warmup 0.06. Recipes override per run.
-    lr: float = param(5e-5, "peak learning rate")
-    epochs: float = param(10.0, "passes over the data")
-    batch_size: int = param(12, "GLOBAL batch: samples per optimizer step over all ranks")
-    scheduler: str = param("linear", "transformers scheduler name")
-    weight_decay: float = param(0.01, "AdamW weight decay")
-    warmup: float = param(0.06, "< 1: fraction of the total steps; >= 1: steps")
+    changed_defaults = {"lr": 5e-5, "epochs": 10.0, "batch_size": 12, "scheduler": "linear", "weight_decay": 0.01,
+                        "warmup": 0.06}
     max_length: int = param(1024, "tokens per example (the ppl prompt is cut from the left)")
-    adapter: str = param("cpoly", "cpoly | lora (the LoRA baseline: settings in `peft`, default r=8 alpha=16)")
+    adapter: str = param("cpoly", "cpoly | lora (the LoRA baseline: settings in `peft`, default r=8 alpha=16)",
+                         choices=ADAPTERS)
     cpoly: CPolyConfig = param(help="C-Poly layer settings (adapter=cpoly)", factory=CPolyConfig)
     tasks: Optional[List[str]] = param(None, "task names; null = the data's tasks, sorted")
     default_task: Optional[str] = param(None, "whose merged model is the artifact's model_path; null = first task")
     export_tasks: Optional[List[str]] = param(None, "tasks given a merged model; null = all")
     export_shared: bool = param(False, "also merge the shared skills only (merged/_shared)")
-    text_format: str = param("ppl", "ppl (option-perplexity prompt + answer) | chat (chat template)")
-    lang: str = param("auto", "ppl prompt language: auto (per item) | en | zh")
-    input_dataset: str = param("auto", "auto | require | ignore: records from the input artifact's dataset_path")
+    text_format: str = param("ppl", "ppl (option-perplexity prompt + answer) | chat (chat template)",
+                             choices=TEXT_FORMATS)
+    lang: str = param("auto", "ppl prompt language: auto (per item) | en | zh", choices=("auto", "en", "zh"))
+    input_dataset: str = param("auto", "auto | require | ignore: records from the input artifact's dataset_path",
+                               choices=INPUT_DATASET)
     samples_per_task: Optional[int] = param(None, "train on N records per task drawn at random (seed: data.seed), "
                                                   "AntGLM-Med Table 8: 500; null = all")
 
     def _rules(self):
         return super()._rules() + [
-            ("adapter", self.adapter in ADAPTERS, "one of " + ", ".join(ADAPTERS)),
-            ("text_format", self.text_format in TEXT_FORMATS, "one of " + ", ".join(TEXT_FORMATS)),
-            ("input_dataset", self.input_dataset in INPUT_DATASET, "one of " + ", ".join(INPUT_DATASET)),
-            ("lang", self.lang in ("auto", "en", "zh"), "one of auto, en, zh"),
             ("samples_per_task", self.samples_per_task is None or self.samples_per_task >= 1, ">= 1 or null"),
             ("peft", self.adapter == "lora" or self.peft is None,
              "null with adapter=cpoly (`peft` configures the LoRA baseline, adapter=lora; C-Poly's settings are `cpoly:`)")]
@@ -225,7 +221,7 @@ def encode(records: list[dict], tasks: list[str], tok: Any, p: CPolyParams):
 
 
 # --- stage ----------------------------------------------------------------------------------------
-class CPolyStage:
+class CPolyStage(StageKind):
     """Multi-task multiple-choice adaptation: C-Poly (shared + task-specific LoRA skills) or a LoRA baseline."""
 
     Params = CPolyParams

@@ -5,16 +5,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams, data_options
 
 
 @dataclass
 class CPTParams(TrainParams):
     # Qilin-Med's CPT settings (§4.2); recipes override per paper.
-    lr: float = param(2e-4, "peak learning rate")
-    epochs: float = param(3.0, "passes over the data")
-    warmup: float = param(0.05, "< 1: fraction of the total steps; >= 1: steps")
-    weight_decay: float = param(0.01, "AdamW weight decay")
+    changed_defaults = {"lr": 2e-4, "epochs": 3.0, "warmup": 0.05, "weight_decay": 0.01}
     block_size: int = param(1024, "tokens per packed training block")
     exclude_data: Any = param(None, "eval sets (mcq sources, e.g. PubMedQA PQA-L) whose passages must not be "
                                     "pretrained on: documents matching an item's context + long answer (exact or "
@@ -135,7 +133,7 @@ def prepared_once_per_node(ctx: Any, args: Any, prepare: Any) -> tuple[Any, int,
     return Dataset.from_file(made["files"][0]), int(made["documents"]), int(made["excluded"])
 
 
-class CPTStage:
+class CPTStage(StageKind):
     """Continued pretraining on plain text (txt, json/jsonl text field, parquet), full or LoRA."""
 
     Params = CPTParams
@@ -158,14 +156,15 @@ class CPTStage:
     def run(self, ctx: Any):
         from transformers import TrainingArguments
 
-        from medpipe.stages.training import common
+        from medpipe.stages.training.args import training_kwargs
+        from medpipe.stages.training.loop import data_cache_dir, load_tokenizer
         from medpipe.data import load_records, pack_texts
 
         p: CPTParams = ctx.params
-        tok = common.load_tokenizer(ctx)
+        tok = load_tokenizer(ctx)
         if p.stream:
             return self._run_streamed(ctx, p, tok)
-        args = TrainingArguments(**common.training_kwargs(ctx, p))
+        args = TrainingArguments(**training_kwargs(ctx, p))
 
         def prepare() -> tuple[Any, int, int]:
             records = load_records(p.data, "text", **data_options(p, ctx.data)).records
@@ -173,7 +172,7 @@ class CPTStage:
             if p.exclude_data:
                 ctx.say(f"{excluded} document(s) overlapping exclude_data dropped")
             blocks = pack_texts([r["text"] for r in records], tok, p.block_size, num_proc=p.num_proc,
-                                cache_dir=common.data_cache_dir(ctx))
+                                cache_dir=data_cache_dir(ctx))
             return blocks, len(records), excluded
 
         # once per node: local rank 0 loads, dedups and packs (num_proc workers) while the other ranks
@@ -189,19 +188,20 @@ class CPTStage:
         from transformers import Trainer, default_data_collator
 
         from medpipe.errors import MedpipeError
-        from medpipe.stages.training import common
+        from medpipe.stages.training.callbacks import callbacks
+        from medpipe.stages.training.loop import apply_lora, load_model, save_result, train
 
         if len(blocks) == 0:
             raise MedpipeError(f"stages.{ctx.name}: the data gives no full block of {p.block_size} tokens; "
                                f"lower block_size or add text")
         blocks = blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True)
         ctx.say(f"{said}{len(blocks)} blocks of {p.block_size} tokens" + (" (streamed)" if p.stream else ""))
-        model = common.apply_lora(common.load_model(ctx, p), p.peft)
+        model = apply_lora(load_model(ctx, p), p.peft)
         trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
-                          processing_class=tok, callbacks=common.callbacks(ctx, p))
-        metrics = common.train(trainer, ctx)
+                          processing_class=tok, callbacks=callbacks(ctx, p))
+        metrics = train(trainer, ctx)
         metrics.update(blocks=len(blocks), **counts)
-        return common.save_result(ctx, trainer, tok, p, metrics)
+        return save_result(ctx, trainer, tok, p, metrics)
 
     def _run_streamed(self, ctx: Any, p: CPTParams, tok: Any):
         from transformers import TrainingArguments
@@ -209,7 +209,8 @@ class CPTStage:
         from medpipe.data import fingerprint
         from medpipe.data.pack import pack_stream
         from medpipe.data.validate import SourceReport, check_source_result, iter_source
-        from medpipe.stages.training import common
+        from medpipe.stages.training.args import training_kwargs
+        from medpipe.stages.training.loop import data_cache_dir
 
         opts = data_options(p, ctx.data)
         srcs = _plain_corpus(p, f"stages.{ctx.name}.stream")
@@ -224,8 +225,8 @@ class CPTStage:
                     yield rec["text"]
                 check_source_result(src, rep, n, "text")
 
-        args = TrainingArguments(**common.training_kwargs(ctx, p))
+        args = TrainingArguments(**training_kwargs(ctx, p))
         with args.main_process_first(local=True, desc="CPT blocks"):
             blocks = pack_stream(texts(), tok, p.block_size, fingerprint(p.data, want="text", stream=True, **opts),
-                                 common.data_cache_dir(ctx), num_proc=p.num_proc, counts=counted)
+                                 data_cache_dir(ctx), num_proc=p.num_proc, counts=counted)
         return self._train_on_blocks(ctx, p, tok, blocks, args, "", documents=counted["documents"], streamed=True)

@@ -11,23 +11,27 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
+
+
+# trl/trainer/dpo_config.py (TRL 1.16) `loss_type`: the losses DPOTrainer implements
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 @dataclass
 class DPOParams(TrainParams):
-    lr: float = param(2e-5, "peak learning rate")
-    epochs: float = param(1.0, "passes over the pairs")
-    warmup: float = param(0.05, "< 1: fraction of the total steps; >= 1: steps")
-    weight_decay: float = param(0.05, "AdamW weight decay")
+    changed_defaults = {"warmup": 0.05, "weight_decay": 0.05}
     max_length: int = param(512, "tokens of prompt + response (TRL cuts the rest, see truncation_mode)")
     max_prompt_length: Optional[int] = param(None, "prompt tokens kept (its END, nearest the answer, as TRL < 0.20 "
                                                    "did); null = no separate prompt limit")
     max_response_length: Optional[int] = param(None, "tokens kept of each response (chosen, rejected; the start); "
                                                        "null = no separate limit")
     beta: float = param(0.1, "DPO β: strength of the KL penalty to the reference")
-    loss_type: str = param("sigmoid", "any TRL DPO loss_type (sigmoid, ipo, hinge, robust, ...)")
-    truncation_mode: str = param("keep_start", "how TRL cuts prompt+response beyond max_length (its keep_end is deprecated)")
+    loss_type: str = param("sigmoid", "any TRL DPO loss_type (sigmoid, ipo, hinge, robust, ...)", choices=DPO_LOSSES)
+    truncation_mode: str = param("keep_start", "how TRL cuts prompt+response beyond max_length (its keep_end is deprecated)",
+                                 choices=("keep_start", "keep_end"))
     ref_probe: int = param(4, "pairs whose reference log-probs are saved to ref_probe.pt (0 = off)")
     reward_eval_pairs: int = param(64, "training pairs whose rewards are re-evaluated after training (0 = off)")
 
@@ -37,9 +41,7 @@ class DPOParams(TrainParams):
                                    ("max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1,
                                     ">= 1 or null"),
                                    ("max_response_length",
-                                    self.max_response_length is None or self.max_response_length >= 1, ">= 1 or null"),
-                                   ("truncation_mode", self.truncation_mode in ("keep_start", "keep_end"),
-                                    "keep_start or keep_end")]
+                                    self.max_response_length is None or self.max_response_length >= 1, ">= 1 or null")]
 
 
 def cut_lengths(dataset: Any, max_prompt: int | None, max_response: int | None) -> Any:
@@ -74,7 +76,7 @@ def preference_rows(records: list[dict], say) -> list[dict]:
     return rows
 
 
-class DPOStage:
+class DPOStage(StageKind):
     """Direct preference optimisation (TRL), reference = the input model; LoRA or full."""
 
     Params = DPOParams

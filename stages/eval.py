@@ -88,11 +88,12 @@ from typing import Any, Optional
 
 from medpipe.params import Checked, param
 from medpipe.stages.evaluation.heldout import HeldoutParams
+from medpipe.stagekind import StageKind
 from medpipe.stages.evaluation.judge import JudgeParams
 from medpipe.stages.evaluation.rag import RagParams
 
 METHODS = ("ppl", "cue", "generate", "generate_then_cue")
-PROTOCOLS = ("native", "lm-eval", "opencompass", "medcare", "cmexam")  # = protocols.PROTOCOLS (kept light here)
+from medpipe.stages.evaluation.protocols import PROTOCOLS  # noqa: E402 - the one list (a light module)
 BACKENDS = ("transformers", "vllm")
 LANGS = ("auto", "en", "zh")
 
@@ -101,16 +102,16 @@ LANGS = ("auto", "en", "zh")
 class EvalParams(Checked):
     data: Any = param(None, "eval sets: path | conf/data name | source dict | list (one set per source)")
     protocol: str = param("native", "multiple choice as a harness does it: native (medpipe's prompts, `method`) | "
-                                    "lm-eval | opencompass | medcare | cmexam")
+                                    "lm-eval | opencompass | medcare | cmexam", choices=PROTOCOLS)
     method: str = param("cue", "protocol native: ppl | cue | generate | generate_then_cue (MedCare: free answer, "
-                               "then the cue and one letter)")
+                               "then the cue and one letter)", choices=METHODS)
     shots: int = param(0, "k-shot examples from fewshot_data")
     task_models: bool = param(True, "C-Poly artifacts: a set named after a task uses that task's merged model")
     fewshot_data: Any = param(None, "dev split for k-shot prompting")
-    lang: str = param("auto", "prompt language: auto (per item) | en | zh")
+    lang: str = param("auto", "prompt language: auto (per item) | en | zh", choices=LANGS)
     chat: bool = param(False, "render mcq prompts through the chat template")
-    reduction: str = param("mean", "ppl: mean | sum NLL of the option tokens")
-    tokenize: str = param("char", "BLEU/ROUGE tokens: char | jieba")
+    reduction: str = param("mean", "ppl: mean | sum NLL of the option tokens", choices=("mean", "sum"))
+    tokenize: str = param("char", "BLEU/ROUGE tokens: char | jieba", choices=("char", "jieba"))
     max_new_tokens: int = param(128, "generation sets")
     mcq_max_new_tokens: int = param(8, "method=generate (the other generating methods and protocols: max_new_tokens)")
     explain: bool = param(False, "mcq sets: also generate answer + explanation, BLEU/ROUGE vs the reference explanation")
@@ -119,8 +120,9 @@ class EvalParams(Checked):
     limit: Optional[int] = param(None, "first N items of every set")
     data_dir: Optional[str] = param(None, "protocol lm-eval: where lm-eval task names (data=medqa_4options, "
                                           "multimedqa, ...) find their files; default $MEDPIPE_EVAL_DATA")
-    backend: str = param("transformers", "transformers | vllm")
-    on_error: Optional[str] = param(None, "fail | skip; default: the recipe's data.on_error")
+    backend: str = param("transformers", "transformers | vllm", choices=BACKENDS)
+    on_error: Optional[str] = param(None, "fail | skip; default: the recipe's data.on_error",
+                                    choices=(None, "fail", "skip"))
     rag: RagParams = param(help="retrieval-augmented prompts (rag.index = the corpus; null = off)", factory=RagParams)
     judge: JudgeParams = param(help="LLM judge for generation sets (judge.url; null = no judge)", factory=JudgeParams)
     needs_judge: bool = param(False, "the stage is a judge's (CCTE): without judge.url it is skipped with one line, "
@@ -136,16 +138,10 @@ class EvalParams(Checked):
                                    factory=HeldoutParams)
 
     def _rules(self):
-        return [("protocol", self.protocol in PROTOCOLS, "one of " + ", ".join(PROTOCOLS)),
-                ("method", self.method in METHODS, "one of " + ", ".join(METHODS)),
-                ("protocol", not (self.protocol in ("lm-eval", "cmexam") and self.backend == "vllm"),
+        return [("protocol", not (self.protocol in ("lm-eval", "cmexam") and self.backend == "vllm"),
                  "native, opencompass or medcare with backend=vllm (lm-eval scores log-likelihoods, cmexam beam-searches)"),
-                ("backend", self.backend in BACKENDS, "one of " + ", ".join(BACKENDS)),
                 ("method", not (self.method == "ppl" and self.backend == "vllm"), "cue or generate with backend=vllm "
                  "(ppl needs backend=transformers)"),
-                ("tokenize", self.tokenize in ("char", "jieba"), "char or jieba"),
-                ("lang", self.lang in LANGS, "one of " + ", ".join(LANGS)),
-                ("reduction", self.reduction in ("mean", "sum"), "mean or sum"),
                 ("shots", self.shots >= 0, ">= 0"),
                 ("fewshot_data", not self.shots or self.fewshot_data is not None,
                  f"set when shots={self.shots} (the dev split the examples come from)"),
@@ -177,9 +173,10 @@ def add_groups(groups: dict, metrics: dict, results: dict, say=print) -> None:
         results[group] = {"kind": "group", "n": n, "metrics": {"acc": acc}, "members": members}
         metrics[f"{group}/acc"] = acc
         say(f"{group}: acc={acc:.4g} ({n} items of {', '.join(members)})")
+                ("limit", self.limit is None or self.limit >= 1, ">= 1 or null")]
 
 
-class EvalStage:
+class EvalStage(StageKind):
     """Evaluate the input model: exam accuracy (ppl | cue | generate), BLEU/ROUGE, PromptCBLUE, judge."""
 
     Params = EvalParams

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -126,7 +127,7 @@ def vllm_on(p: GRPOParams, name: str) -> bool:
     return have if p.use_vllm is None else bool(p.use_vllm)
 
 
-class GRPOStage:
+class GRPOStage(StageKind):
     """Online RL (GRPO, TRL) with verifiable rewards on exam items; reference = the input model."""
 
     Params = GRPOParams

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -33,7 +34,7 @@ class KTOParams(TrainParams):
                                    ("undesirable_weight", self.undesirable_weight > 0, "> 0")]
 
 
-class KTOStage:
+class KTOStage(StageKind):
     """KTO (TRL): unpaired good/bad answers, reference = the input model; LoRA or full."""
 
     Params = KTOParams

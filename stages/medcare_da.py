@@ -1,4 +1,4 @@
-"""`medcare_da` — MedCare's downstream alignment (METHODS.md, MedCare).
+"""`medcare_da` — MedCare's downstream alignment (the MedCare paper).
 
 Input: MKA's hand-off (attention LoRA merged, frozen) + its KA weights (trainable by default).
 Adds an Align LoRA (rank s·r) on the same FFN linears; loss = CE + λ·Σ|A_KA A_Alignᵀ|, scaled for
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.adapters.settings import MedCareConfig
 from medpipe.stages.training.params import TrainParams
 
@@ -23,10 +24,7 @@ class MedCareDAParams(TrainParams):
     # the base model is frozen (adapters train beside it): it loads in the training precision
     frozen_base: ClassVar[bool] = True
     # MedCare Appendix (training details): lr 2e-4, warmup_ratio 0.03, cosine, max length 3072, DA 3 epochs, λ = 1
-    lr: float = param(2e-4, "peak learning rate")
-    epochs: float = param(3.0, "passes over the data")
-    warmup: float = param(0.03, "< 1: fraction of the total steps; >= 1: steps")
-    scheduler: str = param("cosine", "transformers scheduler name")
+    changed_defaults = {"lr": 2e-4, "epochs": 3.0, "warmup": 0.03}
     max_length: int = param(3072, "tokens per conversation")
     orth_lambda: float = param(1.0, "λ of the orthogonal loss λ·Σ|A_KA A_Alignᵀ| (0 = the ablation without it)")
     medcare: MedCareConfig = param(help="MedCare layer settings (r, alpha, s must match MKA's: checked against "
@@ -39,7 +37,7 @@ class MedCareDAParams(TrainParams):
         return super()._rules() + [("orth_lambda", self.orth_lambda >= 0, ">= 0 (0 = no orthogonal loss)")]
 
 
-class MedCareDAStage:
+class MedCareDAStage(StageKind):
     """MedCare DA: KA + Align LoRA on FFN with the orthogonal loss; exports a plain merged model."""
 
     Params = MedCareDAParams

@@ -1,4 +1,4 @@
-"""`medcare_mka` — MedCare's mixture-of-knowledge aggregation (METHODS.md, MedCare).
+"""`medcare_mka` — MedCare's mixture-of-knowledge aggregation (the MedCare paper).
 
 Trains, on every FFN linear, KA (one LoRA of rank s·r, never routed) + NA (E routed LoRA experts
 of rank r, top-K) + routers, and plain LoRA on the attention projections. Hands on: the attention
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.adapters.settings import MedCareConfig
 from medpipe.stages.training.params import TrainParams
 
@@ -23,10 +24,7 @@ class MedCareMKAParams(TrainParams):
     # the base model is frozen (adapters train beside it): it loads in the training precision
     frozen_base: ClassVar[bool] = True
     # MedCare Appendix (training details): lr 2e-4, warmup_ratio 0.03, cosine, max length 3072, MKA 1 epoch
-    lr: float = param(2e-4, "peak learning rate")
-    epochs: float = param(1.0, "passes over the data")
-    warmup: float = param(0.03, "< 1: fraction of the total steps; >= 1: steps")
-    scheduler: str = param("cosine", "transformers scheduler name")
+    changed_defaults = {"lr": 2e-4, "warmup": 0.03}
     max_length: int = param(3072, "tokens per conversation")
     medcare: MedCareConfig = param(help="MedCare layer settings (KA, NA experts, routers, attention LoRA)",
                                    factory=MedCareConfig)
@@ -40,7 +38,7 @@ def training_config(p: MedCareMKAParams) -> MedCareConfig:
     return dataclasses.replace(p.medcare, keep_na=False)
 
 
-class MedCareMKAStage:
+class MedCareMKAStage(StageKind):
     """MedCare MKA: KA + mixture-of-LoRA NA on FFN, LoRA on attention; hands on merged attention + KA."""
 
     Params = MedCareMKAParams

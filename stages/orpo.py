@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
 
 
@@ -28,7 +29,7 @@ class ORPOParams(TrainParams):
                                     ">= 1 or null")]
 
 
-class ORPOStage:
+class ORPOStage(StageKind):
     """ORPO (TRL, experimental): SFT + odds-ratio preference in one stage, reference-free; LoRA or full."""
 
     Params = ORPOParams

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
+from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
 
 OVERLENGTH = ("truncate", "drop", "error")
@@ -12,10 +13,7 @@ OVERLENGTH = ("truncate", "drop", "error")
 
 @dataclass
 class SFTParams(TrainParams):
-    lr: float = param(2e-5, "peak learning rate")
-    epochs: float = param(3.0, "passes over the data")
-    warmup: float = param(0.05, "< 1: fraction of the total steps; >= 1: steps")
-    weight_decay: float = param(0.05, "AdamW weight decay")
+    changed_defaults = {"epochs": 3.0, "warmup": 0.05, "weight_decay": 0.05}
     max_length: int = param(2048, "tokens per conversation")
     max_prompt_length: Optional[int] = param(None, "each prompt run (the text before an answer) cut to this many tokens "
                                                    "(Qilin-Med: 256); it loses the end of its user text, the template's "
@@ -24,7 +22,7 @@ class SFTParams(TrainParams):
                                                      "null = no separate limit")
     overlength: Optional[str] = param(None, "a conversation still longer than max_length: truncate (keep its start; "
                                             "counted) | drop (counted) | error; null: the recipe's data.overlength, "
-                                            "else truncate")
+                                            "else truncate", choices=(*OVERLENGTH, None))
     chat_template: Optional[str] = param(None, "Jinja template for tokenizers that have none")
     # packing (tests/test_sft_encoding.py: packed per-conversation loss == alone). null = auto: on for
     # models built by transformers itself (sdpa / eager / flash attention), off for trust_remote_code
@@ -38,8 +36,7 @@ class SFTParams(TrainParams):
     def _rules(self):
         return super()._rules() + [
             ("max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, ">= 1 or null"),
-            ("max_response_length", self.max_response_length is None or self.max_response_length >= 1, ">= 1 or null"),
-            ("overlength", self.overlength in (None, *OVERLENGTH), "one of " + ", ".join(OVERLENGTH) + " or null")]
+            ("max_response_length", self.max_response_length is None or self.max_response_length >= 1, ">= 1 or null")]
 
 
 def packing_on(p: SFTParams, model_opts: dict) -> bool:
@@ -49,7 +46,7 @@ def packing_on(p: SFTParams, model_opts: dict) -> bool:
     return not bool(model_opts.get("trust_remote_code", False))
 
 
-class SFTStage:
+class SFTStage(StageKind):
     """Supervised fine-tuning: prompt/response or multi-turn chat, loss on assistant turns, LoRA or full."""
 
     Params = SFTParams
@@ -62,22 +59,25 @@ class SFTStage:
     def run(self, ctx: Any):
         from trl import SFTConfig, SFTTrainer
 
-        from medpipe.stages.training import common
+        from medpipe.stages.training.args import training_kwargs
+        from medpipe.stages.training.callbacks import callbacks
+        from medpipe.stages.training.loop import (apply_lora, data_cache_dir, load_model, load_tokenizer, save_result,
+                                                  train)
         from medpipe.stages.training.chat_data import prepare_chat_data
 
         p: SFTParams = ctx.params
-        tok = common.load_tokenizer(ctx)
+        tok = load_tokenizer(ctx)
         if p.chat_template:
             tok.chat_template = p.chat_template
         packing = packing_on(p, ctx.model)
         # unpacked: the encoder's output + labels is what the trainer trains on, TRL's preparation is
         # skipped (chat_data.with_labels says why); packed: TRL packs in its preparation
-        args = SFTConfig(**common.training_kwargs(ctx, p), max_length=p.max_length, packing=packing,
+        args = SFTConfig(**training_kwargs(ctx, p), max_length=p.max_length, packing=packing,
                          packing_strategy="bfd", padding_free=packing, dataset_num_proc=p.num_proc,
                          dataset_kwargs=None if packing else {"skip_prepare_dataset": True})
         # prepared once per node: local rank 0 encodes (or finds the cache), the others wait, then memory-map it
         with args.main_process_first(local=True, desc="SFT data"):
-            data = prepare_chat_data(p, ctx.data, tok, common.data_cache_dir(ctx), log=ctx.log)
+            data = prepare_chat_data(p, ctx.data, tok, data_cache_dir(ctx), log=ctx.log)
         train_ds, eval_ds = data.train, data.heldout
         if not packing:
             from medpipe.stages.training.chat_data import with_labels
@@ -86,12 +86,12 @@ class SFTStage:
                 train_ds, eval_ds = with_labels(train_ds), with_labels(eval_ds)
         ctx.say(f"{len(train_ds)} training conversations" + (f", {len(eval_ds)} held out" if eval_ds else "")
                 + (" (packed, padding-free)" if packing else ""))
-        model = common.apply_lora(common.load_model(ctx, p), p.peft)
+        model = apply_lora(load_model(ctx, p), p.peft)
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok, callbacks=common.callbacks(ctx, p))
-        metrics = common.train(trainer, ctx)
+                             processing_class=tok, callbacks=callbacks(ctx, p))
+        metrics = train(trainer, ctx)
         metrics.update(conversations=len(train_ds), conversations_multi_turn=data.stats.multi_turn,
                        heldout=len(eval_ds) if eval_ds else 0, prompt_cut=data.stats.prompt_cut,
                        response_cut=data.stats.response_cut, truncated=data.stats.truncated,
                        overlength_dropped=data.stats.overlength_dropped, packed=packing)
-        return common.save_result(ctx, trainer, tok, p, metrics)
+        return save_result(ctx, trainer, tok, p, metrics)

@@ -113,22 +113,54 @@ def test_help_and_show_import_no_torch():
         assert not {"torch", "transformers", "trl", "peft", "datasets"} & mods
 
 
-def test_a_third_party_stage_kind_plugs_in_through_the_entry_point_group(monkeypatch):
+@pytest.fixture
+def echo_kind(monkeypatch):
+    """tests/plugins/plugin_stage.py's kind, registered as a plugin package would register it."""
+    from medpipe import registry
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent / "plugins"))
+    from plugin_stage import EchoStage
+
+    registry.register("echo", EchoStage)
+    yield EchoStage
+    registry.unregister("echo")
+
+
+def test_a_third_party_stage_kind_plugs_in_without_an_engine_change(echo_kind):
     import dataclasses
-    from importlib.metadata import EntryPoint
 
     from medpipe import registry
 
-    eps = dict(registry._entry_points())
-    eps["echo"] = EntryPoint(name="echo", value="plugin_stage:EchoStage", group=registry.GROUP)
-    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent / "plugins"))
+    assert "echo" in registry.kinds() and registry.load("echo") is echo_kind
     cfg, _ = compose("qilin", ["+stages.echo={kind: echo, message: hi}"])
     echo = bind_stages(cfg)[-1]
     assert echo.kind == "echo" and echo.params.message == "hi" and echo.source == "eval"
     assert dataclasses.asdict(echo.params) == {"message": "hi", "times": 1}
     with pytest.raises(ConfigError, match="stages.echo: unknown parameter 'loud'"):
         bind_stages(compose("qilin", ["+stages.echo={kind: echo, loud: true}"])[0])
+
+
+
+def test_a_kind_must_subclass_stagekind():
+    from dataclasses import dataclass
+
+    from medpipe import registry
+
+    @dataclass
+    class P:
+        x: int = 1
+
+    class Duck:  # Params and run, but not the contract's class
+        Params = P
+
+        def run(self, ctx):
+            return ctx.input
+
+    with pytest.raises(ConfigError) as e:
+        registry.register("duck", Duck)
+    assert str(e.value) == (f"stage kind 'duck' ({Duck.__module__}:{Duck.__qualname__}) must subclass "
+                            "medpipe.stagekind.StageKind and define a Params dataclass")
+    assert "duck" not in registry.kinds()
 
 
 def test_from_only_and_force_select_the_stages_to_retrain():
@@ -210,14 +242,45 @@ def test_list_params_prints_each_default_with_its_help():
     assert "orth_lambda=1.0 λ of the orthogonal loss λ·Σ|A_KA A_Alignᵀ| (0 = the ablation without it)" in lines
     assert "medcare.variant='code' " + "code: the authors' code (α/r for every LoRA, top-K gates renormalised, " \
         "Kaiming A) | paper: Eq. 4/5/13 (α/r for NA, α/r' for KA and Align, softmax gates not renormalised, " \
-        "Gaussian A)" in lines
-    assert "spike_guard.mode='skip' skip (drop the update) | halve_loss (IIMedGPT: apply it with the loss halved)" in lines
+        "Gaussian A) [choices: code | paper]" in lines
+    assert "spike_guard.mode='skip' skip (drop the update) | halve_loss (IIMedGPT: apply it with the loss halved) " \
+        "[choices: skip | halve_loss]" in lines
+    # a default the kind changes (changed_defaults) keeps the base field's help and place
+    assert "epochs=3.0 passes over the data" in lines and "warmup=0.03 < 1: fraction of the total steps; >= 1: steps" in lines
     every = medpipe("list", "--params")
     kinds = [x[:-1] for x in every.out.splitlines() if x and not x.startswith(" ")]
     assert kinds == ["cpo", "cpoly", "cpt", "dpo", "eval", "grpo", "kto", "medcare_da", "medcare_mka", "orpo", "sft",
                      "voc_label"]
     bad = medpipe("list", "--params", "nope")
     assert bad.code == 2 and "unknown stage kind 'nope'" in bad.out
+
+
+@pytest.mark.parametrize("kind, field, choices", [
+    ("eval", "protocol", "native | lm-eval | opencompass | medcare | cmexam"),
+    ("eval", "method", "ppl | cue | generate | generate_then_cue"),
+    ("sft", "precision", "auto | bf16 | fp16 | fp32"),
+    ("sft", "overlength", "truncate | drop | error | null"),
+    ("dpo", "loss_type", "sigmoid | hinge | ipo | exo_pair | nca_pair | robust | bco_pair | sppo_hard | aot | "
+                         "aot_unpaired | apo_zero | apo_down | discopop | sft | sigmoid_norm"),
+    ("dpo", "truncation_mode", "keep_start | keep_end"),
+])
+def test_list_shows_the_allowed_values_and_a_bad_value_names_them(kind, field, choices):
+    """One declaration (`param(..., choices=...)`) gives `medpipe list`, `list --params` and the check."""
+    from conftest import medpipe
+
+    import re
+
+    out = medpipe("list").out.splitlines()
+    row = out[next(i for i, x in enumerate(out) if x.startswith(f"  {kind}: ")) + 1]  # the kind's parameters
+    assert re.search(rf"(^|, ){field}=\S+ \[choices: {re.escape(choices)}\](,|$)", row.strip()), row
+    params = medpipe("list", "--params", kind)
+    line = next(" ".join(x.split()) for x in params.out.splitlines() if x.strip().startswith(f"{field}="))
+    assert line.endswith(f"[choices: {choices}]"), line
+    with pytest.raises(ConfigError) as e:
+        plans("qilin", f"stages.{kind}.{field}=nope")  # qilin's stages are named after their kinds
+    named = choices.replace(" | null", "").replace(" | ", ", ")
+    tail = " or null" if "null" in choices else ""
+    assert str(e.value) == f"stages.{kind}: {field} must be one of {named}{tail}, got 'nope'"
 
 
 def test_every_param_of_every_kind_has_help():

@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own layer and those below, never above):
   0 base       medpipe, medpipe.errors, medpipe.paths, medpipe.params
   1 data       medpipe.data.*            (torch-free records, validation, mixing, dedup)
-  2 engine     medpipe.artifact, compose, registry, run, entry, launch, sweep
+  2 engine     medpipe.stagekind, artifact, compose, registry, run, entry, launch, sweep
   3 libraries  medpipe.stages.{models < adapters < training < inference < evaluation < rewards}
   4 kinds      medpipe.stages.<kind>     (one module per stage kind; kinds never import kinds)
   5 commands   medpipe.commands.*        (cli, show, report, serve, chat, eval, run-dir helpers)
@@ -112,18 +112,22 @@ def test_stage_kinds_do_not_import_each_other():
     assert not bad, "a kind's shared code belongs in a library sub-package:\n" + "\n".join(bad)
 
 
-def test_no_import_loops():
-    g = {name: {d for d, _ in deps if d != "medpipe"} for name, deps in graph().items()}
-    # a package's __init__ importing its own submodules is how packages re-export: not a loop
-    g = {n: {d for d in ds if not d.startswith(n + ".")} for n, ds in g.items()}
+def loops(g: dict[str, set[str]]) -> list[str]:
+    """Every import loop of a module graph, as "a → b → a".
+
+    A module depends on its parent packages implicitly (Python imports a package before any of its
+    submodules), so an edge from a module to its own ancestor package says nothing and is dropped.
+    A package's `__init__` importing a submodule is an edge like any other: a loop through it runs
+    when the package is imported (protocols/__init__ → protocols.cmexam → runner → protocols)."""
+    g = {n: {d for d in ds if d != "medpipe" and not n.startswith(d + ".")} for n, ds in g.items()}
     state: dict[str, int] = {}
-    loops = []
+    found = []
 
     def visit(n: str, stack: list[str]) -> None:
         state[n] = 1
         for d in sorted(g.get(n, ())):
             if state.get(d) == 1:
-                loops.append(" → ".join(stack[stack.index(d):] + [d]) if d in stack else f"{n} → {d}")
+                found.append(" → ".join(stack[stack.index(d):] + [d]) if d in stack else f"{n} → {d}")
             elif d not in state:
                 visit(d, stack + [d])
         state[n] = 2
@@ -131,7 +135,31 @@ def test_no_import_loops():
     for n in sorted(g):
         if n not in state:
             visit(n, [n])
-    assert not loops, "import loops:\n" + "\n".join(loops)
+    return found
+
+
+def test_no_import_loops():
+    found = loops({name: {d for d, _ in deps} for name, deps in graph().items()})
+    assert not found, "import loops:\n" + "\n".join(found)
+
+
+def test_the_loop_check_sees_a_loop_through_a_package_init(tmp_path):
+    """The loop evaluation/runner.py had: the runner imports the protocols package, whose __init__
+    imports a protocol module, which imports the runner back (imports inside functions count)."""
+    files = {"medpipe.ev.runner": "def f():\n    from .protocols import run\n",
+             "medpipe.ev.protocols": "from . import cm\n",
+             "medpipe.ev.protocols.cm": "def g():\n    from ..runner import prompt_hash\n    from . import x\n",
+             "medpipe.ev.protocols.x": "from medpipe.ev.protocols import cm\n"}
+    known = set(files)
+    g = {}
+    for name, text in files.items():
+        path = tmp_path / (name + ("/__init__.py" if name.endswith("protocols") else ".py"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        g[name] = {d for d, _ in imports(name, path, known)}
+    assert sorted(loops(g)) == [
+        "medpipe.ev.protocols → medpipe.ev.protocols.cm → medpipe.ev.runner → medpipe.ev.protocols",
+        "medpipe.ev.protocols.cm → medpipe.ev.protocols.x → medpipe.ev.protocols.cm"]
 
 
 def test_the_checker_sees_a_violation(tmp_path):

@@ -168,14 +168,14 @@ def test_a_requeued_job_resumes_the_stage_in_the_same_job(tmp_path, slurm_cluste
 
 def test_srun_commands_for_one_and_two_nodes(monkeypatch):
     from medpipe.compose import compose
-    from medpipe.launch import command, world_size
+    from medpipe.launch import command, planned_world_size
     from omegaconf import OmegaConf
 
     for k in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(k)
     cfg, _ = compose("qilin", ["launcher=slurm", "launcher.sbatch.nodes=2", "launcher.sbatch.gpus_per_node=8"])
     lau = OmegaConf.to_container(cfg.launcher, resolve=True)
-    assert world_size(lau) == 16
+    assert planned_world_size(lau) == 16
     two = command(lau, Path("/s/stage.json"))
     assert two[1:6] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--overlap"]
     assert two[6:8] == ["bash", "-c"]
@@ -186,7 +186,7 @@ def test_srun_commands_for_one_and_two_nodes(monkeypatch):
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
     lau["sbatch"]["nodes"] = 1
     one = command(lau, Path("/s/stage.json"))
-    assert world_size(lau) == 4
+    assert planned_world_size(lau) == 4
     assert one[6:8] == ["bash", "-c"]  # the task's shell picks its GPUs (tests/test_gpu_launch.py runs it)
     assert one[8].endswith("cut -d, -f1-4) || echo --num_gpus 4) --master_port 29500 --module medpipe.entry /s/stage.json")
 

@@ -18,19 +18,20 @@ PLUGINS = Path(__file__).parent / "plugins"
 @pytest.fixture
 def kinds(monkeypatch, tmp_path):
     """The test stage kinds of tests/plugins/store_stages.py, registered as a plugin would be."""
-    from importlib.metadata import EntryPoint
-
     from medpipe import registry
 
-    real = registry._entry_points
-    extra = {name: EntryPoint(name=name, value=f"store_stages:{cls}", group=registry.GROUP)
-             for name, cls in (("weights", "WeightsStage"), ("consume", "ConsumeStage"), ("fail", "FailStage"))}
-    monkeypatch.setattr(registry, "_entry_points",
-                        lambda group=registry.GROUP: {**real(group), **extra} if group == registry.GROUP else real(group))
     monkeypatch.syspath_prepend(str(PLUGINS))
+    import store_stages
+
+    names = {"weights": store_stages.WeightsStage, "consume": store_stages.ConsumeStage, "fail": store_stages.FailStage}
+    for name, cls in names.items():
+        registry.register(name, cls)
     monkeypatch.setenv("MEDPIPE_TEST_COUNT", str(tmp_path / "count"))
     monkeypatch.setenv("MEDPIPE_TEST_WEIGHTS", "a")
     monkeypatch.setenv("COLUMNS", "400")  # one table row per line in `status`
+    yield
+    for name in names:
+        registry.unregister(name)
 
 
 def states(run_dir: Path) -> dict[str, tuple[str, str]]:
@@ -300,12 +301,17 @@ def test_a_torn_newest_checkpoint_resumes_from_the_previous_one_with_the_same_we
     assert first.code == 0, first.out
     sdir = entry(tmp_path, "01-cpt")
     want = json.loads((sdir / "artifact.json").read_text())
+    first_attempts = json.loads((sdir / "status.json").read_text())["attempts"]
     (sdir / "artifact.json").unlink()
     shutil.rmtree(sdir / "model")
     torn = sdir / "checkpoints" / "checkpoint-6" / "model.safetensors"
     os.truncate(torn, torn.stat().st_size - 1000)
     size = torn.stat().st_size
+    import time
+
+    t0 = time.monotonic()
     rerun = medpipe("run", *args)
+    rerun_wall = time.monotonic() - t0
     assert rerun.code == 0, rerun.out
     assert f"skipping checkpoint-6: model.safetensors: truncated ({size} bytes, its header needs {size + 1000})" in rerun.out
     assert "resuming from checkpoint-3" in rerun.out
@@ -316,8 +322,12 @@ def test_a_torn_newest_checkpoint_resumes_from_the_previous_one_with_the_same_we
     losses = [json.loads(line).get("loss") for line in (sdir / "log_history.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and [s for s, l in zip(steps, losses) if l is not None] == [1, 2, 3, 4, 5, 6]
     assert got["metrics"]["train_loss"] == pytest.approx(sum(l for l in losses if l is not None) / 6)
-    assert got["metrics"]["train_loss"] > 0
-    assert json.loads((sdir / "status.json").read_text())["elapsed"] > 0
+    # the same 6 steps' losses as the uninterrupted run (same weights): its train_loss, to the log's rounding
+    assert got["metrics"]["train_loss"] == pytest.approx(want["metrics"]["train_loss"], abs=1e-4)
+    status = json.loads((sdir / "status.json").read_text())
+    assert len(first_attempts) == 1 and status["attempts"][0] == first_attempts[0]  # the first run's time kept
+    assert 0 < status["attempts"][1] <= rerun_wall  # ... and the rerun's added
+    assert status["elapsed"] == pytest.approx(sum(status["attempts"]))
 
 
 @pytest.mark.slow

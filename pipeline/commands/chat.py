@@ -98,7 +98,7 @@ def run_corpus(run_dir: str | None) -> Any:
 
     for name, body in (cfg.get("stages") or {}).items():
         kind = body.get("kind") if isinstance(body, dict) else None
-        field = getattr(registry.load(kind), "corpus_field", None) if kind in registry.kinds() else None
+        field = registry.load(kind).corpus_field if kind in registry.kinds() else None
         if field and body.get(field):  # a kind that trains on a text corpus says which param holds it
             return body[field]
     raise MedpipeError(f"{run_dir} has no cpt stage whose corpus could be indexed; give --rag-corpus PATH")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -49,12 +50,23 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _load(args: list[str] | None):
+@dataclass
+class Loaded:
+    """A recipe composed and every stage bound: what `show` and `validate` start from."""
+
+    recipe: str
+    overrides: list[str]
+    cfg: Any  # the composed DictConfig
+    choices: dict  # the config-group options Hydra picked (model=tiny, ...)
+    plans: list  # one medpipe.compose.StagePlan per stage
+
+
+def _load(args: list[str] | None) -> Loaded:
     from medpipe.compose import bind_stages, compose
 
     recipe, overrides = _split(args)
     cfg, choices = compose(recipe, overrides)
-    return recipe, overrides, cfg, choices, bind_stages(cfg)
+    return Loaded(recipe, overrides, cfg, choices, bind_stages(cfg))
 
 
 @app.command()
@@ -108,6 +120,8 @@ def list_(
     from medpipe import registry
     from medpipe.compose import bundled_recipes, group_options
 
+    from .listing import choices_text
+
     if params:
         from medpipe.errors import ConfigError
 
@@ -127,7 +141,7 @@ def list_(
         cls = registry.load(kind)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         out.append(f"  {kind}: {doc}")
-        fields = [f"{f.name}={_default(f)}" for f in dataclasses.fields(cls.Params)]
+        fields = [" ".join(filter(None, (f"{f.name}={_default(f)}", choices_text(f)))) for f in dataclasses.fields(cls.Params)]
         out.append("    " + ", ".join(fields))
     print("\n".join(out))
 
@@ -152,12 +166,12 @@ def show(args: Overrides = None) -> None:
 
         if wants_slurm(list(args or [])):  # slurm.KEY=VALUE as on `medpipe submit`
             args = slurm_overrides(list(args or []))
-        recipe, overrides, cfg, choices, plans = _load(args)
-        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
-        print("# groups: " + ", ".join(f"{k}={v}" for k, v in sorted(choices.items()) if v is not None))
+        loaded = _load(args)
+        print(OmegaConf.to_yaml(loaded.cfg, resolve=True), end="")
+        print("# groups: " + ", ".join(f"{k}={v}" for k, v in sorted(loaded.choices.items()) if v is not None))
         from .show import describe
 
-        for line in describe(cfg, plans, recipe, overrides):
+        for line in describe(loaded.cfg, loaded.plans, loaded.recipe, loaded.overrides):
             print(line)
     except _user_errors() as e:
         _fail(e)
@@ -184,7 +198,8 @@ def validate(args: Overrides = None) -> None:
     from medpipe.run import Pipeline, base_artifact
 
     try:
-        recipe, _, cfg, _, plans = _load(args)
+        loaded = _load(args)
+        recipe, cfg, plans = loaded.recipe, loaded.cfg, loaded.plans
         console = _console()
         pipe = Pipeline(cfg, plans, recipe, console)
         base = base_artifact(cfg)

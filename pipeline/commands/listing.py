@@ -1,12 +1,13 @@
-"""What `medpipe list --params` prints: every parameter of a stage kind with its default and its
-help text (the field's metadata, `medpipe.params.param`), nested blocks (peft., medcare.) flattened."""
+"""What `medpipe list --params` prints: every parameter of a stage kind with its default, its help
+text and, for a closed set, its allowed values (the field's metadata, `medpipe.params.param`), nested
+blocks (peft., medcare.) flattened."""
 from __future__ import annotations
 
 import dataclasses
 import typing
 from typing import Any
 
-from medpipe.params import help_of
+from medpipe.params import choices_of, help_of
 
 
 def default_of(f: dataclasses.Field) -> Any:
@@ -37,8 +38,14 @@ def param_rows(dc: type, prefix: str = "") -> list[tuple[str, str, str]]:
             rows.append((prefix + f.name, shown, help_of(f)))
             rows += param_rows(inner, prefix + f.name + ".")
         else:
-            rows.append((prefix + f.name, _yaml(default), help_of(f)))
+            rows.append((prefix + f.name, _yaml(default), " ".join(filter(None, (help_of(f), choices_text(f))))))
     return rows
+
+
+def choices_text(f: dataclasses.Field) -> str:
+    """"[choices: a | b | null]" for a field with a closed set of values, else ""."""
+    choices = choices_of(f)
+    return f"[choices: {' | '.join(_yaml(c) if c is None else str(c) for c in choices)}]" if choices else ""
 
 
 def _yaml(value: Any) -> str:

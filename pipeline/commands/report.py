@@ -51,7 +51,7 @@ def evaluates(kind: str) -> bool:
     rather than training one: its metrics join the evaluated stage's row, it has no curves."""
     from medpipe import registry
 
-    return kind in registry.kinds() and bool(getattr(registry.load(kind), "evaluates", False))
+    return kind in registry.kinds() and registry.load(kind).evaluates
 
 
 def collect(run_dir: Path) -> dict:

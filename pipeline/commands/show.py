@@ -9,6 +9,7 @@ from typing import Any
 from medpipe import launch
 from medpipe.compose import StagePlan
 from medpipe.entry import STAGE_FILE
+from medpipe.params import GlobalBatch
 from medpipe.run import base_identity, is_done, plan_keys, read_status, stage_dir_name
 
 
@@ -22,20 +23,19 @@ def describe(cfg: Any, plans: list[StagePlan], recipe: str | None = None, overri
     for k in keyed:
         p = k.plan
         source = f"stage '{p.source}'" if p.source else f"model {model}"
-        adapter = " (its adapter)" if getattr(p.cls, "wants_adapter", False) else ""
         if is_done(k):
             state = f"reuse finished result {k.store_dir}"
         else:
             st = read_status(k.store_dir).get("state")
             state = "resume from last checkpoint in " + str(k.store_dir) if st in ("interrupted", "failed") \
                 else f"train → {k.store_dir}"
-        lines.append(f"#  {stage_dir_name(p)} [{p.kind}] input: {source}{adapter}; {state}")
-        if hasattr(p.params, "describe_batch") and getattr(p.cls, "trains", True):
+        lines.append(f"#  {stage_dir_name(p)} [{p.kind}] input: {source}; {state}")
+        if isinstance(p.params, GlobalBatch) and p.cls.trains:
             try:
-                lines.append(f"#     batch: {p.params.describe_batch(launch.world_size(launcher))}")
+                lines.append(f"#     batch: {p.params.describe_batch(launch.planned_world_size(launcher))}")
             except ValueError as e:  # `run` refuses this before anything trains; show says why
                 lines.append(f"#     batch: global batch {p.params.batch_size} CANNOT run on this launcher: {e}")
-        if launcher["name"] != "local" and getattr(p.cls, "trains", True):
+        if launcher["name"] != "local" and p.cls.trains:
             cmd = launch.command(launcher, Path(k.store_dir) / STAGE_FILE)
             lines.append(f"#     launch: {shlex.join(cmd)}")
     lines += memory_lines(cfg, plans)

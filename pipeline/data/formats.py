@@ -532,6 +532,18 @@ def fmt_medmcqa(r, ctx):
                 ans, opt_str(r, "exp", ctx), opt_str(r, "subject_name", ctx))
 
 
+def medmcqa_cop_base(path: str, container: str, cop_base: int | None) -> int | None:
+    """The cop numbering of one MedMCQA file: the source's cop_base, else 1 for the original JSON(-lines)
+    files; the Hub's parquet copy numbers 0-3, so a parquet file needs cop_base (never guessed)."""
+    if cop_base is not None:
+        return cop_base
+    if container == "parquet":
+        raise DataError("MedMCQA parquet: set cop_base: 0 (the Hub's parquet copy numbers "
+                        "cop 0-3) or 1 (original JSON, 1-4); it is never guessed", path,
+                        None, "cop_base", reason="cop_base")
+    return 1
+
+
 _PUBMEDQA_OPTS = {"A": "yes", "B": "no", "C": "maybe"}
 
 
@@ -665,10 +677,11 @@ class Format:
     fn: object
     keys: frozenset    # keys that identify the shape for auto-detection (all required)
     doc: str = ""
+    cop_base: object = None  # (path, container, the source's cop_base) -> this file's cop_base (MedMCQA)
 
 
-def _f(name, kind, fn, *keysets, doc=""):
-    return [Format(name, kind, fn, frozenset(ks), doc) for ks in keysets]
+def _f(name, kind, fn, *keysets, doc="", cop_base=None):
+    return [Format(name, kind, fn, frozenset(ks), doc, cop_base) for ks in keysets]
 
 
 _ALL = [
@@ -694,7 +707,7 @@ _ALL = [
     *_f("medqa", "mcq", fmt_medqa, {"question", "options", "answer_idx"},
         {"question", "options"}, doc="MedQA jsonl"),
     *_f("medmcqa", "mcq", fmt_medmcqa, {"question", "opa", "opb", "cop"},
-        {"question", "opa", "opb"}, doc="MedMCQA"),
+        {"question", "opa", "opb"}, doc="MedMCQA", cop_base=medmcqa_cop_base),
     *_f("pubmedqa", "mcq", fmt_pubmedqa, {"QUESTION", "CONTEXTS"},
         {"pubid", "question", "final_decision"}, doc="PubMedQA ori_pqal.json"),
     *_f("ceval", "mcq", fmt_ceval, {"id", "question", "A", "B", "C", "D"},

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from typing import Iterator
 
@@ -76,11 +75,6 @@ def _no_duplicates(pairs):
                 raise DuplicateKey(k)
             seen.add(k)
     return d
-
-
-def loads_strict(text: str):
-    """json.loads that refuses an object with the same key twice (json keeps the last silently)."""
-    return json.loads(text, object_pairs_hook=_no_duplicates)
 
 
 def _duplicate(path, line, key) -> DataError:
@@ -374,7 +368,3 @@ def first_record(path: str) -> tuple[object, dict | None, set | None]:
     for loc, rec in r:
         return loc, rec, r.file_keys
     return None, None, r.file_keys
-
-
-def file_size(path: str) -> int:
-    return os.path.getsize(path)

@@ -143,24 +143,13 @@ def _converter(kind: str, want: str, task):
     raise AssertionError((kind, want))
 
 
-def _read_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, report,
-               out: list, budget: list, ids_cache: dict | None = None):
-    out.extend(_iter_file(path, fmt, src, want, on_error, report, budget, ids_cache))
-
-
 def _iter_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, report,
                budget: list, ids_cache: dict | None = None):
     """The records of one file, validated, one at a time (memory: one record)."""
     spec = FORMATS[fmt]
     conv = _converter(spec.kind, want, src.task)
     needs_answer = spec.kind == "mcq" and want != "mcq"
-    cop_base = src.cop_base
-    if fmt == "medmcqa" and cop_base is None:
-        if container_of(path) == "parquet":
-            raise DataError("MedMCQA parquet: set cop_base: 0 (the Hub's parquet copy numbers "
-                            "cop 0-3) or 1 (original JSON, 1-4); it is never guessed", path,
-                            None, "cop_base", reason="cop_base")
-        cop_base = 1   # the original JSON(-lines) files number cop 1-4
+    cop_base = spec.cop_base(path, container_of(path), src.cop_base) if spec.cop_base else src.cop_base
     reader = RawReader(path, on_error=on_error, paragraphs=fmt == "paragraphs",
                        max_record_bytes=src.max_record_bytes)
     ids = ids_cache.get(id(src)) if ids_cache is not None else None

@@ -4,7 +4,7 @@
 and the merge-per-task export share one state object and one weight layout; each helper below
 says which part of the formula it is.)
 
-What a C-Poly layer computes (METHODS.md, AntGLM-Med): for an example of task t,
+What a C-Poly layer computes (the AntGLM-Med paper): for an example of task t,
 
     y = W0 x + s * ( sum_i w_i^t phi_i(x)  +  sum_j v_j^t phi^t_j(x) ),     phi(x) = B A x (a LoRA),
 

@@ -6,7 +6,7 @@ routed product and the inject/merge/keep-NA code that must agree on one weight l
 Training-only module: it imports torch at top level, so only training code may import it
 (see docs/CONTRACTS.md, "Heavy imports").
 
-Per FFN linear (gate/up/down), see /work/shared/METHODS.md, MedCare:
+Per FFN linear (gate/up/down), as the MedCare paper describes it:
 
     MKA:  y = x Wᵀ + KA(x) + NA(x)
           KA(x) = (α/r) · B_ka A_ka x                    one LoRA of rank s·r, never routed, weight 1
@@ -283,7 +283,7 @@ class MedCareLinear(nn.Module):
 
 
 # -- model-level helpers -------------------------------------------------------------------
-def _core(model: nn.Module) -> nn.Module:
+def core_model(model: nn.Module) -> nn.Module:
     """The transformers model under a DeepSpeed engine and/or a PEFT wrapper."""
     while True:
         if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
@@ -297,7 +297,7 @@ def _core(model: nn.Module) -> nn.Module:
 def _names(model: nn.Module, cfg: MedCareConfig, attr: str, table: dict) -> tuple[str, ...]:
     if getattr(cfg, attr) is not None:
         return tuple(getattr(cfg, attr))
-    mt = getattr(getattr(_core(model), "config", None), "model_type", None)
+    mt = getattr(getattr(core_model(model), "config", None), "model_type", None)
     if mt not in table:
         raise ValueError(f"medcare: no {attr} table entry for model_type {mt!r}; "
                          f"known: {sorted(table)}; or set MedCareConfig.{attr}")
@@ -314,18 +314,18 @@ def attn_names(model: nn.Module, cfg: MedCareConfig | None = None) -> tuple[str,
 
 def medcare_modules(model: nn.Module) -> Iterator[tuple[str, MedCareLinear]]:
     """(name relative to the transformers model, wrapper) of every wrapped FFN linear."""
-    for name, m in _core(model).named_modules():
+    for name, m in core_model(model).named_modules():
         if isinstance(m, MedCareLinear):
             yield name, m
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _wrap_ffn(model: nn.Module, cfg: MedCareConfig, mode: str) -> list[str]:
-    core, wanted = _core(model), set(ffn_names(model, cfg))
+def wrap_ffn(model: nn.Module, cfg: MedCareConfig, mode: str) -> list[str]:
+    core, wanted = core_model(model), set(ffn_names(model, cfg))
     if any(True for _ in medcare_modules(core)):
         raise ValueError("medcare: the model already has MedCare layers (merge_medcare first)")
     targets = [(n, m) for n, m in core.named_modules()
@@ -333,11 +333,11 @@ def _wrap_ffn(model: nn.Module, cfg: MedCareConfig, mode: str) -> list[str]:
     if not targets:
         raise ValueError(f"medcare: no nn.Linear named {sorted(wanted)} in the model")
     for name, lin in targets:
-        _set_module(core, name, MedCareLinear(lin, cfg, mode))
+        set_module(core, name, MedCareLinear(lin, cfg, mode))
     return [n for n, _ in targets]
 
 
-def _set_trainable(model: nn.Module, cfg: MedCareConfig) -> None:
+def set_trainable(model: nn.Module, cfg: MedCareConfig) -> None:
     for _, m in medcare_modules(model):
         for pname, p in m.adapter_parameters():
             p.requires_grad_(cfg.train_ka or pname not in KA_PARAMS)
@@ -350,14 +350,14 @@ def inject_mka(model: nn.Module, cfg: MedCareConfig | None = None) -> nn.Module:
     cfg = cfg or MedCareConfig()
     for p in model.parameters():
         p.requires_grad_(False)
-    _wrap_ffn(model, cfg, "mka")
+    wrap_ffn(model, cfg, "mka")
     if cfg.attn_lora:
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.attn_dropout, bias="none",
                           target_modules=list(attn_names(model, cfg)), task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
-    _set_trainable(model, cfg)  # PEFT froze every non-PEFT parameter, ours included
+    set_trainable(model, cfg)  # PEFT froze every non-PEFT parameter, ours included
     return model
 
 
@@ -372,12 +372,12 @@ def inject_da(model: nn.Module, cfg: MedCareConfig | None = None,
     cfg = cfg or MedCareConfig()
     for p in model.parameters():
         p.requires_grad_(False)
-    _wrap_ffn(model, cfg, "da_na" if keep_na is not None else "da")
+    wrap_ffn(model, cfg, "da_na" if keep_na is not None else "da")
     if keep_na is not None:
         load_mka_experts(model, keep_na)
     elif ka is not None:
         load_ka(model, ka)
-    _set_trainable(model, cfg)
+    set_trainable(model, cfg)
     return model
 
 
@@ -390,7 +390,7 @@ def load_mka_experts(model: nn.Module, directory: str | Path) -> nn.Module:
     saved = load_file(str(path))
     targets = {f"{n}.{k}": p for n, m in medcare_modules(model) for k, p in m.adapter_parameters()
                if not k.startswith("align_")}
-    _load_into(targets, {k: v for k, v in saved.items() if ".lora_" not in k}, str(path))
+    load_into(targets, {k: v for k, v in saved.items() if ".lora_" not in k}, str(path))
     return model
 
 
@@ -450,13 +450,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in medcare_modules(model):
         for pname, p in m.adapter_parameters():
             state[f"{name}.{pname}"] = p
-    for name, p in _core(model).named_parameters():
+    for name, p in core_model(model).named_parameters():
         if ".lora_" in name:  # PEFT attention LoRA
             state[name] = p
     return state
 
 
-def _load_into(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], what: str) -> None:
+def load_into(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], what: str) -> None:
     missing, unexpected = targets.keys() - loaded.keys(), loaded.keys() - targets.keys()
     if missing or unexpected:
         raise ValueError(f"{what}: missing {sorted(missing)[:5]} unexpected {sorted(unexpected)[:5]}")
@@ -467,7 +467,7 @@ def _load_into(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]
             p.copy_(loaded[k])
 
 
-def _config_of(model: nn.Module) -> tuple[MedCareConfig, str]:
+def config_of(model: nn.Module) -> tuple[MedCareConfig, str]:
     mods = list(medcare_modules(model))
     if not mods:
         raise ValueError("medcare: the model has no MedCare layers")
@@ -481,12 +481,12 @@ def load_ka(model: nn.Module, ka: str | Path | dict) -> nn.Module:
 
         d = Path(ka)
         meta = json.loads((d / KA_CONFIG_FILE).read_text())
-        cfg, _ = _config_of(model)
+        cfg, _ = config_of(model)
         saved = (meta["ka_rank"], meta["alpha"], meta["r"], meta.get("variant", "code"))
         if saved != (cfg.ka_rank, cfg.alpha, cfg.r, cfg.variant):  # the variant sets KA's scale
             raise ValueError(f"{d}: KA saved with rank {saved[0]}, alpha {saved[1]}, r {saved[2]}, variant {saved[3]}; "
                              f"model expects {cfg.ka_rank}, {cfg.alpha}, {cfg.r}, {cfg.variant}")
         ka = load_file(str(d / KA_FILE))
     targets = {f"{n}.{k}": getattr(m, k) for n, m in medcare_modules(model) for k in KA_PARAMS}
-    _load_into(targets, ka, "load_ka")
+    load_into(targets, ka, "load_ka")
     return model

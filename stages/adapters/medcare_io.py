@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from medpipe.stages.adapters.medcare import (ADAPTER_FILE, CONFIG_FILE, FORMAT, KA_CONFIG_FILE, KA_FILE, KA_PARAMS,
-                                             MedCareConfig, _config_of, _core, _load_into, _set_module, _set_trainable,
-                                             _wrap_ffn, adapter_state_dict, inject_mka, medcare_modules)
+                                             MedCareConfig, config_of, core_model, load_into, set_module, set_trainable,
+                                             wrap_ffn, adapter_state_dict, inject_mka, medcare_modules)
 
 
 def _save_tensors(state: dict, path: Path) -> None:
@@ -27,10 +27,10 @@ def save_medcare(model: nn.Module, directory: str | Path) -> Path:
     """Write medcare_adapter.safetensors (all adapter tensors, routers included) + medcare_config.json."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    cfg, mode = _config_of(model)
+    cfg, mode = config_of(model)
     _save_tensors(adapter_state_dict(model), d / ADAPTER_FILE)
     meta = {"format": FORMAT, "mode": mode, "config": cfg.to_dict(),
-            "model_type": getattr(_core(model).config, "model_type", None),
+            "model_type": getattr(core_model(model).config, "model_type", None),
             "modules": [n for n, _ in medcare_modules(model)]}
     (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return d
@@ -53,9 +53,9 @@ def load_medcare(model: nn.Module, directory: str | Path) -> nn.Module:
     else:  # da / da_na: the layers only, every tensor comes from the file
         for p in model.parameters():
             p.requires_grad_(False)
-        _wrap_ffn(model, cfg, meta["mode"])
-        _set_trainable(model, cfg)
-    _load_into(adapter_state_dict(model), load_file(str(d / ADAPTER_FILE)), str(d / ADAPTER_FILE))
+        wrap_ffn(model, cfg, meta["mode"])
+        set_trainable(model, cfg)
+    load_into(adapter_state_dict(model), load_file(str(d / ADAPTER_FILE)), str(d / ADAPTER_FILE))
     return model
 
 
@@ -63,11 +63,11 @@ def save_ka(model: nn.Module, directory: str | Path) -> Path:
     """Write the KA weights only (what MKA hands to DA): medcare_ka.safetensors + medcare_ka.json."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    cfg, _ = _config_of(model)
+    cfg, _ = config_of(model)
     state = {f"{n}.{k}": getattr(m, k) for n, m in medcare_modules(model) for k in KA_PARAMS}
     _save_tensors(state, d / KA_FILE)
     meta = {"format": FORMAT, "r": cfg.r, "alpha": cfg.alpha, "s": cfg.s, "ka_rank": cfg.ka_rank,
-            "variant": cfg.variant, "model_type": getattr(_core(model).config, "model_type", None)}
+            "variant": cfg.variant, "model_type": getattr(core_model(model).config, "model_type", None)}
     (d / KA_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return d
 
@@ -86,11 +86,11 @@ def merge_medcare(model: nn.Module, fold_ka: bool = True) -> nn.Module:
         model = model.module
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         model = model.merge_and_unload()
-    model = _core(model)
+    model = core_model(model)
     for name, m in list(medcare_modules(model)):
         W = m.linear.weight
         W.copy_((W.to(torch.promote_types(W.dtype, torch.float32)) + m.delta_weight(fold_ka)).to(W.dtype))
-        _set_module(model, name, m.linear)
+        set_module(model, name, m.linear)
     return model
 
 

@@ -19,7 +19,7 @@ class MedCareConfig(Checked):
     _where: ClassVar[str] = "medcare."
     variant: str = param("code", "code: the authors' code (α/r for every LoRA, top-K gates renormalised, Kaiming A) | "
                                  "paper: Eq. 4/5/13 (α/r for NA, α/r' for KA and Align, softmax gates not "
-                                 "renormalised, Gaussian A)")
+                                 "renormalised, Gaussian A)", choices=MEDCARE_VARIANTS)
     r: int = param(16, "rank of each routed NA expert")
     alpha: float = param(32.0, "LoRA alpha (scale α/rank, see variant)")
     s: int = param(2, "shared experts: KA has rank r' = s·r")
@@ -39,8 +39,7 @@ class MedCareConfig(Checked):
     attn_modules: Optional[List[str]] = param(None, "attention linear names; null = the table for the model type")
 
     def _rules(self):
-        return [("variant", self.variant in MEDCARE_VARIANTS, "one of " + ", ".join(MEDCARE_VARIANTS)),
-                ("r", self.r >= 1, ">= 1"), ("s", self.s >= 1, ">= 1 (KA has rank s·r)"),
+        return [("r", self.r >= 1, ">= 1"), ("s", self.s >= 1, ">= 1 (KA has rank s·r)"),
                 ("alpha", self.alpha > 0, "> 0"), ("n_experts", self.n_experts >= 1, ">= 1"),
                 ("top_k", 1 <= self.top_k <= max(self.n_experts, 1), f"between 1 and n_experts ({self.n_experts})"),
                 ("balance_coef", self.balance_coef >= 0, ">= 0"),
@@ -105,22 +104,20 @@ class CPolyConfig(Checked):
     tau: float = param(1.0, "Gumbel-sigmoid temperature of the shared routing (training)")
     normalize: bool = param(True, "divide the shared weights by their sum (PEFT Poly)")
     straight_through: bool = param(False, "hard 0/1 shared weights forward, soft gradient")
-    task_block: str = param("diagonal", "diagonal (task t uses only its own skills) | full")
+    task_block: str = param("diagonal", "diagonal (task t uses only its own skills) | full", choices=CPOLY_TASK_BLOCKS)
     target_modules: Optional[List[str]] = param(help="[all-linear], module names (q_proj, ...) or one regex; "
                                                      "null = PEFT's LoRA default for the model type",
                                                 factory=lambda: ["all-linear"])
-    unknown_task: str = param("error", "a task not trained on: error | shared (shared skills only)")
+    unknown_task: str = param("error", "a task not trained on: error | shared (shared skills only)",
+                              choices=("error", "shared"))
     init_logit_range: float = param(1e-3, "shared logits start ~ U(-x, x)")
-    adapter_dtype: str = param("float32", "float32 | base (the dtype of the base weight)")
+    adapter_dtype: str = param("float32", "float32 | base (the dtype of the base weight)", choices=("float32", "base"))
 
     def _rules(self):
         return [("n_shared_skills", self.n_shared_skills >= 0, ">= 0"), ("n_task_skills", self.n_task_skills >= 0, ">= 0"),
                 ("n_task_skills", self.n_shared_skills + self.n_task_skills > 0,
                  "> 0 when n_shared_skills is 0 (C-Poly needs at least one skill)"),
                 ("r", self.r >= 1, ">= 1"), ("tau", self.tau > 0, "> 0"),
-                ("task_block", self.task_block in CPOLY_TASK_BLOCKS, "diagonal or full"),
-                ("unknown_task", self.unknown_task in ("error", "shared"), "error or shared"),
-                ("adapter_dtype", self.adapter_dtype in ("float32", "base"), "float32 or base"),
                 ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")]
 
     @property

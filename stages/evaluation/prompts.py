@@ -1,6 +1,6 @@
 """medpipe's own ("native") multiple-choice prompts and their language, in one place: the eval
 stage (cue / ppl / generate / VoC), C-Poly's ppl training format and voc_label all build their
-prompts here. Harness protocols (lm-eval, OpenCompass, MedCare, CMExam) are in protocols.py.
+prompts here. Harness protocols (lm-eval, OpenCompass, MedCare, CMExam) are in the protocols package.
 
 Items are normalised mcq records (docs/CONTRACTS.md):
 ``{"id", "question", "context", "options": {"A": ...}, "answer": [letters], "explanation", ...}``.
@@ -188,3 +188,10 @@ def with_context(item: dict, extra: str) -> dict:
         return item
     ctx = item.get("context")
     return {**item, "context": f"{extra}\n{ctx}" if ctx else extra}
+
+
+def prompt_hash(prompt: str) -> str:
+    """What per-item details record of a prompt: sha256 of its text, 16 hex digits."""
+    import hashlib
+
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]

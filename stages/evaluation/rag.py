@@ -44,18 +44,17 @@ class RagParams(Checked):
     _where: ClassVar[str] = "rag."
     index: Any = param(None, "corpus data spec (path | conf/data name | source dict | list); null = off")
     k: int = param(5, "passages prepended to each prompt")
-    retriever: str = param("bm25", "bm25 | dense")
+    retriever: str = param("bm25", "bm25 | dense", choices=RETRIEVERS)
     embedding_model: Optional[str] = param(None, "local model dir for retriever=dense")
     chunk_size: int = param(256, "characters per chunk")
     chunk_overlap: int = param(32, "characters shared by consecutive chunks")
-    tokenize: str = param("char", "bm25 tokens: char (CJK chars + bigrams, Latin words) | jieba")
+    tokenize: str = param("char", "bm25 tokens: char (CJK chars + bigrams, Latin words) | jieba",
+                          choices=("char", "jieba"))
     dir: Optional[str] = param(None, "index directory (default: $MEDPIPE_CACHE/rag/<hash>)")
 
     def _rules(self):
-        return [("k", self.k >= 1, ">= 1"), ("retriever", self.retriever in RETRIEVERS, "one of " + ", ".join(RETRIEVERS)),
-                ("chunk_size", self.chunk_size >= 1, ">= 1"),
-                ("chunk_overlap", 0 <= self.chunk_overlap < self.chunk_size, "in [0, chunk_size)"),
-                ("tokenize", self.tokenize in ("char", "jieba"), "char or jieba")]
+        return [("k", self.k >= 1, ">= 1"), ("chunk_size", self.chunk_size >= 1, ">= 1"),
+                ("chunk_overlap", 0 <= self.chunk_overlap < self.chunk_size, "in [0, chunk_size)")]
 
 
 _CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")

@@ -2,24 +2,18 @@
 writes per-item details; one driver per set kind (`eval_mcq`, `eval_generation`,
 `eval_promptcblue`) and the MCQ explanation scores. The model is an eval backend
 (medpipe.stages.inference.backends); prompts come from prompts.py (protocol `native`) or
-protocols.py (harness protocols). Shapes of the records: medpipe.stages.eval's docstring."""
+the protocols package (harness protocols). Shapes of the records: medpipe.stages.eval's docstring."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-from .prompts import cue_prompt, item_lang, pick_shots, ppl_shots_block, with_context
+from .prompts import cue_prompt, item_lang, pick_shots, ppl_shots_block, prompt_hash, with_context
 from .sets import EvalSet, check_pool, plan_sets, read_pool, task_groups
-
-
-def prompt_hash(prompt: str) -> str:
-    """What per-item details record of a prompt: sha256 of its text, 16 hex digits."""
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
 
 
 def method_tag(p: Any, kind: str) -> str:
@@ -28,7 +22,7 @@ def method_tag(p: Any, kind: str) -> str:
     result instead of replacing the first."""
     if kind != "mcq":
         return "generate"
-    protocol = getattr(p, "protocol", "native")
+    protocol = p.protocol
     tag = p.method if protocol == "native" else protocol
     if p.shots:
         tag += f"-{p.shots}shot"
@@ -127,14 +121,14 @@ def rag_contexts(index: Any, queries: list[str], k: int, langs: list[str]) -> li
 
 def eval_mcq(s: EvalSet, p: Any, backend: Any, pool: list[dict], index: Any) -> tuple[dict, list]:
     """A multiple-choice set under p.protocol: `native` (medpipe's prompts, p.method) here, the
-    harness protocols in protocols.py. Details per item: gold, pred, correct, every option's
+    harness protocols in the protocols package. Details per item: gold, pred, correct, every option's
     score (+ token count and character length where options are scored as text), prompt hash."""
     from .metrics import mcq_scores
 
     items = s.records
     langs = [item_lang(it, p.lang) for it in items]
     rag_ctx = rag_contexts(index, [str(it.get("question") or "") for it in items], p.rag.k, langs)
-    protocol = getattr(p, "protocol", "native")
+    protocol = p.protocol
     if protocol != "native":
         from .protocols import run_protocol
 

@@ -5,7 +5,7 @@
   mean NLL of the option's tokens (``reduction="sum"``: summed NLL); the lowest score wins.
   Prompt and option are tokenised separately and concatenated (the separating space belongs to
   the option, as in lm-eval). ``score_continuations`` is the engine underneath, on token ids:
-  the harness protocols (protocols.py) hand it their own (context, continuation) token splits.
+  the harness protocols (the protocols package) hand it their own (context, continuation) token splits.
   Default (``share_prompt=True``): the prompts of a batch of items run once (left padding,
   explicit position ids, KV cache, logits of the last position only), the cache is gathered per
   option row and all options run as one right-padded batch on top of it - each prompt is computed

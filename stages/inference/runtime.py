@@ -164,10 +164,7 @@ class LocalModel:
         stage class, e.g. MedCare's keep-NA ablation keeps the routed experts)."""
         from medpipe import registry
 
-        model = None
-        if art.kind in registry.kinds():
-            hook = getattr(registry.load(art.kind), "load_for_inference", None)
-            model = hook(art) if hook else None
+        model = registry.load(art.kind).load_for_inference(art) if art.kind in registry.kinds() else None
         return cls(art.model_path, art.tokenizer_path, trust_remote_code=art.trust_remote_code,
                    name=name or art.stage, model=model)
 

@@ -2,24 +2,19 @@
 training kind shares, and the batch layout (global batch = micro batch × accumulation × ranks)."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from medpipe.errors import ConfigError
+from medpipe.stagekind import process_world_size
 from medpipe.stages.models import loader
 from medpipe.stages.training import tracking  # report_to / run_name from the driver's trackers
-
-
-def world_size() -> int:
-    """Ranks of this training process group (the launcher sets WORLD_SIZE on every rank)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def batch_layout(ctx: Any, p: Any) -> tuple[int, int]:
     """(per-device micro batch, gradient accumulation steps) for this process group, checked again
     on every rank: the driver checked the launcher's world size, but a hand-started rank may differ."""
     try:
-        return p.batch_layout(world_size())
+        return p.batch_layout(process_world_size())
     except ValueError as e:
         raise ConfigError(f"stages.{ctx.name}: {e}") from None
 
@@ -48,7 +43,7 @@ def training_kwargs(ctx: Any, p: Any) -> dict:
         disable_tqdm=True, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
     )
     kw.update(checkpointing_kwargs(p.gradient_checkpointing))
-    if not cuda and world_size() > 1:
+    if not cuda and process_world_size() > 1:
         kw["ddp_backend"] = "gloo"
     if p.heldout > 0:
         steps = p.eval_steps or p.save_steps

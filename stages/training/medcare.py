@@ -24,7 +24,7 @@ def load_adapter_state(model, path) -> None:
     """Copy a save_medcare state (strict: every adapter tensor, nothing else) into `model`."""
     from safetensors.torch import load_file
 
-    medcare._load_into(medcare.adapter_state_dict(model), load_file(str(path)), str(path))
+    medcare.load_into(medcare.adapter_state_dict(model), load_file(str(path)), str(path))
 
 
 def _is_peft(model) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
-from medpipe.params import Checked, param
+from medpipe.params import Checked, GlobalBatch, param
 
 
 @dataclass
@@ -35,7 +35,8 @@ class SpikeGuardParams(Checked):
 
     _where: ClassVar[str] = "spike_guard."
     enabled: bool = param(False, "guard updates whose gradient norm spikes or is non-finite")
-    mode: str = param("skip", "skip (drop the update) | halve_loss (IIMedGPT: apply it with the loss halved)")
+    mode: str = param("skip", "skip (drop the update) | halve_loss (IIMedGPT: apply it with the loss halved)",
+                      choices=SPIKE_MODES)
     factor: float = param(10.0, "a spike: grad norm > factor × the median of the last `window` norms")
     window: int = param(20, "steps in the running median of gradient norms")
     lr_factor: float = param(0.5, "the learning rate is multiplied by this at every guarded step")
@@ -43,8 +44,7 @@ class SpikeGuardParams(Checked):
     max_consecutive: int = param(5, "more guarded steps in a row than this fail the stage")
 
     def _rules(self):
-        return [("mode", self.mode in SPIKE_MODES, "one of " + ", ".join(SPIKE_MODES)),
-                ("factor", self.factor > 1, "> 1"), ("window", self.window >= 1, ">= 1"),
+        return [("factor", self.factor > 1, "> 1"), ("window", self.window >= 1, ">= 1"),
                 ("lr_factor", 0 < self.lr_factor <= 1, "in (0, 1]"), ("loss_factor", 0 < self.loss_factor < 1, "in (0, 1)"),
                 ("max_consecutive", self.max_consecutive >= 1, ">= 1")]
 
@@ -53,7 +53,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
-class TrainParams(Checked):
+class TrainParams(Checked, GlobalBatch):
     data: Any = param(None, "path | conf/data entry | {path, format, columns, split, limit, weight} | list of those")
     lr: float = param(2e-5, "peak learning rate")
     epochs: float = param(1.0, "passes over the data")
@@ -70,7 +70,8 @@ class TrainParams(Checked):
     max_grad_norm: float = param(1.0, "gradient clipping norm (0 = none)")
     max_length: int = param(1024, "tokens per example (longer ones are cut)")
     peft: Optional[LoraParams] = param(None, "LoRA settings; null = full-parameter training")
-    precision: str = param("auto", "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32")
+    precision: str = param("auto", "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32",
+                           choices=PRECISIONS)
     gradient_checkpointing: bool = param(False, "recompute activations in backward (less memory, slower)")
     logging_steps: int = param(5, "optimizer steps between log lines")
     save_steps: int = param(100, "steps between checkpoints: an interrupted stage resumes from the last one")
@@ -78,7 +79,8 @@ class TrainParams(Checked):
     heldout: float = param(0.0, "fraction of the data held out for evaluation")
     eval_steps: Optional[int] = param(None, "steps between held-out evaluations; null = save_steps")
     keep_best: bool = param(False, "keep the checkpoint with the lowest held-out loss (needs heldout > 0)")
-    on_error: Optional[str] = param(None, "bad records: fail | skip; null = the recipe's data.on_error")
+    on_error: Optional[str] = param(None, "bad records: fail | skip; null = the recipe's data.on_error",
+                                    choices=(None, "fail", "skip"))
     num_proc: Optional[int] = param(None, "processes for tokenisation")
     spike_guard: SpikeGuardParams = param(help="loss-spike guard (IIMedGPT)", factory=SpikeGuardParams)
 
@@ -94,11 +96,9 @@ class TrainParams(Checked):
                 ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"), ("adam_beta2", 0 <= self.adam_beta2 < 1, "in [0, 1)"),
                 ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
                 ("max_length", self.max_length >= 1, ">= 1"),
-                ("precision", self.precision in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
                 ("logging_steps", self.logging_steps >= 1, ">= 1"), ("save_steps", self.save_steps >= 1, ">= 1"),
                 ("heldout", 0 <= self.heldout < 1, "in [0, 1)"),
-                ("keep_best", not self.keep_best or self.heldout > 0, "false unless heldout > 0"),
-                ("on_error", self.on_error in (None, "fail", "skip"), "fail, skip or null")]
+                ("keep_best", not self.keep_best or self.heldout > 0, "false unless heldout > 0")]
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(per-device micro batch, gradient accumulation steps) that give the global `batch_size`

@@ -1,6 +1,8 @@
 """A stage kind from 'another package', for the registry test: no engine change needed."""
 from dataclasses import dataclass
 
+from medpipe.stagekind import StageKind
+
 
 @dataclass
 class EchoParams:
@@ -8,7 +10,7 @@ class EchoParams:
     times: int = 1
 
 
-class EchoStage:
+class EchoStage(StageKind):
     """Prints its message (test plugin)."""
 
     Params = EchoParams

@@ -8,13 +8,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from medpipe.stagekind import StageKind
+
 
 @dataclass
 class WeightsParams:
     size: int = 1000
 
 
-class WeightsStage:
+class WeightsStage(StageKind):
     """Writes model/weights.bin from $MEDPIPE_TEST_WEIGHTS (test plugin)."""
 
     Params = WeightsParams
@@ -35,7 +37,7 @@ class ConsumeParams:
     note: str = ""
 
 
-class ConsumeStage:
+class ConsumeStage(StageKind):
     """Copies its input's weights and counts its runs in $MEDPIPE_TEST_COUNT (test plugin)."""
 
     Params = ConsumeParams
@@ -56,7 +58,7 @@ class FailParams:
     note: str = ""
 
 
-class FailStage:
+class FailStage(StageKind):
     """Fails the way $MEDPIPE_TEST_RAISE says (test plugin)."""
 
     Params = FailParams

@@ -16,13 +16,42 @@ generated text, the prompt hash.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-PROTOCOLS = ("native", "lm-eval", "opencompass", "medcare", "cmexam")
 FORMATS = {"lm-eval": ("medqa", "medmcqa", "pubmedqa", "ceval", "mmlu"), "opencompass": ("medqa", "medmcqa", "ceval", "cmb"),
            "medcare": ("cmexam", "medqa", "medmcqa", "ceval"), "cmexam": ("cmexam",)}
 # model_diverse_gen_batch.py picks the task line by dataset: MedQA/MedMCQA/MMLU English, the rest Chinese
 MEDCARE_ENGLISH = ("medqa", "medmcqa")
+
+
+# Each harness protocol answers one eval set's items: (set, params, backend, few-shot pool, RAG contexts)
+# -> one details row per item. The modules are imported when a set is scored, not with the CLI.
+def _lm_eval(s: Any, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
+    from . import lmeval
+
+    return lmeval.run(s.records, s.fmt, p, backend, pool, rag_ctx)
+
+
+def _opencompass(s: Any, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
+    from . import opencompass
+
+    return opencompass.run(s.records, s.fmt, p, backend, pool, rag_ctx)
+
+
+def _medcare(s: Any, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
+    lang = "en" if s.fmt in MEDCARE_ENGLISH else "zh"
+    return generate_then_cue(s.records, p, backend, rag_ctx=rag_ctx, langs=[lang] * len(s.records))
+
+
+def _cmexam(s: Any, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
+    from . import cmexam
+
+    return cmexam.run(s.records, p, backend, rag_ctx)
+
+
+HARNESSES: dict[str, Callable[..., list[dict]]] = {
+    "lm-eval": _lm_eval, "opencompass": _opencompass, "medcare": _medcare, "cmexam": _cmexam}
+PROTOCOLS = ("native", *HARNESSES)  # `native`: medpipe's own prompts (runner._native_mcq)
 
 
 def run_protocol(protocol: str, s: Any, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
@@ -31,22 +60,8 @@ def run_protocol(protocol: str, s: Any, p: Any, backend: Any, pool: list[dict], 
     if s.fmt not in FORMATS[protocol]:
         raise ConfigError(f"eval set {s.name}: protocol {protocol} has no task for format '{s.fmt}' "
                           f"(it covers {', '.join(FORMATS[protocol])})")
-    items = s.records
     try:
-        if protocol == "lm-eval":
-            from . import lmeval
-
-            return lmeval.run(items, s.fmt, p, backend, pool, rag_ctx)
-        if protocol == "opencompass":
-            from . import opencompass
-
-            return opencompass.run(items, s.fmt, p, backend, pool, rag_ctx)
-        if protocol == "medcare":
-            lang = "en" if s.fmt in MEDCARE_ENGLISH else "zh"
-            return generate_then_cue(items, p, backend, rag_ctx=rag_ctx, langs=[lang] * len(items))
-        from . import cmexam
-
-        return cmexam.run(items, p, backend, rag_ctx)
+        return HARNESSES[protocol](s, p, backend, pool, rag_ctx)
     except ValueError as e:  # an item the harness cannot take (unknown C-Eval subject, ...)
         raise ConfigError(f"eval set {s.name}: {e}") from None
 

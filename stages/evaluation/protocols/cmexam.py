@@ -46,7 +46,7 @@ def parse_options(result: str | None, options: str) -> str:
 
 
 def run(items: list[dict], p: Any, backend: Any, rag_ctx: list[str]) -> list[dict]:
-    from ..runner import prompt_hash
+    from ..prompts import prompt_hash
 
     prompts = []
     for it, rc in zip(items, rag_ctx):

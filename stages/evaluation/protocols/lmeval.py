@@ -212,7 +212,7 @@ def _same_normalized(tok: Any, text: str) -> bool:
 
 
 def run(items: list[dict], fmt: str, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
-    from ..runner import prompt_hash
+    from ..prompts import prompt_hash
     from ..scoring import score_continuations
 
     if backend.model is None:

@@ -78,7 +78,7 @@ def medcare_en_correct(text: str, gold: str) -> bool:
 
 def run(items: list[dict], p: Any, backend: Any, langs: list[str], rag_ctx: list[str]) -> list[dict]:
     """Steps 1–5 for every item (batched: one generate call, one next-token call)."""
-    from ..runner import prompt_hash
+    from ..prompts import prompt_hash
     from ..scoring import letter_token_ids
 
     tok = backend.tok

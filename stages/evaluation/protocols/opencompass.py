@@ -160,7 +160,7 @@ def extract(text: str, fmt: str, item: dict) -> str:
 
 
 def run(items: list[dict], fmt: str, p: Any, backend: Any, pool: list[dict], rag_ctx: list[str]) -> list[dict]:
-    from ..runner import prompt_hash
+    from ..prompts import prompt_hash
 
     from .lmeval import same_subject
 
