@@ -150,7 +150,6 @@ class EvalParams(Checked):
                 ("batch_size", self.batch_size >= 1, ">= 1"),
                 ("max_length", self.max_length is None or self.max_length >= 1, ">= 1 or null"),
                 ("limit", self.limit is None or self.limit >= 1, ">= 1 or null"),
-                ("on_error", self.on_error in (None, "fail", "skip"), "fail, skip or null"),
                 ("groups", self.groups is None or (isinstance(self.groups, dict) and all(
                     isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) for v in self.groups.values())),
                  "a mapping {group: [set name or pattern, ...]}"),
@@ -173,7 +172,6 @@ def add_groups(groups: dict, metrics: dict, results: dict, say=print) -> None:
         results[group] = {"kind": "group", "n": n, "metrics": {"acc": acc}, "members": members}
         metrics[f"{group}/acc"] = acc
         say(f"{group}: acc={acc:.4g} ({n} items of {', '.join(members)})")
-                ("limit", self.limit is None or self.limit >= 1, ">= 1 or null")]
 
 
 class EvalStage(StageKind):
