@@ -246,7 +246,7 @@ defaults: [base, model: tiny, data: sample, stage/medcare_da@stages.da, _self_]
 name: da_zero2
 stages:
   da: {data: "${data.dialogue}", medcare: {r: 4, alpha: 8, s: 2}, lr: 5e-3, max_steps: 4, logging_steps: 1,
-       batch_size: 4, max_length: 128, orth_lambda: 1.0}
+       batch_size: 4, max_length: 128, orth_lambda: 1.0, save_steps: 2}
 """
 
 
@@ -258,8 +258,26 @@ def test_da_orthogonal_term_under_deepspeed_zero2_on_two_processes(tmp_path):
     the orthogonal loss falls, i.e. the term has a gradient there, and both replicas end identical
     (the published code's term reads detached copies under ZeRO-3 and gets none)."""
     from conftest import run_on_two_ranks, zero2_stage
+    from test_cpoly_stage import assert_trainable_only, rerun_from
 
-    art = zero2_stage(run_on_two_ranks(tmp_path, DA_ZERO2, port=29563), "01-da")
+    recipe = DA_ZERO2 + f"data: {{cache_dir: {tmp_path / 'data-cache'}}}\n"  # no encoded data from other tests
+    run_dir = run_on_two_ranks(tmp_path, recipe, port=29563)
+    art = zero2_stage(run_dir, "01-da")
+    sdir = (run_dir / "01-da").resolve()
+    logs = {p.name: p.read_text() for p in (sdir / "logs").glob("rank*.log")}
+    # the data is prepared once: the driver's check encoded it under the key the stage uses, so no
+    # rank encodes again (without that cache, local rank 0 would, the others waiting for it)
+    for log in logs.values():
+        assert "chat data memory-mapped from the cache: 100 conversations" in log
+    # checkpoints hold KA + Align (trainable), not the frozen base, and the engine resumes from them
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(sdir / "medcare_adapter" / medcare.ADAPTER_FILE))
+    assert_trainable_only(sdir / "checkpoints" / "checkpoint-2", adapter, str(ensure_tiny()))
+    # resumed from the last checkpoint (step 4 of 4): exactly the trained weights (see the C-Poly test)
+    again = rerun_from(run_dir, "01-da", "checkpoint-4", lambda: run_on_two_ranks(tmp_path, recipe, port=29564))
+    assert again["metrics"]["resumed_from"] == "checkpoint-4"
+    assert again["metrics"]["weights_sha256"] == art["metrics"]["weights_sha256"]
     m = art["metrics"]
     assert m["last_orth_loss"] < 0.9 * m["first_orth_loss"], m
     ids = torch.tensor([[5, 17, 42, 99, 7]])

@@ -9,8 +9,12 @@ term's weight by the accumulation steps). CE and the extra terms are logged sepa
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+import torch
+from transformers.trainer_utils import _is_peft_model  # the test the Trainer itself uses
 from trl import SFTTrainer
 
 from medpipe.stages.adapters import medcare, medcare_io
@@ -25,12 +29,6 @@ def load_adapter_state(model, path) -> None:
     from safetensors.torch import load_file
 
     medcare.load_into(medcare.adapter_state_dict(model), load_file(str(path)), str(path))
-
-
-def _is_peft(model) -> bool:
-    from transformers.trainer_utils import _is_peft_model
-
-    return _is_peft_model(model)
 
 
 class MedCareTrainer(TrainableOnlyCheckpoints, SFTTrainer):
@@ -74,36 +72,27 @@ class MedCareTrainer(TrainableOnlyCheckpoints, SFTTrainer):
     # MKA/DA resumes with every adapter (the published code lost the routers mid-MKA). DA's model
     # is no PeftModel: its checkpoints hold the adapters alone, not a copy of the frozen base.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        import os
-        from pathlib import Path
-
-        import torch
-
-        if _is_peft(self.model):
-            super()._save(output_dir, state_dict=state_dict)
-        elif not self.args.should_save:
-            return
         output_dir = output_dir or self.args.output_dir
-        medcare_io.save_medcare(self.accelerator.unwrap_model(self.model), Path(output_dir) / FFN_ADAPTER_DIR)
-        if not _is_peft(self.model):
+        if _is_peft_model(self.model):
+            super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:  # one writer (every rank comes here under DeepSpeed)
+            return
+        if not _is_peft_model(self.model):  # DA: the tokenizer and arguments beside the adapters, no base copy
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        medcare_io.save_medcare(self.accelerator.unwrap_model(self.model), Path(output_dir) / FFN_ADAPTER_DIR)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from pathlib import Path
-
         saved = Path(resume_from_checkpoint) / FFN_ADAPTER_DIR / medcare.ADAPTER_FILE
-        if _is_peft(model or self.model) or not saved.is_file():
+        if _is_peft_model(model or self.model) or not saved.is_file():
             super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         if saved.is_file():
             load_adapter_state(self.accelerator.unwrap_model(model or self.model), saved)
 
     def _load_best_model(self) -> None:
-        from pathlib import Path
-
         saved = Path(self.state.best_model_checkpoint) / FFN_ADAPTER_DIR / medcare.ADAPTER_FILE
-        if _is_peft(self.model) or self.is_deepspeed_enabled or not saved.is_file():
+        if _is_peft_model(self.model) or self.is_deepspeed_enabled or not saved.is_file():
             return super()._load_best_model()
         load_adapter_state(self.accelerator.unwrap_model(self.model), saved)
 

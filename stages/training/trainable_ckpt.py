@@ -13,9 +13,20 @@ from __future__ import annotations
 import functools
 
 
+def _frozen(module) -> set[str]:
+    # remove_duplicate=False: a tied weight (lm_head = embeddings) under each of its names
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _drop_frozen(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: no frozen tensor (DeepSpeed's own exclusion misses tied weights)."""
+    for name in _frozen(module):
+        state_dict.pop(prefix + name, None)
+
+
 def _frozen_may_be_missing(module, incompatible) -> None:
     """load_state_dict post-hook: a checkpoint without the frozen parameters is complete."""
-    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen = _frozen(module)
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
 
 
@@ -34,7 +45,9 @@ class TrainableOnlyCheckpoints:
             return super()._save_optimizer_and_scheduler(output_dir)
         engine = self.model_wrapped
         engine.save_checkpoint = functools.partial(engine.save_checkpoint, exclude_frozen_parameters=True)
+        hook = engine.module.register_state_dict_post_hook(_drop_frozen)
         try:
             super()._save_optimizer_and_scheduler(output_dir)
         finally:
+            hook.remove()
             del engine.save_checkpoint  # the class's method again
