@@ -22,6 +22,8 @@ def sample(model: Any, tok: Any, prompts: Sequence[Any], *, max_new_tokens: int,
     side, tok.padding_side = tok.padding_side, "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[tuple[str, int]] = []
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        model.to("cuda")  # the pass before training runs before the trainer places the model
     was_training = model.training
     model.eval()
     try:
