@@ -52,8 +52,9 @@ def _run(tmp: Path, zero: str, port: int) -> Path:
     recipe = tmp / "z.yaml"
     tmp.mkdir(parents=True, exist_ok=True)
     recipe.write_text(RECIPE)
-    run_dir = tmp / "runs" / zero
-    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp}/runs", f"run.dir={run_dir}", "launcher=deepspeed",
+    root = tmp / zero / "runs"  # its own store: the ZeRO stage is not part of a stage's key (same results)
+    run_dir = root / zero
+    r = medpipe("run", f"recipe={recipe}", f"run.root={root}", f"run.dir={run_dir}", "launcher=deepspeed",
                 "launcher.num_gpus=2", f"launcher.master_port={port}", f"deepspeed={zero}")
     assert r.code == 0, r.out
     return run_dir
