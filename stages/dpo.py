@@ -80,6 +80,9 @@ class DPOStage(StageKind):
     """Direct preference optimisation (TRL), reference = the input model; LoRA or full."""
 
     Params = DPOParams
+    # hook: `validate`/`run` refuse deepspeed=zero3* naming this (TRL gathers the lm_head as a ZeRO-3
+    # parameter, but this stage loads the policy before its DPOConfig registers ZeRO-3)
+    refuses_zero3 = "not yet: the policy is loaded before ZeRO-3 is set up, TRL's fused lm-head then fails"
 
     def check(self, params: DPOParams, base: Any, data_opts: dict) -> list[str]:
         from medpipe.data import load_records

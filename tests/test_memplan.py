@@ -153,7 +153,7 @@ def test_run_refuses_before_anything_is_written(tmp_path):
     assert "stages.sft.gradient_checkpointing=true" in r.out and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("recipe,stage,kind", [("medcare", "mka", "medcare_mka"), ("antglm", "cpoly", "cpoly")])
+@pytest.mark.parametrize("recipe,stage,kind", [("medcare", "mka", "medcare_mka"), ("antglm", "cpoly", "cpoly"), ("qilin", "dpo", "dpo")])
 @pytest.mark.parametrize("ds", ["zero3", "zero3_offload"])
 def test_kinds_that_need_whole_weights_refuse_zero3_in_validate(tmp_path, recipe, stage, kind, ds):
     r = medpipe("validate", f"recipe={recipe}", "launcher=deepspeed", "launcher.num_gpus=2", f"deepspeed={ds}")

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 (`deepspeed=zero3`, `zero3_offload`) for cpt, sft and dpo, full and LoRA: on 2 CPU
+"""DeepSpeed ZeRO-3 (`deepspeed=zero3`, `zero3_offload`) for cpt and sft, full and LoRA: on 2 CPU
 processes (gloo) through the real `deepspeed` launcher, the weights after N steps equal the ZeRO-2
 run's within fp32 tolerance, every saved model loads with plain `from_pretrained` (the 16-bit
 weights gathered on save), and an interrupted ZeRO-3 stage resumes to the same weights."""
@@ -15,22 +15,16 @@ from conftest import medpipe
 from medpipe.compose import compose
 from medpipe.launch import deepspeed_config
 
-# cpt full → sft LoRA → dpo LoRA, and a full-parameter DPO from the same SFT model (its reference
-# model is a ZeRO-3-partitioned copy)
+# cpt full → sft LoRA (dpo under ZeRO-3 is refused in validate for now: see stages/dpo.py refuses_zero3)
 RECIPE = """
-defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, stage/sft@stages.sft, stage/dpo@stages.dpo,
-           stage/dpo@stages.dpo_full, _self_]
+defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, stage/sft@stages.sft, _self_]
 name: z
 stages:
   cpt: {data: "${data.pretrain}", block_size: 64, lr: 3e-3, max_steps: 4, save_steps: 2, logging_steps: 1, batch_size: 4}
   sft: {from: cpt, data: "${data.dialogue}", lr: 5e-3, max_steps: 3, logging_steps: 1, batch_size: 4, max_length: 96,
         peft: {r: 4, alpha: 8}}
-  dpo: {from: sft, data: "${data.preference}", lr: 5e-4, max_steps: 2, logging_steps: 1, batch_size: 4, max_length: 96,
-        peft: {r: 4, alpha: 8}, reward_eval_pairs: 0}
-  dpo_full: {from: sft, data: "${data.preference}", lr: 5e-5, max_steps: 2, logging_steps: 1, batch_size: 4,
-             max_length: 96, reward_eval_pairs: 0}
 """
-STAGES = {"01-cpt": "model", "02-sft": "merged", "03-dpo": "merged", "04-dpo_full": "model"}
+STAGES = {"01-cpt": "model", "02-sft": "merged"}
 
 
 def test_zero3_configs_gather_16bit_weights_on_save():
@@ -52,8 +46,9 @@ def _run(tmp: Path, zero: str, port: int) -> Path:
     recipe = tmp / "z.yaml"
     tmp.mkdir(parents=True, exist_ok=True)
     recipe.write_text(RECIPE)
-    run_dir = tmp / "runs" / zero
-    r = medpipe("run", f"recipe={recipe}", f"run.root={tmp}/runs", f"run.dir={run_dir}", "launcher=deepspeed",
+    root = tmp / zero / "runs"  # its own store: the ZeRO stage is not part of a stage's key (same results)
+    run_dir = root / zero
+    r = medpipe("run", f"recipe={recipe}", f"run.root={root}", f"run.dir={run_dir}", "launcher=deepspeed",
                 "launcher.num_gpus=2", f"launcher.master_port={port}", f"deepspeed={zero}")
     assert r.code == 0, r.out
     return run_dir
@@ -86,7 +81,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_zero3_weights_equal_zero2s_for_cpt_sft_dpo_full_and_lora(runs):
+def test_zero3_weights_equal_zero2s_for_full_cpt_and_lora_sft(runs):
     weights = {}
     for link in STAGES:
         two, three = _stage(runs["zero2"], link, 2), _stage(runs["zero3"], link, 3)
@@ -97,7 +92,7 @@ def test_zero3_weights_equal_zero2s_for_cpt_sft_dpo_full_and_lora(runs):
         assert worst < 1e-5, f"{link}: max |zero2 - zero3| = {worst}"
         weights[link] = b
     # every stage moved the weights it started from (the runs do not compare untouched copies)
-    for link, source in (("02-sft", "01-cpt"), ("03-dpo", "02-sft"), ("04-dpo_full", "02-sft")):
+    for link, source in (("02-sft", "01-cpt"),):
         moved = max((weights[link][k] - weights[source][k]).abs().max().item() for k in weights[link])
         assert moved > 1e-4, f"{link} did not move from {source}"
     cpt = json.loads(((runs["zero3"] / "01-cpt").resolve() / "artifact.json").read_text())["metrics"]

@@ -167,6 +167,25 @@ def _gathered(params: list, partitioned: bool):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def _plain_loading():
+    """Models loaded in the block are whole, not ZeRO-3-partitioned: transformers partitions every
+    from_pretrained while the trainer's ZeRO-3 config is registered (a collective over all ranks)."""
+    import contextlib
+
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    @contextlib.contextmanager
+    def unregistered():
+        ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+        hf_deepspeed.unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+    return unregistered()
+
+
 def last_complete_checkpoint(ckpt_dir: Path, say: Any = None) -> str | None:
     """The newest checkpoint that loads: its trainer state parses and every weights/optimizer file
     reads back to its end (`checkpoint_problem`), so a run killed while saving, or a checkpoint torn
@@ -239,7 +258,8 @@ def save_result(ctx: Any, trainer, tokenizer, params: Any, metrics: dict, **fiel
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
         if adapter:
-            loader.merge_lora(out, ctx.input.model_path, out, ctx.output_dir / "merged", trust)
+            with _plain_loading():  # rank 0 alone: ZeRO-3's partitioned loading would wait for the others
+                loader.merge_lora(out, ctx.input.model_path, out, ctx.output_dir / "merged", trust)
     trainer.accelerator.wait_for_everyone()
     merged = str(ctx.output_dir / "merged") if adapter else None
     return Artifact(stage=ctx.name, kind=ctx.kind, format="adapter" if adapter else "full", model_path=str(out),
