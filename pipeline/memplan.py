@@ -367,7 +367,9 @@ def gpu_memory(cfg: Any) -> tuple[float, str]:
 
 
 def training_plans(plans: list) -> list:
-    return [p for p in plans if getattr(p.cls, "trains", True) and hasattr(p.params, "batch_layout")]
+    from .params import GlobalBatch
+
+    return [p for p in plans if p.cls.trains and isinstance(p.params, GlobalBatch)]
 
 
 def plan_recipe(cfg: Any, plans: list, model_dir: str | None = None) -> tuple[list[StageMemory], str | None]:
@@ -454,7 +456,7 @@ def _fix(p: Any, shape: Shape, setup: Setup, cap: float) -> str:
         if fits(m):
             on = "" if ckpt else f"{knob}.gradient_checkpointing=true "
             return f"set {on}{knob}.micro_batch_size={smaller} (~{m.total / GB:.0f} GB)"
-    if getattr(p.cls, "refuses_zero3", None):
+    if p.cls.refuses_zero3:
         return "even micro_batch_size=1 with checkpointing does not fit: more GPUs (ZeRO-2 splits gradients and optimizer state)"
     if setup.zero != 3:
         return "even micro_batch_size=1 with checkpointing does not fit: use deepspeed=zero3 (or zero3_offload)"
@@ -469,7 +471,7 @@ def zero3_refusal(cfg: Any, plans: list) -> str | None:
     if setup.zero != 3:
         return None
     for p in training_plans(plans):
-        why = getattr(p.cls, "refuses_zero3", None)
+        why = p.cls.refuses_zero3
         if why:
             return f"stages.{p.name}: kind {p.kind} cannot run under DeepSpeed ZeRO-3 ({why}); use deepspeed=zero2"
     return None

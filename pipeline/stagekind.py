@@ -10,6 +10,8 @@ kind overrides only what it changes:
 * `evaluates` — True: scores another stage's model (reports join its metrics to that stage's row;
   chat/serve/eval pick a stage that trains instead).
 * `corpus_field` — the param holding a text corpus (`medpipe chat/serve --rag` index it by default).
+* `refuses_zero3` — why the kind cannot train under DeepSpeed ZeRO-3 (partitioned weights); None: it can.
+  `validate`/`run` refuse `deepspeed=zero3*` for it with one line naming the reason (medpipe.memplan).
 * `load_for_inference(art)` — build the model inference should use for this kind's artifact (e.g.
   MedCare's keep-NA ablation); None: the plain model directory.
 
@@ -84,6 +86,7 @@ class StageKind:
     trains: ClassVar[bool] = True
     evaluates: ClassVar[bool] = False
     corpus_field: ClassVar[str | None] = None
+    refuses_zero3: ClassVar[str | None] = None
 
     def run(self, ctx: StageContext) -> Artifact:
         raise NotImplementedError(f"{type(self).__name__}.run")

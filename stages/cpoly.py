@@ -225,7 +225,7 @@ class CPolyStage(StageKind):
     """Multi-task multiple-choice adaptation: C-Poly (shared + task-specific LoRA skills) or a LoRA baseline."""
 
     Params = CPolyParams
-    refuses_zero3 = "its per-task merges read whole skill weights"  # hook: `validate`/`run` refuse deepspeed=zero3* naming this
+    refuses_zero3 = "its per-task merges read whole skill weights"
 
     def check(self, params: CPolyParams, base: Any, data_opts: dict) -> list[str]:
         from medpipe.data import load_records

@@ -41,7 +41,7 @@ class MedCareDAStage(StageKind):
     """MedCare DA: KA + Align LoRA on FFN with the orthogonal loss; exports a plain merged model."""
 
     Params = MedCareDAParams
-    refuses_zero3 = "its orthogonal loss needs whole weights"  # hook: `validate`/`run` refuse deepspeed=zero3* naming this
+    refuses_zero3 = "its orthogonal loss needs whole weights"
 
     @staticmethod
     def load_for_inference(art: Any):

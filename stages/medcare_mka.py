@@ -42,7 +42,7 @@ class MedCareMKAStage(StageKind):
     """MedCare MKA: KA + mixture-of-LoRA NA on FFN, LoRA on attention; hands on merged attention + KA."""
 
     Params = MedCareMKAParams
-    refuses_zero3 = "its KA hand-off and attention merge read whole weights"  # hook: `validate`/`run` refuse deepspeed=zero3* naming this
+    refuses_zero3 = "its KA hand-off and attention merge read whole weights"
 
     @staticmethod
     def load_for_inference(art: Any):

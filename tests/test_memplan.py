@@ -74,7 +74,7 @@ def test_model_states_are_deepspeeds_own_estimates():
 
 def test_qilin_sft_on_a_7b_needs_hundreds_of_gb_without_checkpointing_and_fits_with_it():
     # §4.2: 64 conversations × 512 tokens per device on Baichuan-7B (8 × A100 80G)
-    cfg, plans, m = plan("qilin", "model=baichuan-7b", *GPU8)
+    cfg, plans, m = plan("qilin", "model=baichuan-7b", *GPU8, "stages.sft.gradient_checkpointing=false")
     sft = m["sft"]
     assert sft.tokens == 64 * 512
     assert 150e9 <= sft.parts["activations"] <= 350e9  # the issue: ~150-300 GB for a 7B without checkpointing
@@ -82,7 +82,7 @@ def test_qilin_sft_on_a_7b_needs_hundreds_of_gb_without_checkpointing_and_fits_w
     problem = memplan.refusal(cfg, plans)
     assert problem.startswith("stages.sft: needs ~")
     assert problem.endswith("set stages.sft.gradient_checkpointing=true (~56 GB)")
-    cfg, plans, m = plan("qilin", "model=baichuan-7b", *GPU8, "stages.sft.gradient_checkpointing=true")
+    cfg, plans, m = plan("qilin", "model=baichuan-7b", *GPU8)  # the recipe turns checkpointing on for real models
     assert m["sft"].checkpointing and m["sft"].total < 80e9
     assert memplan.refusal(cfg, plans) is None
 
@@ -98,7 +98,8 @@ def test_medcare_on_qwen15_7b_carries_19_gb_of_logits():
 
 def test_iimedgpt_on_qwen_14b_on_four_gpus():
     # the paper: one node of 4 A100-80G; 2 × 4096 tokens per device (medpipe's micro batch)
-    cfg, plans, m = plan("iimedgpt", "model=qwen-14b", "launcher=deepspeed", "launcher.num_gpus=4")
+    cfg, plans, m = plan("iimedgpt", "model=qwen-14b", "launcher=deepspeed", "launcher.num_gpus=4",
+                         "stages.sft.gradient_checkpointing=false", "stages.dpo.gradient_checkpointing=false")
     assert m["sft"].total > 100e9 and m["dpo"].total > m["sft"].total  # DPO: chosen + rejected
     assert m["dpo"].tokens == 2 * 4096 * 2
     assert memplan.refusal(cfg, plans) == (
@@ -137,7 +138,8 @@ def test_the_visible_gpu_wins_over_the_configured_size(monkeypatch):
 
 def test_validate_refuses_with_one_line_naming_the_stage_and_the_knob(tmp_path):
     d = model_dir(tmp_path, "baichuan-7b")
-    r = medpipe("validate", "recipe=qilin", "model=baichuan-7b", f"model.path={d}", f"run.root={tmp_path}/runs", *GPU8)
+    r = medpipe("validate", "recipe=qilin", "model=baichuan-7b", f"model.path={d}", f"run.root={tmp_path}/runs", *GPU8,
+                "stages.sft.gradient_checkpointing=false")
     assert r.code == 2
     errors = [line for line in r.out.splitlines() if line.startswith("medpipe: error:")]
     assert len(errors) == 1 and errors[0].startswith("medpipe: error: stages.sft: needs ~")
@@ -148,7 +150,8 @@ def test_validate_refuses_with_one_line_naming_the_stage_and_the_knob(tmp_path):
 
 def test_run_refuses_before_anything_is_written(tmp_path):
     d = model_dir(tmp_path, "baichuan-7b")
-    r = medpipe("run", "recipe=qilin", "model=baichuan-7b", f"model.path={d}", f"run.root={tmp_path}/runs", *GPU8)
+    r = medpipe("run", "recipe=qilin", "model=baichuan-7b", f"model.path={d}", f"run.root={tmp_path}/runs", *GPU8,
+               "stages.sft.gradient_checkpointing=false")
     assert r.code == 2 and "medpipe: error: stages.sft: needs ~" in r.out
     assert "stages.sft.gradient_checkpointing=true" in r.out and not (tmp_path / "runs").exists()
 
