@@ -66,7 +66,7 @@ class Artifact:
         if not self.created:
             self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         data = dataclasses.asdict(self)
-        _map_paths(data, lambda p: _portable(p, Path(directory)))
+        _map_paths(data, lambda p: _portable(p, Path(directory)), lambda v: _portable_handoff(v, Path(directory)))
         return write_json_atomic(Path(directory) / ARTIFACT_FILE, data)
 
     @classmethod
@@ -97,7 +97,7 @@ class Artifact:
             art = cls(**{k: v for k, v in data.items() if k in known})
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{path}: {e}") from None
-        _map_paths(art, lambda p: _located(p, Path(directory)))
+        _map_paths(art, lambda p: _located(p, Path(directory)), lambda v: _located_handoff(v, Path(directory)))
         return art
 
     @classmethod
@@ -109,8 +109,9 @@ class Artifact:
 PATH_FIELDS = ("model_path", "tokenizer_path", "base_model_path", "merged_path", "dataset_path")
 
 
-def _map_paths(obj: Any, fn) -> None:
-    """Apply `fn` to every path an artifact (or its dict) records."""
+def _map_paths(obj: Any, fn, handoff_fn=None) -> None:
+    """Apply `fn` to every path an artifact (or its dict) records, `handoff_fn` to every string of
+    its kind's handoff record (which names its own dirs by path)."""
     get = obj.get if isinstance(obj, dict) else lambda k: getattr(obj, k)
     put = obj.__setitem__ if isinstance(obj, dict) else lambda k, v: setattr(obj, k, v)
     for name in PATH_FIELDS:
@@ -119,16 +120,46 @@ def _map_paths(obj: Any, fn) -> None:
     models = get("task_models")
     if isinstance(models, dict):
         put("task_models", {t: fn(p) if isinstance(p, str) and p else p for t, p in models.items()})
+    if handoff_fn is not None and isinstance(get("handoff"), dict):
+        put("handoff", _map_strings(get("handoff"), handoff_fn))
+
+
+def _map_strings(obj: Any, fn) -> Any:
+    if isinstance(obj, dict):
+        return {k: _map_strings(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_strings(v, fn) for v in obj]
+    return fn(obj) if isinstance(obj, str) else obj
 
 
 def _portable(path: str, directory: Path) -> str:
-    """A path inside the artifact's own directory relative to it ("model", "."), else absolute."""
+    """A path in the artifact's own store relative to its directory ("model", "../sft-KEY/merged"):
+    the store can be moved or copied whole; other paths absolute."""
     p, root = Path(path).expanduser().resolve(), directory.expanduser().resolve()
     if p == root or root in p.parents:
         return p.relative_to(root).as_posix() or "."
+    if root.parent in p.parents:
+        return os.path.relpath(p, root)
     if Path(path).expanduser().is_absolute() or Path(path).expanduser().exists():
         return str(p)
     return path   # a Hub id (model.allow_hub), kept as given
+
+
+def _portable_handoff(value: str, directory: Path) -> str:
+    """A handoff string that is an absolute path in the store: "./x" or "../entry/x" (resolved on load)."""
+    if not os.path.isabs(value):
+        return value
+    p, root = Path(value).resolve(), directory.expanduser().resolve()
+    if p == root or root.parent in p.parents:
+        rel = os.path.relpath(p, root)
+        return rel if rel.startswith("..") else f"./{rel}"
+    return value
+
+
+def _located_handoff(value: str, directory: Path) -> str:
+    if value.startswith(("./", "../")):
+        return str((directory.expanduser().resolve() / value).resolve())
+    return value
 
 
 def _located(path: str, directory: Path) -> str:
