@@ -72,7 +72,7 @@ def test_each_eval_stage_of_the_recipe_runs_on_the_tiny_model(recipe, tmp_path, 
             line = (f"skipped: no judge endpoint configured (set stages.{plan.name}.judge.url=http://HOST:PORT/v1 "
                     f"to score {'after vs before' if plan.params.pairwise else 'with'} "
                     f"judge.template={plan.params.judge.template})")
-            assert result.metrics == {} and result.handoff == {"skipped": line}, plan.name
+            assert not [k for k in result.metrics if "/" in k] and result.handoff == {"skipped": line}, plan.name
             assert line in capsys.readouterr().out
             continue
         missing = [m for m in want if m not in result.metrics]
