@@ -26,7 +26,7 @@ EXPECTED = {
     "medcare": {"exams_*": [f"{s}/acc" for s in ("medqa_mainland", "mmedbench_zh", "cmb", "cmexam", "cmmlu", "ceval",
                                                  "ple_pharmacy", "ple_tcm", "medqa_us", "medmcqa", "mmlu_medical",
                                                  "cmmlu_med", "ceval_med", "mmlu_med")] + ["heldout_chat/loss"],
-                "cblue_*": ["cblue/score", "cblue/KUAKE-QIC_macro_f1", "cblue/KUAKE-QQR_weighted_f1",
+                "cblue_*": ["cblue/score", "cblue/KUAKE-QIC_macro_f1", "cblue/KUAKE-QQR_f1",
                             "cblue/CMeEE-V2_micro_f1", "cblue/MedDG_rougeL"],
                 "ccte_*": None},  # None: a judge stage, skipped without judge.url
     "iimedgpt": {"base_eval": [f"{s}/{m}" for s in ("huatuo26m_test", "cmtmedqa_test") for m in GEN]
@@ -72,14 +72,14 @@ def test_each_eval_stage_of_the_recipe_runs_on_the_tiny_model(recipe, tmp_path, 
             line = (f"skipped: no judge endpoint configured (set stages.{plan.name}.judge.url=http://HOST:PORT/v1 "
                     f"to score {'after vs before' if plan.params.pairwise else 'with'} "
                     f"judge.template={plan.params.judge.template})")
-            assert result.metrics == {} and result.handoff == {"skipped": line}, plan.name
+            assert not [k for k in result.metrics if "/" in k] and result.handoff == {"skipped": line}, plan.name
             assert line in capsys.readouterr().out
             continue
         missing = [m for m in want if m not in result.metrics]
         assert not missing, (plan.name, missing, sorted(result.metrics))
         assert result.evaluated_stage == (plan.source or "base")
         if plan.params.protocol == "native" and plan.params.method == "cue":  # a random model still answers
-            assert all(result.results[s]["metrics"]["invalid"] == 0 for s, r in result.results.items()
+            assert all(r["invalid"] == 0 for s, r in result.results.items()
                        if r.get("kind") == "mcq"), plan.name
 
 

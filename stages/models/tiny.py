@@ -41,11 +41,17 @@ CHAT_TEMPLATE = (
 from medpipe.paths import cache_root  # noqa: E402  (re-exported: the tiny model lives in the cache)
 
 
+# Samples added for evaluation only stay out of the tokenizer's corpus: the tiny model (and so every
+# stage key and cached store built on it) does not change when an eval stand-in is bundled.
+EVAL_ONLY_SAMPLES = ("promptcblue.jsonl",)
+
+
 def corpus_files() -> list[Path]:
     from importlib import resources
 
     root = Path(str(resources.files("medpipe.samples")))
-    return sorted(p for p in root.iterdir() if p.suffix in (".jsonl", ".json", ".csv", ".txt"))
+    return sorted(p for p in root.iterdir() if p.suffix in (".jsonl", ".json", ".csv", ".txt")
+                  and p.name not in EVAL_ONLY_SAMPLES)
 
 
 def tiny_spec_hash(spec: dict) -> str:
