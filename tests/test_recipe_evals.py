@@ -26,8 +26,8 @@ EXPECTED = {
     "medcare": {"exams_*": [f"{s}/acc" for s in ("medqa_mainland", "mmedbench_zh", "cmb", "cmexam", "cmmlu", "ceval",
                                                  "ple_pharmacy", "ple_tcm", "medqa_us", "medmcqa", "mmlu_medical",
                                                  "cmmlu_med", "ceval_med", "mmlu_med")] + ["heldout_chat/loss"],
-                "cblue_*": ["cblue/score", "cblue/KUAKE-QIC_macro_f1", "cblue/KUAKE-QQR_f1",
-                            "cblue/CMeEE-V2_micro_f1", "cblue/MedDG_rougeL"],
+                "cblue_*": ["promptcblue/score", "promptcblue/KUAKE-QIC_macro_f1", "promptcblue/KUAKE-QQR_f1",
+                            "promptcblue/CMeEE-V2_micro_f1", "promptcblue/MedDG_rougeL"],
                 "ccte_*": None},  # None: a judge stage, skipped without judge.url
     "iimedgpt": {"base_eval": [f"{s}/{m}" for s in ("huatuo26m_test", "cmtmedqa_test") for m in GEN]
                  + ["heldout_chat/loss", "heldout_pref/acc", "heldout_pref/margin"],
