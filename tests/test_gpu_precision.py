@@ -314,6 +314,7 @@ def _load(tmp_path, kind, precision, ds_block, model_opts=None):
 def test_training_load_dtype_on_a_bf16_gpu(tmp_path, monkeypatch, kind, precision, ds_block, want):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)  # load_model's per-stage peak
     assert _load(tmp_path, kind, precision, ds_block) == want
     # model.dtype, when set, is what loads
     assert _load(tmp_path, kind, precision, ds_block, {"dtype": "float32"}) == torch.float32

@@ -22,17 +22,17 @@ def test_med_rlvr_recipe_end_to_end(tmp_path):
     r = medpipe("run", "recipe=med_rlvr", f"run.root={tmp_path}/runs", f"run.dir={run_dir}")
     assert r.code == 0, r.out
     arts = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("*/artifact.json")}
-    assert sorted(arts) == ["01-sft", "02-exam_before", "03-grpo", "04-exam_after"]
-    sft, before, grpo, after = (arts[k] for k in sorted(arts))
+    assert sorted(arts) == ["01-exam_base", "02-sft", "03-exam_before", "04-grpo", "05-exam_after"]
+    base, sft, before, grpo, after = (arts[k] for k in sorted(arts))
     assert grpo["base_model_path"] == sft["merged_path"]          # RL continued on the SFT model
     assert before["evaluated_stage"] == "sft" and after["evaluated_stage"] == "grpo"
     # the same exam, the same protocol: identical prompts before and after RL
     for name in ("medqa", "medmcqa"):
         shas = [[json.loads(l)["prompt_sha"] for l in (run_dir / s / "details" / f"{name}.jsonl").read_text().splitlines()]
-                for s in ("02-exam_before", "04-exam_after")]
-        assert shas[0] == shas[1] and len(shas[0]) == 8
+                for s in ("01-exam_base", "03-exam_before", "05-exam_after")]
+        assert shas[0] == shas[1] == shas[2] and len(shas[0]) == 8
     m = grpo["metrics"]
     assert m["prompts"] == 114 and m["heldout"] == 6
     # the malformed answers of a random model get Med-RLVR's −1 before and after
     assert m["heldout_before/reward"] == -1.0 and m["heldout_before/format_valid"] == 0.0
-    assert "rewards/mcq_exact/mean" in (run_dir / "03-grpo" / "log_history.jsonl").read_text()
+    assert "rewards/mcq_exact/mean" in (run_dir / "04-grpo" / "log_history.jsonl").read_text()

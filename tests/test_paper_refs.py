@@ -55,8 +55,10 @@ def row_lines(text: str, row: str) -> list[str]:
 
 @pytest.mark.parametrize("recipe", bundled_recipes())
 def test_every_reference_is_in_its_paper(recipe):
-    text = paper_text(recipe)
     refs = references(recipe)
+    if not refs and "paper: ../shared/papers/" not in (package_dir("recipes") / f"{recipe}.yaml").read_text():
+        pytest.skip(f"{recipe} carries no reference values (its papers are not among ../shared/papers)")
+    text = paper_text(recipe)
     for ref in refs:
         where = f"{recipe}: {ref['table']} / {ref['row']} / {ref['column']} = {ref['value']}"
         caption = re.compile(rf"^(?:#+\s*)?{re.escape(ref['table'])}[:.]", re.M)

@@ -39,7 +39,7 @@ def test_gguf_file_that_does_not_exist_is_one_line_exit_2(tmp_path):
     r = medpipe("show", "recipe=iimedgpt", "model=gguf", f"model.gguf_file={tmp_path}/nope.gguf")
     assert r.code == 2
     assert r.out.strip().splitlines()[-1] == \
-        f"medpipe: error: model.gguf_file: '{tmp_path}/nope.gguf' does not exist or is not a file"
+        f"medpipe: error: model.gguf_file: '{tmp_path}/nope.gguf' does not exist"
 
 
 def test_gguf_source_needs_a_file():

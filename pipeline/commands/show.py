@@ -47,8 +47,12 @@ def describe(cfg: Any, plans: list[StagePlan], recipe: str | None = None, overri
 def memory_lines(cfg: Any, plans: list[StagePlan], model_dir: str | None = None) -> list[str]:
     """The per-GPU memory plan of every training stage (medpipe.memplan), and why a stage cannot run
     under the chosen ZeRO stage; `validate` and `run` refuse what these lines flag."""
-    from medpipe import memplan
+    from omegaconf import OmegaConf
 
+    from medpipe import memplan
+    from medpipe.cluster_values import check_launcher
+
+    check_launcher(OmegaConf.to_container(cfg.launcher, resolve=True))  # a plan over 0 or -2 ranks means nothing
     memories, where = memplan.plan_recipe(cfg, plans, model_dir)
     out = memplan.lines(cfg, memories, where)
     for problem in (memplan.zero3_refusal(cfg, plans), memplan.refusal(cfg, plans, model_dir)):

@@ -41,9 +41,10 @@ CHAT_TEMPLATE = (
 from medpipe.paths import cache_root  # noqa: E402  (re-exported: the tiny model lives in the cache)
 
 
-# Samples added for evaluation only stay out of the tokenizer's corpus: the tiny model (and so every
-# stage key and cached store built on it) does not change when an eval stand-in is bundled.
-EVAL_ONLY_SAMPLES = ("promptcblue.jsonl",)
+# Samples bundled after the tiny model's corpus was settled (an eval stand-in, the RL recipe's exam
+# items and format-teaching conversations) stay out of the tokenizer's corpus: the tiny model (and so
+# every stage key, digest and cached store built on it) does not change when a sample is added.
+LATER_SAMPLES = ("promptcblue.jsonl", "mcq_rlvr_en.jsonl", "sft_rlvr_en.jsonl")
 
 
 def corpus_files() -> list[Path]:
@@ -51,7 +52,7 @@ def corpus_files() -> list[Path]:
 
     root = Path(str(resources.files("medpipe.samples")))
     return sorted(p for p in root.iterdir() if p.suffix in (".jsonl", ".json", ".csv", ".txt")
-                  and p.name not in EVAL_ONLY_SAMPLES)
+                  and p.name not in LATER_SAMPLES)
 
 
 def tiny_spec_hash(spec: dict) -> str:
