@@ -37,14 +37,10 @@ class CPOStage(StageKind):
 
     Params = CPOParams
 
-    def check(self, params: CPOParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.data import load_records
-        from medpipe.stages.training.params import data_options
-        from medpipe.stages.training.tokenizer import length_tokenizer
+    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
+        from medpipe.stages.training.preference import check_pairs
 
-        tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
-        return load_records(params.data, "preference", tokenizer=tok, max_length=params.max_length,
-                            **data_options(params, data_opts)).summary_table().splitlines()
+        return check_pairs(params, base, data_opts)
 
     def run(self, ctx: Any):
         import os
@@ -53,21 +49,14 @@ class CPOStage(StageKind):
         from datasets import Dataset
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        from medpipe.data import load_records
-        from medpipe.errors import MedpipeError
         from medpipe.stages.training.args import training_kwargs
         from medpipe.stages.training.callbacks import callbacks
         from medpipe.stages.training.loop import apply_lora, load_model, load_tokenizer, save_result, train
-        from medpipe.stages.training.params import data_options
-        from medpipe.stages.training.preference import pair_rows
+        from medpipe.stages.training.preference import load_rows
 
         p: CPOParams = ctx.params
         tok = load_tokenizer(ctx)
-        loaded = load_records(p.data, "preference", heldout=p.heldout, **data_options(p, ctx.data))
-        rows = pair_rows(loaded.records, ctx.say)
-        if not rows:
-            raise MedpipeError(f"stages.{ctx.name}: no usable preference pairs in {p.data}")
-        held = pair_rows(loaded.heldout, ctx.say) if loaded.heldout else []
+        rows, held, _ = load_rows(ctx, p)
         alpha = p.cpo_alpha if p.cpo_alpha is not None else (0.0 if p.loss_type == "simpo" else 1.0)
         model = apply_lora(load_model(ctx, p), p.peft)
         args = CPOConfig(**training_kwargs(ctx, p), loss_type=p.loss_type, beta=p.beta, simpo_gamma=p.simpo_gamma,

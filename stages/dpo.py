@@ -62,20 +62,6 @@ def cut_lengths(dataset: Any, max_prompt: int | None, max_response: int | None) 
     return dataset.map(cut, desc="prompt/response lengths")
 
 
-def preference_rows(records: list[dict], say) -> list[dict]:
-    """TRL's conversational preference rows; identical chosen/rejected pairs teach nothing: dropped, counted."""
-    rows, same = [], 0
-    for r in records:
-        if r["chosen"].strip() == r["rejected"].strip():
-            same += 1
-            continue
-        rows.append({"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                     "rejected": [{"role": "assistant", "content": r["rejected"]}]})
-    if same:
-        say(f"warning: {same} pair(s) with chosen == rejected dropped")
-    return rows
-
-
 class DPOStage(StageKind):
     """Direct preference optimisation (TRL), reference = the input model; LoRA or full."""
 
@@ -105,17 +91,18 @@ class DPOStage(StageKind):
         from medpipe.stages.training.callbacks import callbacks
         from medpipe.stages.training.loop import apply_lora, load_model, load_tokenizer, save_result, train
         from medpipe.stages.training.params import data_options
+        from medpipe.stages.training.preference import pair_rows
 
         p: DPOParams = ctx.params
         if ctx.index == 0:
             ctx.say(f"DPO is the first stage: the reference policy is the given model {ctx.input.model_path}")
         tok = load_tokenizer(ctx)
         loaded = load_records(p.data, "preference", heldout=p.heldout, **data_options(p, ctx.data))
-        rows = preference_rows(loaded.records, ctx.say)
+        rows = pair_rows(loaded.records, ctx.say)
         if not rows:
             raise MedpipeError(f"stages.{ctx.name}: no usable preference pairs in {p.data}")
         train_ds = Dataset.from_list(rows)
-        eval_ds = Dataset.from_list(preference_rows(loaded.heldout, ctx.say)) if loaded.heldout else None
+        eval_ds = Dataset.from_list(pair_rows(loaded.heldout, ctx.say)) if loaded.heldout else None
         model = apply_lora(load_model(ctx, p), p.peft)  # load_model seeds: the same LoRA init in any process
         args = DPOConfig(**training_kwargs(ctx, p), beta=p.beta, loss_type=[p.loss_type],
                          max_length=p.max_length, truncation_mode=p.truncation_mode)

@@ -39,27 +39,21 @@ class KTOStage(StageKind):
 
     Params = KTOParams
 
-    def check(self, params: KTOParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.data import load_records
-        from medpipe.stages.training.params import data_options
-        from medpipe.stages.training.tokenizer import length_tokenizer
+    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
+        from medpipe.stages.training.preference import check_pairs
 
-        tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
-        return load_records(params.data, "preference", tokenizer=tok, max_length=params.max_length,
-                            **data_options(params, data_opts)).summary_table().splitlines()
+        return check_pairs(params, base, data_opts)
 
     def run(self, ctx: Any):
         from datasets import Dataset
         from trl import KTOConfig, KTOTrainer
 
-        from medpipe.data import load_records
         from medpipe.errors import MedpipeError
         from medpipe.stages.training.args import batch_layout, training_kwargs
         from medpipe.stages.training.callbacks import callbacks
         from medpipe.stages.models.loader import lora_config
         from medpipe.stages.training.loop import load_model, load_tokenizer, save_result, train
-        from medpipe.stages.training.params import data_options
-        from medpipe.stages.training.preference import unpaired_rows
+        from medpipe.stages.training.preference import load_rows, unpaired_rows
 
         p: KTOParams = ctx.params
         micro, _ = batch_layout(ctx, p)
@@ -67,11 +61,7 @@ class KTOStage(StageKind):
             raise MedpipeError(f"stages.{ctx.name}.batch_size: KTO estimates its KL term within a device's batch: "
                                f"needs >= 2 answers per device, got {micro} (raise batch_size or micro_batch_size)")
         tok = load_tokenizer(ctx)
-        loaded = load_records(p.data, "preference", heldout=p.heldout, **data_options(p, ctx.data))
-        rows = unpaired_rows(loaded.records, ctx.say)
-        if not rows:
-            raise MedpipeError(f"stages.{ctx.name}: no usable preference pairs in {p.data}")
-        held = unpaired_rows(loaded.heldout, ctx.say) if loaded.heldout else []
+        rows, held, _ = load_rows(ctx, p, unpaired_rows)
         model = load_model(ctx, p)  # seeds: the LoRA TRL builds on it starts the same in any process
         model.config._name_or_path = str(ctx.input.model_path)  # a full-training reference reloads from here
         args = KTOConfig(**training_kwargs(ctx, p), beta=p.beta, loss_type=p.loss_type, max_length=p.max_length,

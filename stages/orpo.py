@@ -34,14 +34,10 @@ class ORPOStage(StageKind):
 
     Params = ORPOParams
 
-    def check(self, params: ORPOParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.data import load_records
-        from medpipe.stages.training.params import data_options
-        from medpipe.stages.training.tokenizer import length_tokenizer
+    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
+        from medpipe.stages.training.preference import check_pairs
 
-        tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
-        return load_records(params.data, "preference", tokenizer=tok, max_length=params.max_length,
-                            **data_options(params, data_opts)).summary_table().splitlines()
+        return check_pairs(params, base, data_opts)
 
     def run(self, ctx: Any):
         import os
@@ -50,21 +46,14 @@ class ORPOStage(StageKind):
         from datasets import Dataset
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        from medpipe.data import load_records
-        from medpipe.errors import MedpipeError
         from medpipe.stages.training.args import training_kwargs
         from medpipe.stages.training.callbacks import callbacks
         from medpipe.stages.training.loop import apply_lora, load_model, load_tokenizer, save_result, train
-        from medpipe.stages.training.params import data_options
-        from medpipe.stages.training.preference import pair_rows
+        from medpipe.stages.training.preference import load_rows
 
         p: ORPOParams = ctx.params
         tok = load_tokenizer(ctx)
-        loaded = load_records(p.data, "preference", heldout=p.heldout, **data_options(p, ctx.data))
-        rows = pair_rows(loaded.records, ctx.say)
-        if not rows:
-            raise MedpipeError(f"stages.{ctx.name}: no usable preference pairs in {p.data}")
-        held = pair_rows(loaded.heldout, ctx.say) if loaded.heldout else []
+        rows, held, read = load_rows(ctx, p)
         model = apply_lora(load_model(ctx, p), p.peft)
         args = ORPOConfig(**training_kwargs(ctx, p), beta=p.beta, max_length=p.max_length,
                           max_completion_length=p.max_completion_length,
@@ -76,5 +65,5 @@ class ORPOStage(StageKind):
         last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
         metrics.update({k.replace("/", "_"): v for k, v in last.items()
                         if k in ("rewards/accuracies", "rewards/margins", "log_odds_ratio", "nll_loss")})
-        metrics.update(pairs=len(rows), identical_pairs_dropped=len(loaded.records) - len(rows))
+        metrics.update(pairs=len(rows), identical_pairs_dropped=read - len(rows))
         return save_result(ctx, trainer, tok, p, metrics)

@@ -92,7 +92,7 @@ def zero2_stage(run_dir: Path, link: str) -> dict:
     import re
 
     sdir = (run_dir / link).resolve()
-    art = json.loads((sdir / "artifact.json").read_text())
+    art = read_artifact(sdir)
     assert art["metrics"]["world_size"] == 2 and art["metrics"]["zero_stage"] == 2
     logs = {p.name: p.read_text() for p in (sdir / "logs").glob("rank*.log")}
     assert set(logs) == {"rank0.log", "rank1.log"}
@@ -101,3 +101,19 @@ def zero2_stage(run_dir: Path, link: str) -> dict:
     assert sum(t.count("artifact written") for t in logs.values()) == 1  # written once, by rank 0
     assert (sdir / "deepspeed.json").is_file()
     return art
+
+
+def read_artifact(stage_dir: Path) -> dict:
+    """A stage's artifact.json as a dict, its recorded paths resolved as medpipe resolves them on load
+    (inside the store they are written relative to the artifact's own dir: medpipe.artifact)."""
+    import dataclasses
+    import json
+
+    from medpipe.artifact import PATH_FIELDS, Artifact
+
+    raw = json.loads((Path(stage_dir) / "artifact.json").read_text())
+    art = dataclasses.asdict(Artifact.load(Path(stage_dir).resolve()))
+    for key in (*PATH_FIELDS, "task_models", "handoff"):
+        if key in raw:
+            raw[key] = art[key]
+    return raw

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 
 QUICK = ["stages.cpt.max_steps=6", "stages.cpt.logging_steps=1",
          "stages.sft.max_steps=6", "stages.sft.logging_steps=2",
@@ -38,7 +38,7 @@ def test_antglm_end_to_end(tmp_path):
     run_dir = tmp_path / "runs" / "main"
     r = medpipe("run", "recipe=antglm", f"run.root={tmp_path}/runs", f"run.dir={run_dir}", *QUICK)
     assert r.code == 0, r.out
-    arts = {d.name: json.loads((d / "artifact.json").read_text()) for d in sorted(run_dir.iterdir())
+    arts = {d.name: read_artifact(d) for d in sorted(run_dir.iterdir())
             if (d / "artifact.json").exists()}
     assert list(arts) == ["01-base_eval", "02-cpt", "03-eval_cpt", "04-sft", "05-eval_sft", "06-voc", "07-cpoly", "08-eval"]
     for name in ("02-cpt", "04-sft", "07-cpoly"):

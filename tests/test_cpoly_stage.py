@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import medpipe, run_on_two_ranks, zero2_stage
+from conftest import medpipe, run_on_two_ranks, zero2_stage, read_artifact
 
 MCQ = '["${data.pubmedqa}", "${data.medmcqa}", "${data.medqa}"]'
 RECIPE = """
@@ -23,7 +23,7 @@ stages:
 
 
 def artifact(run_dir: Path, stage: str) -> dict:
-    return json.loads((run_dir / stage / "artifact.json").read_text())
+    return read_artifact(run_dir / stage)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(cpoly_run, tmp_path):
     (tmp_path / "stage.json").write_text(json.dumps(spec))
     art = run_stage_file(tmp_path / "stage.json")
     assert art.metrics["resumed_from"] == "checkpoint-8"
-    assert art.metrics["weights_sha256"] == json.loads((src / "artifact.json").read_text())["metrics"]["weights_sha256"]
+    assert art.metrics["weights_sha256"] == read_artifact(src)["metrics"]["weights_sha256"]
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_streamed_cpt_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_
     code, out = run_streamed(tmp_path / "a", data, tmp_path / "a" / "run")
     assert code == 0, out
     assert "(streamed)" in out
-    want = json.loads((tmp_path / "a" / "run" / "01-cpt" / "artifact.json").read_text())["metrics"]
+    want = read_artifact(tmp_path / "a" / "run" / "01-cpt")["metrics"]
     code, out = run_streamed(tmp_path / "b", data, tmp_path / "b" / "run", kill_after_checkpoint=2)
     assert code == -9, out  # killed mid-stage
     # the kill lands after checkpoint-2 is complete; the trainer may have finished another one by then:
@@ -94,7 +94,7 @@ def test_streamed_cpt_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_
     code, out = run_streamed(tmp_path / "b", data, tmp_path / "b" / "run")
     assert code == 0, out
     assert f"resuming from checkpoint-{left[-1]}" in out
-    got = json.loads((tmp_path / "b" / "run" / "01-cpt" / "artifact.json").read_text())["metrics"]
+    got = read_artifact(tmp_path / "b" / "run" / "01-cpt")["metrics"]
     assert got["resumed_from"] == f"checkpoint-{left[-1]}"
     assert got["blocks"] == want["blocks"] and got["documents"] == want["documents"] == 60
     assert got["weights_sha256"] == want["weights_sha256"]

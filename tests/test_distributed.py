@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import medpipe, run_on_two_ranks, zero2_stage
+from conftest import medpipe, run_on_two_ranks, zero2_stage, read_artifact
 from medpipe.compose import compose
 from medpipe.launch import command, deepspeed_config
 
@@ -56,7 +56,7 @@ def test_the_optimizer_sees_the_global_batch_on_one_and_on_two_ranks(tmp_path):
     seen = {}
     for name, run_dir in (("one", one_dir), ("two", two_dir)):
         sdir = (run_dir / "01-sft").resolve()
-        art = json.loads((sdir / "artifact.json").read_text())
+        art = read_artifact(sdir)
         args = torch.load(Path(art["model_path"]) / "training_args.bin", weights_only=False)
         epochs = [h["epoch"] for h in map(json.loads, (sdir / "log_history.jsonl").read_text().splitlines())
                   if "loss" in h]

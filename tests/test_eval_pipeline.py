@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, REPO, medpipe
+from conftest import QUICK, REPO, medpipe, read_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def run(tmp_path_factory):
 def test_each_eval_stage_records_the_stage_it_evaluated(run):
     _, run_dir, out = run
     info = json.loads((run_dir / "run.json").read_text())
-    evals = {s["name"]: json.loads((Path(s["store_dir"]) / "artifact.json").read_text())
+    evals = {s["name"]: read_artifact(Path(s["store_dir"]))
              for s in info["stages"] if s["kind"] == "eval"}
     assert {n: a["evaluated_stage"] for n, a in evals.items()} == \
         {"eval_cpt": "cpt", "eval_sft": "sft", "eval_dpo": "dpo"}

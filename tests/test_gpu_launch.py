@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 from medpipe.compose import compose
 from medpipe.errors import MedpipeError
 from medpipe.launch import command, deepspeed_config
@@ -142,7 +142,7 @@ def test_dpo_ref_probe_after_training_is_the_input_models_logprobs(tmp_path, pef
     probe = torch.load(sdir / "ref_probe.pt")
     assert probe["input_ids"].shape[0] == 8  # 4 pairs: chosen then rejected
     stage = json.loads((sdir / "stage.json").read_text())
-    art = json.loads((sdir / "artifact.json").read_text())
+    art = read_artifact(sdir)
     given = AutoModelForCausalLM.from_pretrained(stage["input"]["model_path"]).eval()
     trained = AutoModelForCausalLM.from_pretrained(art["merged_path"] or art["model_path"]).eval()
     chosen, rejected = _completion_logps(given, probe)
@@ -199,7 +199,7 @@ def test_sft_lora_with_gradient_checkpointing_trains_with_the_same_losses(tmp_pa
         sdir = (run_dir / "01-sft").resolve()
         losses = [h["loss"] for h in map(json.loads, (sdir / "log_history.jsonl").read_text().splitlines())
                   if "loss" in h]
-        runs[gc] = (json.loads((sdir / "artifact.json").read_text())["metrics"], losses)
+        runs[gc] = (read_artifact(sdir)["metrics"], losses)
     assert runs["true"][0]["activation_checkpointing"] is True
     assert runs["false"][0]["activation_checkpointing"] is False
     on, off = runs["true"][1], runs["false"][1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 
 # A reward that varies within a group on a random tiny model: the completion's length in
 # characters (a random model's answers are never right, so mcq_exact alone would be flat).
@@ -74,7 +74,7 @@ def test_lora_grpo_trains_and_its_reference_is_the_input_model(tmp_path):
 
     run_dir = run(tmp_path, GRPO.format(steps=3, extra="peft: {r: 4, alpha: 8, dropout: 0.0},"))
     sdir = (run_dir / "01-grpo").resolve()
-    art = json.loads((sdir / "artifact.json").read_text())
+    art = read_artifact(sdir)
     hist = [json.loads(l) for l in (sdir / "log_history.jsonl").read_text().splitlines()]
     steps = [h for h in hist if "frac_reward_zero_std" in h]
     assert len(steps) == 3 and all("rewards/length/mean" in h and "rewards/mcq_exact/mean" in h for h in steps)
@@ -100,9 +100,9 @@ def test_full_grpo_reference_reloads_from_the_previous_stage(tmp_path):
 
     sft = "sft: {kind: sft, data: '${data.dialogue}', lr: 5e-3, max_steps: 2, batch_size: 4, max_length: 96}"
     run_dir = run(tmp_path, sft, GRPO.format(steps=1, extra="heldout_eval: false,"))
-    sft_dir = json.loads((run_dir / "01-sft" / "artifact.json").read_text())["model_path"]
+    sft_dir = read_artifact(run_dir / "01-sft")["model_path"]
     gdir = (run_dir / "02-grpo").resolve()
-    art = json.loads((gdir / "artifact.json").read_text())
+    art = read_artifact(gdir)
     assert art["format"] == "full"
     probe = torch.load(gdir / "ref_probe.pt")
     from medpipe.stages.models.tiny import ensure_tiny

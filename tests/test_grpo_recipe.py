@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 
 
 def test_a_grpo_stage_appends_to_any_recipe():
@@ -21,7 +21,7 @@ def test_med_rlvr_recipe_end_to_end(tmp_path):
     run_dir = tmp_path / "runs" / "m"
     r = medpipe("run", "recipe=med_rlvr", f"run.root={tmp_path}/runs", f"run.dir={run_dir}")
     assert r.code == 0, r.out
-    arts = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("*/artifact.json")}
+    arts = {p.parent.name: read_artifact(p.parent) for p in run_dir.glob("*/artifact.json")}
     assert sorted(arts) == ["01-exam_base", "02-sft", "03-exam_before", "04-grpo", "05-exam_after"]
     base, sft, before, grpo, after = (arts[k] for k in sorted(arts))
     assert grpo["base_model_path"] == sft["merged_path"]          # RL continued on the SFT model

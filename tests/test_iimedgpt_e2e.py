@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 
 
 def sft_mix() -> tuple[list[dict], list[dict]]:
@@ -46,8 +46,8 @@ def test_iimedgpt_runs_end_to_end(tmp_path):
                 # the reward metrics over the pairs whose reference log-probs ref_probe.pt keeps (one eval batch)
                 "stages.dpo.reward_eval_pairs=8", "stages.dpo.ref_probe=8")
     assert r.code == 0, r.out
-    sft = json.loads((run_dir / "02-sft" / "artifact.json").read_text())
-    dpo = json.loads((run_dir / "04-dpo" / "artifact.json").read_text())
+    sft = read_artifact(run_dir / "02-sft")
+    dpo = read_artifact(run_dir / "04-dpo")
     m = sft["metrics"]
     assert m["heldout"] > 0 and m["best_eval_loss"] <= m["last_eval_loss"]  # 10 % held out, best kept
     assert (m["spike_guard_skipped"], m["spike_guard_halved"]) == (0, 0)  # guard on, nothing to guard on clean data

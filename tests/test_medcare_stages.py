@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 from medpipe.stages.adapters import medcare, medcare_io
 from medpipe.stages.models.tiny import ensure_tiny
 
@@ -21,8 +21,8 @@ def test_medcare_recipe_end_to_end(tmp_path):
     r = medpipe("run", "recipe=medcare", f"run.root={tmp_path}/runs", f"run.dir={run_dir}",
                 "stages.mka.max_steps=6", "stages.mka.logging_steps=2", "stages.da.max_steps=8", "stages.da.logging_steps=2")
     assert r.code == 0, r.out
-    mka = json.loads((run_dir / "04-mka" / "artifact.json").read_text())
-    da = json.loads((run_dir / "07-da" / "artifact.json").read_text())
+    mka = read_artifact(run_dir / "04-mka")
+    da = read_artifact(run_dir / "07-da")
     assert Path(mka["handoff"]["medcare"]["ka"], "medcare_ka.safetensors").is_file()
     assert da["metrics"]["last_orth_loss"] < da["metrics"]["first_orth_loss"]
     assert mka["metrics"]["last_loss"] < mka["metrics"]["first_loss"]

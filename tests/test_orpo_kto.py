@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +19,8 @@ def run(tmp_path: Path, stage: str) -> dict:
     run_dir = tmp_path / "runs" / "r"
     r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}")
     assert r.code == 0, r.out
-    art = json.loads(next(run_dir.glob("01-*/artifact.json")).read_text())
-    ev = json.loads(next(run_dir.glob("02-after/artifact.json")).read_text())
+    art = read_artifact(next(run_dir.glob("01-*/artifact.json")).parent)
+    ev = read_artifact(run_dir / "02-after")
     assert ev["evaluated_stage"] == art["stage"]          # the next stage got this stage's model
     return art
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICK, medpipe
+from conftest import QUICK, medpipe, read_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def qilin(tmp_path_factory):
 
 
 def artifacts(run_dir: Path) -> dict:
-    return {d.name: json.loads((d / "artifact.json").read_text()) for d in sorted(run_dir.iterdir())
+    return {d.name: read_artifact(d) for d in sorted(run_dir.iterdir())
             if (d / "artifact.json").exists()}
 
 
@@ -182,7 +182,7 @@ def test_sweep_trains_shared_stages_once_and_runs_survive_deletion(qilin):
     assert len([p for p in new if "replaced" not in p.name]) == 2
     runs = sorted(p for p in root.glob("qilin-*") if (p / "run.json").exists())[-2:]
     shutil.rmtree(runs[0])  # deleting one run never breaks another that shares its stages
-    kept = {stage: json.loads((runs[1] / stage / "artifact.json").read_text()) for stage in ("04-cpt", "08-sft", "12-dpo")}
+    kept = {stage: read_artifact(runs[1] / stage) for stage in ("04-cpt", "08-sft", "12-dpo")}
     assert_trained_on(kept["08-sft"], kept["04-cpt"]["model_path"])
     assert_trained_on(kept["12-dpo"], kept["08-sft"]["model_path"])
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, medpipe
+from conftest import REPO, medpipe, read_artifact
 
 CPT_ONLY = """
 defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, stage/sft@stages.sft, _self_]
@@ -53,7 +53,7 @@ def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path):
     rerun = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={tmp_path}/runs/r")
     assert rerun.code == 0, rerun.out
     assert "resuming from checkpoint-" in rerun.out
-    art = json.loads((stage_dir / "artifact.json").read_text())
+    art = read_artifact(stage_dir)
     assert art["metrics"]["resumed_from"].startswith("checkpoint-")
     assert art["metrics"]["steps"] == 40
     # the second stage ran normally on the resumed stage's output
@@ -137,5 +137,5 @@ def test_dpo_first_in_a_recipe_uses_the_given_model_and_drops_identical_pairs(tm
     assert r.code == 0, r.out
     assert "DPO is the first stage: the reference policy is the given model" in r.out
     assert "1 pair(s) with chosen == rejected dropped" in r.out
-    art = json.loads((tmp_path / "runs" / "d" / "01-dpo" / "artifact.json").read_text())
+    art = read_artifact(tmp_path / "runs" / "d" / "01-dpo")
     assert art["metrics"]["pairs"] == 23

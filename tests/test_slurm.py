@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, medpipe, medpipe_proc, zero2_stage
+from conftest import REPO, medpipe, medpipe_proc, zero2_stage, read_artifact
 
 SCRIPT = REPO.parent / "shared" / "tools" / "slurm-single-node.sh"
 
@@ -125,7 +125,7 @@ def test_submit_scancel_mid_stage_and_resume_on_real_slurm(tmp_path, slurm_clust
     sft = zero2_stage(run_dir, "02-sft")
     assert sft["metrics"]["resumed_from"].startswith("checkpoint-")
     assert sft["metrics"]["steps"] == 40 and cpt["metrics"]["steps"] == 3
-    assert json.loads((run_dir / "03-eval" / "artifact.json").read_text())["evaluated_stage"] == "sft"
+    assert read_artifact(run_dir / "03-eval")["evaluated_stage"] == "sft"
     st = medpipe_proc("status", str(run_dir))
     assert re.search(rf"slurm job {job2}: COMPLETED", st.stdout), st.stdout
 

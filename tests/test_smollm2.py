@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, medpipe, served
+from conftest import REPO, medpipe, served, read_artifact
 
 
 def _missing() -> str | None:
@@ -108,8 +108,8 @@ def test_iimedgpt_on_smollm2_learns_on_heldout_and_serves(tmp_path, smollm2_dir)
                 "stages.dpo.max_steps=8", "stages.dpo.eval_steps=4", "stages.dpo.save_steps=4",
                 "stages.dpo.reward_eval_pairs=0")
     assert r.code == 0, r.out
-    sft = json.loads((run_dir / "01-sft" / "artifact.json").read_text())
-    dpo = json.loads((run_dir / "02-dpo" / "artifact.json").read_text())
+    sft = read_artifact(run_dir / "01-sft")
+    dpo = read_artifact(run_dir / "02-dpo")
     assert sft["base_model_path"] == str(smollm2_dir)
     # SFT: the held-out loss (26 conversations never trained on) fell between the evaluations
     evals = [h["eval_loss"] for h in _history(run_dir / "01-sft") if "eval_loss" in h]

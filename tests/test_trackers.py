@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 
 RECIPE = """
 defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, stage/sft@stages.sft, stage/eval@stages.eval, _self_]
@@ -74,7 +74,7 @@ def test_one_mlflow_parent_per_pipeline_a_child_per_stage_and_wandb_groups(tmp_p
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["config.yaml"]
     children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"cpt", "sft", "eval"}
-    arts = {n: json.loads((run_dir / d / "artifact.json").read_text())
+    arts = {n: read_artifact(run_dir / d)
             for n, d in (("cpt", "01-cpt"), ("sft", "02-sft"), ("eval", "03-eval"))}
     for name, child in children.items():
         assert child.info.status == "FINISHED", name

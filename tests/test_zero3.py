@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import medpipe
+from conftest import medpipe, read_artifact
 from medpipe.compose import compose
 from medpipe.launch import deepspeed_config
 
@@ -57,7 +57,7 @@ def _run(tmp: Path, zero: str, port: int) -> Path:
 def _stage(run_dir: Path, link: str, zero: int) -> dict:
     """Ran on 2 ranks under ZeRO-`zero`; both ranks ended with the same (gathered) trainable weights."""
     sdir = (run_dir / link).resolve()
-    art = json.loads((sdir / "artifact.json").read_text())
+    art = read_artifact(sdir)
     assert art["metrics"]["world_size"] == 2 and art["metrics"]["zero_stage"] == zero
     logs = [p.read_text() for p in sorted((sdir / "logs").glob("rank*.log"))]
     digests = {re.search(rf"world_size=2 zero_stage={zero} weights_sha256=(\w+)", t).group(1) for t in logs}
