@@ -54,7 +54,7 @@ def test_iimedgpt_runs_end_to_end(tmp_path):
     assert m["last_loss"] < m["first_loss"]
     train, _ = sft_mix()
     assert m["conversations_multi_turn"] == sum(answers(r) > 1 for r in train)
-    margin = reward_margin_from_the_saved_models(sft, dpo, run_dir / "02-dpo" / "ref_probe.pt", beta=0.1)
+    margin = reward_margin_from_the_saved_models(sft, dpo, run_dir / "04-dpo" / "ref_probe.pt", beta=0.1)
     assert dpo["metrics"]["reward_margin"] == pytest.approx(margin, rel=1e-3, abs=1e-6)
     assert margin > 0  # DPO moved the policy toward the chosen answers (0 at the start: policy = reference)
     ids = torch.tensor([[5, 17, 42, 99, 7]])
