@@ -34,6 +34,7 @@ EXPECTED = {
                  "eval_*": [f"{s}/bleu1" for s in ("huatuo26m_test", "cmtmedqa_test")],
                  "dpo_vs_sft": None},
     "antglm": {"*": ["pubmedqa/acc"]},
+    "med_rlvr": {"exam_*": ["medqa/acc", "medmcqa/acc"]},   # the same exam before SFT, before and after RL
 }
 
 
