@@ -19,16 +19,19 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/medpipe run recipe=qilin
 
-# `make test`: every tier but the two that take many minutes (a real Slurm, the real model);
-# `make test-cluster` runs those; CI (.ci/run) runs both.
+# `make test`: every tier but those that take many minutes (a real Slurm, the real model, the fault
+# injection and ZeRO-3 tier); `make test-cluster` and `make test-extended` run those; CI (.ci/run) runs all.
 test: install
-	$(VENV)/bin/pytest -q -m "not slurm and not realmodel"
+	$(VENV)/bin/pytest -q -m "not slurm and not realmodel and not extended"
+
+test-extended: install
+	$(VENV)/bin/pytest -q -m "extended"
 
 test-cluster: install
 	$(VENV)/bin/pytest -q -m "slurm or realmodel"
 
 test-fast: install
-	$(VENV)/bin/pytest -q -m "not slow and not distributed and not slurm and not realmodel"
+	$(VENV)/bin/pytest -q -m "not slow and not distributed and not slurm and not realmodel and not extended"
 
 bench: install
 	$(PY) bench/run_all.py

@@ -81,6 +81,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.extended
 def test_zero3_weights_equal_zero2s_for_full_cpt_and_lora_sft(runs):
     weights = {}
     for link in STAGES:
@@ -101,6 +102,7 @@ def test_zero3_weights_equal_zero2s_for_full_cpt_and_lora_sft(runs):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.extended
 def test_an_interrupted_zero3_stage_resumes_to_the_same_weights(runs, tmp_path):
     """The ZeRO-3 CPT stage (checkpoints at steps 2 and 4) with its step-4 checkpoint and result
     removed and its status interrupted: rerun, it resumes from checkpoint-2 (DeepSpeed's partitioned
