@@ -108,15 +108,15 @@ def test_iimedgpt_on_smollm2_learns_on_heldout_and_serves(tmp_path, smollm2_dir)
                 "stages.dpo.max_steps=8", "stages.dpo.eval_steps=4", "stages.dpo.save_steps=4",
                 "stages.dpo.reward_eval_pairs=0")
     assert r.code == 0, r.out
-    sft = read_artifact(run_dir / "01-sft")
-    dpo = read_artifact(run_dir / "02-dpo")
+    sft = read_artifact(run_dir / "02-sft")
+    dpo = read_artifact(run_dir / "04-dpo")
     assert sft["base_model_path"] == str(smollm2_dir)
     # SFT: the held-out loss (26 conversations never trained on) fell between the evaluations
-    evals = [h["eval_loss"] for h in _history(run_dir / "01-sft") if "eval_loss" in h]
+    evals = [h["eval_loss"] for h in _history(run_dir / "02-sft") if "eval_loss" in h]
     assert len(evals) == 2 and evals[-1] < evals[0], evals
     # DPO: before training policy = reference, so the held-out loss is ln 2 and the margin 0;
     # after 8 steps the held-out pairs' loss is below ln 2 and their reward margin above 0
-    held = [h for h in _history(run_dir / "02-dpo") if "eval_loss" in h]
+    held = [h for h in _history(run_dir / "04-dpo") if "eval_loss" in h]
     assert len(held) == 2 and held[-1]["eval_loss"] < math.log(2) and held[-1]["eval_rewards/margins"] > 0, held
 
     # the merged export gives the adapter model's logits
