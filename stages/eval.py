@@ -174,6 +174,35 @@ def add_groups(groups: dict, metrics: dict, results: dict, say=print) -> None:
         say(f"{group}: acc={acc:.4g} ({n} items of {', '.join(members)})")
 
 
+def evaluate_all(p: EvalParams, art: Any, out_dir: Any, data_opts: dict | None, say=print, model_opts: dict | None = None,
+                 judge_key: str = "judge.url") -> tuple[dict, dict, str | None]:
+    """Everything an eval does, for the stage and `medpipe eval` alike: the judge stages (skipped with
+    one line when no judge is configured), pairwise before/after, or the sets, then `groups` and
+    `heldout`. Returns (flat metrics, per-set results, the skip line or None)."""
+    if (p.needs_judge or p.pairwise) and not p.judge.url:
+        skipped = (f"skipped: no judge endpoint configured (set {judge_key}=http://HOST:PORT/v1 "
+                   f"to score {'after vs before' if p.pairwise else 'with'} judge.template={p.judge.template})")
+        say(skipped)
+        return {}, {}, skipped
+    if p.pairwise:
+        from medpipe.stages.evaluation.pairwise import judge_before_after
+
+        metrics, results = judge_before_after(p, art, data_opts, say)
+        return metrics, results, None
+    from medpipe.stages.evaluation.runner import evaluate
+
+    say(f"evaluating {art.stage} ({art.model_path})")
+    metrics, results = evaluate(p, art, out_dir, data_opts, say, model_opts)
+    add_groups(p.groups or {}, metrics, results, say)
+    if p.heldout.active():
+        from medpipe.stages.evaluation.heldout import measure
+
+        for set_name, res in measure(art.model_path, p.heldout, data_opts or {}, say).items():
+            results[set_name] = res
+            metrics.update({f"{set_name}/{k}": v for k, v in res["metrics"].items()})
+    return metrics, results, None
+
+
 class EvalStage(StageKind):
     """Evaluate the input model: exam accuracy (ppl | cue | generate), BLEU/ROUGE, PromptCBLUE, judge."""
 
@@ -192,33 +221,12 @@ class EvalStage(StageKind):
 
     def run(self, ctx: Any):
         from medpipe.artifact import Artifact
-        from medpipe.stages.evaluation.runner import evaluate
 
-        p: EvalParams = ctx.params
-        evaluated = ctx.input.stage
-        skipped = None
-        if (p.needs_judge or p.pairwise) and not p.judge.url:
-            skipped = (f"skipped: no judge endpoint configured (set stages.{ctx.name}.judge.url=http://HOST:PORT/v1 "
-                       f"to score {'after vs before' if p.pairwise else 'with'} judge.template={p.judge.template})")
-            ctx.say(skipped)
-            metrics, results = {}, {}
-        elif p.pairwise:
-            from medpipe.stages.evaluation.pairwise import judge_before_after
-
-            metrics, results = judge_before_after(p, ctx.input, ctx.data, ctx.say)
-        else:
-            ctx.say(f"evaluating {evaluated} ({ctx.input.model_path})")
-            metrics, results = evaluate(p, ctx.input, ctx.output_dir, ctx.data, ctx.say, ctx.model)
-            add_groups(p.groups or {}, metrics, results, ctx.say)
-            if p.heldout.active():
-                from medpipe.stages.evaluation.heldout import measure
-
-                for set_name, res in measure(ctx.input.model_path, p.heldout, ctx.data or {}, ctx.say).items():
-                    results[set_name] = res
-                    metrics.update({f"{set_name}/{k}": v for k, v in res["metrics"].items()})
+        metrics, results, skipped = evaluate_all(ctx.params, ctx.input, ctx.output_dir, ctx.data, ctx.say, ctx.model,
+                                                 judge_key=f"stages.{ctx.name}.judge.url")
         # the input model passes through, so a stage after an eval trains on the evaluated model
         return Artifact(stage=ctx.name, kind=ctx.kind, format=ctx.input.format, model_path=ctx.input.model_path,
                         tokenizer_path=ctx.input.tokenizer_path, base_model_path=ctx.input.base_model_path,
                         merged_path=ctx.input.merged_path, trust_remote_code=ctx.input.trust_remote_code,
-                        metrics=metrics, evaluated_stage=evaluated, results=results,
+                        metrics=metrics, evaluated_stage=ctx.input.stage, results=results,
                         handoff={"skipped": skipped} if skipped else {})

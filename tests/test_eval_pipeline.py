@@ -54,3 +54,25 @@ def test_rerun_reuses_eval_stages_and_medpipe_eval_adds_columns(run):
     medpipe("report", str(run_dir))
     md = (run_dir / "report.md").read_text()
     assert "ceval@cue-5shot/acc" in md.split("## Metrics")[1]  # medpipe eval keys by set and method
+
+
+def test_medpipe_eval_applies_groups_heldout_and_judge_skip_as_the_stage_does(run):
+    """`medpipe eval` runs what an eval stage runs: `groups`, `heldout`, and a judge eval without
+    judge.url is skipped with the stage's line and records nothing."""
+    _, run_dir, _ = run
+    r = medpipe("eval", str(run_dir), "--stage", "sft", "data=ceval_val", "groups={exams:[ceval*]}",
+                "heldout.preference=${data.preference}", "heldout.limit=6")
+    assert r.code == 0, r.out
+    rec = json.loads((run_dir / "eval" / "sft.json").read_text())
+    m = rec["metrics"]
+    assert m["exams@cue/acc"] == m["ceval@cue/acc"]  # a group of one set is that set
+    assert rec["results"]["exams@cue"]["members"] == ["ceval"]
+    pref = rec["results"]["heldout_pref"]
+    assert pref["n"] == 6 and m["heldout_pref/acc"] == pref["metrics"]["acc"]
+    assert f"heldout_pref: chosen preferred on {round(pref['metrics']['acc'] * 6)}/6 held-out pairs" in r.out
+    before = (run_dir / "eval" / "sft.json").read_bytes()
+    skip = medpipe("eval", str(run_dir), "--stage", "sft", "data=ceval_val", "needs_judge=true")
+    assert skip.code == 0, skip.out
+    assert "skipped: no judge endpoint configured (set judge.url=http://HOST:PORT/v1 to score with " \
+           "judge.template=" in skip.out
+    assert (run_dir / "eval" / "sft.json").read_bytes() == before

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medpipe.stages.eval import EvalParams
-from medpipe.stages.evaluation.runner import evaluate, method_tag
+from medpipe.stages.eval import EvalParams, evaluate_all
+from medpipe.stages.evaluation.runner import method_tag
 from medpipe.stages.evaluation.judge import JudgeParams, judge_client
 
 from .rundir import stage_artifact
@@ -70,7 +70,7 @@ def params_from_overrides(run_dir: Path, overrides: list[str], cls: type = EvalP
     return bind_params(cls, values, "eval"), data_cfg
 
 
-def evaluate_run_stage(run_dir: str | Path, stage: str | None, overrides: list[str], say=print) -> Path:
+def evaluate_run_stage(run_dir: str | Path, stage: str | None, overrides: list[str], say=print) -> Path | None:
     """`medpipe eval RUN_DIR --stage S key=value...`: evaluate a done stage's model and merge the
     results into `<run_dir>/eval/<S>.json` (shape in the module docstring)."""
     import dataclasses
@@ -81,11 +81,11 @@ def evaluate_run_stage(run_dir: str | Path, stage: str | None, overrides: list[s
     run_dir = Path(run_dir)
     name, art = stage_artifact(run_dir, stage)
     p, data_cfg = params_from_overrides(run_dir, overrides)
-    say(f"evaluating {name} ({art.model_path})")
     out_dir = run_dir / "eval" / name
     fresh = not out_dir.exists()
+    path = run_dir / "eval" / f"{name}.json"
     try:
-        metrics, results = evaluate(p, art, out_dir, data_cfg, say)
+        metrics, results, skipped = evaluate_all(p, art, out_dir, data_cfg, say)
     except BaseException:
         if fresh:  # nothing half-written that a rerun or `report` would read
             import shutil
@@ -96,16 +96,25 @@ def evaluate_run_stage(run_dir: str | Path, stage: str | None, overrides: list[s
             except OSError:
                 pass
         raise
-    path = run_dir / "eval" / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
+    if skipped:  # a judge eval without judge.url: said, nothing recorded
+        return None
     # keyed by set AND method (`cmexam@cue`, `cmexam@ppl-5shot`): another method adds a result, the
-    # same set and method replace theirs
-    def keyed(set_name: str) -> str:  # lm-eval groups (multimedqa) have no result of their own: mcq sets
-        return f"{set_name}@{results[set_name]['method'] if set_name in results else method_tag(p, 'mcq')}"
+    # same set and method replace theirs; held-out figures (`heldout_text`) are one method already
+    def keyed(set_name: str) -> str:
+        res = results.get(set_name, {})
+        if res.get("kind") == "heldout":
+            return set_name
+        if res.get("kind") == "pairwise":
+            return f"{set_name}@judge-{p.judge.template}"
+        # a `groups:` entry and lm-eval groups (multimedqa) are scored as their mcq sets are
+        return f"{set_name}@{res['method'] if 'method' in res else method_tag(p, 'mcq')}"
 
     metrics = {f"{keyed(k.split('/', 1)[0])}/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
     for set_name in results:  # the per-item details too, or another method's run would overwrite them
-        (out_dir / "details" / f"{set_name}.jsonl").replace(out_dir / "details" / f"{keyed(set_name)}.jsonl")
+        details = out_dir / "details" / f"{set_name}.jsonl"
+        if details.is_file() and keyed(set_name) != set_name:
+            details.replace(out_dir / "details" / f"{keyed(set_name)}.jsonl")
     results = {keyed(set_name): res for set_name, res in results.items()}
     record = {"stage": name, "evaluated_stage": name, "model_path": art.model_path,
               "params": {**old.get("params", {}), **{s: dataclasses.asdict(p) for s in results}},
