@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medpipe import history
+
 from .before_after import RAW
 
 TRAIN_KEYS = ("first_loss", "last_loss", "best_eval_loss", "reward_accuracy", "reward_margin")
@@ -32,18 +34,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _history(sdir: Path) -> list[dict]:
-    path = sdir / "log_history.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
 
 
 def evaluates(kind: str) -> bool:
@@ -70,7 +60,7 @@ def collect(run_dir: Path) -> dict:
         except ArtifactError:
             art = None
         row = {**s, **table.get(s["name"], {}), "dir": sdir, "artifact_obj": art,
-               "history": [] if evaluates(s["kind"]) else _history(sdir)}
+               "history": [] if evaluates(s["kind"]) else history.read(sdir)}
         stages.append(row)
         if not evaluates(s["kind"]):
             order.append(s["name"])
