@@ -28,15 +28,8 @@ def append(stage_dir: Path, step: int, logs: dict) -> None:
 def read(stage_dir: Path) -> list[dict]:
     """Every whole line; one torn by a kill (or not a JSON object) is left out."""
     path = Path(stage_dir) / FILE
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    return [row for row in map(_row, lines) if row is not None]
 
 
 def trim(stage_dir: Path, step: int) -> int:

@@ -6,7 +6,7 @@ report.json), the metrics table (one row per evaluated stage, one column per `<s
 per-subject accuracy of mcq sets, pairwise judge verdicts, loss curves per training stage (train
 and held-out loss; for DPO also the reward margin and accuracy), and the resolved config.
 
-Where the metrics come from (stages/eval.py documents the shapes):
+Where the metrics come from (docs/EVAL.md, "Records", documents the shapes):
 * eval stages of the run: the artifact's `metrics` join the row of `evaluated_stage`;
 * `medpipe eval` results: `<run_dir>/eval/<stage>.json` (`evaluated_stage`, `metrics`, `results`);
 * `medpipe compare` results: `<run_dir>/eval/pairwise-*.json` (`line`, `summary`).
