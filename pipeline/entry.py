@@ -12,13 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from .artifact import Artifact, record_files, write_text_atomic
+from .artifact import Artifact, record_files
 from .compose import bind_params
 from . import registry
 from .stagekind import StageContext, process_world_size, rank
 
 STAGE_FILE = "stage.json"
-HISTORY_FILE = "log_history.jsonl"
 
 
 class _QuietFileHandler(logging.FileHandler):
@@ -63,7 +62,6 @@ def run_stage_file(path: str | Path) -> Artifact:
         log=log,
     )
     log.info("stage %s (%s) rank %d/%d starting", ctx.name, ctx.kind, rank(), process_world_size())
-    kept_lines = trim_history(output_dir, checkpoint_step(output_dir)) if ctx.is_main else 0
     try:
         artifact = cls().run(ctx)
     except BaseException as e:
@@ -81,10 +79,6 @@ def run_stage_file(path: str | Path) -> Artifact:
         artifact.config_hash = spec["config_hash"]
         artifact.inputs_hash = spec["inputs_hash"]
         artifact.metrics.setdefault("world_size", process_world_size())
-        resumed = artifact.metrics.get("resumed_from")
-        if resumed:  # the checkpoint the trainer actually took may be older than the newest one
-            trim_history(output_dir, _step(resumed), only_first=kept_lines)
-            _resumed_train_loss(artifact.metrics, output_dir)
         import time
 
         t0 = time.monotonic()
@@ -94,66 +88,6 @@ def run_stage_file(path: str | Path) -> Artifact:
         artifact.save(output_dir)
         log.info("artifact written to %s", output_dir)
     return artifact
-
-
-def _step(checkpoint_name: str) -> int:
-    tail = str(checkpoint_name).rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
-
-
-def checkpoint_step(output_dir: Path) -> int:
-    """Step of the newest checkpoint whose trainer state reads back (what a resume starts from);
-    0 when there is none."""
-    ckpts = output_dir / "checkpoints"
-    found = sorted((_step(p.name) for p in ckpts.glob("checkpoint-*")), reverse=True) if ckpts.is_dir() else []
-    for step in found:
-        try:
-            json.loads((ckpts / f"checkpoint-{step}" / "trainer_state.json").read_text())
-            return step
-        except (OSError, ValueError):
-            continue
-    return 0
-
-
-def trim_history(output_dir: Path, step: int, only_first: int | None = None) -> int:
-    """Drop the lines an abandoned attempt logged past `step`, the step this attempt resumes from,
-    so a resumed stage's curve does not double back. `only_first`: trim only the first N lines
-    (those from before this attempt). Returns how many lines are left from before."""
-    path = output_dir / HISTORY_FILE
-    if not path.is_file():
-        return 0
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    old, new = (lines, []) if only_first is None else (lines[:only_first], lines[only_first:])
-    kept = []
-    for line in old:
-        try:
-            row_step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
-            continue  # a line torn by a kill
-        if isinstance(row_step, int) and row_step <= step:
-            kept.append(line)
-    if len(kept) != len(old):
-        write_text_atomic(path, "".join(x + "\n" for x in kept + new))
-    return len(kept)
-
-
-def _resumed_train_loss(metrics: dict, output_dir: Path) -> None:
-    """After a resume the trainer's `train_loss` covers only this attempt's steps (0.0 when it
-    resumed at the last checkpoint): take the mean logged loss of the whole stage instead."""
-    losses = []
-    path = output_dir / HISTORY_FILE
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            loss = json.loads(line).get("loss")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(loss, (int, float)) and loss == loss:
-            losses.append(float(loss))
-    if "train_loss" in metrics:
-        if losses:
-            metrics["train_loss"] = sum(losses) / len(losses)
-        else:
-            metrics.pop("train_loss")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,9 +51,9 @@ from typing import Any, List, Optional
 
 
 from medpipe.params import param
-from medpipe.stagekind import StageKind
 from medpipe.stages.adapters.settings import CPolyConfig
 from medpipe.stages.training.params import TrainParams
+from medpipe.stages.training.sequence import TrainingKind
 
 ADAPTERS = ("cpoly", "lora")
 TEXT_FORMATS = ("ppl", "chat")
@@ -221,7 +221,7 @@ def encode(records: list[dict], tasks: list[str], tok: Any, p: CPolyParams):
 
 
 # --- stage ----------------------------------------------------------------------------------------
-class CPolyStage(StageKind):
+class CPolyStage(TrainingKind):
     """Multi-task multiple-choice adaptation: C-Poly (shared + task-specific LoRA skills) or a LoRA baseline."""
 
     Params = CPolyParams
@@ -251,24 +251,23 @@ class CPolyStage(StageKind):
                      + ", ".join(f"{k}={v}" for k, v in dropped.items()))
         return lines
 
-    def run(self, ctx: Any):
-        from collections import Counter
-        from types import SimpleNamespace
-
+    def arguments(self, ctx: Any):
         from transformers import TrainingArguments
+
+        from medpipe.stages.training.args import training_kwargs
+
+        return TrainingArguments(**training_kwargs(ctx, ctx.params), remove_unused_columns=False)
+
+    def data(self, ctx: Any, tok: Any, args: Any) -> "CPolyData":
+        from collections import Counter
 
         from medpipe.data import load_records
         from medpipe.errors import MedpipeError
-        from medpipe.stages.adapters.cpoly import inject_cpoly
-        from medpipe.stages.training.args import training_kwargs
-        from medpipe.stages.training.callbacks import callbacks
-        from medpipe.stages.training.cpoly import CPolyTrainer, TaskCollator
-        from medpipe.stages.training.loop import apply_lora, load_model, load_tokenizer, train as train_loop
-        from medpipe.stages.training.params import LoraParams, data_options
+        from medpipe.stages.training.cpoly import TaskCollator
+        from medpipe.stages.training.params import data_options
 
         p: CPolyParams = ctx.params
         where = f"stages.{ctx.name}"
-        tok = load_tokenizer(ctx)
         loaded = load_records(p.data, "mcq", heldout=p.heldout, **data_options(p, ctx.data))
         train, dropped = select_records(loaded.records, p)
         heldout, _ = select_records(loaded.heldout, p)
@@ -297,41 +296,54 @@ class CPolyStage(StageKind):
         ctx.say(f"{len(train_ds)} examples over {len(tasks)} task(s): "
                 + ", ".join(f"{t}={per_task[t]}" for t in tasks)
                 + (f"; {len(eval_ds)} held out" if eval_ds else ""))
+        collator = TaskCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                                with_task_ids=p.adapter == "cpoly")
+        return CPolyData(train_ds, eval_ds, tasks, per_task, len(extra), dropped, collator)
 
-        # the frozen base loads like a LoRA base (bf16 on GPUs that have it); adapters train in fp32
-        # (load_model reads only these three; a C-Poly params object with `peft` set would not bind)
-        base_view = SimpleNamespace(peft=p.peft or LoraParams(), precision=p.precision,
-                                    gradient_checkpointing=p.gradient_checkpointing)
-        model = load_model(ctx, base_view)  # seeds: the adapter's init below is the same in any process
+    def model(self, ctx: Any, data: "CPolyData"):
+        from medpipe.stages.adapters.cpoly import inject_cpoly
+        from medpipe.stages.training.loop import apply_lora, load_model
+        from medpipe.stages.training.params import LoraParams
+
+        p: CPolyParams = ctx.params
+        model = load_model(ctx, base_view(p))  # seeds: the adapter's init below is the same in any process
         if p.adapter == "cpoly":
-            model = inject_cpoly(model, tasks, p.cpoly)
+            model = inject_cpoly(model, data.tasks, p.cpoly)
         else:
             model = apply_lora(model, p.peft or LoraParams())
         if p.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks backprop
-        trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
-        ctx.say(f"adapter {p.adapter}: {trainable:,} trainable parameters")
+        data.trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+        ctx.say(f"adapter {p.adapter}: {data.trainable:,} trainable parameters")
+        return model
 
-        collator = TaskCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                                with_task_ids=p.adapter == "cpoly")
-        args = TrainingArguments(**training_kwargs(ctx, p), remove_unused_columns=False)
-        trainer = CPolyTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                               data_collator=collator, processing_class=tok, callbacks=callbacks(ctx, p))
-        metrics = train_loop(trainer, ctx)
-        metrics.update(examples=len(train_ds), tasks=len(tasks), trainable_params=trainable,
-                       input_dataset_records=len(extra), heldout=len(eval_ds) if eval_ds else 0, **dropped,
-                       mixed_task_batches=collator.mixed, batches=collator.batches)
-        metrics.update({f"examples_{safe_name(t)}": per_task[t] for t in tasks})
+    def trainer_class(self) -> type:
+        from medpipe.stages.training.cpoly import CPolyTrainer
 
+        return CPolyTrainer
+
+    def trainer_options(self, ctx: Any, data: "CPolyData") -> dict:
+        return {"data_collator": data.collator}
+
+    def metrics(self, ctx: Any, trainer: Any, data: "CPolyData") -> dict:
+        return dict(examples=len(data.train), tasks=len(data.tasks), trainable_params=data.trainable,
+                    input_dataset_records=data.extra, heldout=len(data.heldout) if data.heldout else 0, **data.dropped,
+                    mixed_task_batches=data.collator.mixed, batches=data.collator.batches,
+                    **{f"examples_{safe_name(t)}": data.per_task[t] for t in data.tasks})
+
+    def save(self, ctx: Any, trainer: Any, tok: Any, data: "CPolyData", metrics: dict):
+        """The adapter in `adapter/`; lora: merged for the next stage. cpoly: the merged models'
+        places (`finish` writes them once the trainer is released)."""
+        from medpipe.artifact import Artifact
+        from medpipe.stages.models import loader
+
+        p: CPolyParams = ctx.params
         adapter_dir = ctx.output_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         trainer.accelerator.wait_for_everyone()
         trust = bool(ctx.model.get("trust_remote_code", False))
         handoff = {"cpoly": {"adapter": p.adapter, "adapter_dir": str(adapter_dir), "base": ctx.input.model_path,
-                             "tasks": tasks}}
-        from medpipe.artifact import Artifact
-        from medpipe.stages.models import loader
-
+                             "tasks": data.tasks}}
         if p.adapter == "lora":
             merged_dir = ctx.output_dir / "merged"
             if ctx.is_main:
@@ -341,22 +353,53 @@ class CPolyStage(StageKind):
                             tokenizer_path=str(adapter_dir), base_model_path=ctx.input.model_path,
                             metrics=metrics, trust_remote_code=trust, merged_path=str(merged_dir),
                             handoff=handoff)
-        default = p.default_task or tasks[0]
-        exports = list(p.export_tasks or tasks)
-        merged = {t: str(ctx.output_dir / "merged" / safe_name(t)) for t in exports}
+        default = p.default_task or data.tasks[0]
+        merged = {t: str(ctx.output_dir / "merged" / safe_name(t)) for t in p.export_tasks or data.tasks}
         shared = str(ctx.output_dir / "merged" / "_shared") if p.export_shared else None
-        del trainer, model
-        if ctx.is_main:
-            for t in exports:
-                export_merged(ctx, base_view, adapter_dir, tok, t, Path(merged[t]))
-            if shared:
-                export_merged(ctx, base_view, adapter_dir, tok, None, Path(shared))
-            ctx.say(f"merged models: {', '.join(exports)}{' + shared-only' if shared else ''} → "
-                    f"{ctx.output_dir / 'merged'}; model_path = {default}")
         handoff["cpoly"].update(merged_shared=shared, default_task=default)
         return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=merged[default],
                         tokenizer_path=merged[default], metrics=metrics, trust_remote_code=trust,
                         task_models=merged, handoff=handoff)
+
+    def finish(self, ctx: Any, tok: Any, data: "CPolyData", artifact: Any):
+        """cpoly: every exported task's merged model (and the shared-only one), written by rank 0."""
+        if ctx.params.adapter != "cpoly" or not ctx.is_main:
+            return artifact
+        adapter_dir = ctx.output_dir / "adapter"
+        for task, out in artifact.task_models.items():
+            export_merged(ctx, base_view(ctx.params), adapter_dir, tok, task, Path(out))
+        shared = artifact.handoff["cpoly"]["merged_shared"]
+        if shared:
+            export_merged(ctx, base_view(ctx.params), adapter_dir, tok, None, Path(shared))
+        ctx.say(f"merged models: {', '.join(artifact.task_models)}{' + shared-only' if shared else ''} → "
+                f"{ctx.output_dir / 'merged'}; model_path = {artifact.handoff['cpoly']['default_task']}")
+        return artifact
+
+
+@dataclass
+class CPolyData:
+    """What the data step hands on: the encoded splits, the tasks, and the counts the metrics report."""
+
+    train: Any
+    heldout: Any
+    tasks: list
+    per_task: Any  # Counter: examples per task
+    extra: int  # records from the input artifact's dataset
+    dropped: dict
+    collator: Any
+    trainable: int = 0  # trainable parameters, set by the model step
+
+
+def base_view(p: CPolyParams) -> Any:
+    """What `load_model` reads of the params for the frozen base: it loads like a LoRA base (bf16 on
+    GPUs that have it) while the adapters train in fp32 (a C-Poly params object with `peft` set would
+    not bind)."""
+    from types import SimpleNamespace
+
+    from medpipe.stages.training.params import LoraParams
+
+    return SimpleNamespace(peft=p.peft or LoraParams(), precision=p.precision,
+                           gradient_checkpointing=p.gradient_checkpointing)
 
 
 def export_merged(ctx: Any, params: Any, adapter_dir: Path, tok: Any, task: str | None, out: Path) -> None:

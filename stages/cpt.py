@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from medpipe.params import param
-from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams, data_options
+from medpipe.stages.training.sequence import TrainingKind
 
 
 @dataclass
@@ -133,7 +133,7 @@ def prepared_once_per_node(ctx: Any, args: Any, prepare: Any) -> tuple[Any, int,
     return Dataset.from_file(made["files"][0]), int(made["documents"]), int(made["excluded"])
 
 
-class CPTStage(StageKind):
+class CPTStage(TrainingKind):
     """Continued pretraining on plain text (txt, json/jsonl text field, parquet), full or LoRA."""
 
     Params = CPTParams
@@ -153,18 +153,33 @@ class CPTStage(StageKind):
         lines = result.summary_table().splitlines()
         return lines + ([f"{excluded} document(s) overlap exclude_data: dropped"] if params.exclude_data else [])
 
-    def run(self, ctx: Any):
-        from transformers import TrainingArguments
+    def data(self, ctx: Any, tok: Any, args: Any) -> Any:
+        """Packed blocks of `block_size` tokens (labels = the ids), in memory or streamed."""
+        from types import SimpleNamespace
 
-        from medpipe.stages.training.args import training_kwargs
-        from medpipe.stages.training.loop import data_cache_dir, load_tokenizer
-        from medpipe.data import load_records, pack_texts
+        from medpipe.errors import MedpipeError
 
         p: CPTParams = ctx.params
-        tok = load_tokenizer(ctx)
-        if p.stream:
-            return self._run_streamed(ctx, p, tok)
-        args = TrainingArguments(**training_kwargs(ctx, p))
+        blocks, said, counts = self._streamed(ctx, p, tok, args) if p.stream else self._in_memory(ctx, p, tok, args)
+        if len(blocks) == 0:
+            raise MedpipeError(f"stages.{ctx.name}: the data gives no full block of {p.block_size} tokens; "
+                               f"lower block_size or add text")
+        blocks = blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True)
+        ctx.say(f"{said}{len(blocks)} blocks of {p.block_size} tokens" + (" (streamed)" if p.stream else ""))
+        return SimpleNamespace(train=blocks, heldout=None, counts=counts)
+
+    def trainer_options(self, ctx: Any, data: Any) -> dict:
+        from transformers import default_data_collator
+
+        return {"data_collator": default_data_collator}
+
+    def metrics(self, ctx: Any, trainer: Any, data: Any) -> dict:
+        return {"blocks": len(data.train), **data.counts}
+
+    @staticmethod
+    def _in_memory(ctx: Any, p: CPTParams, tok: Any, args: Any) -> tuple[Any, str, dict]:
+        from medpipe.data import load_records, pack_texts
+        from medpipe.stages.training.loop import data_cache_dir
 
         def prepare() -> tuple[Any, int, int]:
             records = load_records(p.data, "text", **data_options(p, ctx.data)).records
@@ -178,38 +193,13 @@ class CPTStage(StageKind):
         # once per node: local rank 0 loads, dedups and packs (num_proc workers) while the other ranks
         # wait, then they map its packed blocks instead of each redoing the whole pass at once
         blocks, documents, excluded = prepared_once_per_node(ctx, args, prepare)
-        return self._train_on_blocks(ctx, p, tok, blocks, args, f"{documents} documents → ", documents=documents,
-                                     excluded_documents=excluded)
+        return blocks, f"{documents} documents → ", {"documents": documents, "excluded_documents": excluded}
 
     @staticmethod
-    def _train_on_blocks(ctx: Any, p: CPTParams, tok: Any, blocks: Any, args: Any, said: str, **counts: Any):
-        """Both paths (in memory, streamed) from packed blocks on: refuse an empty corpus, train
-        next-token prediction on every block, save."""
-        from transformers import Trainer, default_data_collator
-
-        from medpipe.errors import MedpipeError
-        from medpipe.stages.training.callbacks import callbacks
-        from medpipe.stages.training.loop import apply_lora, load_model, save_result, train
-
-        if len(blocks) == 0:
-            raise MedpipeError(f"stages.{ctx.name}: the data gives no full block of {p.block_size} tokens; "
-                               f"lower block_size or add text")
-        blocks = blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True)
-        ctx.say(f"{said}{len(blocks)} blocks of {p.block_size} tokens" + (" (streamed)" if p.stream else ""))
-        model = apply_lora(load_model(ctx, p), p.peft)
-        trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
-                          processing_class=tok, callbacks=callbacks(ctx, p))
-        metrics = train(trainer, ctx)
-        metrics.update(blocks=len(blocks), **counts)
-        return save_result(ctx, trainer, tok, p, metrics)
-
-    def _run_streamed(self, ctx: Any, p: CPTParams, tok: Any):
-        from transformers import TrainingArguments
-
+    def _streamed(ctx: Any, p: CPTParams, tok: Any, args: Any) -> tuple[Any, str, dict]:
         from medpipe.data import fingerprint
         from medpipe.data.pack import pack_stream
         from medpipe.data.validate import SourceReport, check_source_result, iter_source
-        from medpipe.stages.training.args import training_kwargs
         from medpipe.stages.training.loop import data_cache_dir
 
         opts = data_options(p, ctx.data)
@@ -225,8 +215,7 @@ class CPTStage(StageKind):
                     yield rec["text"]
                 check_source_result(src, rep, n, "text")
 
-        args = TrainingArguments(**training_kwargs(ctx, p))
         with args.main_process_first(local=True, desc="CPT blocks"):
             blocks = pack_stream(texts(), tok, p.block_size, fingerprint(p.data, want="text", stream=True, **opts),
                                  data_cache_dir(ctx), num_proc=p.num_proc, counts=counted)
-        return self._train_on_blocks(ctx, p, tok, blocks, args, "", documents=counted["documents"], streamed=True)
+        return blocks, "", {"documents": counted["documents"], "streamed": True}

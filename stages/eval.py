@@ -1,85 +1,8 @@
 """`eval` — evaluate the input model (the previous stage's output, or `from: <stage>`) on exam,
 generation and PromptCBLUE sets; results land in the evaluated stage's row of the report.
 
-Sets. `data` is one data spec or a list; every source is one eval set, named by its `task:`
-(default: the mcq format name — cmexam, medqa, medmcqa, pubmedqa, ceval — or the file stem;
-a `+rag` suffix when RAG is on). What a set is, follows its format:
-* mcq formats → multiple-choice accuracy, three ways (`method`):
-  - `ppl`: option perplexity (`medpipe.stages.evaluation.scoring.score_options_ppl`, mean NLL of the option
-    tokens, `reduction: sum` optional); lowest wins.
-  - `cue`: answer-cue letter logits (MedCare): the prompt lists the options and ends with
-    "The answer is" / "答案为"; the valid letter with the highest next-token logit wins.
-  - `generate`: greedy generation after the same cue (`mcq_max_new_tokens`), letters extracted
-    (`medpipe.stages.evaluation.metrics.extract_letters`); a multi-answer item needs every gold letter and
-    no other; an unknown letter is an invalid prediction, counted, not guessed.
-  Metrics: `acc`, `f1_weighted` (Qilin-Med / CMExam), `invalid`, per-subject accuracy (details).
-  `explain: true` also generates each item's answer with its explanation (the prompt as the data
-  layer renders mcq items for SFT, through the chat template) and scores the text after
-  "解析：" / "Explanation:" (or the whole answer) against the item's explanation: `expl_bleu1` …
-  `expl_rougeL` (Qilin-Med's CMExam explanation scores); items without an explanation are skipped.
-  `shots: k` prepends k solved examples from `fewshot_data` (same subject first, then same set,
-  file order; an example equal to the item is skipped), greedy, as C-Eval is reported. For `ppl`
-  the examples go in the item's context.
-* chat formats (alpaca, sharegpt, messages, huatuo QA) → generation: the conversation up to the
-  last assistant turn is the prompt (chat template when the tokenizer has one), that turn is the
-  reference; BLEU-1/4, ROUGE-1/2/L (`tokenize: char | jieba`, see metrics.py). With
-  `judge.url`, an LLM judge also scores each answer 1–5 on fluency, relevance, completeness,
-  proficiency (MedCare); malformed judge replies are counted (`judge_malformed`), not scored.
-* promptcblue → generation, scored per task as the PromptCBLUE benchmark does (`score` = mean).
-
-Protocols (`protocol`, multiple-choice sets; stages/evaluation/protocols/ cites each harness file):
-* `native` (default): medpipe's prompts and the `method` above (plus `generate_then_cue`: MedCare's
-  free answer in the chat template, then the cue "The answer is" / "答案为" and one letter);
-* `lm-eval`: lm-evaluation-harness 0.4.13's task prompts and log-likelihood scoring (medqa →
-  medqa_4options, medmcqa, pubmedqa, ceval → ceval-valid_<subject>), `acc` and `acc_norm`; lm-eval
-  task names (`data=medqa_4options`, `medmcqa`, `pubmedqa`, `multimedqa`) find the published files
-  under `data_dir`; `shots` from `fewshot_data` drawn as lm-eval draws them;
-* `opencompass`: OpenCompass gen configs (MedQA, MedMCQA, C-Eval; `chat` picks base- or chat-model
-  rendering) and their answer extraction, exact match;
-* `medcare`: generate-then-cue scored by the authors' exact-match regexes (eval_em.py);
-* `cmexam`: CMExam's prompt, 4-beam inference and its scorer (letter or option text, exact set,
-  "无答案" wrong and counted as `invalid`).
-Per-item details carry `protocol`, `prompt_sha` (sha256 of the prompt, 16 hex), `correct`, and for
-scored options every option's `scores`, `n_tokens` and `chars` (any normalisation can be
-recomputed); generating protocols keep the `text`. A set's `seconds` excludes one-time imports.
-
-C-Poly artifacts (`task_models`: one merged model per task): a set named after a task is
-scored with that task's model (`task_models: false` scores every set with the artifact's model);
-the set's result records it as `task_model`.
-
-`rag: {index: <corpus>, k: 5}` prepends the top-k passages of a knowledge index built from the
-corpus (stages/evaluation/rag.py) to every prompt: in the item's context for mcq, before the user's message
-for generation.
-
-Judge stages. `needs_judge: true` (MedCare's CCTE) and `pairwise: true` (IIMedGPT Fig. 5: the
-input model against the model its adapter was trained on — after vs before DPO — win / tie / lose
-and each side's mean response length, stages/evaluation/pairwise.py) need `judge.url`; without one
-the stage says "skipped: no judge endpoint configured ..." and records no metrics; the run goes on.
-
-Held-out figures (`heldout: {text, chat, preference}`, stages/evaluation/heldout.py): perplexity
-of held-out documents, the last answer's NLL on held-out conversations, log p(chosen) >
-log p(rejected) on held-out pairs — scores any model has, random or trained (the tiny profiles).
-
-Records (the shapes the report reads):
-* the eval stage's artifact: `kind: eval`, the input model passed through unchanged (model_path,
-  format) so a later stage may train on it, `metrics` = flat `{"<set>/<metric>": number}`,
-  `evaluated_stage` = the stage whose model was evaluated (the input artifact's stage;
-  "base" for the recipe's model), `results` = per set {kind, n, metrics, subjects,
-  judge...}, per-item predictions in `<stage dir>/details/<set>.jsonl`.
-* `medpipe eval RUN_DIR --stage S key=value...` writes the same into `<run_dir>/eval/<S>.json`:
-  `{"stage", "evaluated_stage", "model_path", "params", "metrics", "results", "updated"}`;
-  results and metrics keyed by set and method (`cmexam@cue`, `cmexam@ppl-5shot`, `pubmedqa@lm-eval`;
-  runner.method_tag), per-item details in `<run_dir>/eval/<S>/details/<set>@<method>.jsonl`, so a
-  later `medpipe eval` of the same stage adds another method's result and replaces only the same
-  set scored the same way.
-
-Backends: `transformers` (default, batched, padding-aware: prompts sorted by length, left
-padding, `batch_size` at a time) or `vllm` (GPU machines with vLLM installed; generation and
-cue scoring): medpipe.stages.inference.backends.
-
-Where the work is: sets (reading, planning) stages/evaluation/sets.py; prompts and language
-prompts.py; option / letter scoring scoring.py; VoC voc.py; the drivers runner.py; harness
-protocols protocols.py; metrics, judge, RAG, Text2DT their own modules.
+The parameters and the stage kind. What each set kind, method and protocol does, the records it
+writes and where the code is: docs/EVAL.md.
 """
 from __future__ import annotations
 

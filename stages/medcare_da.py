@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from medpipe.params import param
-from medpipe.stagekind import StageKind
 from medpipe.stages.adapters.settings import MedCareConfig
+from medpipe.stages.training.medcare_kind import MedCareKind
 from medpipe.stages.training.params import TrainParams
 
 
@@ -37,65 +37,51 @@ class MedCareDAParams(TrainParams):
         return super()._rules() + [("orth_lambda", self.orth_lambda >= 0, ">= 0 (0 = no orthogonal loss)")]
 
 
-class MedCareDAStage(StageKind):
+class MedCareDAStage(MedCareKind):
     """MedCare DA: KA + Align LoRA on FFN with the orthogonal loss; exports a plain merged model."""
 
     Params = MedCareDAParams
     refuses_zero3 = "its orthogonal loss needs whole weights"
 
-    @staticmethod
-    def load_for_inference(art: Any):
-        """Inference hook: the keep-NA ablation loads base + KA + NA + Align; else the plain model."""
+    def run(self, ctx: Any):
         from medpipe.stages.adapters import medcare_io
 
-        return medcare_io.load_for_inference(art)
-
-    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.training.chat_data import check_chat_data
-
-        return check_chat_data(params, base, data_opts)
-
-    def run(self, ctx: Any):
-        from trl import SFTConfig
-
-        from medpipe.artifact import Artifact
-        from medpipe.stages.adapters import medcare, medcare_io
-        from medpipe.stages.training.args import training_kwargs
-        from medpipe.stages.training.callbacks import callbacks
-        from medpipe.stages.training.chat_data import prepare_chat_data
-        from medpipe.stages.training.loop import data_cache_dir, load_model, load_tokenizer, train
-        from medpipe.stages.training.medcare import MedCareTrainer, first_last
-
         p: MedCareDAParams = ctx.params
-        handed = medcare_io.MedCareHandoff.of(ctx.input) or medcare_io.MedCareHandoff()
-        base_path = handed.base or ctx.input.model_path
-        ka = handed.ka
-        if p.keep_na and not (handed.adapter and handed.ka):
+        self.handed = medcare_io.MedCareHandoff.of(ctx.input) or medcare_io.MedCareHandoff()
+        if p.keep_na and not (self.handed.adapter and self.handed.ka):
             from medpipe.errors import MedpipeError
 
             raise MedpipeError(f"stages.{ctx.name}.keep_na: needs an MKA stage right before (its routed experts "
                                f"are kept); the input {ctx.input.stage} hands on none")
-        if ka is None:
+        if self.handed.ka is None:
             ctx.say("no MKA before this stage: KA starts from scratch (the 'DA without MKA' ablation)")
         if p.keep_na:
             ctx.say("NA kept: MKA's routed experts and routers train on through DA (the Table 3 ablation)")
-        tok = load_tokenizer(ctx, base_path)
-        if p.chat_template:
-            tok.chat_template = p.chat_template
-        args = SFTConfig(**training_kwargs(ctx, p), max_length=p.max_length)
-        # prepared once per node, as SFT's: local rank 0 encodes with the node's cores (or memory-maps
-        # what `validate` cached under the same key), the other ranks wait, then memory-map it
-        with args.main_process_first(local=True, desc="MedCare data"):
-            data = prepare_chat_data(p, ctx.data, tok, data_cache_dir(ctx), log=ctx.log)
-        train_ds = data.train
-        model = medcare.inject_da(load_model(ctx, p, base_path), p.medcare, ka=ka,  # seeded: same Align init
-                                  keep_na=handed.adapter if p.keep_na else None)
-        trainer = MedCareTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=data.heldout,
-                                 processing_class=tok,
-                                 callbacks=callbacks(ctx, p), orth_lambda=p.orth_lambda)
-        metrics = train(trainer, ctx)
-        metrics.update(first_last(trainer.state.log_history, "orth_loss"))
-        metrics.update(first_last(trainer.state.log_history, "ce_loss"))
+        return super().run(ctx)
+
+    def model_dir(self, ctx: Any) -> str:
+        """MKA's hand-off (attention LoRA merged), else the input model."""
+        return self.handed.base or ctx.input.model_path
+
+    def model(self, ctx: Any, data: Any):
+        from medpipe.stages.adapters import medcare
+        from medpipe.stages.training.loop import load_model
+
+        p: MedCareDAParams = ctx.params
+        return medcare.inject_da(load_model(ctx, p, self.model_dir(ctx)), p.medcare, ka=self.handed.ka,
+                                 keep_na=self.handed.adapter if p.keep_na else None)
+
+    def trainer_options(self, ctx: Any, data: Any) -> dict:
+        return {"orth_lambda": ctx.params.orth_lambda}
+
+    def metrics(self, ctx: Any, trainer: Any, data: Any) -> dict:
+        from medpipe.stages.training.medcare import first_last
+
+        return {**first_last(trainer.state.log_history, "orth_loss"), **first_last(trainer.state.log_history, "ce_loss")}
+
+    def save(self, ctx: Any, trainer: Any, tok: Any, data: Any, metrics: dict):
+        from medpipe.stages.adapters import medcare_io
+
         out = ctx.output_dir
         if trainer.is_world_process_zero():
             model = trainer.accelerator.unwrap_model(trainer.model)
@@ -104,8 +90,6 @@ class MedCareDAStage(StageKind):
             merged.save_pretrained(out / "model")
             tok.save_pretrained(out / "model")
         trainer.accelerator.wait_for_everyone()
-        return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=str(out / "model"),
-                        tokenizer_path=str(out / "model"), metrics=metrics,
-                        trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
-                        handoff=medcare_io.MedCareHandoff(base=base_path, adapter=str(out / "medcare_adapter"),
-                                                       adapter_base=base_path, keep_na=p.keep_na).record())
+        base = self.model_dir(ctx)
+        return self.artifact(ctx, metrics, medcare_io.MedCareHandoff(
+            base=base, adapter=str(out / "medcare_adapter"), adapter_base=base, keep_na=ctx.params.keep_na))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from medpipe.params import param
-from medpipe.stagekind import StageKind
 from medpipe.stages.adapters.settings import MedCareConfig
+from medpipe.stages.training.medcare_kind import MedCareKind
 from medpipe.stages.training.params import TrainParams
 
 
@@ -38,52 +38,26 @@ def training_config(p: MedCareMKAParams) -> MedCareConfig:
     return dataclasses.replace(p.medcare, keep_na=False)
 
 
-class MedCareMKAStage(StageKind):
+class MedCareMKAStage(MedCareKind):
     """MedCare MKA: KA + mixture-of-LoRA NA on FFN, LoRA on attention; hands on merged attention + KA."""
 
     Params = MedCareMKAParams
     refuses_zero3 = "its KA hand-off and attention merge read whole weights"
 
-    @staticmethod
-    def load_for_inference(art: Any):
-        """Inference hook: the keep-NA ablation loads base + routed experts; else the plain model."""
-        from medpipe.stages.adapters import medcare_io
+    def model(self, ctx: Any, data: Any):
+        from medpipe.stages.adapters import medcare
+        from medpipe.stages.training.loop import load_model
 
-        return medcare_io.load_for_inference(art)
+        return medcare.inject_mka(load_model(ctx, ctx.params), training_config(ctx.params))
 
-    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.training.chat_data import check_chat_data
+    def metrics(self, ctx: Any, trainer: Any, data: Any) -> dict:
+        from medpipe.stages.training.medcare import first_last
 
-        return check_chat_data(params, base, data_opts)
+        return {**first_last(trainer.state.log_history, "balance_loss"), "conversations": len(data.train)}
 
-    def run(self, ctx: Any):
-        from trl import SFTConfig
-
-        from medpipe.artifact import Artifact
+    def save(self, ctx: Any, trainer: Any, tok: Any, data: Any, metrics: dict):
         from medpipe.stages.adapters import medcare, medcare_io
-        from medpipe.stages.training.args import training_kwargs
-        from medpipe.stages.training.callbacks import callbacks
-        from medpipe.stages.training.chat_data import prepare_chat_data
-        from medpipe.stages.training.loop import data_cache_dir, load_model, load_tokenizer, train
-        from medpipe.stages.training.medcare import MedCareTrainer, first_last
 
-        p: MedCareMKAParams = ctx.params
-        cfg = training_config(p)
-        tok = load_tokenizer(ctx)
-        if p.chat_template:
-            tok.chat_template = p.chat_template
-        args = SFTConfig(**training_kwargs(ctx, p), max_length=p.max_length)
-        # prepared once per node, as SFT's: local rank 0 encodes with the node's cores (or memory-maps
-        # what `validate` cached under the same key), the other ranks wait, then memory-map it
-        with args.main_process_first(local=True, desc="MedCare data"):
-            data = prepare_chat_data(p, ctx.data, tok, data_cache_dir(ctx), log=ctx.log)
-        train_ds = data.train
-        model = medcare.inject_mka(load_model(ctx, p), cfg)  # load_model seeds: same init in any process
-        trainer = MedCareTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=data.heldout,
-                                 processing_class=tok,
-                                 callbacks=callbacks(ctx, p))
-        metrics = train(trainer, ctx)
-        metrics.update(first_last(trainer.state.log_history, "balance_loss"), conversations=len(train_ds))
         out = ctx.output_dir
         if trainer.is_world_process_zero():
             model = trainer.accelerator.unwrap_model(trainer.model)
@@ -92,14 +66,12 @@ class MedCareMKAStage(StageKind):
             base = medcare_io.merge_medcare(model, fold_ka=False)  # attention merged, KA and NA dropped
             base.save_pretrained(out / "base")
             tok.save_pretrained(out / "base")
-            with_ka = medcare_io.merge_medcare(medcare.inject_da(base, cfg, ka=out / "ka"), fold_ka=True)
+            with_ka = medcare_io.merge_medcare(medcare.inject_da(base, training_config(ctx.params), ka=out / "ka"),
+                                               fold_ka=True)
             with_ka.save_pretrained(out / "model")  # base + KA, NA dropped: what MKA is evaluated as
             tok.save_pretrained(out / "model")
         trainer.accelerator.wait_for_everyone()
         ctx.say("NA experts and routers dropped; KA handed on")
-        return Artifact(stage=ctx.name, kind=ctx.kind, format="full", model_path=str(out / "model"),
-                        tokenizer_path=str(out / "model"), metrics=metrics,
-                        trust_remote_code=bool(ctx.model.get("trust_remote_code", False)),
-                        handoff=medcare_io.MedCareHandoff(
-                            base=str(out / "base"), ka=str(out / "ka"), adapter=str(out / "medcare_adapter"),
-                            adapter_base=ctx.input.model_path, keep_na=p.keep_na_at_inference).record())
+        return self.artifact(ctx, metrics, medcare_io.MedCareHandoff(
+            base=str(out / "base"), ka=str(out / "ka"), adapter=str(out / "medcare_adapter"),
+            adapter_base=ctx.input.model_path, keep_na=ctx.params.keep_na_at_inference))

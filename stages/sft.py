@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
-from medpipe.stagekind import StageKind
+from medpipe.stages.training.sequence import ChatTrainingKind
 from medpipe.stages.training.params import TrainParams
 
 OVERLENGTH = ("truncate", "drop", "error")
@@ -46,52 +46,34 @@ def packing_on(p: SFTParams, model_opts: dict) -> bool:
     return not bool(model_opts.get("trust_remote_code", False))
 
 
-class SFTStage(StageKind):
+class SFTStage(ChatTrainingKind):
     """Supervised fine-tuning: prompt/response or multi-turn chat, loss on assistant turns, LoRA or full."""
 
     Params = SFTParams
+    data_desc = "SFT data"
 
-    def check(self, params: SFTParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.training.chat_data import check_chat_data
-
-        return check_chat_data(params, base, data_opts)
-
-    def run(self, ctx: Any):
-        from trl import SFTConfig, SFTTrainer
-
-        from medpipe.stages.training.args import training_kwargs
-        from medpipe.stages.training.callbacks import callbacks
-        from medpipe.stages.training.loop import (apply_lora, data_cache_dir, load_model, load_tokenizer, save_result,
-                                                  train)
-        from medpipe.stages.training.chat_data import prepare_chat_data
-
-        p: SFTParams = ctx.params
-        tok = load_tokenizer(ctx)
-        if p.chat_template:
-            tok.chat_template = p.chat_template
-        packing = packing_on(p, ctx.model)
+    def config_options(self, ctx: Any) -> dict:
         # unpacked: the encoder's output + labels is what the trainer trains on, TRL's preparation is
         # skipped (chat_data.with_labels says why); packed: TRL packs in its preparation
-        args = SFTConfig(**training_kwargs(ctx, p), max_length=p.max_length, packing=packing,
-                         packing_strategy="bfd", padding_free=packing, dataset_num_proc=p.num_proc,
-                         dataset_kwargs=None if packing else {"skip_prepare_dataset": True})
-        # prepared once per node: local rank 0 encodes (or finds the cache), the others wait, then memory-map it
-        with args.main_process_first(local=True, desc="SFT data"):
-            data = prepare_chat_data(p, ctx.data, tok, data_cache_dir(ctx), log=ctx.log)
-        train_ds, eval_ds = data.train, data.heldout
-        if not packing:
+        packing = packing_on(ctx.params, ctx.model)
+        return dict(packing=packing, packing_strategy="bfd", padding_free=packing, dataset_num_proc=ctx.params.num_proc,
+                    dataset_kwargs=None if packing else {"skip_prepare_dataset": True})
+
+    def data(self, ctx: Any, tok: Any, args: Any):
+        data = super().data(ctx, tok, args)
+        data.packed = packing_on(ctx.params, ctx.model)
+        if not data.packed:
             from medpipe.stages.training.chat_data import with_labels
 
             with args.main_process_first(local=True, desc="SFT labels"):
-                train_ds, eval_ds = with_labels(train_ds), with_labels(eval_ds)
-        ctx.say(f"{len(train_ds)} training conversations" + (f", {len(eval_ds)} held out" if eval_ds else "")
-                + (" (packed, padding-free)" if packing else ""))
-        model = apply_lora(load_model(ctx, p), p.peft)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok, callbacks=callbacks(ctx, p))
-        metrics = train(trainer, ctx)
-        metrics.update(conversations=len(train_ds), conversations_multi_turn=data.stats.multi_turn,
-                       heldout=len(eval_ds) if eval_ds else 0, prompt_cut=data.stats.prompt_cut,
-                       response_cut=data.stats.response_cut, truncated=data.stats.truncated,
-                       overlength_dropped=data.stats.overlength_dropped, packed=packing)
-        return save_result(ctx, trainer, tok, p, metrics)
+                data.train, data.heldout = with_labels(data.train), with_labels(data.heldout)
+        ctx.say(f"{len(data.train)} training conversations" + (f", {len(data.heldout)} held out" if data.heldout else "")
+                + (" (packed, padding-free)" if data.packed else ""))
+        return data
+
+    def metrics(self, ctx: Any, trainer: Any, data: Any) -> dict:
+        s = data.stats
+        return dict(conversations=len(data.train), conversations_multi_turn=s.multi_turn,
+                    heldout=len(data.heldout) if data.heldout else 0, prompt_cut=s.prompt_cut,
+                    response_cut=s.response_cut, truncated=s.truncated, overlength_dropped=s.overlength_dropped,
+                    packed=data.packed)

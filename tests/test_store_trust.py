@@ -198,28 +198,81 @@ def test_ctrl_c_says_which_stage_and_how_to_resume(kinds, tmp_path, monkeypatch)
     assert json.loads((entry(tmp_path, "03-f") / "status.json").read_text())["state"] == "interrupted"
 
 
-def test_history_of_a_resumed_attempt_drops_the_abandoned_lines(tmp_path):
-    from medpipe.entry import _resumed_train_loss, checkpoint_step, trim_history
+def test_history_trim_keeps_the_lines_up_to_the_resumed_checkpoint(tmp_path):
+    from medpipe import history
 
-    sdir = tmp_path
-    for step in (2, 4, 6):
-        ck = sdir / "checkpoints" / f"checkpoint-{step}"
-        ck.mkdir(parents=True)
-        (ck / "trainer_state.json").write_text("{}" if step < 6 else "{torn")
     rows = [{"step": s, "loss": float(10 - s)} for s in range(1, 8)] + [{"step": 3, "eval_loss": 1.0}]
-    (sdir / "log_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')
-    assert checkpoint_step(sdir) == 4  # checkpoint-6's state is torn
-    kept = trim_history(sdir, checkpoint_step(sdir))
-    steps = [json.loads(line)["step"] for line in (sdir / "log_history.jsonl").read_text().splitlines()]
-    assert kept == 5 and steps == [1, 2, 3, 4, 3]
-    with open(sdir / "log_history.jsonl", "a") as f:  # this attempt logs on from step 5 ...
-        f.write(json.dumps({"step": 5, "loss": 4.5}) + "\n")
-    trim_history(sdir, 2, only_first=kept)  # ... but the trainer took checkpoint-2
-    steps = [json.loads(line)["step"] for line in (sdir / "log_history.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 5]
-    metrics = {"train_loss": 0.0}
-    _resumed_train_loss(metrics, sdir)
-    assert metrics["train_loss"] == pytest.approx((9.0 + 8.0 + 4.5) / 3)
+    (tmp_path / history.FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')
+    assert history.checkpoint_step(tmp_path / "checkpoints" / "checkpoint-4") == 4
+    assert history.trim(tmp_path, 4) == 5  # the torn line and steps 5-7 go
+    assert [r["step"] for r in history.read(tmp_path)] == [1, 2, 3, 4, 3]
+    history.append(tmp_path, 5, {"loss": 4.5})  # this attempt logs on from the checkpoint
+    assert [r["step"] for r in history.read(tmp_path)] == [1, 2, 3, 4, 3, 5]
+    assert history.mean_loss(tmp_path) == pytest.approx((9.0 + 8.0 + 7.0 + 6.0 + 4.5) / 5)
+    assert history.trim(tmp_path, 0) == 0 and history.read(tmp_path) == []  # no checkpoint: starts again
+    assert history.mean_loss(tmp_path) is None
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_history_trimmed_once(tmp_path, monkeypatch):
+    """A cpt stage stopped (Ctrl-C) at step 6 — checkpoint-4 saved, step 5 logged — and run again
+    ends with the history of an uninterrupted run, line for line (same steps, same values), trimmed
+    once, from the checkpoint it resumed, and with the same weights."""
+    from medpipe import history
+    from medpipe.stages.training import callbacks
+
+    r = cpt_recipe(tmp_path, max_steps=8, save_steps=2)
+
+    def args(store: str) -> list[str]:
+        return [f"recipe={r}", f"run.root={tmp_path}/{store}", f"run.dir={tmp_path}/{store}/r"]
+
+    assert medpipe("run", *args("whole")).code == 0
+    whole_dir = (tmp_path / "whole" / "r" / "01-cpt").resolve()
+
+    step_end = callbacks.ProgressCallback.on_step_end
+
+    def stop_at_6(self, args, state, control, **kw):
+        if state.global_step == 6:
+            raise KeyboardInterrupt
+        return step_end(self, args, state, control, **kw)
+
+    monkeypatch.setattr(callbacks.ProgressCallback, "on_step_end", stop_at_6)
+    assert medpipe("run", *args("cut")).code == 130
+    sdir = (tmp_path / "cut" / "r" / "01-cpt").resolve()
+    assert [p.name for p in sorted((sdir / "checkpoints").iterdir())] == ["checkpoint-2", "checkpoint-4"]
+    assert [row["step"] for row in history.read(sdir)] == [1, 2, 3, 4, 5]  # step 5 is past the checkpoint
+    monkeypatch.setattr(callbacks.ProgressCallback, "on_step_end", step_end)
+    trims, trim = [], history.trim
+    monkeypatch.setattr(history, "trim", lambda d, step: trims.append(step) or trim(d, step))
+    again = medpipe("run", *args("cut"))
+    assert again.code == 0, again.out
+    assert "resuming from checkpoint-4" in again.out and trims == [4]
+
+    def comparable(rows: list[dict]) -> list[dict]:
+        # the trainer's summary line: its timings are the attempt's, and so is its train_loss (the
+        # artifact's train_loss is the whole stage's, checked below)
+        return [{k: v for k, v in row.items() if "runtime" not in k and "per_second" not in k and k != "train_loss"}
+                for row in rows]
+
+    want, got = comparable(history.read(whole_dir)), comparable(history.read(sdir))
+    assert [row["step"] for row in got] == [row["step"] for row in want] == [1, 2, 3, 4, 5, 6, 7, 8, 8]
+    assert got == want
+    art, ref = (json.loads((d / "artifact.json").read_text())["metrics"] for d in (sdir, whole_dir))
+    assert art["resumed_from"] == "checkpoint-4" and art["weights_sha256"] == ref["weights_sha256"]
+    assert art["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-6)
+
+
+def cpt_recipe(tmp_path: Path, max_steps: int, save_steps: int) -> Path:
+    """A recipe of one cpt stage on the tiny model, logging every step."""
+    r = tmp_path / "cpt.yaml"
+    r.write_text(textwrap.dedent(f"""
+        defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, _self_]
+        name: cpt
+        stages:
+          cpt: {{data: "${{data.pretrain}}", block_size: 64, lr: 3e-3, batch_size: 4, max_steps: {max_steps},
+                save_steps: {save_steps}, logging_steps: 1}}
+    """))
+    return r
 
 
 def test_status_time_sums_the_attempts_including_a_killed_one(tmp_path):
@@ -256,7 +309,7 @@ def test_checkpoint_problems_are_found_from_headers(tmp_path):
     import struct
     import zipfile
 
-    from medpipe.stages.training.loop import checkpoint_problem, last_complete_checkpoint
+    from medpipe.history import checkpoint_problem, last_complete_checkpoint
 
     def checkpoint(step: int) -> Path:
         ck = tmp_path / "checkpoints" / f"checkpoint-{step}"
@@ -289,13 +342,7 @@ def test_a_torn_newest_checkpoint_resumes_from_the_previous_one_with_the_same_we
     records the whole stage's train loss, and ends with the uninterrupted run's weights."""
     import shutil
 
-    r = tmp_path / "cpt.yaml"
-    r.write_text(textwrap.dedent("""
-        defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, _self_]
-        name: torn
-        stages:
-          cpt: {data: "${data.pretrain}", block_size: 64, lr: 3e-3, batch_size: 4, max_steps: 6, save_steps: 3, logging_steps: 1}
-    """))
+    r = cpt_recipe(tmp_path, max_steps=6, save_steps=3)
     args = [f"recipe={r}", f"run.root={tmp_path}/runs", f"run.dir={tmp_path}/runs/r"]
     first = medpipe("run", *args)
     assert first.code == 0, first.out

@@ -6,7 +6,7 @@ report.json), the metrics table (one row per evaluated stage, one column per `<s
 per-subject accuracy of mcq sets, pairwise judge verdicts, loss curves per training stage (train
 and held-out loss; for DPO also the reward margin and accuracy), and the resolved config.
 
-Where the metrics come from (stages/eval.py documents the shapes):
+Where the metrics come from (docs/EVAL.md, "Records", documents the shapes):
 * eval stages of the run: the artifact's `metrics` join the row of `evaluated_stage`;
 * `medpipe eval` results: `<run_dir>/eval/<stage>.json` (`evaluated_stage`, `metrics`, `results`);
 * `medpipe compare` results: `<run_dir>/eval/pairwise-*.json` (`line`, `summary`).
@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medpipe import history
+
 from .before_after import RAW
 
 TRAIN_KEYS = ("first_loss", "last_loss", "best_eval_loss", "reward_accuracy", "reward_margin")
@@ -32,18 +34,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _history(sdir: Path) -> list[dict]:
-    path = sdir / "log_history.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
 
 
 def evaluates(kind: str) -> bool:
@@ -70,7 +60,7 @@ def collect(run_dir: Path) -> dict:
         except ArtifactError:
             art = None
         row = {**s, **table.get(s["name"], {}), "dir": sdir, "artifact_obj": art,
-               "history": [] if evaluates(s["kind"]) else _history(sdir)}
+               "history": [] if evaluates(s["kind"]) else history.read(sdir)}
         stages.append(row)
         if not evaluates(s["kind"]):
             order.append(s["name"])

@@ -15,9 +15,9 @@ mcq         {"id", "question", "context", "options", "answer", "explanation", "s
 
 Problems raise :class:`DataError` naming path:line and the field *as named in the file*.
 
-Over 400 lines on purpose: one short adapter per published shape (21 of them) beside the field
-helpers they share and the registry that names them; a reader looking for "how is CMExam read"
-finds every format in one file, and each adapter reads top to bottom without jumping modules.
+In order: the field helpers the adapters share, one adapter per published shape (`fmt_<name>`),
+and the registry (`Format`: its kind, the keys that detect it, what else the shared code asks of a
+format — the MedMCQA `cop` numbering, the answer field, the eval set kind it makes).
 """
 from __future__ import annotations
 
@@ -414,6 +414,16 @@ def _has_key(r, key, ctx) -> bool:
     return True
 
 
+def _labeled_answer(r, key, opts, ctx) -> list[str]:
+    """The answer letters in column `key`; [] for an unlabeled split (a CSV/parquet without the
+    column, `_has_key`); a JSON record without it is an error."""
+    if key in r:
+        return _answer_letters(r[key], opts, ctx, key)
+    if not _has_key(r, key, ctx):
+        return []
+    raise ctx.err("missing", key, "missing_field")
+
+
 def parse_cmexam_options(s: str, ctx, key="Options") -> dict:
     opts: dict[str, str] = {}
     last = None
@@ -481,12 +491,7 @@ def fmt_medqa(r, ctx):
             raise ctx.err("empty", f"options.{k}", "empty_field")
         opts[str(k).strip().upper()] = v.strip()
     _check_options(opts, ctx, "options")
-    if "answer_idx" in r:
-        ans = _answer_letters(r["answer_idx"], opts, ctx, "answer_idx")
-    elif not _has_key(r, "answer_idx", ctx):
-        ans = []
-    else:
-        raise ctx.err("missing", "answer_idx", "missing_field")
+    ans = _labeled_answer(r, "answer_idx", opts, ctx)
     txt = r.get("answer")
     if ans and isinstance(txt, str) and txt.strip() and len(ans) == 1 \
             and txt.strip() != opts[ans[0]]:
@@ -604,12 +609,7 @@ def fmt_ceval(r, ctx):
     for L in "EF":
         if r.get(L) not in (None, ""):
             opts[L] = req_str(r, L, ctx).strip()
-    if "answer" in r:
-        ans = _answer_letters(r["answer"], opts, ctx, "answer")
-    elif not _has_key(r, "answer", ctx):
-        ans = []
-    else:
-        raise ctx.err("missing", "answer", "missing_field")
+    ans = _labeled_answer(r, "answer", opts, ctx)
     m = _CEVAL_NAME.match(ctx.stem)
     subject = m.group("subject") if m else None
     id_ = opt_str(r, "id", ctx) or str(ctx.line)
@@ -678,43 +678,52 @@ class Format:
     keys: frozenset    # keys that identify the shape for auto-detection (all required)
     doc: str = ""
     cop_base: object = None  # (path, container, the source's cop_base) -> this file's cop_base (MedMCQA)
+    answer_field: str = "answer"  # the file's answer field (named when an unlabeled record is refused)
+    evaluated_as: str | None = None  # the eval set kind it makes: mcq | generation | promptcblue; None: not evaluable
 
 
-def _f(name, kind, fn, *keysets, doc="", cop_base=None):
-    return [Format(name, kind, fn, frozenset(ks), doc, cop_base) for ks in keysets]
+def _f(name, kind, fn, *keysets, **options):
+    return [Format(name, kind, fn, frozenset(ks), **options) for ks in keysets]
 
 
 _ALL = [
     *_f("text", "text", fmt_text, {"text"}, doc="pretraining text: txt lines, or a text field"),
     *_f("huatuo", "qa", fmt_huatuo, {"question", "answer", "related_diseases"},
-        {"question", "answer", "label"}, {"questions", "answers"}, doc="Huatuo-26M QA"),
-    *_f("alpaca", "chat", fmt_alpaca, {"instruction", "output"}, doc="instruction/input/output"),
-    *_f("sharegpt", "chat", fmt_sharegpt, {"conversations"}, doc="conversations from/value"),
-    *_f("messages", "chat", fmt_messages, {"messages"}, doc="OpenAI messages role/content"),
+        {"question", "answer", "label"}, {"questions", "answers"}, doc="Huatuo-26M QA", evaluated_as="generation"),
+    *_f("alpaca", "chat", fmt_alpaca, {"instruction", "output"}, doc="instruction/input/output",
+        evaluated_as="generation"),
+    *_f("sharegpt", "chat", fmt_sharegpt, {"conversations"}, doc="conversations from/value",
+        evaluated_as="generation"),
+    *_f("messages", "chat", fmt_messages, {"messages"}, doc="OpenAI messages role/content",
+        evaluated_as="generation"),
     *_f("chatmed", "chat", fmt_chatmed, {"query", "response"}, doc="ChatMed query/response"),
     *_f("huatuogpt_eval", "chat", fmt_huatuogpt_eval, {"medical_case", "doctor_diagnosis"},
         {"id", "label", "query"}, doc="HuatuoGPT eval/ files (Med-dialog, KUAKE-QIC)"),
     *_f("paragraphs", "text", fmt_text, {"\0paragraphs"},
         doc="hard-wrapped .txt: one document per blank-line-separated paragraph"),
     *_f("promptcblue", "chat", fmt_promptcblue, {"input", "target", "task_type"},
-        {"input", "target", "answer_choices"}, doc="PromptCBLUE input/target"),
+        {"input", "target", "answer_choices"}, doc="PromptCBLUE input/target",
+        evaluated_as="promptcblue"),  # scored on its raw rows by PromptCBLUE's own metrics
     *_f("preference", "preference", fmt_preference, {"prompt", "chosen", "rejected"},
         {"chosen", "rejected"},
         {"question", "response_chosen", "response_rejected"},
         {"conversations", "chosen", "rejected"}, doc="the three preference shapes"),
     *_f("cmexam", "mcq", fmt_cmexam, {"Question", "Options", "Answer"}, {"Question", "Options"},
-        doc="CMExam CSV"),
+        doc="CMExam CSV", answer_field="Answer", evaluated_as="mcq"),
     *_f("medqa", "mcq", fmt_medqa, {"question", "options", "answer_idx"},
-        {"question", "options"}, doc="MedQA jsonl"),
+        {"question", "options"}, doc="MedQA jsonl", answer_field="answer_idx", evaluated_as="mcq"),
     *_f("medmcqa", "mcq", fmt_medmcqa, {"question", "opa", "opb", "cop"},
-        {"question", "opa", "opb"}, doc="MedMCQA", cop_base=medmcqa_cop_base),
+        {"question", "opa", "opb"}, doc="MedMCQA", cop_base=medmcqa_cop_base, answer_field="cop",
+        evaluated_as="mcq"),
     *_f("pubmedqa", "mcq", fmt_pubmedqa, {"QUESTION", "CONTEXTS"},
-        {"pubid", "question", "final_decision"}, doc="PubMedQA ori_pqal.json"),
+        {"pubid", "question", "final_decision"}, doc="PubMedQA ori_pqal.json", answer_field="final_decision",
+        evaluated_as="mcq"),
     *_f("ceval", "mcq", fmt_ceval, {"id", "question", "A", "B", "C", "D"},
-        {"question", "A", "B", "C", "D"}, doc="C-Eval CSV"),
+        {"question", "A", "B", "C", "D"}, doc="C-Eval CSV", evaluated_as="mcq"),
     *_f("mmlu", "mcq", fmt_mmlu, {"\0mmlu"},
-        doc="MMLU CSV (hendrycks/test: header-less question,A,B,C,D,answer; detected by detect.py)"),
-    *_f("cmb", "mcq", fmt_cmb, {"question", "option", "exam_type"}, doc="CMB-Exam JSON"),
+        doc="MMLU CSV (hendrycks/test: header-less question,A,B,C,D,answer; detected by detect.py)",
+        evaluated_as="mcq"),
+    *_f("cmb", "mcq", fmt_cmb, {"question", "option", "exam_type"}, doc="CMB-Exam JSON", evaluated_as="mcq"),
 ]
 
 SHAPES: list[Format] = _ALL

@@ -3,10 +3,9 @@
 ``load_records`` is what stages call; ``medpipe validate`` calls it for every stage and prints
 ``LoadResult.summary_table()``.
 
-Over 400 lines on purpose: this is the one path every record of every stage takes (read → per-
-record conversion → token lengths and the over-length policy → dedup → held-out → mix), and the
-counts of the validate table are filled along it; split, the table's columns would be filled in
-five places.
+The path every record of every stage takes, in order: read → per-record conversion (the format
+adapters of formats.py) → token lengths and the over-length policy → dedup → held-out split → mix;
+the counts of the validate table (`SourceReport`) are filled along it.
 """
 from __future__ import annotations
 
@@ -180,7 +179,7 @@ def _iter_file(path: str, fmt: str, src: SourceSpec, want: str, on_error: str, r
             rec = fn(raw, ctx)
             if needs_answer and not rec["answer"]:
                 raise ctx.err("no answer (unlabeled split); only evaluation can use it",
-                              _answer_field(fmt), "unlabeled")
+                              spec.answer_field, "unlabeled")
             if conv is not None:
                 rec = conv(rec)
         except DataError as e:
@@ -242,11 +241,6 @@ class Progress:
             dt = time.monotonic() - self.t0
             print(f"  read {_short(self.path)}: {n:,} records in {dt:.0f} s ({n / max(dt, 1e-9):,.0f} records/s)",
                   file=self.out, flush=True)
-
-
-def _answer_field(fmt):
-    return {"cmexam": "Answer", "medqa": "answer_idx", "medmcqa": "cop",
-            "pubmedqa": "final_decision", "ceval": "answer"}.get(fmt, "answer")
 
 
 def _count_error(report, e: DataError):

@@ -1,8 +1,7 @@
 """C-Poly: customizable combination of shared and task-specific LoRA skills (AntGLM-Med stage 3).
 
-(Over 400 lines on purpose: the layer, its allocation matrix, the PEFT-Poly-compatible wrapper
-and the merge-per-task export share one state object and one weight layout; each helper below
-says which part of the formula it is.)
+The layer, its allocation matrix, the PEFT-Poly-compatible wrapper and the merge-per-task
+export, on one weight layout; each helper below says which part of the formula it is.
 
 What a C-Poly layer computes (the AntGLM-Med paper): for an example of task t,
 

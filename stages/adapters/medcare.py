@@ -1,7 +1,7 @@
 """MedCare adapter layer: MKA (KA + routed NA experts) and DA (KA + Align) on the FFN linears.
 
-(Over 400 lines on purpose: MKA and DA are one layer with two modes sharing the KA weights, the
-routed product and the inject/merge/keep-NA code that must agree on one weight layout.)
+One layer with two modes (MKA, DA) sharing the KA weights, the routed product, and the
+inject / merge / keep-NA code, on one weight layout.
 
 Training-only module: it imports torch at top level, so only training code may import it
 (see docs/CONTRACTS.md, "Heavy imports").

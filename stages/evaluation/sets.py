@@ -1,6 +1,6 @@
-"""Reading and planning eval sets: every source of `data` is one set, its kind follows its format
-(mcq formats → multiple choice; chat formats → generation; promptcblue → PromptCBLUE), records in
-file order with `limit` applied, refused with a file:line error when they cannot be scored."""
+"""Reading and planning eval sets: every source of `data` is one set, of the kind its format adapter
+names (`Format.evaluated_as` in medpipe.data.formats: mcq, generation, promptcblue), records in file
+order with `limit` applied, refused with a file:line error when they cannot be scored."""
 from __future__ import annotations
 
 import re
@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MCQ_FORMATS = ("cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "mmlu", "cmb")
-GEN_FORMATS = ("alpaca", "sharegpt", "messages", "huatuo")
+READS_AS = {"mcq": "mcq", "generation": "chat", "promptcblue": "chat"}  # eval set kind → the records read
 
 # protocol=lm-eval: lm-eval task names → (format, file in its published shape, source options, the
 # recipe data name of the same split or None). The splits are those the tasks evaluate: MedQA US
@@ -107,6 +106,20 @@ def _source_format(src: Any) -> str:
     return detect_format(expand_paths(src)[0], src.columns)[0]
 
 
+def _set_kind(fmt: str, src: Any) -> str:
+    """The eval set kind of a format, or a DataError listing the formats each kind takes."""
+    from medpipe.data import DataError
+    from medpipe.data.formats import FORMATS
+
+    spec = FORMATS.get(fmt)
+    if spec is not None and spec.evaluated_as:
+        return spec.evaluated_as
+    takes = {k: [f.name for f in FORMATS.values() if f.evaluated_as == k] for k in READS_AS}
+    raise DataError(f"format '{fmt}' cannot be evaluated ("
+                    + "; ".join(f"{k}: {', '.join(names)}" for k, names in takes.items()) + ")",
+                    src.path, None, "format", reason="format")
+
+
 def plan_sets(p: Any, data_opts: dict | None = None) -> list[EvalSet]:
     """Read and validate every eval set (records in file order, `limit` applied)."""
     from medpipe.errors import ConfigError
@@ -123,19 +136,11 @@ def plan_sets(p: Any, data_opts: dict | None = None) -> list[EvalSet]:
             else p.data)
     for src in parse_spec(data):
         fmt = _source_format(src)
-        if fmt in MCQ_FORMATS:
-            kind, want = "mcq", "mcq"
-        elif fmt == "promptcblue":
-            kind, want = "promptcblue", "chat"
-        elif fmt in GEN_FORMATS:
-            kind, want = "generation", "chat"
-        else:
-            raise DataError(f"format '{fmt}' cannot be evaluated (mcq: {', '.join(MCQ_FORMATS)}; generation: "
-                            f"{', '.join(GEN_FORMATS)}; promptcblue)", src.path, None, "format", reason="format")
+        kind = _set_kind(fmt, src)
         if kind == "promptcblue":
             records, report = read_promptcblue(src, on_error)
         else:
-            records, report = read_source(src, want, on_error)
+            records, report = read_source(src, READS_AS[kind], on_error)
         if p.limit and len(records) > p.limit:
             report.drop("limit", len(records) - p.limit)
             records = records[: p.limit]

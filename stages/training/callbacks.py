@@ -3,7 +3,6 @@ the loss-spike guard (two modes: skip the update, or IIMedGPT's halve-the-loss).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import statistics
 import time
@@ -11,21 +10,20 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from medpipe import history
 from medpipe.errors import MedpipeError
 
 
 class ProgressCallback(TrainerCallback):
-    """Step progress on the terminal and every log line in `log_history.jsonl` (for the report)."""
+    """Step progress on the terminal and every log line in the stage's history (`medpipe.history`)."""
 
     def __init__(self, ctx: Any):
         self.ctx, self.t0 = ctx, time.monotonic()
-        self.path = ctx.output_dir / "log_history.jsonl"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+        history.append(self.ctx.output_dir, state.global_step, logs)
         shown = {k: v for k, v in logs.items() if isinstance(v, float) and k in
                  ("loss", "eval_loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins",
                   "orth_loss", "ce_loss")}

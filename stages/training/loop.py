@@ -1,6 +1,7 @@
 """The training loop around a trainer: the stage's input model (seeded before any adapter is
-built), train with resume from the last complete checkpoint, loss and distributed facts, and the
-saved result. Imported only inside `run()` (it imports torch and transformers)."""
+built), train with resume from the last complete checkpoint (`medpipe.history` owns that rule and
+the stage's log history), loss and distributed facts, and the saved result. Imported only inside
+`run()` (it imports torch and transformers)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from medpipe import history
 from medpipe.artifact import Artifact
 from medpipe.stages.models import loader
 from medpipe.stages.training.callbacks import SpikeGuard
@@ -105,9 +107,11 @@ def train(trainer, ctx: Any) -> dict:
     guards = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SpikeGuard)]
     for cb in guards:
         cb.install(trainer)
-    last = last_complete_checkpoint(ctx.output_dir / "checkpoints", say=ctx.say)
+    last = history.last_complete_checkpoint(ctx.output_dir / "checkpoints", say=ctx.say)
     if last:
         ctx.say(f"resuming from {Path(last).name}")
+    if trainer.is_world_process_zero():  # the lines an abandoned attempt logged past `last` go, once
+        history.trim(ctx.output_dir, history.checkpoint_step(last) if last else 0)
     with warnings.catch_warnings():
         # transformers 5 renamed gradient_* to activation_*; TRL still calls the old names every step
         warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
@@ -120,6 +124,13 @@ def train(trainer, ctx: Any) -> dict:
     metrics["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     if last:
         metrics["resumed_from"] = Path(last).name
+    if last and trainer.is_world_process_zero():
+        # the trainer's train_loss covers this attempt's steps only (0.0 when it resumed at the end)
+        whole = history.mean_loss(ctx.output_dir)
+        if whole is None:
+            metrics.pop("train_loss", None)
+        else:
+            metrics["train_loss"] = whole
     metrics.update(distributed_facts(trainer, ctx))
     for cb in guards:
         metrics["spike_guard_skipped"] = cb.skipped
@@ -186,63 +197,14 @@ def _plain_loading():
     return unregistered()
 
 
-def last_complete_checkpoint(ckpt_dir: Path, say: Any = None) -> str | None:
-    """The newest checkpoint that loads: its trainer state parses and every weights/optimizer file
-    reads back to its end (`checkpoint_problem`), so a run killed while saving, or a checkpoint torn
-    later, resumes from an older one instead of crashing in the trainer; `say` is told which
-    checkpoints were skipped and why."""
-    if not ckpt_dir.is_dir():
-        return None
-    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    for p in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        problem = checkpoint_problem(p)
-        if problem is None:
-            return str(p)
-        if say is not None:
-            say(f"skipping {p.name}: {problem}")
-    return None
-
-
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from ("FILE: why"), or None. Reads headers only: a
-    safetensors file's header and the sizes it declares, a torch file's zip directory."""
-    import json
-    import struct
-    import zipfile
-
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if not isinstance(state, dict) or "global_step" not in state:
-            return "trainer_state.json: no global_step"
-    except FileNotFoundError:
-        return "trainer_state.json: missing (the save did not finish)"
-    except (OSError, ValueError) as e:
-        return f"trainer_state.json: unreadable ({e})"
-    for f in sorted(ckpt.iterdir()):
-        try:
-            if f.suffix == ".safetensors":
-                with open(f, "rb") as fh:
-                    (n,) = struct.unpack("<Q", fh.read(8))
-                    header = json.loads(fh.read(n))
-                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-                if f.stat().st_size < 8 + n + end:
-                    return f"{f.name}: truncated ({f.stat().st_size} bytes, its header needs {8 + n + end})"
-            elif f.suffix in (".pt", ".pth", ".bin"):
-                with zipfile.ZipFile(f):
-                    pass
-        except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile) as e:
-            return f"{f.name}: unreadable ({type(e).__name__}: {e})"
-    return None
-
-
-def loss_metrics(history: list[dict]) -> dict:
-    losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
+def loss_metrics(log: list[dict]) -> dict:
+    losses = [h["loss"] for h in log if "loss" in h and math.isfinite(h["loss"])]
     out: dict = {}
     if losses:
         # mean of the first and of the last few logged losses: one batch alone is too noisy to compare
         k = max(1, min(3, len(losses) // 3))
         out["first_loss"], out["last_loss"] = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    evals = [h["eval_loss"] for h in log if "eval_loss" in h]
     if evals:
         out["best_eval_loss"], out["last_eval_loss"] = min(evals), evals[-1]
     return out
