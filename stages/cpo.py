@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
-from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
+from medpipe.stages.training.reference_free import ReferenceFreePairKind
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 
@@ -32,41 +32,24 @@ class CPOParams(TrainParams):
                                    ("cpo_alpha", self.cpo_alpha is None or self.cpo_alpha >= 0, ">= 0 or null")]
 
 
-class CPOStage(StageKind):
+class CPOStage(ReferenceFreePairKind):
     """CPO / SimPO (TRL, experimental): reference-free preference optimisation; LoRA or full."""
 
     Params = CPOParams
 
-    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.training.preference import check_pairs
-
-        return check_pairs(params, base, data_opts)
-
-    def run(self, ctx: Any):
-        import os
-
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-        from datasets import Dataset
+    def trl_classes(self) -> tuple[type, type]:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        from medpipe.stages.training.args import training_kwargs
-        from medpipe.stages.training.callbacks import callbacks
-        from medpipe.stages.training.loop import apply_lora, load_model, load_tokenizer, save_result, train
-        from medpipe.stages.training.preference import load_rows
+        return CPOConfig, CPOTrainer
 
-        p: CPOParams = ctx.params
-        tok = load_tokenizer(ctx)
-        rows, held, _ = load_rows(ctx, p)
-        alpha = p.cpo_alpha if p.cpo_alpha is not None else (0.0 if p.loss_type == "simpo" else 1.0)
-        model = apply_lora(load_model(ctx, p), p.peft)
-        args = CPOConfig(**training_kwargs(ctx, p), loss_type=p.loss_type, beta=p.beta, simpo_gamma=p.simpo_gamma,
-                         cpo_alpha=alpha, max_length=p.max_length, max_completion_length=p.max_completion_length,
-                         trust_remote_code=bool(ctx.model.get("trust_remote_code", False)))
-        trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             eval_dataset=Dataset.from_list(held) if held else None, processing_class=tok,
-                             callbacks=callbacks(ctx, p))
-        metrics = train(trainer, ctx)
-        last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
-        metrics.update({k.replace("/", "_"): v for k, v in last.items() if k in ("rewards/accuracies", "rewards/margins")})
-        metrics.update(pairs=len(rows), cpo_alpha=alpha)
-        return save_result(ctx, trainer, tok, p, metrics)
+    @staticmethod
+    def alpha(p: CPOParams) -> float:
+        """CPO's NLL weight: 1.0, but 0 for pure SimPO, unless set."""
+        return p.cpo_alpha if p.cpo_alpha is not None else (0.0 if p.loss_type == "simpo" else 1.0)
+
+    def config_options(self, ctx: Any) -> dict:
+        p = ctx.params
+        return {"loss_type": p.loss_type, "beta": p.beta, "simpo_gamma": p.simpo_gamma, "cpo_alpha": self.alpha(p)}
+
+    def metrics(self, ctx: Any, trainer: Any, data: Any) -> dict:
+        return {**super().metrics(ctx, trainer, data), "pairs": data.pairs, "cpo_alpha": self.alpha(ctx.params)}

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from medpipe.params import param
-from medpipe.stagekind import StageKind
 from medpipe.stages.training.params import TrainParams
+from medpipe.stages.training.reference_free import ReferenceFreePairKind
 
 
 @dataclass
@@ -29,41 +29,21 @@ class ORPOParams(TrainParams):
                                     ">= 1 or null")]
 
 
-class ORPOStage(StageKind):
+class ORPOStage(ReferenceFreePairKind):
     """ORPO (TRL, experimental): SFT + odds-ratio preference in one stage, reference-free; LoRA or full."""
 
     Params = ORPOParams
 
-    def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.training.preference import check_pairs
+    logged = ReferenceFreePairKind.logged + ("log_odds_ratio", "nll_loss")
 
-        return check_pairs(params, base, data_opts)
-
-    def run(self, ctx: Any):
-        import os
-
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-        from datasets import Dataset
+    def trl_classes(self) -> tuple[type, type]:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        from medpipe.stages.training.args import training_kwargs
-        from medpipe.stages.training.callbacks import callbacks
-        from medpipe.stages.training.loop import apply_lora, load_model, load_tokenizer, save_result, train
-        from medpipe.stages.training.preference import load_rows
+        return ORPOConfig, ORPOTrainer
 
-        p: ORPOParams = ctx.params
-        tok = load_tokenizer(ctx)
-        rows, held, read = load_rows(ctx, p)
-        model = apply_lora(load_model(ctx, p), p.peft)
-        args = ORPOConfig(**training_kwargs(ctx, p), beta=p.beta, max_length=p.max_length,
-                          max_completion_length=p.max_completion_length,
-                          trust_remote_code=bool(ctx.model.get("trust_remote_code", False)))
-        trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                              eval_dataset=Dataset.from_list(held) if held else None, processing_class=tok,
-                              callbacks=callbacks(ctx, p))
-        metrics = train(trainer, ctx)
-        last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
-        metrics.update({k.replace("/", "_"): v for k, v in last.items()
-                        if k in ("rewards/accuracies", "rewards/margins", "log_odds_ratio", "nll_loss")})
-        metrics.update(pairs=len(rows), identical_pairs_dropped=read - len(rows))
-        return save_result(ctx, trainer, tok, p, metrics)
+    def config_options(self, ctx: Any) -> dict:
+        return {"beta": ctx.params.beta}
+
+    def metrics(self, ctx: Any, trainer: Any, data: Any) -> dict:
+        return {**super().metrics(ctx, trainer, data), "pairs": data.pairs,
+                "identical_pairs_dropped": data.read - data.pairs}
