@@ -97,11 +97,24 @@ class TextPieces:
 
     def __init__(self, tok: Any, stop_ids: set[int], stop: tuple = (), strip: bool = True):
         self.tok, self.stops, self.sent, self.stop, self.strip = tok, stop_ids, "", stop, strip
+        self.covered = 0  # leading tokens whose text lies wholly in the text sent (their logprobs may go)
+
+    def _text(self, tokens: list[int]) -> str:
+        text = self.tok.decode(tokens, skip_special_tokens=True)
+        return text.lstrip() if self.strip else text
+
+    def cover(self, tokens: list[int]) -> int:
+        """How many leading tokens the text sent so far holds whole: a token of held-back text (a stop
+        string's start, trailing whitespace, half a character) is not covered until its text is sent,
+        and one of a stop string never is (the final Completion's logprobs end where its text ends)."""
+        while self.covered < len(tokens) and tokens[self.covered] not in self.stops \
+                and len(self._text(tokens[:self.covered + 1])) <= len(self.sent):
+            self.covered += 1
+        return self.covered
 
     def feed(self, tokens: list[int]) -> str:
         cut = next((j for j, t in enumerate(tokens) if t in self.stops), len(tokens))
-        text = self.tok.decode(tokens[:cut], skip_special_tokens=True)
-        text = text.lstrip() if self.strip else text
+        text = self._text(tokens[:cut])
         if text.endswith("\ufffd"):
             return ""
         if self.stop:
@@ -543,12 +556,13 @@ class EngineStream:
         self.req = engine.submit(ids, max_new_tokens, on_tokens=post, max_length=max_length, **(opts or {}))
         self.req.future.add_done_callback(lambda f: post(None))
         self.pieces = TextPieces(engine.local.tok, engine.stops, self.req.stop, self.req.strip)
-        self.seen = 0  # tokens the pieces so far were decoded from
+        self.tokens: list[int] = []  # the newest token list the pieces so far were decoded from
         self.lp_sent = 0
 
     def new_logprobs(self) -> list:
-        """The per-token log-probabilities of tokens the pieces so far came from, not yet sent."""
-        got = self.req.lps[self.lp_sent:self.seen]
+        """The per-token log-probabilities of tokens whose text the pieces so far hold whole, not yet
+        sent (not of every token decoded: text held back at a stop string may never be sent)."""
+        got = self.req.lps[self.lp_sent:self.pieces.cover(self.tokens)]
         self.lp_sent += len(got)
         return got
 
@@ -574,7 +588,7 @@ class EngineStream:
                         self.queue.put_nowait(None)
                         break
                     item = newer
-                self.seen = len(item)
+                self.tokens = item
                 piece = self.pieces.feed(item)
                 if piece:
                     yield piece
