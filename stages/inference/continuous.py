@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from medpipe.errors import MedpipeError
 
+from .packed import PrefixStore
 from .runtime import Completion, find_stop, held_back, left_padded_batches, pad_id, top_logprobs, visible_text
 
 
@@ -162,6 +163,7 @@ class ContinuousEngine:
         self.closed = False
         self.batch = Batch()
         self.filling: list[Prefill] = []  # admitted, prompt not yet (fully) in the cache
+        self.prefix = PrefixStore()  # the last prompt prefilled: the next ones' common prefix with it is reused
         self.thread = threading.Thread(target=self._loop, name="medpipe-cb-loop", daemon=True)
         self.thread.start()
 
@@ -291,9 +293,9 @@ class ContinuousEngine:
         return not self.batch.rows or any(f.waited or f.done for f in self.filling) \
             or len(self.batch.rows) + len(self.filling) >= self.max_batch
 
-    def _forward(self, all_logits: bool = False, **kw: Any) -> Any:
+    def _forward(self, all_logits: bool = False, keep: Any = 1, **kw: Any) -> Any:
         if self.keep_logits and not all_logits:
-            kw["logits_to_keep"] = 1
+            kw["logits_to_keep"] = keep
         self.steps += 1
         return self.model(use_cache=True, **kw)
 
@@ -310,6 +312,9 @@ class ContinuousEngine:
             if (len(group) + 1) * len(group[0].req.ids if group else f.req.ids) > self.prefill_tokens:
                 break
             group.append(f)
+        if group and self.attn in ("sdpa", "eager"):  # kernels that take a 4-D mask: packed, no padding
+            self._prefill_packed(group)
+            return
         if group:
             # one left-padded batch, rows in the group's (longest-first) order
             _, ids, mask = next(left_padded_batches([f.req.ids for f in group], len(group), self.pad))
@@ -345,6 +350,45 @@ class ContinuousEngine:
         f.done = end
         if end == len(f.req.ids):
             self._join([f], out.past_key_values, mask, out.logits[:, -1])
+
+    def _prefill_packed(self, group: list["Prefill"]) -> None:
+        """The group's prompts in one forward without padding (packed.py): their common prefix once,
+        the part of it an earlier prompt left in `self.prefix` not at all; then each prompt's cache
+        gathered into the left-padded rows the batch keeps."""
+        import torch
+        from transformers import DynamicCache
+
+        from .packed import gather_rows, packed_inputs, plan
+
+        prompts = [f.req.ids for f in group]
+        echo = any(f.req.echo for f in group)  # every prompt position's logits: nothing shared or cached
+        cached, shared = (0, 0) if echo else plan(prompts, self.prefix)
+        ids, pos, mask4, spans = packed_inputs(prompts, cached, shared, self.attn, self.model.dtype)
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(self.prefix.layers if cached else ()):
+            cache.update(k[:, :, :cached], v[:, :, :cached], i)
+        head = shared - cached  # packed tokens before the prompts' own ones
+        last = torch.tensor([head + s + n - 1 for s, n in spans], device=self.device)
+        out = self._forward(echo, keep=last, input_ids=ids.to(self.device), attention_mask=mask4.to(self.device),
+                            position_ids=pos.to(self.device), past_key_values=cache)
+        logits = out.logits[0]
+        if echo or not self.keep_logits:  # every packed position's logits came back
+            for f, (s, n) in zip(group, spans):
+                if f.req.echo:  # each prompt token given the ones before it, from this same forward
+                    f.req.prompt_lps = [None] + top_logprobs(logits[s:s + n - 1], ids[0, s + 1:s + n].to(self.device),
+                                                             f.req.logprobs or 0)
+            logits = logits[last]
+        for f in group:
+            f.done = len(f.req.ids)
+        index, mask = gather_rows(shared, spans)
+        index, mask = index.to(self.device), mask.to(self.device)
+        for layer in out.past_key_values.layers:  # (1, heads, columns, dim) → (rows, heads, width, dim)
+            layer.keys = layer.keys[0][:, index].transpose(0, 1).contiguous()
+            layer.values = layer.values[0][:, index].transpose(0, 1).contiguous()
+        pad = int(mask.shape[1]) - len(prompts[-1])  # the last prompt's cache row, unpadded, for the next ones
+        self.prefix.keep(prompts[-1], [(layer.keys[-1:, :, pad:].clone(), layer.values[-1:, :, pad:].clone())
+                                       for layer in out.past_key_values.layers])
+        self._join(group, out.past_key_values, mask, logits)
 
     def _join(self, group: list["Prefill"], cache: Any, mask: Any, logits: Any) -> None:
         """Prefilled prompts (their cache, mask and the logits of their first token) into the running
@@ -497,8 +541,14 @@ class Batch:
     def merge(self, reqs: list[EngineRequest], cache: Any, mask: Any, first: Any) -> None:
         import torch
 
+        from .packed import slack_layer_class
+
         pos = mask.sum(1)
         if not self.rows:
+            slack = slack_layer_class()
+            for layer in cache.layers:  # decoding steps write into room allocated ahead (packed.py)
+                if type(layer).__name__ == "DynamicLayer":
+                    layer.__class__ = slack
             self.rows, self.cache, self.mask, self.last, self.pos = list(reqs), cache, mask, first, pos
             self.padded = bool((mask == 0).any())
             return
