@@ -126,7 +126,12 @@ def test_streamed_logprobs_stop_where_the_text_stops_for_a_slow_reader(model):
     finally:
         engine.close()
     got = [e for ev in events if ev["choices"][0]["logprobs"] for e in ev["choices"][0]["logprobs"]["content"]]
-    assert got == chat_logprobs(model.tok, whole.logprobs)["content"]
+    want = chat_logprobs(model.tok, whole.logprobs)["content"]
+    # the same tokens and alternatives; the values within 1e-4 (the second request's prompt shares the
+    # first's cached prefix, computed in another forward: they differ in the 6th digit)
+    assert [(e["token"], [t["token"] for t in e["top_logprobs"]]) for e in got] == \
+        [(e["token"], [t["token"] for t in e["top_logprobs"]]) for e in want]
+    assert all(abs(a["logprob"] - b["logprob"]) <= 1e-4 for a, b in zip(got, want))
     assert "".join(ev["choices"][0]["delta"].get("content", "") for ev in events) == whole.text
 
 

@@ -2,8 +2,9 @@
 next decoding step and leave it when they finish, instead of waiting for a whole batch to end.
 
 One loop thread owns the model. Each iteration runs at most one prefill forward (every short prompt
-waiting, left-padded together; or the next `prefill_chunk` tokens of one long prompt, so a 4k-token
-prompt does not stall the others) and one decode forward for every running row. The running rows share
+waiting, packed into one row without padding, their common prefix computed once and the part of it
+the last prompt left cached not at all: packed.py; or the next `prefill_chunk` tokens of one long
+prompt, so a 4k-token prompt does not stall the others) and one decode forward for every running row. The running rows share
 one left-padded KV cache (transformers' `DynamicCache`): a prefilled prompt's cache is padded and
 concatenated on the batch dimension, a finished row is dropped and the columns every row pads are cut.
 Positions and the attention mask are kept per row, so each row computes what it would alone (as the
