@@ -81,6 +81,60 @@ def test_stop_strings_end_at_the_string_streamed_or_not(served, model):
     assert last.usage.prompt_tokens == r.usage.prompt_tokens and all(c.usage is None for c in chunks[:-1])
 
 
+def three_token_stop(model, ids):
+    """A stop string from the last character of one generated token through the whole next one into
+    the first character of the one after it, and the tokens generated before it ends."""
+    gen = model.generate_ids([ids], max_new_tokens=40)[0]
+    toks = model.tok(gen.text, add_special_tokens=False)["input_ids"]
+    pieces = [model.tok.decode([t]) for t in toks]
+    at = 0
+    for a, b, c in zip(pieces, pieces[1:], pieces[2:]):
+        at += len(a)
+        stop = a[-1:] + b + c[:1]
+        if at > 4 and len(stop) >= 3 and stop.strip() == stop and gen.text.find(stop) == at - 1:
+            return stop
+    raise AssertionError(f"no stop string over three tokens in {gen.text!r}")
+
+
+def test_streamed_logprobs_stop_where_the_text_stops_for_a_slow_reader(model):
+    """A streamed chat with logprobs and a stop string whose reader falls behind (the token lists so
+    far coalesce, the newest holding tokens of the stop string) carries exactly the non-streamed
+    answer's entries: none for a token of the stop string the text never showed. Before the fix the
+    stream sent one entry per token decoded, the held-back ones included."""
+    import asyncio
+
+    from medpipe.commands.serve_openai import chat_logprobs, sse
+    from medpipe.commands.serve_requests import ApiError
+    from medpipe.stages.inference.continuous import ContinuousEngine
+
+    msgs, _ = long_answer(model)
+    ids = model.encode(model.render(msgs))
+    stop = three_token_stop(model, ids)
+    engine = ContinuousEngine(model)
+    try:
+        whole = engine.submit(ids, 40, stop=(stop,), logprobs=2).future.result(timeout=60)
+        assert whole.finish_reason == "stop" and len(whole.logprobs) == whole.completion_tokens
+
+        async def streamed():
+            pieces = engine.stream(ids, 40, stop=(stop,), logprobs=2)
+            await asyncio.to_thread(pieces.req.future.result, 60)  # the reader comes back after the end
+            req = {"include_usage": False, "logprobs": 2, "echo": False}
+            return [e async for e in sse("chat", model.tok, {}, pieces, ApiError(503, "t", "t"), req,
+                                         pieces.new_logprobs)]
+
+        events = [json.loads(e[6:]) for e in asyncio.run(streamed()) if e.startswith("data: {")]
+    finally:
+        engine.close()
+    got = [e for ev in events if ev["choices"][0]["logprobs"] for e in ev["choices"][0]["logprobs"]["content"]]
+    want = chat_logprobs(model.tok, whole.logprobs)["content"]
+    # the same tokens and alternatives; the values within 1e-4 (the second request's prompt shares the
+    # first's cached prefix, computed in another forward: they differ in the 6th digit)
+    assert [(e["token"], [t["token"] for t in e["top_logprobs"]]) for e in got] == \
+        [(e["token"], [t["token"] for t in e["top_logprobs"]]) for e in want]
+    assert all(abs(a["logprob"] - b["logprob"]) <= 1e-4 for a, b in zip(got, want))
+    assert "".join(ev["choices"][0]["delta"].get("content", "") for ev in events) == whole.text
+
+
 def reference_logprobs(model, ids: list[int], gen: list[int]):
     """log_softmax of one plain forward over prompt + generated tokens: per generated token (logprob, top-3 ids)."""
     import torch

@@ -2,8 +2,9 @@
 next decoding step and leave it when they finish, instead of waiting for a whole batch to end.
 
 One loop thread owns the model. Each iteration runs at most one prefill forward (every short prompt
-waiting, left-padded together; or the next `prefill_chunk` tokens of one long prompt, so a 4k-token
-prompt does not stall the others) and one decode forward for every running row. The running rows share
+waiting, packed into one row without padding, their common prefix computed once and the part of it
+the last prompt left cached not at all: packed.py; or the next `prefill_chunk` tokens of one long
+prompt, so a 4k-token prompt does not stall the others) and one decode forward for every running row. The running rows share
 one left-padded KV cache (transformers' `DynamicCache`): a prefilled prompt's cache is padded and
 concatenated on the batch dimension, a finished row is dropped and the columns every row pads are cut.
 Positions and the attention mask are kept per row, so each row computes what it would alone (as the
@@ -36,6 +37,7 @@ from typing import Any, Callable
 
 from medpipe.errors import MedpipeError
 
+from .packed import PrefixStore
 from .runtime import Completion, find_stop, held_back, left_padded_batches, pad_id, top_logprobs, visible_text
 
 
@@ -97,11 +99,24 @@ class TextPieces:
 
     def __init__(self, tok: Any, stop_ids: set[int], stop: tuple = (), strip: bool = True):
         self.tok, self.stops, self.sent, self.stop, self.strip = tok, stop_ids, "", stop, strip
+        self.covered = 0  # leading tokens whose text lies wholly in the text sent (their logprobs may go)
+
+    def _text(self, tokens: list[int]) -> str:
+        text = self.tok.decode(tokens, skip_special_tokens=True)
+        return text.lstrip() if self.strip else text
+
+    def cover(self, tokens: list[int]) -> int:
+        """How many leading tokens the text sent so far holds whole: a token of held-back text (a stop
+        string's start, trailing whitespace, half a character) is not covered until its text is sent,
+        and one of a stop string never is (the final Completion's logprobs end where its text ends)."""
+        while self.covered < len(tokens) and tokens[self.covered] not in self.stops \
+                and len(self._text(tokens[:self.covered + 1])) <= len(self.sent):
+            self.covered += 1
+        return self.covered
 
     def feed(self, tokens: list[int]) -> str:
         cut = next((j for j, t in enumerate(tokens) if t in self.stops), len(tokens))
-        text = self.tok.decode(tokens[:cut], skip_special_tokens=True)
-        text = text.lstrip() if self.strip else text
+        text = self._text(tokens[:cut])
         if text.endswith("\ufffd"):
             return ""
         if self.stop:
@@ -149,6 +164,7 @@ class ContinuousEngine:
         self.closed = False
         self.batch = Batch()
         self.filling: list[Prefill] = []  # admitted, prompt not yet (fully) in the cache
+        self.prefix = PrefixStore()  # the last prompt prefilled: the next ones' common prefix with it is reused
         self.thread = threading.Thread(target=self._loop, name="medpipe-cb-loop", daemon=True)
         self.thread.start()
 
@@ -278,9 +294,9 @@ class ContinuousEngine:
         return not self.batch.rows or any(f.waited or f.done for f in self.filling) \
             or len(self.batch.rows) + len(self.filling) >= self.max_batch
 
-    def _forward(self, all_logits: bool = False, **kw: Any) -> Any:
+    def _forward(self, all_logits: bool = False, keep: Any = 1, **kw: Any) -> Any:
         if self.keep_logits and not all_logits:
-            kw["logits_to_keep"] = 1
+            kw["logits_to_keep"] = keep
         self.steps += 1
         return self.model(use_cache=True, **kw)
 
@@ -297,6 +313,9 @@ class ContinuousEngine:
             if (len(group) + 1) * len(group[0].req.ids if group else f.req.ids) > self.prefill_tokens:
                 break
             group.append(f)
+        if group and self.attn in ("sdpa", "eager"):  # kernels that take a 4-D mask: packed, no padding
+            self._prefill_packed(group)
+            return
         if group:
             # one left-padded batch, rows in the group's (longest-first) order
             _, ids, mask = next(left_padded_batches([f.req.ids for f in group], len(group), self.pad))
@@ -332,6 +351,45 @@ class ContinuousEngine:
         f.done = end
         if end == len(f.req.ids):
             self._join([f], out.past_key_values, mask, out.logits[:, -1])
+
+    def _prefill_packed(self, group: list["Prefill"]) -> None:
+        """The group's prompts in one forward without padding (packed.py): their common prefix once,
+        the part of it an earlier prompt left in `self.prefix` not at all; then each prompt's cache
+        gathered into the left-padded rows the batch keeps."""
+        import torch
+        from transformers import DynamicCache
+
+        from .packed import gather_rows, packed_inputs, plan
+
+        prompts = [f.req.ids for f in group]
+        echo = any(f.req.echo for f in group)  # every prompt position's logits: nothing shared or cached
+        cached, shared = (0, 0) if echo else plan(prompts, self.prefix)
+        ids, pos, mask4, spans = packed_inputs(prompts, cached, shared, self.attn, self.model.dtype)
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(self.prefix.layers if cached else ()):
+            cache.update(k[:, :, :cached], v[:, :, :cached], i)
+        head = shared - cached  # packed tokens before the prompts' own ones
+        last = torch.tensor([head + s + n - 1 for s, n in spans], device=self.device)
+        out = self._forward(echo, keep=last, input_ids=ids.to(self.device), attention_mask=mask4.to(self.device),
+                            position_ids=pos.to(self.device), past_key_values=cache)
+        logits = out.logits[0]
+        if echo or not self.keep_logits:  # every packed position's logits came back
+            for f, (s, n) in zip(group, spans):
+                if f.req.echo:  # each prompt token given the ones before it, from this same forward
+                    f.req.prompt_lps = [None] + top_logprobs(logits[s:s + n - 1], ids[0, s + 1:s + n].to(self.device),
+                                                             f.req.logprobs or 0)
+            logits = logits[last]
+        for f in group:
+            f.done = len(f.req.ids)
+        index, mask = gather_rows(shared, spans)
+        index, mask = index.to(self.device), mask.to(self.device)
+        for layer in out.past_key_values.layers:  # (1, heads, columns, dim) → (rows, heads, width, dim)
+            layer.keys = layer.keys[0][:, index].transpose(0, 1).contiguous()
+            layer.values = layer.values[0][:, index].transpose(0, 1).contiguous()
+        pad = int(mask.shape[1]) - len(prompts[-1])  # the last prompt's cache row, unpadded, for the next ones
+        self.prefix.keep(prompts[-1], [(layer.keys[-1:, :, pad:].clone(), layer.values[-1:, :, pad:].clone())
+                                       for layer in out.past_key_values.layers])
+        self._join(group, out.past_key_values, mask, logits)
 
     def _join(self, group: list["Prefill"], cache: Any, mask: Any, logits: Any) -> None:
         """Prefilled prompts (their cache, mask and the logits of their first token) into the running
@@ -484,8 +542,14 @@ class Batch:
     def merge(self, reqs: list[EngineRequest], cache: Any, mask: Any, first: Any) -> None:
         import torch
 
+        from .packed import slack_layer_class
+
         pos = mask.sum(1)
         if not self.rows:
+            slack = slack_layer_class()
+            for layer in cache.layers:  # decoding steps write into room allocated ahead (packed.py)
+                if type(layer).__name__ == "DynamicLayer":
+                    layer.__class__ = slack
             self.rows, self.cache, self.mask, self.last, self.pos = list(reqs), cache, mask, first, pos
             self.padded = bool((mask == 0).any())
             return
@@ -543,12 +607,13 @@ class EngineStream:
         self.req = engine.submit(ids, max_new_tokens, on_tokens=post, max_length=max_length, **(opts or {}))
         self.req.future.add_done_callback(lambda f: post(None))
         self.pieces = TextPieces(engine.local.tok, engine.stops, self.req.stop, self.req.strip)
-        self.seen = 0  # tokens the pieces so far were decoded from
+        self.tokens: list[int] = []  # the newest token list the pieces so far were decoded from
         self.lp_sent = 0
 
     def new_logprobs(self) -> list:
-        """The per-token log-probabilities of tokens the pieces so far came from, not yet sent."""
-        got = self.req.lps[self.lp_sent:self.seen]
+        """The per-token log-probabilities of tokens whose text the pieces so far hold whole, not yet
+        sent (not of every token decoded: text held back at a stop string may never be sent)."""
+        got = self.req.lps[self.lp_sent:self.pieces.cover(self.tokens)]
         self.lp_sent += len(got)
         return got
 
@@ -574,7 +639,7 @@ class EngineStream:
                         self.queue.put_nowait(None)
                         break
                     item = newer
-                self.seen = len(item)
+                self.tokens = item
                 piece = self.pieces.feed(item)
                 if piece:
                     yield piece
