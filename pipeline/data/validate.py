@@ -24,10 +24,11 @@ from .render import chat_to_text, mcq_to_chat, mcq_to_text, qa_to_chat, qa_to_te
     mcq_answer
 from .sources import SourceSpec, expand_paths, parse_spec
 
-WANTS = ("text", "chat", "preference", "mcq")
-# which record kinds can feed which want
+WANTS = ("text", "chat", "preference", "feedback", "mcq")
+# which record kinds can feed which want (feedback: KTO's labelled answers; pairs stay pairs, the
+# kto stage splits each into a good and a bad answer)
 COMPAT = {"text": ("text", "qa", "mcq"), "chat": ("chat", "qa", "mcq"),
-          "preference": ("preference",), "mcq": ("mcq",)}
+          "preference": ("preference",), "feedback": ("feedback", "preference"), "mcq": ("mcq",)}
 MAX_EXAMPLES = 5
 
 
@@ -130,7 +131,7 @@ def _short(p: str, n: int = 48) -> str:
 # ---- per-record conversion -------------------------------------------------------------------
 
 def _converter(kind: str, want: str, task):
-    if kind == want:
+    if kind == want or (kind, want) == ("preference", "feedback"):
         return None
     if (kind, want) == ("qa", "text"):
         return qa_to_text
@@ -329,6 +330,8 @@ def _render_for_length(rec: dict, tokenizer) -> str:
         return rec["text"]
     if "messages" in rec:
         msgs = rec["messages"]
+    elif "completion" in rec:
+        msgs = rec["prompt"] + [{"role": "assistant", "content": rec["completion"]}]
     elif "prompt" in rec:
         longer = max(rec["chosen"], rec["rejected"], key=len)
         msgs = rec["prompt"] + [{"role": "assistant", "content": longer}]
@@ -411,7 +414,7 @@ def load_records(spec, want: str, *, seed: int = 0, on_error: str = "fail", base
                  heldout: float = 0.0) -> LoadResult:
     """Read, validate, dedup, split and mix a stage's data.
 
-    want       "text" | "chat" | "preference" | "mcq"
+    want       "text" | "chat" | "preference" | "feedback" | "mcq"
     on_error   "fail" (default: the first broken record raises DataError with its location)
                | "skip" (broken records are counted per reason in the reports)
     tokenizer  optional: token-length percentiles per source, and the over-length check
