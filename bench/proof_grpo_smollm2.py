@@ -25,10 +25,11 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import niced  # noqa: E402
 FIGURES = ("reward", "format_valid", "accuracy", "completion_tokens")
 GOAL = ("reward", "format_valid")
 
@@ -36,25 +37,11 @@ GOAL = ("reward", "format_valid")
 def run_seed(seed: int, root: Path, extra: list[str], nice: int) -> subprocess.Popen:
     medpipe = str(Path(sys.executable).with_name("medpipe"))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = ["nice", "-n", str(nice), medpipe, "run", "recipe=med_rlvr", "model=smollm2-135m", f"seed={seed}",
+    cmd = [medpipe, "run", "recipe=med_rlvr", "model=smollm2-135m", f"seed={seed}",
            f"run.root={root / f'seed{seed}'}", *extra]
     log = open(root / f"seed{seed}.log", "w")
-    print(" ".join(cmd[3:]), f"(nice {nice}) → {log.name}", flush=True)
-    # own session = own scheduler autogroup (Linux sched_autogroup): `nice` alone only ranks a process
-    # against its own session's processes, so the whole group's nice is raised too (root only)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    try:
-        Path(f"/proc/{proc.pid}/autogroup").write_text(str(nice))
-    except OSError as e:
-        print(f"autogroup nice not set ({e}): the chain competes at the default priority", flush=True)
-    return proc
-
-
-def wait(proc: subprocess.Popen, started: float) -> dict:
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "wall_s": time.time() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+    print(" ".join(cmd[1:]), f"(nice {nice}) → {log.name}", flush=True)
+    return niced.start(cmd, nice, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def stage_dirs(seed_root: Path) -> dict:
@@ -101,12 +88,10 @@ def main() -> None:
         load.append(os.getloadavg()[0])
         if args.sequential:
             for s in args.seeds:
-                t = time.time()
-                runs[s] = wait(run_seed(s, root, args.extra, args.nice), t)
+                runs[s] = niced.wait(run_seed(s, root, args.extra, args.nice))
         else:
-            t = time.time()
             procs = {s: run_seed(s, root, args.extra, args.nice) for s in args.seeds}
-            runs = {s: wait(p, t) for s, p in procs.items()}
+            runs = {s: niced.wait(p) for s, p in procs.items()}
         stop.set()
         bad = {s: r["rc"] for s, r in runs.items() if r["rc"]}
         if bad:
