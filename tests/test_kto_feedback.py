@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import medpipe
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "kto_feedback_en.jsonl"
@@ -86,3 +88,30 @@ def test_validate_refuses_a_missing_label(tmp_path):
 def test_validate_refuses_a_label_that_is_not_true_or_false(tmp_path):
     _one_line_exit_2(tmp_path, json.dumps({"prompt": "Cough?", "completion": [{"role": "assistant", "content": "Ignore it."}], "label": "bad"}),
                      ["'label'", "expected true or false"])
+
+
+def test_the_fixture_in_both_trl_shapes_is_detected_and_read_exactly():
+    """TRL's standard (strings) and conversational (turns) unpaired rows; a good and a bad answer to
+    one prompt stay two records (the duplicate check keys them on prompt + answer)."""
+    from medpipe.data import detect_format, load_records
+
+    path = Path(__file__).parent / "fixtures" / "formats" / "kto.jsonl"
+    assert detect_format(str(path))[0] == "kto"
+    recs = {r["_loc"].rsplit(":", 1)[1]: {k: r[k] for k in ("prompt", "completion", "label")}
+            for r in load_records(str(path), "feedback").records}
+    hr = [{"role": "user", "content": "What is a normal resting heart rate for adults?"}]
+    assert recs == {
+        "1": {"prompt": hr, "completion": "60 to 100 beats per minute.", "label": True},
+        "2": {"prompt": [{"role": "system", "content": "You are a cautious doctor."},
+                         {"role": "user", "content": "Can I take ibuprofen with warfarin?"}],
+              "completion": "Yes, freely; they do not interact.", "label": False},
+        "3": {"prompt": hr, "completion": "About 200 beats per minute.", "label": False}}
+
+
+def test_a_stage_that_wants_pairs_refuses_feedback_by_name(tmp_path):
+    """dpo/orpo/cpo need pairs: a `kto` file there is one line naming the format and the want."""
+    from medpipe.data import DataError, load_records
+
+    path = Path(__file__).parent / "fixtures" / "formats" / "kto.jsonl"
+    with pytest.raises(DataError, match="format 'kto' gives feedback records; a stage that wants preference"):
+        load_records(str(path), "preference")
