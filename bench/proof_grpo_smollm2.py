@@ -55,8 +55,7 @@ def read_seed(seed_root: Path) -> dict:
     out = {f"{when}/{k}": m[f"heldout_{when}/{k}"] for when in ("before", "after") for k in FIGURES}
     out["n"] = m["heldout_before/n"]
     out.update({k: m[k] for k in ("zero_std_frac_start", "zero_std_frac_end", "reward_start", "reward_end") if k in m})
-    steps = [json.loads(line) for line in (dirs["grpo"] / "logs" / "log_history.jsonl").read_text().splitlines()
-             if line.strip()] if (dirs["grpo"] / "logs" / "log_history.jsonl").exists() else []
+    steps = [json.loads(line) for line in (dirs["grpo"] / "log_history.jsonl").read_text().splitlines() if line.strip()]
     times = [h["step_time"] for h in steps if "step_time" in h]
     out["grpo_steps"], out["grpo_s_per_step"] = len(times), (statistics.median(times) if times else None)
     for exam in ("exam_base", "exam_before", "exam_after"):
@@ -96,6 +95,10 @@ def main() -> None:
         bad = {s: r["rc"] for s, r in runs.items() if r["rc"]}
         if bad:
             sys.exit(f"failed: {bad} (see {root}/seed*.log)")
+        (root / "usage.json").write_text(json.dumps({"runs": runs, "load": load}))
+    elif (root / "usage.json").exists():  # the CPU / wall / load figures of the run that made these stages
+        saved = json.loads((root / "usage.json").read_text())
+        runs, load = {int(s): r for s, r in saved["runs"].items()}, saved["load"]
     res = {s: read_seed(root / f"seed{s}") | runs.get(s, {}) for s in args.seeds}
     spread = {f"{w}/{k}": max(r[f"{w}/{k}"] for r in res.values()) - min(r[f"{w}/{k}"] for r in res.values())
               for w in ("before", "after") for k in FIGURES}
