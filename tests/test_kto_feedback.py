@@ -115,3 +115,14 @@ def test_a_stage_that_wants_pairs_refuses_feedback_by_name(tmp_path):
     path = Path(__file__).parent / "fixtures" / "formats" / "kto.jsonl"
     with pytest.raises(DataError, match="format 'kto' gives feedback records; a stage that wants preference"):
         load_records(str(path), "preference")
+
+
+def test_pairs_that_are_all_identical_are_refused_for_kto_too(tmp_path):
+    """kto splits pairs into answers; pairs whose answers are all the same teach nothing: refused
+    when read, as for dpo (before the fix: read without a word, and the stage failed later)."""
+    from medpipe.data import DataError, load_records
+
+    p = tmp_path / "same.jsonl"
+    p.write_text(json.dumps({"prompt": "Cough?", "chosen": "Rest.", "rejected": "Rest."}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no usable preference pairs: all 1 have chosen == rejected"):
+        load_records(str(p), "feedback")

@@ -310,7 +310,7 @@ def check_source_result(src: SourceSpec, report: SourceReport, n_out: int, want:
     wanted, ids_cache = getattr(report, "_ids", (None, None))
     if wanted is not None:
         report.ids_missing = len(wanted - ids_cache["seen"])
-    if n_out and want == "preference" and report.identical_pairs == n_out:
+    if n_out and want in ("preference", "feedback") and report.identical_pairs == n_out:
         raise DataError(f"no usable preference pairs: all {n_out} have chosen == rejected",
                         src.path, None, "chosen", reason="identical_pair")
     if report.records == 0:
