@@ -85,10 +85,14 @@ def child(cmd: list[str], nice: int) -> dict:
     return used
 
 
-def rollout_rate(log: Path) -> tuple[float, int]:
+def rollout_rate(log: Path) -> tuple[float, int, float]:
+    """(completion tokens/s, completion tokens, prompt + completion tokens/s): the second rate also
+    counts the prompts each step scores (TRL's cumulative num_tokens), so two sides whose steps drew
+    prompts of other lengths compare on the work done."""
     steps = [h for h in map(json.loads, log.read_text().splitlines()) if "step_time" in h and "completions/mean_length" in h]
     tokens = sum(h["completions/mean_length"] * BATCH for h in steps)
-    return tokens / sum(h["step_time"] for h in steps), int(tokens)
+    seconds = sum(h["step_time"] for h in steps)
+    return tokens / seconds, int(tokens), steps[-1]["num_tokens"] / seconds
 
 
 def main() -> None:
@@ -107,6 +111,7 @@ def main() -> None:
     if a.handwritten:
         return handwritten(a.handwritten, a.model, a.steps, a.tokens)
     rates: dict[str, list[float]] = {"stage": [], "handwritten": []}
+    processed: dict[str, list[float]] = {"stage": [], "handwritten": []}
     load = [os.getloadavg()[0]]
     for rep in range(a.reps):
         for side in ("stage", "handwritten"):
@@ -118,12 +123,16 @@ def main() -> None:
                                   str(a.steps), "--tokens", str(a.tokens)], a.nice)
                     log = Path(tmp, "log_history.jsonl")
                 load.append(os.getloadavg()[0])
-                rate, tokens = rollout_rate(log)
+                rate, tokens, all_rate = rollout_rate(log)
                 rates[side].append(rate)
-                print(f"rep {rep} {side}: {rate:.1f} rollout tokens/s ({tokens} tokens in {a.steps} steps); process "
+                processed[side].append(all_rate)
+                print(f"rep {rep} {side}: {rate:.1f} rollout tokens/s ({tokens} tokens in {a.steps} steps), "
+                      f"{all_rate:.0f} prompt+completion tokens/s; process "
                       f"{used['cpu_s']:.0f} CPU s, {used['wall_s']:.0f} wall s; load {load[-1]:.1f}", flush=True)
     s, h = statistics.median(rates["stage"]), statistics.median(rates["handwritten"])
-    print(f"RESULT grpo rollout tokens/s: stage {s:.1f}, hand-written TRL {h:.1f}, hand-written/stage = {h / s:.3f} "
+    ps, ph = statistics.median(processed["stage"]), statistics.median(processed["handwritten"])
+    print(f"RESULT grpo rollout tokens/s: stage {s:.1f}, hand-written TRL {h:.1f}, hand-written/stage = {h / s:.3f}; "
+          f"prompt+completion tokens/s: stage {ps:.0f}, hand-written {ph:.0f}, hand-written/stage = {ph / ps:.3f} "
           f"(model {Path(a.model).name}, {a.steps} steps, {BATCH} completions/step, {a.tokens} tokens, {a.reps} reps; "
           f"load average {min(load):.1f}–{max(load):.1f}, {time.strftime('%H:%M UTC', time.gmtime())})")
 
