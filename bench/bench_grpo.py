@@ -1,6 +1,7 @@
 """GRPO rollout throughput: the `grpo` stage against a hand-written TRL GRPO script on the same
 data and settings (LoRA r 8 on all linear layers, 2 prompts × 4 completions per step, the same
-max_completion_length, temperature 1, beta 0, a length reward, seed 42).
+max_completion_length, temperature 1, beta 0, a length reward, seed 42, no activation checkpointing —
+TRL's GRPOConfig turns it on by default, medpipe's stages do not: the script sets it off to match).
 
     .venv/bin/python bench/bench_grpo.py [--model DIR] [--steps 4] [--reps 2] [--tokens 32]
 
@@ -57,7 +58,8 @@ def handwritten(out: str, model_dir: str, steps: int, tokens: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, num_generations=GENS,
                       max_completion_length=tokens, temperature=1.0, beta=0.0, learning_rate=LR, logging_steps=1,
-                      save_steps=100000, report_to=[], use_cpu=True, bf16=False, seed=42, disable_tqdm=True)
+                      save_steps=100000, report_to=[], use_cpu=True, bf16=False, seed=42, disable_tqdm=True,
+                      gradient_checkpointing=False)  # TRL's GRPO default is True (~20 % slower); the stage's is false
     trainer = GRPOTrainer(model=model, reward_funcs=length, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                                        target_modules="all-linear", task_type="CAUSAL_LM"))
