@@ -43,13 +43,13 @@ def handwritten(out: str, model_dir: str, steps: int, tokens: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    rows = []
-    for line in DATA.read_text().splitlines():
-        r = json.loads(line)
-        opts = "\n".join(f"{k}. {v}" for k, v in r["options"].items())
-        text = (f"Question: {r['question']}\nOptions:\n{opts}\nGive the final answer as <answer>X</answer>, where X "
-                "is the letter of the correct option (all correct letters if several are correct).")
-        rows.append({"prompt": [{"role": "user", "content": text}]})
+    from medpipe.data import load_records
+    from medpipe.stages.rewards.answers import prompt_messages
+
+    # the stage's prompt rows in the stage's order (medpipe's reader lists them, seed 0 as the
+    # recipe's data.seed; TRL's sampler then shuffles both sides alike): the same prompts per step
+    rows = [{"prompt": prompt_messages(r, "auto", [], False)}
+            for r in load_records({"path": str(DATA), "format": "medqa"}, "mcq", seed=0).records]
 
     def length(prompts, completions, **kw):
         return [0.01 * len(c[0]["content"]) for c in completions]
