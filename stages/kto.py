@@ -1,7 +1,8 @@
 """`kto` — Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on TRL's KTOTrainer: learns
 from answers labelled good or bad one at a time (unpaired), the MedicalGPT / Zhongjing style of
-feedback. The data are medpipe's preference records, unpaired as TRL's `unpair_preference_dataset`
-does: every pair gives its chosen answer as desirable and its rejected answer as undesirable.
+feedback. The data: labelled answers as they come (format `kto`, TRL's unpaired shape {prompt,
+completion, label}; see samples/kto_feedback_en.jsonl) and/or medpipe's preference pairs, unpaired
+as TRL's `unpair_preference_dataset` does (the chosen answer desirable, the rejected undesirable).
 Reference = the input model (LoRA: a new adapter TRL builds, disabled for the reference; full: a frozen copy TRL reloads from
 `config._name_or_path`, pointed at the input artifact's directory), like `dpo`. Same hand-off."""
 from __future__ import annotations
@@ -34,15 +35,31 @@ class KTOParams(TrainParams):
                                    ("undesirable_weight", self.undesirable_weight > 0, "> 0")]
 
 
+def feedback_rows(records: list[dict], say) -> list[dict]:
+    """TRL's conversational unpaired rows: a labelled answer (format `kto`) as it is; a preference
+    pair as its chosen answer (label true) and its rejected answer (label false), as TRL's
+    `unpair_preference_dataset`."""
+    from medpipe.stages.training.preference import unpaired_rows
+
+    rows = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}], "label": r["label"]}
+            for r in records if "completion" in r]
+    pairs = [r for r in records if "completion" not in r]
+    return rows + (unpaired_rows(pairs, say) if pairs else [])
+
+
 class KTOStage(StageKind):
     """KTO (TRL): unpaired good/bad answers, reference = the input model; LoRA or full."""
 
     Params = KTOParams
 
     def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.stages.training.preference import check_pairs
+        from medpipe.data import load_records
+        from medpipe.stages.training.params import data_options
+        from medpipe.stages.training.tokenizer import length_tokenizer
 
-        return check_pairs(params, base, data_opts)
+        tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
+        return load_records(params.data, "feedback", tokenizer=tok, max_length=params.max_length,
+                            **data_options(params, data_opts)).summary_table().splitlines()
 
     def run(self, ctx: Any):
         from datasets import Dataset
@@ -53,7 +70,8 @@ class KTOStage(StageKind):
         from medpipe.stages.training.callbacks import callbacks
         from medpipe.stages.models.loader import lora_config
         from medpipe.stages.training.loop import load_model, load_tokenizer, save_result, train
-        from medpipe.stages.training.preference import load_rows, unpaired_rows
+        from medpipe.data import load_records
+        from medpipe.stages.training.params import data_options
 
         p: KTOParams = ctx.params
         micro, _ = batch_layout(ctx, p)
@@ -61,7 +79,10 @@ class KTOStage(StageKind):
             raise MedpipeError(f"stages.{ctx.name}.batch_size: KTO estimates its KL term within a device's batch: "
                                f"needs >= 2 answers per device, got {micro} (raise batch_size or micro_batch_size)")
         tok = load_tokenizer(ctx)
-        rows, held, _ = load_rows(ctx, p, unpaired_rows)
+        loaded = load_records(p.data, "feedback", heldout=p.heldout, **data_options(p, ctx.data))
+        rows, held = feedback_rows(loaded.records, ctx.say), feedback_rows(loaded.heldout, ctx.say)
+        if not rows:
+            raise MedpipeError(f"stages.{ctx.name}: no usable labelled answers or preference pairs in {p.data}")
         model = load_model(ctx, p)  # seeds: the LoRA TRL builds on it starts the same in any process
         model.config._name_or_path = str(ctx.input.model_path)  # a full-training reference reloads from here
         args = KTOConfig(**training_kwargs(ctx, p), beta=p.beta, loss_type=p.loss_type, max_length=p.max_length,

@@ -155,7 +155,8 @@ def test_columns_rename_and_error_names_file_field(tmp_path):
 
 def test_every_registered_format_has_a_fixture():
     covered = {"text", "huatuo", "alpaca", "sharegpt", "messages", "promptcblue", "preference",
-               "cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "chatmed", "huatuogpt_eval", "paragraphs", "mmlu", "cmb"}
+               "cmexam", "medqa", "medmcqa", "pubmedqa", "ceval", "chatmed", "huatuogpt_eval", "paragraphs", "mmlu", "cmb",
+               "kto"}
     assert set(FORMATS) == covered
 
 

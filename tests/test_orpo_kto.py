@@ -61,3 +61,16 @@ def test_simpo_is_cpo_with_one_parameter(tmp_path):
     assert art["kind"] == "cpo" and m["cpo_alpha"] == 0.0 and m["steps"] == 4   # pure SimPO: no NLL term
     assert m["last_loss"] < m["first_loss"]
     assert changed(art["base_model_path"], art["merged_path"])
+
+
+def test_kto_trains_on_labelled_feedback(tmp_path):
+    """The bundled feedback sample (format kto: single answers labelled good or bad) trains as is."""
+    from medpipe.compose import package_dir
+
+    data = f"{{path: '{package_dir('samples')}/kto_feedback_en.jsonl', format: kto}}"
+    art = run(tmp_path, f"kto: {{kind: kto, data: {data}, lr: 5e-4, max_steps: 3, batch_size: 4, "
+                        "max_length: 128, logging_steps: 1, peft: {r: 4, alpha: 8}}")
+    m = art["metrics"]
+    assert art["kind"] == "kto" and m["steps"] == 3
+    assert m["answers"] == 64 and m["desirable"] == 32     # 48 pairs' worth: 16 with both answers, 16 good, 16 bad
+    assert changed(art["base_model_path"], art["merged_path"])

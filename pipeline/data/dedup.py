@@ -39,13 +39,16 @@ def key_hash(s: str) -> bytes:
 
 def record_key(rec: dict) -> str:
     """The text that identifies a record for duplicates / heldout clusters / eval overlap:
-    text → text; chat → system+user turns; preference → prompt turns;
+    text → text; chat → system+user turns; preference → prompt turns; feedback → prompt turns +
+    the labelled answer (a good and a bad answer to one prompt are two records);
     mcq → context + question + option texts (generic stems like "which is correct?" differ by
     their options)."""
     if "text" in rec:
         return rec["text"]
     if "messages" in rec:
         return "\n".join(m["content"] for m in rec["messages"] if m["role"] != "assistant")
+    if "completion" in rec:
+        return "\n".join([*(m["content"] for m in rec["prompt"]), rec["completion"]])
     if "prompt" in rec:
         return "\n".join(m["content"] for m in rec["prompt"])
     if "options" in rec:

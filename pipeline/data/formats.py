@@ -10,6 +10,7 @@ text        {"text"}
 qa          {"question", "answer"}                       (Huatuo-26M; rendered by render.py)
 chat        {"messages", "task"}
 preference  {"prompt": [messages ending with user], "chosen", "rejected"}
+feedback    {"prompt": [messages ending with user], "completion", "label": bool}   (unpaired, KTO)
 mcq         {"id", "question", "context", "options", "answer", "explanation", "subject", "task"}
 =========== ============================================================================
 
@@ -365,6 +366,36 @@ def fmt_preference(r, ctx):
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _label(r, ctx) -> bool:
+    """KTO's label: JSON true/false (CSV: true/false/1/0 as text)."""
+    if "label" not in r:
+        raise ctx.err("missing", "label", "missing_field")
+    v = r["label"]
+    if isinstance(v, bool):
+        return v
+    if ctx.container == "csv" and isinstance(v, (str, int)) and str(v).strip().lower() in ("true", "false", "1", "0"):
+        return str(v).strip().lower() in ("true", "1")
+    if v is None:
+        raise ctx.err("is null: expected true (a good answer) or false (a bad one)", "label", "missing_field")
+    raise ctx.err(f"wrong type: expected true or false, got {_tname(v)} {v!r}"[:200], "label", "wrong_type")
+
+
+def fmt_kto(r, ctx):
+    """TRL's unpaired preference shape (KTO; MedicalGPT / Zhongjing style feedback): one answer
+    per record labelled good or bad, {prompt, completion, label}; prompt a string or a message
+    list, completion a string or a list of turns (the last is the answer)."""
+    for k in ("prompt", "completion"):
+        if k not in r:
+            raise ctx.err("missing", k, "missing_field")
+    prompt = _system(r, ctx, _prompt_msgs(r["prompt"], ctx, "prompt"))
+    completion = _pref_answer(r["completion"], ctx, "completion")
+    label = _label(r, ctx)
+    if prompt[-1]["role"] != "user":
+        raise ctx.err(f"the prompt must end with a user turn (ends with '{prompt[-1]['role']}')",
+                      "prompt", "bad_dialogue")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
 # ---- multiple choice -----------------------------------------------------------------------
 
 _OPT_LINE = re.compile(r"^\s*([A-Z])\s*(?:[\.\:：、．\)）]\s*|\s+)(.*)$")
@@ -673,7 +704,7 @@ def fmt_cmb(r, ctx):
 @dataclass(frozen=True)
 class Format:
     name: str
-    kind: str          # text | qa | chat | preference | mcq
+    kind: str          # text | qa | chat | preference | feedback | mcq
     fn: object
     keys: frozenset    # keys that identify the shape for auto-detection (all required)
     doc: str = ""
@@ -708,6 +739,8 @@ _ALL = [
         {"chosen", "rejected"},
         {"question", "response_chosen", "response_rejected"},
         {"conversations", "chosen", "rejected"}, doc="the three preference shapes"),
+    *_f("kto", "feedback", fmt_kto, {"prompt", "completion", "label"},
+        doc="unpaired good/bad answers (TRL KTO: prompt, completion, label)"),
     *_f("cmexam", "mcq", fmt_cmexam, {"Question", "Options", "Answer"}, {"Question", "Options"},
         doc="CMExam CSV", answer_field="Answer", evaluated_as="mcq"),
     *_f("medqa", "mcq", fmt_medqa, {"question", "options", "answer_idx"},
@@ -733,4 +766,4 @@ for _fm in _ALL:
 
 FORMAT_ALIASES = {"txt": "text", "openai": "messages",
                   "chatml": "messages", "huatuo26m": "huatuo", "cblue": "promptcblue",
-                  "dpo": "preference", "c-eval": "ceval", "pqal": "pubmedqa"}
+                  "dpo": "preference", "unpaired": "kto", "c-eval": "ceval", "pqal": "pubmedqa"}

@@ -23,10 +23,11 @@ from .render import chat_to_text, mcq_to_chat, mcq_to_text, qa_to_chat, qa_to_te
     mcq_answer
 from .sources import SourceSpec, expand_paths, parse_spec
 
-WANTS = ("text", "chat", "preference", "mcq")
-# which record kinds can feed which want
+WANTS = ("text", "chat", "preference", "feedback", "mcq")
+# which record kinds can feed which want (feedback: KTO's labelled answers; pairs stay pairs, the
+# kto stage splits each into a good and a bad answer)
 COMPAT = {"text": ("text", "qa", "mcq"), "chat": ("chat", "qa", "mcq"),
-          "preference": ("preference",), "mcq": ("mcq",)}
+          "preference": ("preference",), "feedback": ("feedback", "preference"), "mcq": ("mcq",)}
 MAX_EXAMPLES = 5
 
 
@@ -129,7 +130,7 @@ def _short(p: str, n: int = 48) -> str:
 # ---- per-record conversion -------------------------------------------------------------------
 
 def _converter(kind: str, want: str, task):
-    if kind == want:
+    if kind == want or (kind, want) == ("preference", "feedback"):
         return None
     if (kind, want) == ("qa", "text"):
         return qa_to_text
@@ -303,7 +304,7 @@ def check_source_result(src: SourceSpec, report: SourceReport, n_out: int, want:
     wanted, ids_cache = getattr(report, "_ids", (None, None))
     if wanted is not None:
         report.ids_missing = len(wanted - ids_cache["seen"])
-    if n_out and want == "preference" and report.identical_pairs == n_out:
+    if n_out and want in ("preference", "feedback") and report.identical_pairs == n_out:
         raise DataError(f"no usable preference pairs: all {n_out} have chosen == rejected",
                         src.path, None, "chosen", reason="identical_pair")
     if report.records == 0:
@@ -323,6 +324,8 @@ def _render_for_length(rec: dict, tokenizer) -> str:
         return rec["text"]
     if "messages" in rec:
         msgs = rec["messages"]
+    elif "completion" in rec:
+        msgs = rec["prompt"] + [{"role": "assistant", "content": rec["completion"]}]
     elif "prompt" in rec:
         longer = max(rec["chosen"], rec["rejected"], key=len)
         msgs = rec["prompt"] + [{"role": "assistant", "content": longer}]
@@ -405,7 +408,7 @@ def load_records(spec, want: str, *, seed: int = 0, on_error: str = "fail", base
                  heldout: float = 0.0) -> LoadResult:
     """Read, validate, dedup, split and mix a stage's data.
 
-    want       "text" | "chat" | "preference" | "mcq"
+    want       "text" | "chat" | "preference" | "feedback" | "mcq"
     on_error   "fail" (default: the first broken record raises DataError with its location)
                | "skip" (broken records are counted per reason in the reports)
     tokenizer  optional: token-length percentiles per source, and the over-length check

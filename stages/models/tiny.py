@@ -42,9 +42,9 @@ from medpipe.paths import cache_root  # noqa: E402  (re-exported: the tiny model
 
 
 # Samples bundled after the tiny model's corpus was settled (an eval stand-in, the RL recipe's exam
-# items and format-teaching conversations) stay out of the tokenizer's corpus: the tiny model (and so
+# items and format-teaching conversations, the KTO feedback sample) stay out of the tokenizer's corpus: the tiny model (and so
 # every stage key, digest and cached store built on it) does not change when a sample is added.
-LATER_SAMPLES = ("promptcblue.jsonl", "mcq_rlvr_en.jsonl", "sft_rlvr_en.jsonl")
+LATER_SAMPLES = ("promptcblue.jsonl", "mcq_rlvr_en.jsonl", "sft_rlvr_en.jsonl", "kto_feedback_en.jsonl")
 
 
 def corpus_files() -> list[Path]:
