@@ -24,7 +24,7 @@ from .artifact import Artifact, ArtifactError, check_files, model_fingerprint, s
 from .entry import STAGE_FILE
 from .errors import ConfigError, MedpipeError
 from .params import GlobalBatch
-from .store import RUN_FILE, now, read_status
+from .store import now, read_status
 
 if TYPE_CHECKING:
     from .compose import StagePlan
@@ -195,7 +195,7 @@ def build_plan(cfg: Any, plans: list[StagePlan], *, build_base: bool, identify: 
     return plan
 
 
-def check_plan(plan: RunPlan, plans_data: dict, console: Any) -> None:
+def check_plan(plan: RunPlan, console: Any) -> None:
     """What `validate` checks and `run` refuses before anything trains: places writable, trackers
     answering, a stage refused by the memory plan, a global batch that does not divide, a stage
     without data, and each kind's own data check (its summary lines printed)."""
@@ -203,6 +203,7 @@ def check_plan(plan: RunPlan, plans_data: dict, console: Any) -> None:
     from .data import DataError
     from .store import check_places
 
+    data = global_data(plan.cfg)
     check_places(plan.cfg)     # run dir and store writable
     tracking.check_trackers(plan.cfg)   # each configured tracker answers (short timeout)
     if plan.refusals:
@@ -215,7 +216,7 @@ def check_plan(plan: RunPlan, plans_data: dict, console: Any) -> None:
             raise ConfigError(f"stages.{p.name}.data: required (a path, a conf/data entry such as "
                               f"${{data.sft}}, or a list of sources)")
         try:
-            lines = p.cls().check(p.params, plan.base, plans_data) or []
+            lines = p.cls().check(p.params, plan.base, data) or []
         except (DataError, MedpipeError) as e:
             raise MedpipeError(f"stages.{p.name}: {e}") from None
         if not lines:  # a kind without data to check (StageKind.check's default)

@@ -87,7 +87,7 @@ class Pipeline:
         """The run plan, checked: everything `run` refuses is refused here, before anything is written."""
         plan = build_plan(self.cfg, self.plans, build_base=True, identify=True,
                           verify=str(self.cfg.run.get("verify") or "size"))
-        check_plan(plan, global_data(self.cfg), self.console)
+        check_plan(plan, self.console)
         return plan
 
     def run(self, force: bool = False, from_stage: str | None = None, only: str | None = None) -> Path:

@@ -209,13 +209,12 @@ def validate(args: Overrides = None) -> None:
         console.print(f"model: {plan.base.model_path}")
         for line in plan.memory_lines():  # `check_plan` refuses what does not fit
             console.print(line.lstrip("# "), soft_wrap=True, markup=False)
-        data = global_data(loaded.cfg)
-        missing = missing_data(loaded.plans, data)  # all of them at once, each with where its set is published
+        missing = missing_data(loaded.plans, global_data(loaded.cfg))  # all of them at once, each with where its set is published
         for line in missing:
             print(f"missing: {line}", file=sys.stderr)
         if missing:
             raise ConfigError(f"{len(missing)} data file(s) missing (listed above); nothing was read")
-        check_plan(plan, data, console)
+        check_plan(plan, console)
         console.print(f"[green]✓ {loaded.recipe}: config, model and data are valid ({len(loaded.plans)} stages)")
     except _user_errors() as e:
         _fail(e)
