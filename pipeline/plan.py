@@ -40,6 +40,7 @@ class PlannedStage:
     stage: StagePlan
     batch: str | None = None        # "global batch 8 = 1 per device × ...", training stages only
     batch_error: str | None = None  # why the global batch cannot split over the ranks
+    memory: Any = None              # its medpipe.memplan.StageMemory (per GPU), training stages only
     config_hash: str = ""
     data: dict = dataclasses.field(default_factory=dict)  # data fingerprints (part of the inputs hash)
     input_identity: str = ""   # what the inputs hash says about the input (base id, content:…, key:…)
@@ -189,6 +190,8 @@ def build_plan(cfg: Any, plans: list[StagePlan], *, build_base: bool, identify: 
                 st.batch_error = str(e)
     model_dir = base.model_path if base is not None else None
     plan.memories, plan.memory_from = memplan.plan_recipe(cfg, plans, model_dir)
+    for m in plan.memories:
+        plan.stage(m.stage).memory = m
     plan.refusals = [r for r in (memplan.zero3_refusal(cfg, plans),
                                  memplan.refusal(cfg, plans, model_dir, planned=(plan.memories, plan.memory_from)))
                      if r]
