@@ -91,13 +91,15 @@ class RunPlan:
         """Before `st` runs: its inputs hash names the content its upstream really handed on in this
         run (a retrained upstream may differ from what the plan saw). True when its key changed."""
         source = st.stage.source
-        if source is None or source not in done:
-            return False
-        identity = upstream_identity(done[source]) or f"key:{self.stage(source).key}"
-        if identity == st.input_identity:
-            return False
-        self._identify(st, identity)
-        return True
+        if source is not None and source in done:
+            identity = upstream_identity(done[source]) or f"key:{self.stage(source).key}"
+            if identity != st.input_identity:
+                self._identify(st, identity)
+                return True
+        if st.artifact is None and st.problem is None and Artifact.exists(st.store_dir):
+            # another run sharing the store finished this entry since the plan was made
+            st.artifact, st.problem = inspect_entry(st, full=self.verify == "full")
+        return False
 
     def run_file(self, recipe: str) -> dict:
         """run.json: which store entry each stage of the run dir uses (`medpipe status` reads it)."""

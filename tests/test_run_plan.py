@@ -118,3 +118,25 @@ def test_show_prints_the_plan_from_one_read_of_each_finished_stage(kinds, counte
         f"{next(store.glob('weights-*'))}",
         f"#  02-c [consume] input: stage 'w'; reuse finished result {next(store.glob('consume-*'))}"]
     assert dict(counted) == {"config_hash": 2, "inputs_hash": 2, "load": 2}
+
+
+def test_an_entry_another_run_finished_after_the_plan_is_reused_not_retrained(kinds, tmp_path, monkeypatch):
+    """Two runs sharing a store: the one that planned first finds the other's results when it gets to
+    them, and reuses them (never moves them aside to train the same stage again)."""
+    from medpipe import run
+
+    first, out = pipeline(tmp_path)
+    checked = run.check_plan
+
+    def the_other_run_finishes_first(plan, console):
+        checked(plan, console)
+        monkeypatch.setattr(run, "check_plan", checked)
+        other, _ = pipeline(tmp_path)
+        other.cfg.run.dir = str(tmp_path / "runs" / "other")
+        other.run()
+
+    monkeypatch.setattr(run, "check_plan", the_other_run_finishes_first)
+    first.run()
+    assert out.getvalue().count("✓ reused") == 2, out.getvalue()
+    assert (tmp_path / "count").read_text() == "1"  # consume ran once, in the other run
+    assert not list((tmp_path / "runs" / ".store").glob("*.replaced-*"))
