@@ -78,11 +78,11 @@ class RunPlan:
     launcher: dict      # the recipe's launcher, resolved
     world: int          # ranks a training stage runs on
     base: Artifact | None   # the first stage's input, when built (run, validate, submit)
-    base_id: str | None     # its identity, when the stages were identified (run, show, submit)
-    memories: list          # medpipe.memplan.StageMemory of each training stage
-    memory_from: str | None  # where the model's shape came from (None: unknown)
-    refusals: list[str]      # a stage that cannot run under the ZeRO stage, or does not fit the GPU
     verify: str = "size"
+    base_id: str | None = None   # its identity, when the stages were identified (run, show, submit)
+    memories: list = dataclasses.field(default_factory=list)  # memplan.StageMemory of each training stage
+    memory_from: str | None = None  # where the model's shape came from (None: unknown)
+    refusals: list[str] = dataclasses.field(default_factory=list)  # a stage refused by the memory plan
 
     def stage(self, name: str) -> PlannedStage:
         return next(s for s in self.stages if s.name == name)
@@ -170,7 +170,7 @@ def build_plan(cfg: Any, plans: list[StagePlan], *, build_base: bool, identify: 
     stages = [PlannedStage(p) for p in plans]
     launcher = OmegaConf.to_container(cfg.launcher, resolve=True)
     check_launcher(launcher)  # counts, ports, sbatch values: one line naming the key
-    plan = RunPlan(cfg, stages, launcher, launch.planned_world_size(launcher), base, None, [], None, [], verify)
+    plan = RunPlan(cfg, stages, launcher, launch.planned_world_size(launcher), base, verify)
     if identify:
         plan.base_id = base_identity(cfg)
         model_opts = OmegaConf.to_container(cfg.model, resolve=True)
