@@ -140,3 +140,18 @@ def test_an_entry_another_run_finished_after_the_plan_is_reused_not_retrained(ki
     assert out.getvalue().count("✓ reused") == 2, out.getvalue()
     assert (tmp_path / "count").read_text() == "1"  # consume ran once, in the other run
     assert not list((tmp_path / "runs" / ".store").glob("*.replaced-*"))
+
+
+def test_launchers_are_one_table_that_every_conf_launcher_is_in(monkeypatch, tmp_path):
+    from medpipe import launch
+    from medpipe.compose import group_options
+    from medpipe.errors import MedpipeError
+
+    assert set(group_options("launcher")) <= set(launch.LAUNCHERS)
+    with pytest.raises(MedpipeError, match=r"^unknown launcher 'mpirun' \(available: local, deepspeed, torchrun, "
+                                           r"accelerate, slurm\)$"):
+        launch.command({"name": "mpirun"}, tmp_path / "stage.json")
+    monkeypatch.setitem(launch.LAUNCHERS, "mpirun", lambda lau, f: ["mpirun", "-n", str(lau["num_gpus"]), str(f)])
+    assert launch.command({"name": "mpirun", "num_gpus": 2}, tmp_path / "stage.json") == \
+        ["mpirun", "-n", "2", str(tmp_path / "stage.json")]
+    assert launch.command({"name": "local"}, tmp_path / "stage.json") is None
