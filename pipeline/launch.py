@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import MedpipeError
 
@@ -47,47 +47,70 @@ def planned_world_size(launcher: dict) -> int:
 def command(launcher: dict, stage_file: Path) -> list[str] | None:
     """The exact command that starts the stage, or None for in-process."""
     name = launcher["name"]
-    if name == "slurm":
-        from .slurm import srun_command
+    if name not in LAUNCHERS:
+        raise MedpipeError(f"unknown launcher '{name}' (available: {', '.join(LAUNCHERS)})")
+    return LAUNCHERS[name](launcher, stage_file)
 
-        return srun_command(launcher, stage_file, MODULE, _bin)
-    gpus, nodes = int(launcher.get("num_gpus", 1)), int(launcher.get("num_nodes", 1))
-    port = str(launcher.get("master_port", 29500))
-    addr = launcher.get("master_addr")
+
+def _net(launcher: dict) -> tuple[int, int, str, Any, list[str]]:
+    """(GPUs per node, nodes, master port, master address, extra launcher arguments)."""
+    return (int(launcher.get("num_gpus", 1)), int(launcher.get("num_nodes", 1)), str(launcher.get("master_port", 29500)),
+            launcher.get("master_addr"), [str(a) for a in launcher.get("extra_args") or []])
+
+
+def _local(launcher: dict, stage_file: Path) -> None:
+    return None
+
+
+def _deepspeed(launcher: dict, stage_file: Path) -> list[str]:
+    gpus, nodes, port, addr, extra = _net(launcher)
     hostfile = launcher.get("hostfile")
-    extra = [str(a) for a in launcher.get("extra_args") or []]
-    if name == "local":
-        return None
-    if name == "deepspeed":
-        cmd = [_bin("deepspeed"), *deepspeed_devices(gpus, nodes, hostfile), "--master_port", port]
-        if hostfile:
-            cmd += ["--hostfile", str(hostfile)]
-        if addr:
-            cmd += ["--master_addr", str(addr)]
-        return cmd + extra + ["--module", MODULE, str(stage_file)]
-    if name == "torchrun":
-        cmd = [_bin("torchrun"), "--nproc_per_node", str(gpus), "--nnodes", str(nodes)]
-        if nodes > 1:
-            if not addr:
-                raise MedpipeError("launcher=torchrun with num_nodes > 1 needs launcher.master_addr (rendezvous host)")
-            cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{addr}:{port}"]
-        else:
-            cmd += ["--master_port", port]
-        return cmd + extra + ["-m", MODULE, str(stage_file)]
-    if name == "accelerate":
-        cmd = [_bin("accelerate"), "launch", "--num_processes", str(gpus * nodes), "--num_machines", str(nodes),
-               "--main_process_port", port]
-        if launcher.get("deepspeed", True):
-            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(launcher.get("deepspeed_config") or stage_file.parent / DEEPSPEED_FILE)]
-        elif gpus * nodes > 1:
-            # without --multi_gpu, accelerate silently starts ONE process
-            cmd += ["--multi_gpu"]
-        if nodes > 1:
-            if not addr:
-                raise MedpipeError("launcher=accelerate with num_nodes > 1 needs launcher.master_addr")
-            cmd += ["--main_process_ip", str(addr), "--machine_rank", str(launcher.get("node_rank", 0))]
-        return cmd + extra + ["-m", MODULE, str(stage_file)]
-    raise MedpipeError(f"unknown launcher '{name}' (available: local, deepspeed, torchrun, accelerate, slurm)")
+    cmd = [_bin("deepspeed"), *deepspeed_devices(gpus, nodes, hostfile), "--master_port", port]
+    if hostfile:
+        cmd += ["--hostfile", str(hostfile)]
+    if addr:
+        cmd += ["--master_addr", str(addr)]
+    return cmd + extra + ["--module", MODULE, str(stage_file)]
+
+
+def _torchrun(launcher: dict, stage_file: Path) -> list[str]:
+    gpus, nodes, port, addr, extra = _net(launcher)
+    cmd = [_bin("torchrun"), "--nproc_per_node", str(gpus), "--nnodes", str(nodes)]
+    if nodes > 1:
+        if not addr:
+            raise MedpipeError("launcher=torchrun with num_nodes > 1 needs launcher.master_addr (rendezvous host)")
+        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{addr}:{port}"]
+    else:
+        cmd += ["--master_port", port]
+    return cmd + extra + ["-m", MODULE, str(stage_file)]
+
+
+def _accelerate(launcher: dict, stage_file: Path) -> list[str]:
+    gpus, nodes, port, addr, extra = _net(launcher)
+    cmd = [_bin("accelerate"), "launch", "--num_processes", str(gpus * nodes), "--num_machines", str(nodes),
+           "--main_process_port", port]
+    if launcher.get("deepspeed", True):
+        cmd += ["--use_deepspeed", "--deepspeed_config_file",
+                str(launcher.get("deepspeed_config") or stage_file.parent / DEEPSPEED_FILE)]
+    elif gpus * nodes > 1:
+        # without --multi_gpu, accelerate silently starts ONE process
+        cmd += ["--multi_gpu"]
+    if nodes > 1:
+        if not addr:
+            raise MedpipeError("launcher=accelerate with num_nodes > 1 needs launcher.master_addr")
+        cmd += ["--main_process_ip", str(addr), "--machine_rank", str(launcher.get("node_rank", 0))]
+    return cmd + extra + ["-m", MODULE, str(stage_file)]
+
+
+def _slurm(launcher: dict, stage_file: Path) -> list[str]:
+    from .slurm import srun_command
+
+    return srun_command(launcher, stage_file, MODULE, _bin)
+
+
+# launcher name (conf/launcher/<name>.yaml) -> the command that starts a stage under it
+LAUNCHERS: dict[str, Callable[[dict, Path], list[str] | None]] = {
+    "local": _local, "deepspeed": _deepspeed, "torchrun": _torchrun, "accelerate": _accelerate, "slurm": _slurm}
 
 
 def visible_gpus() -> list[str] | None:
@@ -128,7 +151,9 @@ def deepspeed_config(ds: dict, params: Any) -> dict:
     return cfg
 
 
-def run(launcher: dict, stage_file: Path, log_file: Path) -> None:
+def run(launcher: dict, stage_file: Path, log_file: Path, planned: list[str] | None = None) -> None:
+    """Start the stage: `planned` is its launch command from the run plan (medpipe.plan), else the
+    launcher's command is worked out here; none means inside this process."""
     if os.environ.get("MEDPIPE_SLURM_DRIVER"):  # the sbatch script's driver: scancel/preemption/time limit
         from .slurm import install_driver_signals
 
@@ -139,7 +164,7 @@ def run(launcher: dict, stage_file: Path, log_file: Path) -> None:
         write_hostfile(launcher, stage_file.parent)
     from .console import StageDisplay
 
-    cmd = command(launcher, stage_file)
+    cmd = planned if planned is not None else command(launcher, stage_file)
     if cmd is None:
         from .entry import run_stage_file
 

@@ -411,10 +411,12 @@ def lines(cfg: Any, memories: list[StageMemory], where: str | None) -> list[str]
     return out
 
 
-def refusal(cfg: Any, plans: list, model_dir: str | None = None) -> str | None:
+def refusal(cfg: Any, plans: list, model_dir: str | None = None,
+            planned: tuple[list[StageMemory], str | None] | None = None) -> str | None:
     """One line when a training stage's estimate exceeds the GPU's memory by more than MARGIN,
-    naming the stage and the knob that makes it fit; None when all fit (or on a CPU-only local run)."""
-    memories, where = plan_recipe(cfg, plans, model_dir)
+    naming the stage and the knob that makes it fit; None when all fit (or on a CPU-only local run).
+    `planned`: plan_recipe's result when the caller has it (the run plan does)."""
+    memories, where = planned or plan_recipe(cfg, plans, model_dir)
     setup = setup_of(cfg)
     if where is None or not setup.gpu:
         return None

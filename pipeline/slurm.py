@@ -169,10 +169,14 @@ def install_driver_signals() -> None:
 
 
 # ---- submit ---------------------------------------------------------------------------------------
-def sbatch_script(sb: dict, run_dir: Path, driver: list[str], workdir: Path) -> str:
+def sbatch_script(sb: dict, run_dir: Path, driver: list[str], workdir: Path, plan: list[str] = ()) -> str:
     """The batch script: resources, requeue, output appended across restarts, the warning signal to
-    the batch shell, and `exec` of the driver (so the driver gets that signal)."""
+    the batch shell, and `exec` of the driver (so the driver gets that signal). `plan`: the run
+    plan's lines (`# ...`), kept in the script as comments."""
     lines = ["#!/bin/bash", f"# written by medpipe submit; resubmit with: sbatch {run_dir / SBATCH_FILE}"]
+    if plan:
+        lines += ["# the run plan when written (the driver plans again when the job starts: what is",
+                  "# finished by then is reused):", *plan]
 
     def opt(flag: str, value: Any) -> None:
         if value not in (None, "", 0):

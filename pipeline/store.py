@@ -100,7 +100,7 @@ class StageLock:
 RESERVE_FILE = ".space-reserve"
 
 
-def _reserve_space(sdir: Path, size: int = 256 << 10) -> Path:
+def reserve_space(sdir: Path, size: int = 256 << 10) -> Path:
     """A small file deleted when the stage fails, so that on a full disk the `failed` status (and
     the message saying why) can still be written."""
     path = sdir / RESERVE_FILE
@@ -109,7 +109,7 @@ def _reserve_space(sdir: Path, size: int = 256 << 10) -> Path:
     return path
 
 
-def _earlier_attempts(sdir: Path, status: dict) -> list[float]:
+def earlier_attempts(sdir: Path, status: dict) -> list[float]:
     """Seconds of the stage's earlier attempts (status/report show their sum). An attempt killed
     with no chance to record its end counts until the last file it wrote in the entry."""
     attempts = [float(a) for a in status.get("attempts") or [] if isinstance(a, (int, float))]

@@ -93,7 +93,7 @@ def test_user_recipe_file_reuses_conf_groups(tmp_path):
 
 
 def test_real_model_without_path_is_one_clear_error():
-    from medpipe.run import base_identity
+    from medpipe.plan import base_identity
 
     cfg, _ = compose("qilin", ["model=qwen1.5-7b"])
     with pytest.raises(ConfigError, match="model.path is required for model=qwen1.5-7b"):

@@ -85,7 +85,7 @@ def test_sets_in_their_published_places_validate(tmp_path):
 def test_a_model_by_hub_id_needs_allow_hub(monkeypatch):
     from medpipe.compose import compose
     from medpipe.errors import ConfigError
-    from medpipe.run import base_artifact
+    from medpipe.plan import base_artifact
 
     cfg, _ = compose("qilin", ["model=baichuan-7b"])
     with pytest.raises(ConfigError) as e:
@@ -99,7 +99,7 @@ def test_allow_hub_resolves_the_id_through_the_hugging_face_cache(tmp_path, monk
     """An id already in the HF cache (offline: nothing is downloaded) becomes the stage input."""
     from medpipe.artifact import model_fingerprint
     from medpipe.compose import compose
-    from medpipe.run import base_artifact, base_identity
+    from medpipe.plan import base_artifact, base_identity
     from medpipe.stages.models.tiny import ensure_tiny
 
     cache = tmp_path / "hub"

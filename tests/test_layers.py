@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own layer and those below, never above):
   0 base       medpipe, medpipe.errors, medpipe.paths, medpipe.params
   1 data       medpipe.data.*            (torch-free records, validation, mixing, dedup)
-  2 engine     medpipe.stagekind, artifact, compose, registry, run, entry, launch, sweep
+  2 engine     medpipe.stagekind, artifact, compose, registry, plan, run, store, entry, launch, sweep, ...
   3 libraries  medpipe.stages.{models < adapters < training < inference < evaluation < rewards}
   4 kinds      medpipe.stages.<kind>     (one module per stage kind; kinds never import kinds)
   5 commands   medpipe.commands.*        (cli, show, report, serve, chat, eval, run-dir helpers)

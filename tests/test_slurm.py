@@ -236,7 +236,16 @@ def test_dry_run_writes_the_script_into_the_run_dir(tmp_path):
         assert want in lines
     assert lines[-1].startswith("exec ") and lines[-1].endswith(f"run.dir={run_dir}")
     assert " launcher=slurm " in lines[-1] and " launcher.sbatch.partition=gpu " in lines[-1]
-    assert json.loads((run_dir / "run.json").read_text())["name"] == "qilin"
+    run_file = json.loads((run_dir / "run.json").read_text())
+    assert run_file["name"] == "qilin"
+    # the run plan in the script: each training stage's store entry (the one run.json names), its
+    # batch on 2 × 8 ranks and the srun step that starts it
+    for s in (s for s in run_file["stages"] if s["kind"] in ("cpt", "sft", "dpo")):
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"#  {s['link']} [{s['kind']}] input: "))
+        assert lines[at].endswith(f"; train → {s['store_dir']}"), lines[at]
+        assert lines[at + 1].startswith("#     batch: global batch ") and lines[at + 1].endswith(" × 16 rank(s)")
+        assert lines[at + 2].startswith("#     launch: ") and " --nodes=2 --ntasks=2 " in lines[at + 2]
+        assert lines[at + 2].endswith(f" --module medpipe.entry {s['store_dir']}/stage.json'"), lines[at + 2]
 
 
 def test_status_and_submit_without_a_slurm_client_say_so(tmp_path, monkeypatch):

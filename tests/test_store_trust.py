@@ -279,15 +279,15 @@ def test_status_time_sums_the_attempts_including_a_killed_one(tmp_path):
     import time as _time
     from datetime import datetime, timezone
 
-    from medpipe.store import _earlier_attempts
+    from medpipe.store import earlier_attempts
 
     started = datetime.fromtimestamp(_time.time() - 100, timezone.utc).isoformat(timespec="seconds")
     (tmp_path / "log_history.jsonl").write_text("{}\n")
     os.utime(tmp_path / "log_history.jsonl", (_time.time() - 40, _time.time() - 40))
-    attempts = _earlier_attempts(tmp_path, {"state": "interrupted", "started": started, "ended": None,
+    attempts = earlier_attempts(tmp_path, {"state": "interrupted", "started": started, "ended": None,
                                             "attempts": [12.0]})
     assert attempts[0] == 12.0 and attempts[1] == pytest.approx(60, abs=2)
-    assert _earlier_attempts(tmp_path, {"state": "failed", "ended": "x", "attempts": [3.0, 4.0]}) == [3.0, 4.0]
+    assert earlier_attempts(tmp_path, {"state": "failed", "ended": "x", "attempts": [3.0, 4.0]}) == [3.0, 4.0]
 
 
 def test_atomic_dir_removes_temp_dirs_of_dead_processes(tmp_path):

@@ -195,30 +195,27 @@ def submit(
 @app.command()
 def validate(args: Overrides = None) -> None:
     """Check config, model path and every record of every stage's data; no training."""
-    from medpipe.run import Pipeline, base_artifact
-
     try:
-        loaded = _load(args)
-        recipe, cfg, plans = loaded.recipe, loaded.cfg, loaded.plans
-        console = _console()
-        pipe = Pipeline(cfg, plans, recipe, console)
-        base = base_artifact(cfg)
-        console.print(f"model: {base.model_path}")
-        from .show import memory_lines
-
-        for line in memory_lines(cfg, plans, base.model_path):  # `check_data` refuses what does not fit
-            console.print(line.lstrip("# "), soft_wrap=True, markup=False)
         from medpipe.errors import ConfigError
+        from medpipe.plan import build_plan, check_plan, global_data
 
         from .datacheck import missing_data
 
-        missing = missing_data(plans, pipe.global_data())  # all of them at once, each with where its set is published
+        loaded = _load(args)
+        console = _console()
+        # the run plan without stage keys: they fingerprint every data file, and missing files are
+        # listed all at once first
+        plan = build_plan(loaded.cfg, loaded.plans, build_base=True, identify=False)
+        console.print(f"model: {plan.base.model_path}")
+        for line in plan.memory_lines():  # `check_plan` refuses what does not fit
+            console.print(line.lstrip("# "), soft_wrap=True, markup=False)
+        missing = missing_data(loaded.plans, global_data(loaded.cfg))  # all of them at once, each with where its set is published
         for line in missing:
             print(f"missing: {line}", file=sys.stderr)
         if missing:
             raise ConfigError(f"{len(missing)} data file(s) missing (listed above); nothing was read")
-        pipe.check_data(base)
-        console.print(f"[green]✓ {recipe}: config, model and data are valid ({len(plans)} stages)")
+        check_plan(plan, console)
+        console.print(f"[green]✓ {loaded.recipe}: config, model and data are valid ({len(loaded.plans)} stages)")
     except _user_errors() as e:
         _fail(e)
 
@@ -254,7 +251,7 @@ def status(run_dir: Annotated[str, typer.Argument(help="a run directory (runs/<r
 
     from rich.table import Table
 
-    from medpipe.run import stage_table
+    from medpipe.store import stage_table
 
     try:
         rows = stage_table(Path(run_dir))

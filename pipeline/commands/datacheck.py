@@ -21,7 +21,7 @@ def published_at(data: dict) -> dict[str, str]:
 def missing_data(plans: list[Any], data: dict | None = None) -> list[str]:
     from medpipe.data import DataError, parse_spec
     from medpipe.data.sources import expand_paths
-    from medpipe.run import data_specs
+    from medpipe.plan import data_specs
 
     where_published = published_at(data or {})
     seen: set[str] = set()

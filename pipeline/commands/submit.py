@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medpipe import slurm
 from medpipe.errors import ConfigError, MedpipeError
+
+if TYPE_CHECKING:
+    from medpipe.plan import RunPlan
 
 ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
@@ -47,32 +50,32 @@ def driver_command(recipe: str, overrides: list[str], run_dir: Path) -> list[str
     return [slurm.python(), "-m", "medpipe.commands.cli", "run", f"recipe={recipe_arg}", *kept, f"run.dir={run_dir}"]
 
 
-def script_for(cfg: Any, recipe: str, overrides: list[str], run_dir: Path) -> str:
+def script_for(cfg: Any, recipe: str, overrides: list[str], run_dir: Path, plan: RunPlan | None = None) -> str:
+    """The batch script, with the run plan's stage lines as comments when a plan is given."""
     from omegaconf import OmegaConf
 
     sb = OmegaConf.to_container(cfg.launcher, resolve=True).get("sbatch") or {}
-    return slurm.sbatch_script(sb, run_dir, driver_command(recipe, overrides, run_dir), Path.cwd())
+    lines = plan.stage_lines()[1:] if plan is not None else []
+    return slurm.sbatch_script(sb, run_dir, driver_command(recipe, overrides, run_dir), Path.cwd(), lines)
 
 
 def submit_run(recipe: str, overrides: list[str], console: Any, dry_run: bool = False) -> tuple[Path, str | None]:
     """Check the recipe as `run` would (config, model, data, batch layout: nothing submitted when
     it is wrong), write run file + script into the run dir, sbatch it. Returns (run dir, job id)."""
     from medpipe.compose import bind_stages, compose
-    from medpipe.run import Pipeline, base_artifact, base_identity, plan_keys, prepare_run_dir
+    from medpipe.run import Pipeline, prepare_run_dir, write_run_file
 
     overrides = slurm_overrides(overrides)
     cfg, _ = compose(recipe, overrides)
-    plans = bind_stages(cfg)
-    pipe = Pipeline(cfg, plans, recipe, console, overrides)
-    pipe.check_data(base_artifact(cfg))
+    plan = Pipeline(cfg, bind_stages(cfg), recipe, console, overrides).plan()
     run_dir = prepare_run_dir(cfg, recipe).resolve()
     for job in slurm.read_jobs(run_dir):
         state = slurm.job_state(job["job_id"])["state"]
         if state in ACTIVE:
             raise MedpipeError(f"job {job['job_id']} is {state} for {run_dir}; scancel it first or wait")
-    pipe.write_run_file(run_dir, plan_keys(cfg, plans, base_identity(cfg)))
+    write_run_file(run_dir, plan, recipe)
     script = run_dir / slurm.SBATCH_FILE
-    script.write_text(script_for(cfg, recipe, overrides, run_dir))
+    script.write_text(script_for(cfg, recipe, overrides, run_dir, plan))
     script.chmod(0o755)
     if dry_run:
         return run_dir, None
