@@ -8,6 +8,9 @@ the plan's total minus its CPU runtime constant (memplan.CPU_RUNTIME).
 
     python bench/bench_memplan.py                      # tiny model, the four recipes
     python bench/bench_memplan.py --model smollm2-135m --recipes qilin   # SmolLM2-135M (slow on CPU)
+    # one stage alone, started from the base model instead of its upstream (no CPT run first)
+    python bench/bench_memplan.py --model smollm2-135m --recipes antglm --stages sft cpoly \
+        --set stages.sft.from=base stages.cpoly.from=sft
 
 Stages run with 3 optimizer steps (the peak is reached at the first optimizer step); eval stages
 nobody trains from are dropped. Prints one markdown table row per stage.
@@ -42,12 +45,12 @@ def peak_rss(cmd: list[str], log: Path) -> tuple[int, float, int]:
     return proc.returncode, time.monotonic() - t0, usage.ru_maxrss * 1024
 
 
-def overrides_for(recipe: str, model: str, root: Path) -> tuple[list[str], list]:
+def overrides_for(recipe: str, model: str, root: Path, extra: list[str]) -> tuple[list[str], list]:
     """Overrides that keep each training stage to a few steps and drop the evals nobody reads
-    from; and the bound stage plans (in order)."""
+    from (after the caller's `extra` ones); and the bound stage plans (in order)."""
     from medpipe.compose import bind_stages, compose
 
-    base = [f"model={model}", f"run.root={root}", f"run.dir={root / recipe}"]
+    base = [f"model={model}", f"run.root={root}", f"run.dir={root / recipe}", *extra]
     cfg, _ = compose(recipe, base)
     plans = bind_stages(cfg)
     sources = {p.source for p in plans}
@@ -63,11 +66,27 @@ def overrides_for(recipe: str, model: str, root: Path) -> tuple[list[str], list]
     return out, bind_stages(cfg)
 
 
+def needed(plans: list, stages: list[str]) -> set[str]:
+    """The stages that `stages` train from, transitively (they run first, unmeasured rows too)."""
+    by_name, out = {p.name: p for p in plans}, set()
+    todo = [by_name[s].source for s in stages if s in by_name]
+    while todo:
+        name = todo.pop()
+        if name in by_name and name not in out:
+            out.add(name)
+            todo.append(by_name[name].source)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--root", default=None, help="runs root (default: a temporary dir)")
+    ap.add_argument("--stages", nargs="*", default=None,
+                    help="measure only these stages (with what they train from; default: every training stage)")
+    ap.add_argument("--set", nargs="*", default=[], dest="extra",
+                    help="extra recipe overrides, e.g. stages.sft.from=base to start a stage from the base model")
     args = ap.parse_args()
     from medpipe import memplan
     from medpipe.compose import compose
@@ -78,7 +97,7 @@ def main() -> None:
     py = sys.executable
     rows = []
     for recipe in args.recipes:
-        ov, plans = overrides_for(recipe, args.model, root)
+        ov, plans = overrides_for(recipe, args.model, root, args.extra)
         imports = IMPORTS + "from medpipe.commands.cli import app; "
         code, _, base = peak_rss([py, "-c", imports + f"app({['validate', f'recipe={recipe}', *ov]!r})"], log)
         assert code == 0, f"baseline for {recipe} failed: see {log}"
@@ -88,6 +107,8 @@ def main() -> None:
         planned = {m.stage: m for m in memories}
         for p in plans:
             if not getattr(p.cls, "trains", True) and getattr(p.cls, "evaluates", False):
+                continue
+            if args.stages is not None and p.name not in args.stages and p.name not in needed(plans, args.stages):
                 continue
             code, secs, peak = peak_rss([py, "-m", "medpipe.commands.cli", "run", f"recipe={recipe}", *ov,
                                          "--only", p.name], log)
