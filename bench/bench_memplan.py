@@ -45,7 +45,7 @@ def peak_rss(cmd: list[str], log: Path) -> tuple[int, float, int]:
     return proc.returncode, time.monotonic() - t0, usage.ru_maxrss * 1024
 
 
-def overrides_for(recipe: str, model: str, root: Path, extra: list[str]) -> tuple[list[str], list]:
+def overrides_for(recipe: str, model: str, root: Path, extra: list[str], steps: int = STEPS) -> tuple[list[str], list]:
     """Overrides that keep each training stage to a few steps and drop the evals nobody reads
     from (after the caller's `extra` ones); and the bound stage plans (in order)."""
     from medpipe.compose import bind_stages, compose
@@ -59,7 +59,7 @@ def overrides_for(recipe: str, model: str, root: Path, extra: list[str]) -> tupl
         if not getattr(p.cls, "trains", True) and p.name not in sources and getattr(p.cls, "evaluates", False):
             out.append(f"~stages.{p.name}")
         elif hasattr(p.params, "batch_layout") and getattr(p.cls, "trains", True):
-            out += [f"stages.{p.name}.max_steps={STEPS}", f"stages.{p.name}.save_steps=1000"]
+            out += [f"stages.{p.name}.max_steps={steps}", f"stages.{p.name}.save_steps=1000"]
             if hasattr(p.params, "reward_eval_pairs"):
                 out.append(f"stages.{p.name}.reward_eval_pairs=0")
     cfg, _ = compose(recipe, out)
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--root", default=None, help="runs root (default: a temporary dir)")
+    ap.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per stage (Adam's state exists from the first)")
     ap.add_argument("--stages", nargs="*", default=None,
                     help="measure only these stages (with what they train from; default: every training stage)")
     ap.add_argument("--set", nargs="*", default=[], dest="extra",
@@ -97,7 +98,7 @@ def main() -> None:
     py = sys.executable
     rows = []
     for recipe in args.recipes:
-        ov, plans = overrides_for(recipe, args.model, root, args.extra)
+        ov, plans = overrides_for(recipe, args.model, root, args.extra, args.steps)
         imports = IMPORTS + "from medpipe.commands.cli import app; "
         code, _, base = peak_rss([py, "-c", imports + f"app({['validate', f'recipe={recipe}', *ov]!r})"], log)
         assert code == 0, f"baseline for {recipe} failed: see {log}"
