@@ -1,9 +1,9 @@
 """The memory plan (medpipe.memplan) beside the measured peak: every training stage of the four
 recipes, each trained alone in its own process (`medpipe run ... --only STAGE`, local launcher,
-one CPU process, fp32), its peak RSS read by os.wait4 (ru_maxrss). The baseline is the peak RSS of
-a process that imports what a training stage imports (torch, the transformers / trl / peft
-trainer stack, tensorboard)
-and validates the same recipe: `measured - baseline` is what the stage itself added, compared with
+one CPU process, fp32), its peak RSS read by os.wait4 (ru_maxrss), and its RSS sampled every 0.5 s
+to give training's own peak (up to the stage log's `distributed:` line; after it come the save and
+the LoRA merge). The baseline is the peak RSS of a process that imports what a training stage
+imports (torch, the transformers / trl / peft trainer stack, tensorboard) and validates the same recipe: `measured - baseline` is what the stage itself added, compared with
 the plan's total minus its CPU runtime constant (memplan.CPU_RUNTIME).
 
     python bench/bench_memplan.py                      # tiny model, the four recipes
@@ -12,7 +12,7 @@ the plan's total minus its CPU runtime constant (memplan.CPU_RUNTIME).
     python bench/bench_memplan.py --model smollm2-135m --recipes antglm --stages sft cpoly \
         --set stages.sft.from=base stages.cpoly.from=sft
 
-Stages run with 3 optimizer steps (the peak is reached at the first optimizer step); eval stages
+Stages run with 3 optimizer steps (`--steps`; the peak is reached at the first optimizer step); eval stages
 nobody trains from are dropped. Prints one markdown table row per stage.
 """
 from __future__ import annotations
@@ -35,14 +35,46 @@ IMPORTS = ("import torch, datasets, accelerate; from transformers import Trainer
            "from torch.utils.tensorboard import SummaryWriter; ")
 
 
-def peak_rss(cmd: list[str], log: Path) -> tuple[int, float, int]:
-    """(exit code, seconds, peak RSS in bytes) of a child process, by wait4."""
+def peak_rss(cmd: list[str], log: Path, samples: list | None = None) -> tuple[int, float, int]:
+    """(exit code, seconds, peak RSS in bytes) of a child process, by wait4; with `samples`, also
+    its VmRSS every half second as (unix time, bytes) (to tell training's peak from saving's)."""
+    import threading
+
     t0 = time.monotonic()
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.5):
+                try:
+                    text = Path(f"/proc/{proc.pid}/status").read_text()
+                except OSError:
+                    return
+                kb = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS:")), None)
+                if kb is not None:
+                    samples.append((time.time(), kb * 1024))
+
+        if samples is not None:
+            threading.Thread(target=sample, daemon=True).start()
         _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.monotonic() - t0, usage.ru_maxrss * 1024
+
+
+def training_peak(run_dir: Path, stage: str, samples: list) -> int | None:
+    """The highest sampled RSS up to the end of training: the stage log's `distributed:` line (written
+    after trainer.train returns, before the model is saved and, for LoRA, merged into `merged/`)."""
+    import datetime
+
+    logs = list(run_dir.glob(f"*-{stage}/logs/rank0.log"))
+    line = next((ln for ln in logs[0].read_text().splitlines() if " distributed: " in ln), None) if logs else None
+    if line is None:
+        return None
+    end = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    during = [rss for t, rss in samples if t <= end]
+    return max(during) if during else None
 
 
 def overrides_for(recipe: str, model: str, root: Path, extra: list[str], steps: int = STEPS) -> tuple[list[str], list]:
@@ -111,21 +143,24 @@ def main() -> None:
                 continue
             if args.stages is not None and p.name not in args.stages and p.name not in needed(plans, args.stages):
                 continue
+            samples: list = []
             code, secs, peak = peak_rss([py, "-m", "medpipe.commands.cli", "run", f"recipe={recipe}", *ov,
-                                         "--only", p.name], log)
+                                         "--only", p.name], log, samples)
             assert code == 0, f"{recipe}/{p.name} failed: see {log}"
             m = planned.get(p.name)
             if m is None:
                 continue
             est, runtime = m.total, m.parts["runtime"]
             ratio, dratio = est / peak, (est - runtime) / max(peak - base, 1)
+            trained = training_peak(root / recipe, p.name, samples)
+            during = f"{trained / 2**20:.0f} ({est / trained:.2f})" if trained else "?"
             rows.append(f"| {args.model} | {recipe} | {p.name} ({p.kind}) | {m.tokens} | {est / 2**20:.0f} | "
-                        f"{peak / 2**20:.0f} | {ratio:.2f} | {(est - runtime) / 2**20:.0f} | "
+                        f"{peak / 2**20:.0f} | {ratio:.2f} | {during} | {(est - runtime) / 2**20:.0f} | "
                         f"{(peak - base) / 2**20:.0f} | {dratio:.2f} | {secs:.0f} |")
             print(rows[-1], flush=True)
-    print("\n| model | recipe | stage | tokens/forward | plan MiB | peak RSS MiB | plan/peak | plan − runtime MiB | "
-          "peak − baseline MiB | ratio | s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | recipe | stage | tokens/forward | plan MiB | peak RSS MiB | plan/peak | "
+          "training's peak MiB (plan/it) | plan − runtime MiB | peak − baseline MiB | ratio | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     print(f"(baseline processes' peak RSS: imports + validate; log {log})")
 
