@@ -66,9 +66,6 @@ class DPOStage(StageKind):
     """Direct preference optimisation (TRL), reference = the input model; LoRA or full."""
 
     Params = DPOParams
-    # hook: `validate`/`run` refuse deepspeed=zero3* naming this (TRL gathers the lm_head as a ZeRO-3
-    # parameter, but this stage loads the policy before its DPOConfig registers ZeRO-3)
-    refuses_zero3 = "not yet: the policy is loaded before ZeRO-3 is set up, TRL's fused lm-head then fails"
 
     def check(self, params: DPOParams, base: Any, data_opts: dict) -> list[str]:
         from medpipe.data import load_records
@@ -103,15 +100,18 @@ class DPOStage(StageKind):
             raise MedpipeError(f"stages.{ctx.name}: no usable preference pairs in {p.data}")
         train_ds = Dataset.from_list(rows)
         eval_ds = Dataset.from_list(pair_rows(loaded.heldout, ctx.say)) if loaded.heldout else None
-        model = apply_lora(load_model(ctx, p), p.peft)  # load_model seeds: the same LoRA init in any process
+        # the config first: with deepspeed=zero3 it registers ZeRO-3 (transformers' HfDeepSpeedConfig, kept
+        # alive by `args`), so the policy below — and the frozen reference TRL loads for full DPO — are
+        # loaded partitioned under deepspeed.zero.Init, as TRL's fused lm-head gather expects
         args = DPOConfig(**training_kwargs(ctx, p), beta=p.beta, loss_type=[p.loss_type],
                          max_length=p.max_length, truncation_mode=p.truncation_mode)
+        model = apply_lora(load_model(ctx, p), p.peft)  # load_model seeds: the same LoRA init in any process
         trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok, callbacks=callbacks(ctx, p))
         trainer.train_dataset = cut_lengths(trainer.train_dataset, p.max_prompt_length, p.max_response_length)
         trainer.eval_dataset = cut_lengths(trainer.eval_dataset, p.max_prompt_length, p.max_response_length)
         metrics = train(trainer, ctx)
-        if p.ref_probe > 0 and trainer.is_world_process_zero():
+        if p.ref_probe > 0:  # every rank: under ZeRO-3 the forward gathers each layer from all of them
             save_ref_probe(trainer, trainer.train_dataset, p.ref_probe, ctx.output_dir / "ref_probe.pt")
         if p.reward_eval_pairs > 0:
             metrics.update(reward_metrics(trainer, trainer.train_dataset, p.reward_eval_pairs))
@@ -127,7 +127,9 @@ def save_ref_probe(trainer, dataset, n: int, path) -> None:
     training: only then has the trainer placed the model (DeepSpeed moves it to the rank's GPU when
     training starts; before, the batch is on cuda:LOCAL_RANK and the weights on the CPU), and the
     reference is unchanged by training (the adapter disabled, TRL's frozen `ref` adapter, or the
-    separate frozen reference model). Rank 0 alone: a forward with no collective in it."""
+    separate frozen reference model). Every rank runs the same forward on the same pairs (under
+    ZeRO-3 each layer's weights are all-gathered from every rank: a rank-0-only forward would wait
+    forever); rank 0 writes the file."""
     import torch
 
     rows = dataset.select(range(min(n, len(dataset))))
@@ -139,6 +141,8 @@ def save_ref_probe(trainer, dataset, n: int, path) -> None:
         chosen, rejected = trainer.compute_ref_log_probs(model, batch)
     finally:
         model.train(was_training)
+    if not trainer.is_world_process_zero():
+        return
     torch.save({"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
                 "completion_mask": batch["completion_mask"].cpu(),
                 "ref_chosen_logps": chosen.float().cpu(), "ref_rejected_logps": rejected.float().cpu()}, path)

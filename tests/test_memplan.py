@@ -156,7 +156,7 @@ def test_run_refuses_before_anything_is_written(tmp_path):
     assert "stages.sft.gradient_checkpointing=true" in r.out and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("recipe,stage,kind", [("medcare", "mka", "medcare_mka"), ("antglm", "cpoly", "cpoly"), ("qilin", "dpo", "dpo")])
+@pytest.mark.parametrize("recipe,stage,kind", [("medcare", "mka", "medcare_mka"), ("antglm", "cpoly", "cpoly")])
 @pytest.mark.parametrize("ds", ["zero3", "zero3_offload"])
 def test_kinds_that_need_whole_weights_refuse_zero3_in_validate(tmp_path, recipe, stage, kind, ds):
     r = medpipe("validate", f"recipe={recipe}", "launcher=deepspeed", "launcher.num_gpus=2", f"deepspeed={ds}")
@@ -164,6 +164,15 @@ def test_kinds_that_need_whole_weights_refuse_zero3_in_validate(tmp_path, recipe
     error = [line for line in r.out.splitlines() if line.startswith("medpipe: error:")]
     assert error == [f"medpipe: error: stages.{stage}: kind {kind} cannot run under DeepSpeed ZeRO-3 "
                      f"({memplan_reason(kind)}); use deepspeed=zero2"]
+
+
+def test_cpt_sft_and_dpo_pass_validate_under_zero3(tmp_path):
+    # qilin: full CPT, LoRA SFT, LoRA DPO; iimedgpt's DPO made full-parameter (a partitioned reference)
+    for recipe, extra in (("qilin", []), ("iimedgpt", ["stages.dpo.peft=null"])):
+        r = medpipe("validate", f"recipe={recipe}", "launcher=deepspeed", "launcher.num_gpus=2", "deepspeed=zero3",
+                    f"run.root={tmp_path}/runs", *extra)
+        assert r.code == 0, r.out
+        assert "ZeRO-3" in r.out and "cannot run under DeepSpeed ZeRO-3" not in r.out
 
 
 def memplan_reason(kind: str) -> str:

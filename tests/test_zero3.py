@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 (`deepspeed=zero3`, `zero3_offload`) for cpt and sft, full and LoRA: on 2 CPU
+"""DeepSpeed ZeRO-3 (`deepspeed=zero3`, `zero3_offload`) for cpt and sft, full and LoRA (dpo: test_zero3_dpo.py): on 2 CPU
 processes (gloo) through the real `deepspeed` launcher, the weights after N steps equal the ZeRO-2
 run's within fp32 tolerance, every saved model loads with plain `from_pretrained` (the 16-bit
 weights gathered on save), and an interrupted ZeRO-3 stage resumes to the same weights."""
@@ -15,7 +15,7 @@ from conftest import medpipe, read_artifact
 from medpipe.compose import compose
 from medpipe.launch import deepspeed_config
 
-# cpt full → sft LoRA (dpo under ZeRO-3 is refused in validate for now: see stages/dpo.py refuses_zero3)
+# cpt full → sft LoRA (dpo full and LoRA: tests/test_zero3_dpo.py)
 RECIPE = """
 defaults: [base, model: tiny, data: sample, stage/cpt@stages.cpt, stage/sft@stages.sft, _self_]
 name: z
