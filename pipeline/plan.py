@@ -113,7 +113,7 @@ class RunPlan:
         import shlex
 
         lines = ["# stages (in order):"]
-        model = self.cfg.model.path or "tiny model (built locally, cached)"
+        model = self.cfg.model.path or model_label(self.cfg.model)
         for st in self.stages:
             p = st.stage
             source = f"stage '{p.source}'" if p.source else f"model {model}"
@@ -345,3 +345,13 @@ def base_artifact(cfg: Any) -> Artifact:
                               f"model.path at the checkpoint directory)")
     return Artifact(stage="base", kind="model", format="full", model_path=path, tokenizer_path=path,
                     trust_remote_code=bool(model.get("trust_remote_code", False)))
+
+
+def model_label(model: Any) -> str:
+    """How `show` names a recipe model without a path: its source builds or converts it into the cache."""
+    source = model.get("source") or "tiny"
+    if source == "tiny":
+        return "tiny model (built locally, cached)"
+    if source == "hub":
+        return f"{model.get('name')} (from the hub)"
+    return f"{model.get('name')} (from source '{source}', converted once into the cache)"

@@ -155,3 +155,13 @@ def test_launchers_are_one_table_that_every_conf_launcher_is_in(monkeypatch, tmp
     assert launch.command({"name": "mpirun", "num_gpus": 2}, tmp_path / "stage.json") == \
         ["mpirun", "-n", "2", str(tmp_path / "stage.json")]
     assert launch.command({"name": "local"}, tmp_path / "stage.json") is None
+
+
+def test_show_names_the_recipe_model_by_its_source():
+    """`show` said "tiny model" for every model without a path (model=smollm2-135m included)."""
+    from medpipe.plan import model_label
+
+    assert model_label({"name": "tiny", "source": "tiny"}) == "tiny model (built locally, cached)"
+    assert model_label({"name": "smollm2-135m", "source": "smollm2"}) == \
+        "smollm2-135m (from source 'smollm2', converted once into the cache)"
+    assert model_label({"name": "qwen1.5-7b", "source": "hub"}) == "qwen1.5-7b (from the hub)"
