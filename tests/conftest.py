@@ -103,6 +103,20 @@ def zero2_stage(run_dir: Path, link: str) -> dict:
     return art
 
 
+def ran_on_two_ranks(run_dir: Path, link: str, zero: int) -> dict:
+    """A stage that ran on 2 ranks under ZeRO-`zero`; both ranks ended with the same (gathered)
+    trainable weights (digest per rank log). Returns its artifact."""
+    import re
+
+    sdir = (run_dir / link).resolve()
+    art = read_artifact(sdir)
+    assert art["metrics"]["world_size"] == 2 and art["metrics"]["zero_stage"] == zero
+    logs = [p.read_text() for p in sorted((sdir / "logs").glob("rank*.log"))]
+    digests = {re.search(rf"world_size=2 zero_stage={zero} weights_sha256=(\w+)", t).group(1) for t in logs}
+    assert len(logs) == 2 and len(digests) == 1
+    return art
+
+
 def read_artifact(stage_dir: Path) -> dict:
     """A stage's artifact.json as a dict, its recorded paths resolved as medpipe resolves them on load
     (inside the store they are written relative to the artifact's own dir: medpipe.artifact)."""

@@ -5,13 +5,12 @@ weights gathered on save), and an interrupted ZeRO-3 stage resumes to the same w
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import medpipe, read_artifact
+from conftest import medpipe, ran_on_two_ranks
 from medpipe.compose import compose
 from medpipe.launch import deepspeed_config
 
@@ -54,16 +53,6 @@ def _run(tmp: Path, zero: str, port: int) -> Path:
     return run_dir
 
 
-def _stage(run_dir: Path, link: str, zero: int) -> dict:
-    """Ran on 2 ranks under ZeRO-`zero`; both ranks ended with the same (gathered) trainable weights."""
-    sdir = (run_dir / link).resolve()
-    art = read_artifact(sdir)
-    assert art["metrics"]["world_size"] == 2 and art["metrics"]["zero_stage"] == zero
-    logs = [p.read_text() for p in sorted((sdir / "logs").glob("rank*.log"))]
-    digests = {re.search(rf"world_size=2 zero_stage={zero} weights_sha256=(\w+)", t).group(1) for t in logs}
-    assert len(logs) == 2 and len(digests) == 1
-    return art
-
 
 def _weights(run_dir: Path, link: str) -> dict:
     from transformers import AutoModelForCausalLM
@@ -85,7 +74,7 @@ def runs(tmp_path_factory):
 def test_zero3_weights_equal_zero2s_for_full_cpt_and_lora_sft(runs):
     weights = {}
     for link in STAGES:
-        two, three = _stage(runs["zero2"], link, 2), _stage(runs["zero3"], link, 3)
+        two, three = ran_on_two_ranks(runs["zero2"], link, 2), ran_on_two_ranks(runs["zero3"], link, 3)
         assert three["metrics"]["steps"] == two["metrics"]["steps"] > 0
         a, b = _weights(runs["zero2"], link), _weights(runs["zero3"], link)
         assert a.keys() == b.keys()
@@ -123,7 +112,7 @@ def test_an_interrupted_zero3_stage_resumes_to_the_same_weights(runs, tmp_path):
     r = medpipe("run", f"recipe={recipe}", f"run.root={tmp_path}/runs", f"run.dir={run_dir}", "launcher=deepspeed",
                 "launcher.num_gpus=2", "launcher.master_port=29581", "deepspeed=zero3", "--only", "cpt")
     assert r.code == 0, r.out
-    art = _stage(run_dir, "01-cpt", 3)
+    art = ran_on_two_ranks(run_dir, "01-cpt", 3)
     assert art["metrics"]["resumed_from"] == "checkpoint-2" and art["metrics"]["steps"] == 4
     got = _weights(run_dir, "01-cpt")
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) < 1e-5

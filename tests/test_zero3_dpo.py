@@ -5,12 +5,11 @@ the weights after N steps equal the ZeRO-2 run's within fp32 tolerance, as do th
 log-probs, and the saved models load with plain `from_pretrained`."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from conftest import medpipe, read_artifact
+from conftest import medpipe, ran_on_two_ranks
 
 # both from the recipe's (tiny) model: full DPO (a separate frozen reference) and LoRA DPO (the
 # adapter disabled is the reference); checkpoints at step 2, 3 steps
@@ -43,16 +42,6 @@ def runs(tmp_path_factory):
     return {"zero2": _run(tmp, "zero2", 29591), "zero3": _run(tmp, "zero3", 29601)}
 
 
-def _stage(run_dir: Path, link: str, zero: int) -> dict:
-    """Ran on 2 ranks under ZeRO-`zero`; both ranks ended with the same (gathered) trainable weights."""
-    sdir = (run_dir / link).resolve()
-    art = read_artifact(sdir)
-    assert art["metrics"]["world_size"] == 2 and art["metrics"]["zero_stage"] == zero
-    logs = [p.read_text() for p in sorted((sdir / "logs").glob("rank*.log"))]
-    digests = {re.search(rf"world_size=2 zero_stage={zero} weights_sha256=(\w+)", t).group(1) for t in logs}
-    assert len(logs) == 2 and len(digests) == 1
-    return art
-
 
 def _weights(run_dir: Path, link: str) -> dict:
     from transformers import AutoModelForCausalLM
@@ -75,10 +64,10 @@ def test_zero3_dpo_full_and_lora_equal_zero2(runs):
     from medpipe.stages.models.loader import load_causal_lm
 
     # both stages start from the recipe's model: the LoRA stage's artifact names it
-    base = load_causal_lm(_stage(runs["zero2"], "02-lora", 2)["base_model_path"], dtype=torch.float32,
+    base = load_causal_lm(ran_on_two_ranks(runs["zero2"], "02-lora", 2)["base_model_path"], dtype=torch.float32,
                           trust_remote_code=False).state_dict()
     for link in STAGES:
-        two, three = _stage(runs["zero2"], link, 2), _stage(runs["zero3"], link, 3)
+        two, three = ran_on_two_ranks(runs["zero2"], link, 2), ran_on_two_ranks(runs["zero3"], link, 3)
         assert three["metrics"]["steps"] == two["metrics"]["steps"] == 3
         for m in ("first_loss", "last_loss", "reward_accuracy", "reward_margin"):
             assert abs(three["metrics"][m] - two["metrics"][m]) < 1e-4, (link, m, two["metrics"][m], three["metrics"][m])
