@@ -68,15 +68,9 @@ class DPOStage(StageKind):
     Params = DPOParams
 
     def check(self, params: DPOParams, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.data import load_records
-        from medpipe.stages.training.params import data_options
-        from medpipe.stages.training.tokenizer import length_tokenizer
+        from medpipe.stages.training.preference import check_pairs
 
-        # lengths of prompt + the longer response, through the chat template when there is one;
-        # those over max_length are counted (TRL cuts them per truncation_mode)
-        tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
-        return load_records(params.data, "preference", tokenizer=tok, max_length=params.max_length,
-                            **data_options(params, data_opts)).summary_table().splitlines()
+        return check_pairs(params, base, data_opts)
 
     def run(self, ctx: Any):
         from datasets import Dataset

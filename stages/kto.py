@@ -53,13 +53,9 @@ class KTOStage(StageKind):
     Params = KTOParams
 
     def check(self, params: Any, base: Any, data_opts: dict) -> list[str]:
-        from medpipe.data import load_records
-        from medpipe.stages.training.params import data_options
-        from medpipe.stages.training.tokenizer import length_tokenizer
+        from medpipe.stages.training.preference import check_pairs
 
-        tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
-        return load_records(params.data, "feedback", tokenizer=tok, max_length=params.max_length,
-                            **data_options(params, data_opts)).summary_table().splitlines()
+        return check_pairs(params, base, data_opts, want="feedback")
 
     def run(self, ctx: Any):
         from datasets import Dataset

@@ -30,15 +30,17 @@ def unpaired_rows(records: list[dict], say: Callable[[str], None]) -> list[dict]
     return rows
 
 
-def check_pairs(params: Any, base: Any, data_opts: dict) -> list[str]:
-    """`check` of the preference kinds (orpo, cpo, kto): every pair read and measured against
-    `max_length` with the input model's tokenizer; the data summary's lines."""
+def check_pairs(params: Any, base: Any, data_opts: dict, want: str = "preference") -> list[str]:
+    """`check` of the preference kinds (dpo, orpo, cpo; kto with want="feedback"): every record read
+    and measured against `max_length` with the input model's tokenizer — prompt + the longer
+    response, through the chat template when there is one; those over max_length are counted (TRL
+    cuts them per truncation_mode) — ; the data summary's lines."""
     from medpipe.data import load_records
     from medpipe.stages.training.params import data_options
     from medpipe.stages.training.tokenizer import length_tokenizer
 
     tok = length_tokenizer(base.tokenizer_path, base.trust_remote_code)
-    return load_records(params.data, "preference", tokenizer=tok, max_length=params.max_length,
+    return load_records(params.data, want, tokenizer=tok, max_length=params.max_length,
                         **data_options(params, data_opts)).summary_table().splitlines()
 
 
