@@ -96,9 +96,9 @@ def evaluate_run_stage(run_dir: str | Path, stage: str | None, overrides: list[s
             except OSError:
                 pass
         raise
-    old = json.loads(path.read_text()) if path.is_file() else {}
     if skipped:  # a judge eval without judge.url: said, nothing recorded
         return None
+    old = json.loads(path.read_text()) if path.is_file() else {}
     # keyed by set AND method (`cmexam@cue`, `cmexam@ppl-5shot`): another method adds a result, the
     # same set and method replace theirs; held-out figures (`heldout_text`) are one method already
     def keyed(set_name: str) -> str:
